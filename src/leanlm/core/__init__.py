@@ -1,0 +1,1 @@
+"""Shared core: model loading, text data, module walking, errors."""

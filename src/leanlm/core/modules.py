@@ -1,0 +1,82 @@
+"""Walking a model's modules: names, glob patterns, decoder layers, architecture facts."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import LeanLMError
+
+
+def named_linears(model: nn.Module, pattern: str = "*") -> dict[str, nn.Linear]:
+    """Every nn.Linear (including subclasses, such as swapped-in quantized ones) whose name matches `pattern`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and fnmatch.fnmatchcase(n, pattern)}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the largest nn.ModuleList whose items are identical in type."""
+    best = None
+    for _, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1:
+            if best is None or len(m) > len(best):
+                best = m
+    if best is None:
+        raise LeanLMError(f"cannot find the decoder layers of {type(model).__name__}; it is not a transformer stack leanlm understands")
+    return best
+
+
+@dataclass
+class ModelFacts:
+    architecture: str
+    model_type: str
+    params: int               # unique parameters (tied weights once)
+    layers: int
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str
+    tied_embeddings: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unique_params(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def facts(model: nn.Module) -> ModelFacts:
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", cfg)
+    get = lambda k, d=0: getattr(cfg, k, d) if cfg is not None else d  # noqa: E731
+    heads = get("num_attention_heads")
+    hidden = get("hidden_size")
+    head_dim = get("head_dim", None) or (hidden // heads if heads else 0)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and out is not None and emb.weight.data_ptr() == out.weight.data_ptr()
+    return ModelFacts(
+        architecture=type(model).__name__,
+        model_type=get("model_type", "unknown"),
+        params=unique_params(model),
+        layers=get("num_hidden_layers") or len(decoder_layers(model)),
+        hidden_size=hidden,
+        heads=heads,
+        kv_heads=get("num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        intermediate_size=get("intermediate_size"),
+        vocab_size=get("vocab_size"),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        tied_embeddings=tied,
+    )

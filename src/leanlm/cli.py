@@ -143,8 +143,8 @@ def cmd_quantize(a) -> dict:
     from .core.data import calibration_batches
     from .quantization import PRESETS, QuantConfig, average_bits, quantize, save_quantized, summary
 
-    if bool(a.scheme) == bool(a.config):
-        raise LeanLMError(f"pass exactly one of --scheme ({', '.join(PRESETS)}) or --config FILE.json")
+    if (a.scheme is not None) + (a.config is not None) + (a.mixed is not None) != 1:
+        raise LeanLMError(f"pass exactly one of --scheme ({', '.join(PRESETS)}), --config FILE.json or --mixed BITS")
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
@@ -153,12 +153,20 @@ def cmd_quantize(a) -> dict:
             cfg = QuantConfig.from_dict(_json.loads(Path(a.config).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LeanLMError(f"cannot read the config {a.config}: {e}") from None
-    else:
+    elif a.scheme:
         from .quantization import preset
 
         cfg = preset(a.scheme, a.kv_cache)
-    cfg.calib_samples, cfg.calib_seq_len = a.samples, a.seq_len
     model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    mixed = None
+    if a.mixed is not None:
+        from .quantization import GPTQ, mixed_precision
+
+        probe = calibration_batches(tok, 4, 256, a.calib)
+        res = mixed_precision(model, probe, a.mixed, tuple(a.menu.split(",")), progress=not a.json)
+        cfg = res.config([GPTQ()], [("*lm_head*", None)])
+        mixed = {"budget": a.mixed, "average_bits": res.average_bits, "choice": res.choice, "sensitivity_kl": res.sensitivity}
+    cfg.calib_samples, cfg.calib_seq_len = a.samples, a.seq_len
     base_ppl = None
     if a.eval:
         from .evaluation import perplexity
@@ -167,7 +175,7 @@ def cmd_quantize(a) -> dict:
     calib = calibration_batches(tok, a.samples, a.seq_len, a.calib) if a.calib != "wiki" else None
     quantize(model, cfg, calib, tokenizer=tok, progress=not a.json)
     save_quantized(model, out, tokenizer=tok, overwrite=a.overwrite)
-    r = {"model": a.model, "scheme": a.scheme or a.config, "out": str(out), "calib_seconds": model.leanlm_quant["calib_seconds"],
+    r = {"model": a.model, "scheme": a.scheme or a.config or f"mixed {a.mixed} bits", "out": str(out), "mixed": mixed, "calib_seconds": model.leanlm_quant["calib_seconds"],
          "average_bits": average_bits(model), "layers": summary(model)}
     if a.eval:
         from .evaluation import perplexity
@@ -186,6 +194,10 @@ def show_quantize(r: dict, console) -> None:
     groups = Counter((row["role"], row["format"], row["mode"]) for row in r["layers"])
     rows = [[role, fmt, mode, n] for (role, fmt, mode), n in sorted(groups.items())]
     console.print(_table(f"leanlm quantize {r['model']} --scheme {r['scheme']} -> {r['out']}", ["tensor", "format", "mode", "quantizers"], rows))
+    if r.get("mixed"):
+        m = r["mixed"]
+        console.print(f"mixed precision: budget {m['budget']} -> {m['average_bits']:.3f} bits/weight; "
+                      + ", ".join(f"{f}: {n} layers" for f, n in sorted(Counter(m["choice"].values()).items())))
     console.print(f"calibration {r['calib_seconds']:.1f} s; average {r['average_bits']:.2f} bits per linear weight; "
                   f"checkpoint {_gb(r['checkpoint_bytes'])}; per-layer details: --json")
     if "perplexity" in r:
@@ -225,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4")
     sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
+    sp.add_argument("--mixed", type=float, metavar="BITS", help="mixed precision: average bits per weight budget (then GPTQ)")
+    sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")
     sp.add_argument("--out", required=True, help="output folder (written atomically)")
     sp.add_argument("--kv-cache", choices=["int8", "fp8"], help="also quantize the KV cache")
     sp.add_argument("--samples", type=int, default=128, help="calibration sequences")

@@ -1,0 +1,163 @@
+"""Post-training quantization benchmark on SmolLM2-135M, per PROTOCOL.md, with peers side by side.
+
+For every leanlm preset and algorithm: held-out perplexity (wiki eval split, 40 x 512 tokens) next
+to float32, and calibration wall time, on the same 128 x 512 calibration tokens (first 40 articles).
+Then the same schemes through llm-compressor and NVIDIA Model Optimizer, each in its own virtual
+environment (bench/peers/setup_peers.sh), scored by the same leanlm perplexity code on the same text.
+
+    python bench/ptq.py                       # everything (about an hour on 2 cores)
+    python bench/ptq.py --only w4a16-gptq,w4a16-awq --no-peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import md_table, setup_threads, write_results
+
+import leanlm
+from leanlm.core.data import calibration_batches
+from leanlm.evaluation import perplexity
+from leanlm.quantization import AWQ, GPTQ, PRESETS, QuantConfig, QuantizerConfig, average_bits, mixed_precision, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Algorithm variants on the reference 4-bit scheme (symmetric INT4, groups of 64).
+G64 = [("*weight_quantizer", QuantizerConfig("int4_g64")), ("*lm_head*", None)]
+G64_MSE = [("*weight_quantizer", QuantizerConfig("int4_g64", method="mse")), ("*lm_head*", None)]
+VARIANTS = {
+    "int4_g64 rtn (max)": lambda: QuantConfig(G64),
+    "int4_g64 rtn (mse clip)": lambda: QuantConfig(G64_MSE),
+    "int4_g64 awq": lambda: QuantConfig(G64, [AWQ()]),
+    "int4_g64 gptq": lambda: QuantConfig(G64, [GPTQ()]),
+    "int4_g64 gptq act_order": lambda: QuantConfig(G64, [GPTQ(act_order=True)]),
+    "int4_g64 gptq (mse clip)": lambda: QuantConfig(G64_MSE, [GPTQ()]),
+    "int4_g64 awq + gptq": lambda: QuantConfig(G64, [AWQ(clip=False), GPTQ()]),
+}
+
+# (peer tool, leanlm preset it is compared with, peer scheme name)
+PEERS = [
+    ("llmcompressor", "w4a16-gptq", "w4a16-gptq"),
+    ("llmcompressor", "w4a16-rtn", "w4a16-rtn"),
+    ("llmcompressor", "w4a16-awq", "w4a16-awq"),
+    ("llmcompressor", "w8a8-smoothquant", "w8a8-smoothquant"),
+    ("llmcompressor", "fp8", "fp8"),
+    ("modelopt", "w8a8-smoothquant", "int8"),
+    ("modelopt", "w4a16-awq", "w4a16-awq"),
+    ("modelopt", "fp8", "fp8"),
+]
+
+
+def run_leanlm(name, cfg, ids, windows):
+    model, tok = leanlm.load("smollm2-135m")
+    t0 = time.perf_counter()
+    leanlm.quantize(model, cfg, ids, progress=False)
+    secs = time.perf_counter() - t0
+    ppl = perplexity(model, tok, max_windows=windows, progress=False).perplexity
+    return {"calib_seconds": secs, "perplexity": ppl, "average_bits": average_bits(model)}
+
+
+def run_peer(tool, scheme, float_dir, samples, seq_len, windows, work: Path):
+    py = ROOT / "bench" / ".venvs" / tool / "bin" / "python"
+    if not py.exists():
+        return {"error": f"{tool} environment missing: run bash bench/peers/setup_peers.sh"}
+    out = work / f"{tool}-{scheme}"
+    script = ROOT / "bench" / "peers" / ("llmcompressor_ptq.py" if tool == "llmcompressor" else "modelopt_ptq.py")
+    cmd = [str(py), str(script), "--model", str(float_dir), "--scheme", scheme, "--samples", str(samples),
+           "--seq-len", str(seq_len), "--windows", str(windows), "--out", str(out)]
+    log = work / f"{tool}-{scheme}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not (out / "peer.json").exists():
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": f"exit {rc}: {tail[0][:200]}"}
+    return json.loads((out / "peer.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", help="comma-separated presets/variants to run (default: all)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=40)
+    a = ap.parse_args()
+    setup_threads()
+    import torch
+
+    model, tok = leanlm.load("smollm2-135m")
+    float_dir = Path(model.config._name_or_path)
+    ids = calibration_batches(tok, a.samples, a.seq_len)
+    base = perplexity(model, tok, max_windows=a.windows, progress=False).perplexity
+    print(f"float32 perplexity {base:.4f}", flush=True)
+    only = set(a.only.split(",")) if a.only else None
+    rows = {}
+    jobs = [(n, (lambda n=n: preset(n))) for n in PRESETS] + list(VARIANTS.items())
+    jobs.append(("w8a8-smoothquant + int8 KV cache", lambda: preset("w8a8-smoothquant", "int8")))
+    for name, make in jobs:
+        if only and name not in only:
+            continue
+        r = run_leanlm(name, make(), ids, a.windows)
+        r["increase"] = r["perplexity"] / base - 1
+        rows[name] = r
+        print(f"{name:36s} ppl {r['perplexity']:.4f} ({r['increase']:+.2%})  calib {r['calib_seconds']:.1f}s", flush=True)
+
+    mixed = None
+    if not only or "mixed" in only:
+        model, tok = leanlm.load("smollm2-135m")
+        t0 = time.perf_counter()
+        res = mixed_precision(model, ids[:4, :256], budget=4.5, menu=("int3_g64", "int4_g64", "int8"), progress=False)
+        search_s = time.perf_counter() - t0
+        model, tok = leanlm.load("smollm2-135m")
+        r = run_leanlm("mixed 4.5", res.config([GPTQ()], [("*lm_head*", None)]), ids, a.windows)
+        from collections import Counter
+
+        mixed = {"budget": 4.5, "achieved_bits": res.average_bits, "search_seconds": search_s, "choice_counts": dict(Counter(res.choice.values())),
+                 "choice": res.choice, **r, "increase": r["perplexity"] / base - 1}
+        print(f"mixed 4.5 bits: {mixed['choice_counts']} ppl {r['perplexity']:.4f}", flush=True)
+
+    peers = {}
+    if not a.no_peers:
+        work = ROOT / "bench" / ".work" / "ptq"
+        work.mkdir(parents=True, exist_ok=True)
+        for tool, ours, scheme in PEERS:
+            if only and ours not in only:
+                continue
+            r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, a.windows, work)
+            peers[f"{tool} {scheme}"] = {"compare_with": ours, **r}
+            print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
+
+    md = [f"# Post-training quantization, SmolLM2-135M\n\nfloat32 perplexity {base:.4f} (wiki eval split, {a.windows} x 512 tokens); "
+          f"calibration {a.samples} x {a.seq_len} tokens from the first 40 articles; torch {torch.__version__}, {os.cpu_count()} cores. "
+          "lm_head kept in float (tied to the embedding) in every scheme.\n"]
+    md.append("## leanlm presets and algorithms\n\n" + md_table(
+        ["scheme", "perplexity", "vs float32", "calibration s", "avg bits (linears)"],
+        [[k, f"{v['perplexity']:.4f}", f"{v['increase']:+.2%}", f"{v['calib_seconds']:.1f}", f"{v['average_bits']:.2f}"] for k, v in rows.items()]))
+    if mixed:
+        md.append(f"## Mixed precision (budget 4.5 bits/weight over int3_g64 / int4_g64 / int8, KL sensitivity on 4 x 256 tokens, then GPTQ)\n\n"
+                  f"Choice: {mixed['choice_counts']}, {mixed['achieved_bits']:.3f} bits/weight over the quantized layers; search {mixed['search_seconds']:.0f} s; "
+                  f"perplexity {mixed['perplexity']:.4f} ({mixed['increase']:+.2%}).")
+    if peers:
+        prow = []
+        for k, v in peers.items():
+            ours = rows.get(v["compare_with"])
+            if "error" in v:
+                prow.append([k, v["compare_with"], "-", "-", f"failed: {v['error']}", "-"])
+                continue
+            inc = v["perplexity"] / base - 1
+            prow.append([k, v["compare_with"], f"{v['perplexity']:.4f}", f"{inc:+.2%}", f"{v.get('calib_seconds', float('nan')):.1f}",
+                         f"{ours['perplexity']:.4f} ({ours['increase']:+.2%}), {ours['calib_seconds']:.1f} s" if ours else "-"])
+        md.append("## Peers, same model, text and calibration tokens\n\n" + md_table(
+            ["peer scheme", "leanlm preset", "peer perplexity", "vs float32", "peer calibration s", "leanlm (perplexity, calibration)"], prow))
+    path = write_results("ptq", {"float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers}, "\n\n".join(md))
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

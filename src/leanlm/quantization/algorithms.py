@@ -1,0 +1,722 @@
+"""Calibration algorithms for post-training quantization, as pure tensor functions.
+
+No module plumbing: the layer-by-layer loop (``calibrate.py``) collects statistics and calls these.
+
+Conventions. Weights are ``[out_features, in_features]``; activations are ``[..., in_features]``.
+Formats and ``QParams`` are those of :mod:`leanlm.quantization.formats`; the *statistics shape* of a
+weight is tensor ``[]``, channel/token ``[out, 1]``, group/block ``[out, n_groups, 1]``. Everything
+is computed in float32 on the weight's device (``gptq`` factorises the Hessian in float64, see
+there). Functions return new float32 tensors and never modify their inputs, except
+``apply_smoothing`` (in place, by design).
+
+Ranges
+    ``weight_qparams(w, fmt, method="max"|"percentile"|"mse", *, percentile=99.9, grid=100,
+    norm=2.4, amax=None, global_amax=None) -> QParams``
+    ``activation_amax(x | [x, ...], method="max"|"percentile", percentile=99.99) -> 0-d tensor``
+    ``AbsMaxObserver()``: ``.update(x)``; ``.channel_absmax [C]``, ``.channel_absmean [C]``,
+    ``.absmax`` (0-d), ``.n_rows``
+GPTQ (Frantar et al. 2022)
+    ``HessianAccumulator(in_features)``: ``.add(x)``; ``.H [in, in]`` (= 2/n sum x^T x); ``.n_samples``
+    ``gptq(w, H, fmt, *, block_size=128, damp=0.01, act_order=False, static_groups=False,
+    weight_method="max", weight_kwargs=None) -> (w_q [out, in] float32, QParams)``
+    ``quant_error(w, w_q, H) -> float`` (= trace((w - w_q) H (w - w_q)^T) / out)
+SmoothQuant (Xiao et al. 2023)
+    ``smoothquant_scales(act_absmax [in], weights, alpha=0.5) -> s [in]``
+    ``apply_smoothing(prev_weight, prev_bias, weights, s, prev_is_norm, norm_offset=0.0)`` (in place)
+AWQ (Lin et al. 2024)
+    ``awq_search(x [n, in], weights, fmt, *, grid=20, n_samples_max=4096, weight_method="max",
+    batch_out=None) -> s [in]``; apply with ``apply_smoothing``
+    ``awq_loss(x, weights, fmt, s, weight_method="max") -> float`` (the objective awq_search minimizes)
+    ``awq_clip(x [n, in], w, fmt, *, grid=20, max_shrink=0.5, n_samples_max=512, batch_out=None)
+    -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .formats import QFormat, QParams, _grouped, compute_qparams, fake_quantize, parse_format, round_to_grid
+
+__all__ = [
+    "METHODS",
+    "weight_qparams",
+    "activation_amax",
+    "AbsMaxObserver",
+    "HessianAccumulator",
+    "gptq",
+    "quant_error",
+    "smoothquant_scales",
+    "apply_smoothing",
+    "awq_search",
+    "awq_loss",
+    "awq_clip",
+]
+
+METHODS = ("max", "percentile", "mse")
+ACT_SAMPLE_LIMIT = 1 << 20  # values per tensor kept by activation_amax(method="percentile")
+_SEARCH_CHUNK = 1 << 22  # weight elements searched at once by weight_qparams(percentile / mse)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _cells(w: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """float32 view whose last dim holds the elements sharing one scale (see ``_stat``)."""
+    if fmt.granularity == "group":
+        return _grouped(w, fmt)
+    w = w.float()
+    if fmt.granularity == "channel":
+        return w.reshape(w.shape[0], -1)
+    if fmt.granularity == "tensor":
+        return w.reshape(-1)
+    return w  # token: reduced over the last dim
+
+
+def _stat(r: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """A keepdim reduction of ``_cells`` brought to the statistics shape."""
+    return r.reshape(()) if fmt.granularity == "tensor" else r
+
+
+def _reduce(v: torch.Tensor, fmt: QFormat, op: str) -> torch.Tensor:
+    return _stat(getattr(torch, op)(v, dim=-1, keepdim=True), fmt)
+
+
+def _quantile_last(v: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile ``q`` in [0, 1] along the last dim (keepdim), linear interpolation like torch.quantile."""
+    s = v.sort(dim=-1).values
+    m = s.shape[-1]
+    pos = q * (m - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, m - 1)
+    frac = pos - lo
+    return s[..., lo : lo + 1] * (1 - frac) + s[..., hi : hi + 1] * frac
+
+
+def _is_asym(fmt: QFormat) -> bool:
+    return fmt.kind == "int" and not fmt.symmetric
+
+
+def _qp_from_range(w, fmt: QFormat, rng, global_amax) -> QParams:
+    """QParams from a range: ``(lo, hi)`` for asymmetric ints, an amax tensor otherwise."""
+    if _is_asym(fmt):
+        return compute_qparams(w, fmt, xmin=rng[0], xmax=rng[1])
+    kw = {"global_amax": global_amax} if fmt.kind == "nvfp4" else {}
+    return compute_qparams(w, fmt, amax=rng, **kw)
+
+
+def _subsample_rows(x: torch.Tensor, n_max: int) -> torch.Tensor:
+    """At most n_max rows of a 2-D tensor, evenly strided (rows are tokens, so striding is unbiased)."""
+    if n_max and x.shape[0] > n_max:
+        idx = torch.linspace(0, x.shape[0] - 1, n_max, device=x.device).round().long()
+        return x[idx]
+    return x
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+@torch.no_grad()
+def weight_qparams(
+    w: torch.Tensor,
+    fmt: QFormat | str,
+    method: str = "max",
+    *,
+    percentile: float = 99.9,
+    grid: int = 100,
+    norm: float = 2.4,
+    amax=None,
+    global_amax=None,
+) -> QParams:
+    """QParams for a weight, with the range chosen per scale cell (group, channel or tensor).
+
+    ``max``: min-max (the format's own default). ``percentile``: symmetric formats use the given
+    percentile of |w| per cell; asymmetric ints use the (100 - p) and p percentiles of w.
+    ``mse``: the "mse observer" of GPTQ / llm-compressor: shrink the max range by factors
+    ``1 - 0.8 i / grid`` (i = 0..grid-1, so 1 down to just above 0.2) and keep, per cell, the factor
+    with the smallest ``sum |w - Q(w)|**norm``; it never loses to ``max`` (factor 1 is a candidate).
+    Works for every format: nvfp4/MX/nf4 block scales are derived by the format from the chosen
+    per-block amax (MX scales are powers of two, so few candidates differ).
+
+    ``amax`` (only with ``method="max"``) clips the range to ``[-amax, amax]``, in the statistics
+    shape (e.g. from ``awq_clip``): symmetric formats use it as their amax; asymmetric ints use
+    ``[max(min w, -amax), min(max w, amax)]``. ``global_amax`` (nvfp4 only) fixes the tensor-level
+    amax of the FP32 global scale; default the observed max |w| (the global scale is never shrunk).
+    """
+    fmt = parse_format(fmt)
+    if method not in METHODS:
+        raise ValueError(f"unknown range method {method!r}; valid: {', '.join(METHODS)}")
+    if global_amax is not None and fmt.kind != "nvfp4":
+        raise ValueError(f"global_amax applies to nvfp4 only, not {fmt.name}")
+    if amax is not None and method != "max":
+        raise ValueError(f"an amax override is used as is; it cannot be combined with method {method!r}")
+    w = w.detach()
+    v = _cells(w, fmt)
+    if fmt.kind == "nvfp4" and global_amax is None:
+        global_amax = v.abs().amax()
+    asym = _is_asym(fmt)
+    if asym:
+        lo, hi = _reduce(v, fmt, "amin"), _reduce(v, fmt, "amax")
+        base = (lo, hi)
+    else:
+        base = _reduce(v.abs(), fmt, "amax")
+
+    if amax is not None:
+        a = torch.as_tensor(amax, dtype=torch.float32, device=v.device).abs()
+        if asym:
+            a = a.reshape(lo.shape) if a.numel() == lo.numel() else a
+            return _qp_from_range(w, fmt, (torch.maximum(lo, -a), torch.minimum(hi, a)), global_amax)
+        return _qp_from_range(w, fmt, a, global_amax)
+    if method == "max":
+        return _qp_from_range(w, fmt, base, global_amax)
+    if method == "percentile" and not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if method == "mse" and grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    # Every cell lies within one row unless per tensor: search row chunks to bound memory.
+    rows = w.shape[0] if w.dim() >= 1 else 1
+    step = rows if fmt.granularity == "tensor" or w.dim() < 2 else max(1, _SEARCH_CHUNK // max(1, w[0].numel()))
+    parts = [_search_range(w[r : r + step] if step < rows else w, fmt, method, percentile, grid, norm, global_amax)
+             for r in range(0, rows, step)]
+    rng = (torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])) if asym else (
+        parts[0] if len(parts) == 1 else torch.cat(parts))
+    return _qp_from_range(w, fmt, rng, global_amax)
+
+
+def _search_range(w, fmt: QFormat, method: str, percentile: float, grid: int, norm: float, global_amax):
+    """Range (amax, or (lo, hi) for asymmetric ints) per cell of w by percentile or mse search."""
+    asym = _is_asym(fmt)
+    v = _cells(w, fmt)
+    if method == "percentile":
+        p = percentile / 100
+        if asym:
+            return _stat(_quantile_last(v, 1 - p), fmt), _stat(_quantile_last(v, p), fmt)
+        return _stat(_quantile_last(v.abs(), p), fmt)
+    base = (_reduce(v, fmt, "amin"), _reduce(v, fmt, "amax")) if asym else _reduce(v.abs(), fmt, "amax")
+    best_err = best_f = None
+    for i in range(grid):
+        f = 1.0 - 0.8 * i / grid
+        rng = (base[0] * f, base[1] * f) if asym else base * f
+        qp = _qp_from_range(w, fmt, rng, global_amax)
+        err = _reduce((_cells(fake_quantize(w.float(), fmt, qp), fmt) - v).abs().pow(norm), fmt, "sum")
+        if best_err is None:
+            best_err, best_f = err, torch.ones_like(err)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+    return (base[0] * best_f, base[1] * best_f) if asym else base * best_f
+
+
+@torch.no_grad()
+def activation_amax(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    method: str = "max",
+    percentile: float = 99.99,
+    *,
+    max_samples: int = ACT_SAMPLE_LIMIT,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Per-tensor activation amax (0-d float32) from collected samples, for static scales.
+
+    ``x``: one tensor or a list of tensors (e.g. one per calibration batch). ``max``: max |x|.
+    ``percentile``: the given percentile of |x|; to bound memory each tensor contributes at most
+    ``max_samples // len(x)`` values drawn uniformly at random (with replacement, fixed ``seed``),
+    so at most ``max_samples`` (default 2**20) values are sorted in all.
+    """
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not xs:
+        raise ValueError("activation_amax needs at least one tensor")
+    dev = xs[0].device
+    if method == "max":
+        return torch.stack([t.detach().abs().amax().float().to(dev) for t in xs]).amax()
+    if method != "percentile":
+        raise ValueError(f"unknown activation range method {method!r}; use max or percentile")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    per = max(1, max_samples // len(xs))
+    parts = []
+    for t in xs:
+        flat = t.detach().reshape(-1)
+        if flat.numel() > per:
+            gen = torch.Generator(device=flat.device).manual_seed(seed)
+            flat = flat[torch.randint(flat.numel(), (per,), generator=gen, device=flat.device)]
+        parts.append(flat.abs().float().to(dev))
+    return torch.quantile(torch.cat(parts), percentile / 100)
+
+
+class AbsMaxObserver:
+    """Streaming per-channel (last dim) and per-tensor statistics of |x| across calls.
+
+    ``channel_absmax`` [C] (SmoothQuant), ``channel_absmean`` [C] (AWQ), ``absmax`` 0-d (static
+    activation scales); all float32 on the device of the first input, None before any update.
+    """
+
+    def __init__(self) -> None:
+        self.channel_absmax: torch.Tensor | None = None
+        self.absmax: torch.Tensor | None = None
+        self._abssum: torch.Tensor | None = None
+        self.n_rows = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().reshape(-1, x.shape[-1]).abs()
+        if a.shape[0] == 0:
+            return
+        if self.channel_absmax is not None:
+            a = a.to(self.channel_absmax.device)
+        cmax = a.amax(dim=0).float()
+        csum = a.sum(dim=0, dtype=torch.float32)
+        if self.channel_absmax is None:
+            self.channel_absmax, self._abssum = cmax, csum
+        else:
+            if cmax.shape != self.channel_absmax.shape:
+                raise ValueError(f"observer saw {self.channel_absmax.numel()} channels, now {cmax.numel()}")
+            self.channel_absmax = torch.maximum(self.channel_absmax, cmax)
+            self._abssum = self._abssum + csum
+        self.absmax = self.channel_absmax.amax()
+        self.n_rows += a.shape[0]
+
+    @property
+    def channel_absmean(self) -> torch.Tensor | None:
+        return None if self._abssum is None else self._abssum / self.n_rows
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n sum_rows x^T x`` over the inputs of one linear layer (GPTQ's Hessian).
+
+    ``add(x)`` takes inputs ``[..., in_features]`` (any float dtype; every row is one sample).
+    ``H`` is float32 ``[in, in]`` on the device of the first input (``device=`` overrides); zeros
+    before any input. Updated as a running mean, so its magnitude does not grow with n.
+    """
+
+    def __init__(self, in_features: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.in_features = in_features
+        self.n_samples = 0
+        self.dtype = dtype
+        self._device = device
+        self._H: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"HessianAccumulator for {self.in_features} inputs got shape {list(x.shape)}")
+        x = x.detach().reshape(-1, self.in_features)
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self._H is None:
+            dev = self._device if self._device is not None else x.device
+            self._H = torch.zeros(self.in_features, self.in_features, device=dev, dtype=self.dtype)
+        x = x.to(self._H.device, self.dtype)
+        total = self.n_samples + n
+        self._H.mul_(self.n_samples / total)
+        self._H.addmm_(x.T, x, alpha=2.0 / total)
+        self.n_samples = total
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            return torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self._device)
+        return self._H
+
+
+def _fq_col(x: torch.Tensor, fmt: QFormat, scale, zero, gscale) -> torch.Tensor:
+    """Fake-quantize values with given (broadcast) scales: the same float operations as
+    ``dequantize(quantize(...))`` in formats.py, element by element."""
+    if fmt.kind == "int":
+        if fmt.symmetric:
+            return round_to_grid(x / scale, fmt) * scale
+        return (round_to_grid(torch.round(x / scale) + zero, fmt) - zero) * scale
+    if fmt.kind == "nf4":
+        return round_to_grid(x / scale, fmt) * scale
+    s = scale * gscale if fmt.kind == "nvfp4" else scale
+    q = round_to_grid(x / torch.where(s == 0, torch.ones_like(s), s), fmt)
+    if fmt.kind == "nvfp4":
+        q = torch.where(s == 0, torch.zeros_like(q), q)
+        return (q * scale) * gscale
+    return q * scale
+
+
+def _inv_chol_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, raising d tenfold until it succeeds."""
+    mean = H.diagonal().abs().mean()
+    if not mean > 0:
+        mean = torch.ones_like(mean)
+    d = damp
+    for attempt in range(7):
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                if attempt:
+                    warnings.warn(f"GPTQ: Hessian not positive definite with damp={damp}; used damp={d:g}",
+                                  RuntimeWarning, stacklevel=3)
+                return U
+        d = d * 10 if d > 0 else 0.01
+    raise ValueError(f"GPTQ: Hessian is not positive definite even with damp={d / 10:g} "
+                     "(too few or degenerate calibration samples?)")
+
+
+@torch.no_grad()
+def gptq(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    fmt: QFormat | str,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    weight_method: str = "max",
+    weight_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, QParams]:
+    """GPTQ: quantize column by column, spreading each column's rounding error over the columns not
+    yet quantized with the inverse Hessian (Frantar et al. 2022, "GPTQ: Accurate Post-Training
+    Quantization for Generative Pre-trained Transformers", arXiv:2210.17323, Algorithm 1).
+
+    ``w`` [out, in]; ``H`` [in, in] = 2/n sum x^T x (``HessianAccumulator``). Dead inputs (diag 0)
+    get ``H_jj = 1`` and no coupling: their weights are rounded to nearest and kept (not zeroed).
+    Damping adds ``damp * mean(diag H)`` to the diagonal (raised tenfold with a RuntimeWarning while
+    the Cholesky factorisation fails; ValueError after 7 tries). The factorisation runs in float64
+    (float32 on devices without float64, e.g. MPS); the column loop in float32 with lazy block
+    updates of ``block_size`` columns.
+
+    Scales: tensor/channel formats compute them once from ``w``. Group/block formats (int groups,
+    nvfp4, MX, nf4) compute each group's scales from the already-updated weights when its first
+    column is reached, unless ``static_groups``, which computes all groups from ``w`` up front.
+    ``act_order`` (process columns by descending ``diag H``) implies ``static_groups``, so that
+    every group keeps one set of scales in the original column order. nvfp4's global scale is
+    always fixed from max |w|. Ranges use ``weight_qparams(..., weight_method, **weight_kwargs)``.
+    Every format in formats.py is supported.
+
+    Returns ``(w_q, qp)``: ``w_q`` float32 [out, in] in the original column order, on ``w``'s
+    device, with ``fake_quantize(w_q, fmt, qp) == w_q`` exactly.
+    """
+    fmt = parse_format(fmt)
+    if w.dim() != 2:
+        raise ValueError(f"gptq needs a 2-D weight [out, in], got shape {list(w.shape)}")
+    out_f, in_f = w.shape
+    if tuple(H.shape) != (in_f, in_f):
+        raise ValueError(f"Hessian of shape {list(H.shape)} does not match weight {list(w.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    dev = w.device
+    W0 = w.detach().float()
+    _cells(W0, fmt)  # validates the group size against in_features
+    kw = dict(weight_kwargs or {})
+    gkw = {"global_amax": W0.abs().amax()} if fmt.kind == "nvfp4" else {}
+
+    def qparams(t: torch.Tensor) -> QParams:
+        return weight_qparams(t, fmt, weight_method, **kw, **gkw)
+
+    hdt = torch.float32 if dev.type == "mps" else torch.float64
+    Hf = H.detach().to(dev, hdt).clone()
+    if not torch.isfinite(Hf).all():
+        raise ValueError("GPTQ: the Hessian contains NaN/inf")
+    dead = Hf.diagonal() == 0
+    if dead.any():
+        Hf[dead, :] = 0
+        Hf[:, dead] = 0
+        Hf[dead, dead] = 1
+    perm = None
+    W = W0.clone()
+    if act_order:
+        perm = torch.argsort(Hf.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        Hf = Hf[perm][:, perm]
+    U = _inv_chol_upper(Hf, damp).float()
+    del Hf
+    order = perm.tolist() if perm is not None else None
+
+    grouped = fmt.granularity == "group"
+    static = static_groups or act_order
+    g = fmt.group_size if grouped else in_f
+    zero = gscale = None
+    if grouped and not static:
+        n_groups = in_f // g
+        scale = torch.ones(out_f, n_groups, 1, device=dev)
+        zero = torch.zeros(out_f, n_groups, 1, device=dev) if _is_asym(fmt) else None
+    else:
+        qp0 = qparams(W0)
+        scale, zero, gscale = qp0.scale, qp0.zero, qp0.global_scale
+
+    def col_params(c: int):
+        if grouped:
+            j = c // g
+            return scale[:, j, 0], None if zero is None else zero[:, j, 0]
+        if fmt.granularity == "tensor":
+            return scale, zero
+        return scale.reshape(-1), None if zero is None else zero.reshape(-1)
+
+    Q = torch.empty_like(W)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        cnt = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.empty_like(W1)
+        E1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(cnt):
+            p = i1 + i
+            c = order[p] if order is not None else p
+            if grouped and not static and c % g == 0:
+                # current values of the group's columns (p == c without act_order)
+                cur = W1[:, i : min(cnt, i + g)]
+                if p + g > i2:  # the group runs past this block: add the pending in-block updates
+                    rest = W[:, i2 : p + g] - E1[:, :i] @ U[i1:p, i2 : p + g]
+                    cur = torch.cat([cur, rest], dim=1)
+                gq = qparams(cur)
+                scale[:, c // g] = gq.scale[:, 0]
+                if zero is not None:
+                    zero[:, c // g] = gq.zero[:, 0]
+                gscale = gq.global_scale
+            s, z = col_params(c)
+            wc = W1[:, i]
+            q = _fq_col(wc, fmt, s, z, gscale)
+            Q1[:, i] = q
+            err = (wc - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        if i2 < in_f:
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    qp = QParams(scale=scale, zero=zero, global_scale=gscale)
+    # A no-op when _fq_col matches formats.py bit for bit (tested); guarantees the grid invariant.
+    return fake_quantize(Q, fmt, qp), qp
+
+
+@torch.no_grad()
+def quant_error(w: torch.Tensor, w_q: torch.Tensor, H: torch.Tensor) -> float:
+    """Proxy output error ``trace((w - w_q) H (w - w_q)^T) / out``; with H = 2/n sum x^T x this is
+    2 * mean over samples of ``||x (w - w_q)^T||^2`` / out."""
+    d = w.detach().float() - w_q.detach().float().to(w.device)
+    return float(((d @ H.detach().to(w.device, torch.float32)) * d).sum() / w.shape[0])
+
+
+# ----------------------------------------------------------------------------- SmoothQuant
+
+
+@torch.no_grad()
+def smoothquant_scales(
+    act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = 0.5, *, min_scale: float = 1e-5
+) -> torch.Tensor:
+    """Per-input-channel smoothing factors (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient
+    Post-Training Quantization for Large Language Models", ICML, arXiv:2211.10438, eq. 4):
+    ``s_j = max|X_j|**alpha / max_i max_rows |W_i[:, j]|**(1 - alpha)``, clamped below at
+    ``min_scale``. Channels whose activation or weight max is 0 (or non-finite) get ``s_j = 1``.
+
+    ``act_absmax`` [in]; ``weights``: the linears reading this input, each [out_i, in].
+    Returns float32 [in] on the weights' device. Apply with ``apply_smoothing`` (x / s, W * s).
+    """
+    if not weights:
+        raise ValueError("smoothquant_scales needs at least one weight")
+    dev = weights[0].device
+    a = act_absmax.detach().float().to(dev).reshape(-1)
+    for w in weights:
+        if w.shape[-1] != a.numel():
+            raise ValueError(f"weight of shape {list(w.shape)} does not read {a.numel()} input channels")
+    wmax = torch.stack([w.detach().abs().amax(dim=0).float().to(dev) for w in weights]).amax(dim=0)
+    s = a.pow(alpha) / wmax.pow(1 - alpha)
+    ok = (a > 0) & (wmax > 0) & torch.isfinite(s) & torch.isfinite(a) & torch.isfinite(wmax)
+    return torch.where(ok, s.clamp(min=min_scale), torch.ones_like(s))
+
+
+def _set(t: torch.Tensor, v: torch.Tensor) -> None:
+    t.copy_(v.to(t.dtype))
+
+
+@torch.no_grad()
+def apply_smoothing(
+    prev_weight: torch.Tensor,
+    prev_bias: torch.Tensor | None,
+    weights: Sequence[torch.Tensor],
+    s: torch.Tensor,
+    prev_is_norm: bool,
+    norm_offset: float = 0.0,
+) -> None:
+    """Fold ``x -> x / s`` into the producer of x and ``W[:, j] *= s_j`` into its consumers, in place.
+
+    Norm producer (RMSNorm/LayerNorm, ``prev_weight`` [in]): the effective gain ``norm_offset +
+    weight`` is divided by s (``norm_offset=1`` for Gemma-style ``x * (1 + weight)``); a norm bias
+    is divided by s. Linear producer whose OUTPUT is this input (``prev_weight`` [in, in_prev]):
+    its rows and bias are divided by s. Arithmetic in float32, stored back in each tensor's dtype.
+    The function is preserved exactly in real arithmetic (SmoothQuant / AWQ scaling).
+    """
+    s = s.detach().float().to(prev_weight.device).reshape(-1)
+    if prev_is_norm:
+        if prev_weight.dim() != 1 or prev_weight.numel() != s.numel():
+            raise ValueError(f"norm weight of shape {list(prev_weight.shape)} does not match {s.numel()} scales")
+        _set(prev_weight, (prev_weight.float() + norm_offset) / s - norm_offset)
+    else:
+        if norm_offset:
+            raise ValueError("norm_offset applies to a norm producer only")
+        if prev_weight.dim() != 2 or prev_weight.shape[0] != s.numel():
+            raise ValueError(f"previous linear weight of shape {list(prev_weight.shape)} does not output "
+                             f"{s.numel()} channels")
+        _set(prev_weight, prev_weight.float() / s[:, None])
+    if prev_bias is not None:
+        _set(prev_bias, prev_bias.float() / s.to(prev_bias.device))
+    for w in weights:
+        if w.shape[-1] != s.numel():
+            raise ValueError(f"weight of shape {list(w.shape)} does not read {s.numel()} input channels")
+        _set(w, w.float() * s.to(w.device))
+
+
+# ----------------------------------------------------------------------------- AWQ
+
+
+def _out_sq_err(x: torch.Tensor, d: torch.Tensor, batch_out: int | None) -> float:
+    """sum ||x d^T||^2, computed over chunks of output rows."""
+    rc = batch_out or max(1, (1 << 24) // max(1, x.shape[0]))
+    tot = torch.zeros((), dtype=torch.float64, device=d.device)
+    for r in range(0, d.shape[0], rc):
+        tot += (x @ d[r : r + rc].T).pow(2).sum(dtype=torch.float64)
+    return float(tot)
+
+
+def _prep_x(x: torch.Tensor, in_f: int, dev, n_max: int) -> torch.Tensor:
+    if x.shape[-1] != in_f:
+        raise ValueError(f"samples of shape {list(x.shape)} do not have {in_f} input channels")
+    return _subsample_rows(x.detach().reshape(-1, in_f), n_max).to(dev).float()
+
+
+def _awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = mean_abs.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@torch.no_grad()
+def awq_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat | str, s: torch.Tensor | None,
+             weight_method: str = "max", batch_out: int | None = None) -> float:
+    """``sum_i ||x W_i^T - (x / s) Q(W_i * s)^T||^2 / n`` (``s=None``: no scaling, i.e. plain RTN)."""
+    fmt = parse_format(fmt)
+    dev = weights[0].device
+    x = x.detach().reshape(-1, x.shape[-1]).to(dev).float()
+    tot = 0.0
+    for w in weights:
+        w = w.detach().float()
+        ws = w if s is None else w * s
+        wq = fake_quantize(ws, fmt, weight_qparams(ws, fmt, weight_method))
+        if s is not None:
+            wq = wq / s
+        tot += _out_sq_err(x, w - wq, batch_out)
+    return tot / x.shape[0]
+
+
+@torch.no_grad()
+def awq_search(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    fmt: QFormat | str,
+    *,
+    grid: int = 20,
+    n_samples_max: int = 4096,
+    weight_method: str = "max",
+    batch_out: int | None = None,
+) -> torch.Tensor:
+    """Activation-aware scale search (Lin et al. 2024, "AWQ: Activation-aware Weight Quantization
+    for LLM Compression and Acceleration", MLSys, arXiv:2306.00978, section 3.2).
+
+    ``s = m**alpha / sqrt(max(m**alpha) * min(m**alpha))`` with ``m`` the mean |x| per input
+    channel (over all rows of ``x``) and ``m**alpha`` clamped below at 1e-4; ``alpha`` runs over
+    ``i / grid`` (i = 0..grid-1) and the one minimizing ``awq_loss`` (output error of the
+    fake-quantized scaled weights, summed over ``weights``) wins. ``alpha = 0`` gives s = 1 and is
+    kept on ties, so the result is never worse than no scaling on these samples.
+
+    ``x``: sampled inputs [..., in] (at most ``n_samples_max`` rows are used, evenly strided);
+    ``weights``: the linears reading x, each [out_i, in]. Returns float32 s [in] on the weights'
+    device; apply with ``apply_smoothing``. Memory: one weight copy plus ``n x batch_out`` floats.
+    """
+    fmt = parse_format(fmt)
+    if not weights:
+        raise ValueError("awq_search needs at least one weight")
+    dev = weights[0].device
+    in_f = weights[0].shape[-1]
+    for w in weights:
+        if w.shape[-1] != in_f:
+            raise ValueError("all weights must read the same inputs")
+    mean_abs = x.detach().reshape(-1, in_f).to(dev).abs().float().mean(dim=0) if x.numel() else None
+    if mean_abs is None:
+        raise ValueError("awq_search needs at least one sample")
+    xs = _prep_x(x, in_f, dev, n_samples_max)
+    best_err, best_s = math.inf, torch.ones(in_f, device=dev)
+    for i in range(grid):
+        s = _awq_scales(mean_abs, i / grid)
+        err = awq_loss(xs, weights, fmt, s, weight_method, batch_out)
+        if err < best_err:
+            best_err, best_s = err, s
+    return best_s
+
+
+def _cell_out_err(x: torch.Tensor, d: torch.Tensor, fmt: QFormat, batch_out: int | None) -> torch.Tensor:
+    """Per scale cell: mean over samples of (x_cell . d_cell)^2, in the statistics shape."""
+    out_f, in_f = d.shape
+    k = in_f // fmt.group_size if fmt.granularity == "group" else 1
+    g = in_f // k
+    n = x.shape[0]
+    xk = x.reshape(n, k, g).permute(1, 0, 2)  # [k, n, g]
+    rc = batch_out or max(1, (1 << 24) // max(1, k * n))
+    errs = []
+    for r in range(0, out_f, rc):
+        dk = d[r : r + rc].reshape(-1, k, g).permute(1, 2, 0)  # [k, g, rc]
+        errs.append(torch.bmm(xk, dk).pow(2).mean(dim=1).T)  # [rc, k]
+    e = torch.cat(errs)
+    if fmt.granularity == "group":
+        return e.unsqueeze(-1)
+    if fmt.granularity == "tensor":
+        return e.sum()
+    return e  # channel / token: [out, 1]
+
+
+@torch.no_grad()
+def awq_clip(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    fmt: QFormat | str,
+    *,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    n_samples_max: int = 512,
+    batch_out: int | None = None,
+) -> torch.Tensor:
+    """AWQ's weight clipping search ("auto_clip", Lin et al. 2024, arXiv:2306.00978, section 3.3 /
+    reference code): per scale cell, try ``amax = r * max|w|`` for r = 1, 1 - 1/grid, ..., 1 -
+    max_shrink and keep the one with the smallest error of that cell's partial output
+    ``mean_n (x_cell . (w_cell - Q(w)_cell))^2`` on the samples. r = 1 wins ties, so no cell's error
+    increases versus no clipping (cross-terms between groups of one row are not modelled, as in AWQ).
+
+    ``x`` [..., in] samples (at most ``n_samples_max`` rows, evenly strided); ``w`` [out, in].
+    Returns amax float32 in the statistics shape, to be used as
+    ``weight_qparams(w, fmt, "max", amax=amax)`` (the quantizer evaluated in the search).
+    Memory: one weight copy plus ``n_groups x n x batch_out`` floats.
+    """
+    fmt = parse_format(fmt)
+    if w.dim() != 2:
+        raise ValueError(f"awq_clip needs a 2-D weight [out, in], got shape {list(w.shape)}")
+    w = w.detach().float()
+    xs = _prep_x(x, w.shape[1], w.device, n_samples_max)
+    obs = _reduce(_cells(w, fmt).abs(), fmt, "amax")
+    gkw = {"global_amax": w.abs().amax()} if fmt.kind == "nvfp4" else {}
+    best_err = torch.full_like(obs, math.inf)
+    best = obs.clone()
+    for i in range(int(round(max_shrink * grid)) + 1):
+        a = obs * (1.0 - i / grid)
+        qp = weight_qparams(w, fmt, "max", amax=a, **gkw)
+        err = _cell_out_err(xs, w - fake_quantize(w, fmt, qp), fmt, batch_out)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, a, best)
+    return best

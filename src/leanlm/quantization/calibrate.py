@@ -1,0 +1,336 @@
+"""Block-by-block calibration: one decoder layer's inputs captured, processed, released.
+
+For each decoder layer, in order: capture what it needs (input statistics, Hessians, samples) by
+running the layer alone on the outputs of the already-quantized layers before it; apply the
+configured algorithms (SmoothQuant, AWQ, then GPTQ or round-to-nearest weights); calibrate static
+activation ranges; compute the layer's quantized outputs, which become the next layer's inputs.
+Peak memory stays near one layer plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import LeanLMError
+from ..core.modules import decoder_layers
+from . import algorithms as alg
+from .config import AWQ, GPTQ, QuantConfig, SmoothQuant
+from .formats import fake_quantize
+from .modules import QuantLinearMixin, TensorQuantizer
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class _Mapping:
+    """Linears that read the same input, and the module whose output that input is."""
+
+    prev: nn.Module
+    prev_is_norm: bool
+    norm_offset: float
+    linears: list[nn.Module]
+
+
+def _first(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise LeanLMError(f"NaN/inf in the activations {where}; the model or its calibration text is broken (check the dtype and weights)")
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch: int):
+    """Hidden states entering layer 0 for each mini-batch, and each layer's keyword arguments.
+
+    Keyword arguments (masks, rotary embeddings) are recorded once per layer from a full forward of
+    the first mini-batch; every mini-batch has the same shape, so they are shared.
+    """
+    kwargs: list[dict | None] = [None] * len(layers)
+    hooks = []
+    for i, layer in enumerate(layers):
+        def rec(mod, args, kw, i=i):
+            if kwargs[i] is None:
+                kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        hooks.append(layer.register_forward_pre_hook(rec, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        model(ids[:batch].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    hidden: list[torch.Tensor] = []
+
+    def stop(mod, args, kw):
+        hidden.append(args[0] if args else kw["hidden_states"])
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for i in range(0, ids.shape[0], batch):
+            with contextlib.suppress(_Stop):
+                model(ids[i : i + batch].to(device), use_cache=False)
+    finally:
+        h.remove()
+    for x in hidden:
+        _check_finite(x, "entering the first layer")
+    return hidden, kwargs
+
+
+def _run(layer: nn.Module, hidden: list[torch.Tensor], kw: dict) -> list[torch.Tensor]:
+    return [_first(layer(x, **kw)) for x in hidden]
+
+
+@contextlib.contextmanager
+def _input_hooks(modules: dict[str, nn.Module], fn):
+    """Call fn(name, input_tensor) for each module's input during the block."""
+    def hook(n):
+        def pre(mod, args):
+            fn(n, args[0])  # returns None: the input is left as it is
+        return pre
+
+    hs = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def _norm_offset(norm: nn.Module) -> float:
+    """0 for x * w norms, 1 for Gemma-style x * (1 + w) norms, found by zeroing the weight."""
+    w = norm.weight.data.clone()
+    norm.weight.data.zero_()
+    try:
+        y = norm(torch.randn(2, w.numel(), dtype=w.dtype, device=w.device))
+    finally:
+        norm.weight.data.copy_(w)
+    return 0.0 if y.abs().max() == 0 else 1.0
+
+
+@torch.no_grad()
+def find_mappings(layer: nn.Module, x: torch.Tensor, kw: dict) -> list[_Mapping]:
+    """Which norm feeds which linears (found by tensor identity in one forward), plus up_proj -> down_proj."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    outputs: dict[int, nn.Module] = {}
+    feeds: dict[int, list[nn.Module]] = {}
+    alive: list[torch.Tensor] = []  # holding every seen tensor keeps ids from being reused mid-forward
+    hooks = []
+
+    def _record_output(mod, args, out):
+        alive.append(out)
+        outputs[id(out)] = mod
+
+    def _record_input(mod, args):
+        alive.append(args[0])
+        feeds.setdefault(id(args[0]), []).append(mod)
+
+    for n, m in layer.named_modules():
+        if m is not layer and not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1:
+            hooks.append(m.register_forward_hook(_record_output))
+    for m in linears.values():
+        hooks.append(m.register_forward_pre_hook(_record_input))
+    try:
+        layer(x[:1], **_slice_kw(kw, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = []
+    for tid, lins in feeds.items():
+        if tid in outputs:
+            norm = outputs[tid]
+            maps.append(_Mapping(norm, True, _norm_offset(norm), lins))
+    for n, m in linears.items():
+        if n.endswith("up_proj"):
+            down = linears.get(n[: -len("up_proj")] + "down_proj")
+            if down is not None and down.in_features == m.out_features:
+                maps.append(_Mapping(m, False, 0.0, [down]))
+    return maps
+
+
+def _slice_kw(kw: dict, n: int) -> dict:
+    """Keyword arguments cut to the first n rows of the batch where they carry a batch dimension."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            v = v[:n]
+        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            v = tuple(t[:n] if t.dim() >= 1 and t.shape[0] > 1 else t for t in v)
+        out[k] = v
+    return out
+
+
+def _weight_quantizer(m: nn.Module) -> TensorQuantizer | None:
+    q = getattr(m, "weight_quantizer", None)
+    return q if q is not None and q.enabled and not q.folded else None
+
+
+def _apply_scales(mp: _Mapping, s: torch.Tensor) -> None:
+    prev = mp.prev
+    bias = getattr(prev, "bias", None) if not mp.prev_is_norm else getattr(prev, "bias", None)
+    alg.apply_smoothing(prev.weight.data, bias.data if bias is not None else None,
+                        [m.weight.data for m in mp.linears], s, prev_is_norm=mp.prev_is_norm, norm_offset=mp.norm_offset)
+
+
+@torch.no_grad()
+def _smooth(layer, hidden, kw, maps, a: SmoothQuant) -> None:
+    obs = {id(mp): alg.AbsMaxObserver() for mp in maps}
+    mods = {str(i): mp.linears[0] for i, mp in enumerate(maps)}
+    by_name = {str(i): obs[id(mp)] for i, mp in enumerate(maps)}
+    with _input_hooks(mods, lambda n, x: by_name[n].update(x)):
+        _run(layer, hidden, kw)
+    for i, mp in enumerate(maps):
+        s = alg.smoothquant_scales(by_name[str(i)].channel_absmax, [m.weight.data for m in mp.linears], alpha=a.alpha)
+        _apply_scales(mp, s)
+
+
+@torch.no_grad()
+def _collect_samples(layer, hidden, kw, mods: dict[str, nn.Module], max_rows: int = 4096) -> dict[str, torch.Tensor]:
+    """Up to max_rows input rows per module, evenly strided over the calibration tokens."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
+    per_batch = max(1, max_rows // max(1, len(hidden)))
+
+    def keep(n, x):
+        x = x.reshape(-1, x.shape[-1])
+        step = max(1, x.shape[0] // per_batch)
+        got[n].append(x[::step][:per_batch].float())
+
+    with _input_hooks(mods, keep):
+        _run(layer, hidden, kw)
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+@torch.no_grad()
+def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
+    maps = [mp for mp in maps if any(_weight_quantizer(m) for m in mp.linears)]
+    mods = {str(i): mp.linears[0] for i, mp in enumerate(maps)}
+    xs = _collect_samples(layer, hidden, kw, mods)
+    for i, mp in enumerate(maps):
+        fmt = next(_weight_quantizer(m).fmt for m in mp.linears if _weight_quantizer(m))
+        s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in mp.linears], fmt, grid=a.grid)
+        _apply_scales(mp, s)
+    if a.clip:
+        lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
+        xs = _collect_samples(layer, hidden, kw, lins)
+        for n, m in lins.items():
+            clip_amax[id(m)] = alg.awq_clip(xs[n], m.weight.data.float(), _weight_quantizer(m).fmt)
+
+
+@torch.no_grad()
+def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, stats: dict) -> None:
+    lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
+    hess = {}
+    if gptq is not None and lins:
+        acc = {n: alg.HessianAccumulator(m.in_features) for n, m in lins.items()}
+        with _input_hooks(lins, lambda n, x: acc[n].add(x)):
+            _run(layer, hidden, kw)
+        hess = {n: a.H for n, a in acc.items()}
+    for n, m in lins.items():
+        q = _weight_quantizer(m)
+        w = m.weight.data.float()
+        if gptq is not None:
+            wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
+            wq, qp = alg.gptq(w, hess[n], q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
+                              weight_method=q.cfg.method, weight_kwargs=wkw)
+            stats[id(m)] = alg.quant_error(w, wq, hess[n])
+        else:
+            kwargs = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else {}
+            if id(m) in clip_amax:
+                qp = alg.weight_qparams(w, q.fmt, "max", amax=clip_amax[id(m)])
+            else:
+                qp = alg.weight_qparams(w, q.fmt, q.cfg.method, **kwargs)
+            wq = fake_quantize(w, q.fmt, qp)
+        finish_weight(m, wq, qp)
+
+
+def finish_weight(m: nn.Module, wq: torch.Tensor, qp) -> None:
+    """Store the quantized weight values in place and keep their parameters on the quantizer."""
+    m.weight.data.copy_(wq.to(m.weight.dtype))
+    m.weight_quantizer.qparams = qp
+    m.weight_quantizer.folded = True
+    m.weight_quantizer.mode = "quant"
+
+
+def _static_act_quantizers(module: nn.Module) -> list[TensorQuantizer]:
+    return [q for q in module.modules() if isinstance(q, TensorQuantizer) and q.enabled and q.role != "weight"
+            and not q.cfg.dynamic and q.amax is None]
+
+
+def _calibrate_static(qs: list[TensorQuantizer], run) -> None:
+    """Record the ranges of `qs` over `run()`, then switch them to quantizing with those ranges."""
+    if not qs:
+        return
+    for q in qs:
+        q.mode = "calib"
+    try:
+        run()
+    finally:
+        for q in qs:
+            q.mode = "quant"
+
+
+def needs_data(resolved: dict, config: QuantConfig) -> bool:
+    """True when the config has algorithms or static (calibrated) activation / KV ranges."""
+    static = any(not n.endswith(".weight_quantizer") and not qc.dynamic for n, qc in resolved.items())
+    return bool(config.algorithms) or static
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, progress: bool = True) -> dict:
+    """Quantize every enabled weight and calibrate every static activation range, layer by layer."""
+    stats: dict = {}
+    t0 = time.perf_counter()
+    # Weights and static activation quantizers pass through until their layer is processed.
+    waiting = _static_act_quantizers(model)
+    for q in model.modules():
+        if isinstance(q, TensorQuantizer) and q.enabled and (q.role == "weight" or q in waiting):
+            q.mode = "off"
+    layers = decoder_layers(model)
+    algos = {type(a): a for a in config.algorithms}
+    if ids is not None:
+        batch = max(d for d in range(1, min(config.calib_batch, ids.shape[0]) + 1) if ids.shape[0] % d == 0)
+        hidden, kws = capture_layer_inputs(model, layers, ids, batch)
+        bar = tqdm(list(enumerate(layers)), desc="calibrating layers", unit="layer", disable=not progress)
+        for i, layer in bar:
+            kw = kws[i]
+            clip_amax: dict = {}
+            if SmoothQuant in algos or AWQ in algos:
+                maps = find_mappings(layer, hidden[0], kw)
+                if SmoothQuant in algos:
+                    _smooth(layer, hidden, kw, maps, algos[SmoothQuant])
+                if AWQ in algos:
+                    _awq(layer, hidden, kw, maps, algos[AWQ], clip_amax)
+            _quantize_weights(layer, hidden, kw, algos.get(GPTQ), clip_amax, stats)
+            _calibrate_static(_static_act_quantizers(layer), lambda: _run(layer, hidden, kw))
+            hidden = _run(layer, hidden, kw)  # quantized outputs feed the next layer
+            for x in hidden:
+                _check_finite(x, f"after layer {i}")
+        del hidden
+    # Modules outside the decoder stack (e.g. a quantized lm_head): round-to-nearest weights, and static
+    # activation ranges from a forward pass.
+    for m in model.modules():
+        q = _weight_quantizer(m)
+        if q is not None:
+            w = m.weight.data.float()
+            qp = alg.weight_qparams(w, q.fmt, q.cfg.method)
+            finish_weight(m, fake_quantize(w, q.fmt, qp), qp)
+    rest = _static_act_quantizers(model)
+    if rest:
+        if ids is None:
+            raise LeanLMError("static activation quantizers need calibration data; pass calib_data or a tokenizer")
+        def forward():
+            for i in range(0, min(ids.shape[0], 4 * config.calib_batch), config.calib_batch):
+                model(ids[i : i + config.calib_batch], use_cache=False)
+
+        _calibrate_static(rest, forward)
+    return {"seconds": time.perf_counter() - t0, "gptq_error": stats}

@@ -1,0 +1,173 @@
+"""Quantization configs: ordered glob rules over quantizer names, algorithm steps, named presets.
+
+Every quantizable tensor has a named quantizer submodule:
+
+* ``<linear>.weight_quantizer`` and ``<linear>.input_quantizer`` for every ``nn.Linear``;
+* ``<attention>.k_quantizer`` and ``<attention>.v_quantizer`` for the KV cache of every
+  attention module (keys after RoPE, i.e. exactly what the cache holds).
+
+A config is an ordered list of ``(pattern, QuantizerConfig | None)`` rules matched with
+``fnmatch`` against those names; later rules win and ``None`` disables. For example::
+
+    QuantConfig(rules=[
+        ("*weight_quantizer", QuantizerConfig("int4_g64")),
+        ("*down_proj.weight_quantizer", QuantizerConfig("int8")),   # 8-bit for down_proj
+        ("*lm_head*", None),                                        # keep the head in float
+    ], algorithms=[GPTQ()])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+from ..core.errors import LeanLMError
+from .formats import parse_format
+
+
+@dataclass
+class QuantizerConfig:
+    """How one tensor is quantized.
+
+    format: a format name from ``formats.parse_format`` (``int4_g64``, ``int8_token``, ``fp8_e4m3``,
+    ``nvfp4``, ...). method: how a static range is chosen (``max``, ``percentile``, ``mse``).
+    dynamic: activations only; scales are computed from each input at run time (per token or per
+    block) instead of being calibrated once.
+    """
+
+    format: str
+    method: str = "max"
+    percentile: float = 99.99
+    dynamic: bool = False
+
+    def __post_init__(self):
+        try:
+            parse_format(self.format)
+        except ValueError as e:
+            raise LeanLMError(str(e)) from None
+        if self.method not in ("max", "percentile", "mse"):
+            raise LeanLMError(f"unknown range method {self.method!r}; use max, percentile or mse")
+
+
+@dataclass
+class SmoothQuant:
+    """Migrate activation outliers into the weights before quantizing (Xiao et al. 2023)."""
+
+    alpha: float = 0.5
+
+
+@dataclass
+class AWQ:
+    """Activation-aware per-channel weight scaling and clipping search (Lin et al. 2024)."""
+
+    grid: int = 20
+    clip: bool = True
+
+
+@dataclass
+class GPTQ:
+    """Hessian-based error-compensating weight rounding (Frantar et al. 2022)."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+
+Algorithm = SmoothQuant | AWQ | GPTQ
+ALGORITHMS = {"smoothquant": SmoothQuant, "awq": AWQ, "gptq": GPTQ}
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize (rules), how (algorithms, applied in order per layer) and on how much text."""
+
+    rules: list[tuple[str, QuantizerConfig | None]]
+    algorithms: list[Algorithm] = field(default_factory=list)
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    calib_batch: int = 8
+
+    def resolve(self, names: list[str]) -> dict[str, QuantizerConfig]:
+        """Map each quantizer name to its config (later rules win); unmatched or disabled names are left out.
+
+        A rule whose pattern matches none of `names` is an error: it is almost always a typo.
+        """
+        chosen: dict[str, QuantizerConfig | None] = {}
+        for pattern, qc in self.rules:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                examples = ", ".join(names[:3])
+                raise LeanLMError(f"rule pattern {pattern!r} matches no quantizer (names look like: {examples}); fix the pattern")
+            for n in hits:
+                chosen[n] = qc
+        return {n: qc for n, qc in chosen.items() if qc is not None}
+
+    def to_dict(self) -> dict:
+        return {
+            "rules": [[p, asdict(q) if q else None] for p, q in self.rules],
+            "algorithms": [{"name": type(a).__name__.lower(), **asdict(a)} for a in self.algorithms],
+            "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len, "calib_batch": self.calib_batch,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        algos = []
+        for a in d.get("algorithms", []):
+            a = dict(a)
+            algos.append(ALGORITHMS[a.pop("name")](**a))
+        rules = [(p, QuantizerConfig(**q) if q else None) for p, q in d["rules"]]
+        return cls(rules=rules, algorithms=algos, calib_samples=d.get("calib_samples", 128),
+                   calib_seq_len=d.get("calib_seq_len", 512), calib_batch=d.get("calib_batch", 8))
+
+
+W = "*weight_quantizer"
+A = "*input_quantizer"
+HEAD = ("*lm_head*", None)
+
+
+def _w(fmt: str, method: str = "max") -> tuple:
+    return (W, QuantizerConfig(fmt, method=method))
+
+
+def _a_dyn(fmt: str) -> tuple:
+    return (A, QuantizerConfig(fmt, dynamic=True))
+
+
+# Named presets. Weight-only 4-bit presets use symmetric groups of 64: SmolLM2's hidden size 576 is
+# not a multiple of 128 (see docs/quantization.md).
+PRESETS: dict[str, callable] = {
+    "w8a16": lambda: QuantConfig([_w("int8"), HEAD]),
+    "w8a8": lambda: QuantConfig([_w("int8"), _a_dyn("int8_token"), HEAD]),
+    "w8a8-smoothquant": lambda: QuantConfig([_w("int8"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.5)]),
+    "w8a8-static": lambda: QuantConfig([_w("int8"), (A, QuantizerConfig("int8_tensor", method="percentile")), HEAD], [SmoothQuant(0.5)]),
+    "w4a16-rtn": lambda: QuantConfig([_w("int4_g64"), HEAD]),
+    "w4a16-mse": lambda: QuantConfig([_w("int4_g64", "mse"), HEAD]),
+    "w4a16-awq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ()]),
+    "w4a16-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [GPTQ()]),
+    "w4a16-awq-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(clip=False), GPTQ()]),
+    "w3a16-gptq": lambda: QuantConfig([_w("int3_g64"), HEAD], [GPTQ()]),
+    "w4a8": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.5), GPTQ()]),
+    "fp8": lambda: QuantConfig([_w("fp8_e4m3_channel"), _a_dyn("fp8_e4m3_token"), HEAD]),
+    "nvfp4": lambda: QuantConfig([_w("nvfp4"), _a_dyn("nvfp4"), HEAD]),
+    "nvfp4-w4a16": lambda: QuantConfig([_w("nvfp4"), HEAD]),
+    "mxfp4": lambda: QuantConfig([_w("mxfp4"), _a_dyn("mxfp4"), HEAD]),
+    "mxfp8": lambda: QuantConfig([_w("mxfp8"), _a_dyn("mxfp8"), HEAD]),
+    "nf4": lambda: QuantConfig([_w("nf4"), HEAD]),
+}
+# KV-cache rules that can be added to any preset (``--kv-cache int8|fp8``): per token and head, dynamic.
+KV_CACHE = {
+    "int8": [("*k_quantizer", QuantizerConfig("int8_token", dynamic=True)), ("*v_quantizer", QuantizerConfig("int8_token", dynamic=True))],
+    "fp8": [("*k_quantizer", QuantizerConfig("fp8_e4m3_token", dynamic=True)), ("*v_quantizer", QuantizerConfig("fp8_e4m3_token", dynamic=True))],
+}
+
+
+def preset(name: str, kv_cache: str | None = None) -> QuantConfig:
+    """A named preset, optionally with KV-cache quantization rules appended."""
+    if name not in PRESETS:
+        raise LeanLMError(f"unknown scheme {name!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    if kv_cache:
+        if kv_cache not in KV_CACHE:
+            raise LeanLMError(f"unknown KV-cache format {kv_cache!r}; choose int8 or fp8")
+        cfg.rules += KV_CACHE[kv_cache]
+    return cfg

@@ -1,0 +1,174 @@
+"""Save and reload quantized models: safetensors with real codes and scales, plus a JSON recipe.
+
+Layout of a saved folder::
+
+    config.json, tokenizer files        the ordinary Hugging Face files
+    model.safetensors                   float tensors as they are; each quantized weight replaced by
+                                        <name>.weight.codes (packed), .scale, and .zero / .global_scale
+                                        where the format has them; static activation ranges as <quantizer>.amax
+    leanlm_quant.json                   the QuantConfig, every quantizer's format and state, the packing
+
+Codes are packed by format: 8-bit ints as int8/uint8; ints of 4 bits or fewer, NF4 indices and
+E2M1 (NVFP4/MXFP4) values as two 4-bit codes per byte; FP8 and MXFP8 elements as float8 tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.errors import LeanLMError
+from ..core.io import atomic_dir
+from .config import QuantConfig, QuantizerConfig
+from .formats import QFormat, QParams, dequantize, parse_format, quantize
+from .modules import insert_quantizers, quantizers
+
+RECIPE = "leanlm_quant.json"
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _pack4(u: torch.Tensor) -> torch.Tensor:
+    u = u.to(torch.uint8).reshape(-1)
+    if u.numel() % 2:
+        u = torch.cat([u, u.new_zeros(1)])
+    return (u[0::2] | (u[1::2] << 4)).contiguous()
+
+
+def _unpack4(p: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)
+    return out[:n]
+
+
+def encode(codes: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, str]:
+    """Storage tensor and packing name for the codes returned by `formats.quantize`."""
+    if fmt.kind == "int":
+        if fmt.bits <= 4:
+            off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
+            return _pack4(codes.to(torch.int16) + off), "u4x2"
+        return codes.contiguous(), "int8" if fmt.symmetric else "uint8"
+    if fmt.kind == "nf4":
+        return _pack4(codes), "u4x2"
+    if fmt.kind in ("nvfp4", "mxfp4"):
+        mag = (codes.abs().reshape(-1, 1) == E2M1.to(codes.device)).float().argmax(1)
+        sign = (codes.reshape(-1) < 0).to(torch.uint8) << 3
+        return _pack4(mag.to(torch.uint8) | sign), "e2m1x2"
+    dt = torch.float8_e5m2 if fmt.kind == "fp8_e5m2" else torch.float8_e4m3fn
+    return codes.to(dt).contiguous(), "float8"
+
+
+def decode(stored: torch.Tensor, packing: str, fmt: QFormat, shape: list[int]) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    if packing == "u4x2":
+        u = _unpack4(stored, n).to(torch.int16)
+        if fmt.kind == "int":
+            return (u - (2 ** (fmt.bits - 1) if fmt.symmetric else 0)).to(torch.int8 if fmt.symmetric else torch.uint8).reshape(shape)
+        return u.to(torch.uint8).reshape(shape)
+    if packing == "e2m1x2":
+        u = _unpack4(stored, n)
+        val = E2M1[(u & 7).long()]
+        return torch.where((u & 8) > 0, -val, val).reshape(shape)
+    if packing == "float8":
+        return stored.float().reshape(shape)
+    return stored.reshape(shape)
+
+
+def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a quantized model to `out` atomically (temporary folder renamed into place)."""
+    meta = getattr(model, "leanlm_quant", None)
+    if meta is None:
+        raise LeanLMError("this model was not quantized by leanlm.quantize; nothing to save as a quantized checkpoint")
+    qs = quantizers(model)
+    mods = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    recipe = {"format_version": 1, "config": meta["config"], "calib_seconds": meta.get("calib_seconds"), "quantizers": {}}
+    replaced = set()
+    for name, q in qs.items():
+        if not q.enabled:
+            continue
+        entry = {"config": vars(q.cfg).copy(), "folded": q.folded}
+        if q.folded:
+            owner = name[: -len(".weight_quantizer")]
+            w = mods[owner].weight.detach().float().cpu()
+            qp = QParams(*(t.cpu() if t is not None else None for t in (q.qparams.scale, q.qparams.zero, q.qparams.global_scale)))
+            stored, packing = encode(quantize(w, q.fmt, qp), q.fmt)
+            tensors[f"{owner}.weight.codes"] = stored
+            tensors[f"{owner}.weight.scale"] = qp.scale.contiguous()
+            if qp.zero is not None:
+                tensors[f"{owner}.weight.zero"] = qp.zero.contiguous()
+            if qp.global_scale is not None:
+                tensors[f"{owner}.weight.global_scale"] = qp.global_scale.reshape(1).contiguous()
+            entry.update(packing=packing, shape=list(w.shape), dtype=str(mods[owner].weight.dtype).replace("torch.", ""))
+            replaced.add(f"{owner}.weight")
+        elif q.amax is not None:
+            tensors[f"{name}.amax"] = q.amax.detach().float().cpu().reshape(1)
+        recipe["quantizers"][name] = entry
+    seen = set()
+    for k, v in model.state_dict().items():
+        if k in replaced or ".weight_quantizer." in k or ".input_quantizer." in k or k.endswith(("k_quantizer.amax", "v_quantizer.amax")):
+            continue
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:  # a tied weight: saved once, re-tied on load
+            continue
+        seen.add(ptr)
+        tensors[k] = v.detach().cpu().contiguous()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "leanlm-quant"})
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=1))
+    return Path(out)
+
+
+def is_quantized_folder(path: Path) -> bool:
+    return (Path(path) / RECIPE).is_file()
+
+
+@torch.no_grad()
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a model saved by `save_quantized`: same classes, quantizers and exactly the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..core.models import check_safetensors
+
+    folder = Path(folder)
+    try:
+        recipe = json.loads((folder / RECIPE).read_text())
+    except ValueError:
+        raise LeanLMError(f"{folder / RECIPE} is not valid JSON; the quantized checkpoint is corrupt, re-save it") from None
+    if recipe.get("format_version") != 1:
+        raise LeanLMError(f"{folder} uses quantized format version {recipe.get('format_version')}; this leanlm reads version 1")
+    check_safetensors(folder / "model.safetensors")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    resolved = {n: QuantizerConfig(**e["config"]) for n, e in recipe["quantizers"].items()}
+    insert_quantizers(model, resolved)
+    tensors = load_file(str(folder / "model.safetensors"))
+    plain = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".weight.scale", ".weight.zero", ".weight.global_scale", ".amax"))}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    if unexpected:
+        raise LeanLMError(f"{folder}: unexpected tensors {unexpected[:3]}; the checkpoint does not match its config")
+    qs = quantizers(model)
+    mods = dict(model.named_modules())
+    for name, e in recipe["quantizers"].items():
+        q = qs[name]
+        if e["folded"]:
+            owner = name[: -len(".weight_quantizer")]
+            fmt = parse_format(e["config"]["format"])
+            qp = QParams(tensors[f"{owner}.weight.scale"], tensors.get(f"{owner}.weight.zero"),
+                         tensors[f"{owner}.weight.global_scale"].reshape(()) if f"{owner}.weight.global_scale" in tensors else None)
+            codes = decode(tensors[f"{owner}.weight.codes"], e["packing"], fmt, e["shape"])
+            mods[owner].weight.data.copy_(dequantize(codes, fmt, qp).to(dtype))
+            q.qparams, q.folded = qp, True
+        elif f"{name}.amax" in tensors:
+            q.amax = tensors[f"{name}.amax"].reshape(())
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.leanlm_quant = {"config": recipe["config"], "calib_seconds": recipe.get("calib_seconds")}
+    return model.eval()

@@ -1,0 +1,168 @@
+"""Quantization mechanics on tiny models: config rules, module swaps, every preset, save/reload, KV cache."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import leanlm
+from leanlm import LeanLMError
+from leanlm.cli import main
+from leanlm.quantization import (
+    GPTQ, PRESETS, QuantConfig, QuantizerConfig, load_quantized, quantize, save_quantized, summary,
+)
+from leanlm.quantization.modules import TensorQuantizer, quantizer_names
+
+from conftest import make_llama
+
+
+def calib(n=4, L=32, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n, L), generator=g)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_rules_later_win_and_none_disables(tiny_model):
+    names = quantizer_names(tiny_model)
+    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g64")),
+                       ("*down_proj.weight_quantizer", QuantizerConfig("int8")),
+                       ("*lm_head*", None)])
+    r = cfg.resolve(names)
+    assert r["model.layers.0.mlp.down_proj.weight_quantizer"].format == "int8"
+    assert r["model.layers.0.self_attn.q_proj.weight_quantizer"].format == "int4_g64"
+    assert "lm_head.weight_quantizer" not in r and not any(k.endswith("input_quantizer") for k in r)
+
+
+def test_pattern_matching_nothing_is_an_error(tiny_model):
+    cfg = QuantConfig([("*mpl*weight_quantizer", QuantizerConfig("int8"))])
+    with pytest.raises(LeanLMError, match="matches no quantizer"):
+        quantize(tiny_model, cfg)
+
+
+def test_unknown_scheme_and_format():
+    with pytest.raises(LeanLMError, match="unknown scheme 'w5a5'"):
+        leanlm.quantization.preset("w5a5")
+    with pytest.raises(LeanLMError, match="unknown format"):
+        QuantizerConfig("int4_q64")
+
+
+def test_class_swap_keeps_isinstance_and_state_dict(tiny_model):
+    keys = set(tiny_model.state_dict())
+    quantize(tiny_model, "w4a16-rtn", progress=False)
+    q = tiny_model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, nn.Linear) and type(q).__name__ == "QuantLinear"
+    assert isinstance(q.weight_quantizer, TensorQuantizer) and q.weight_quantizer.folded
+    assert set(tiny_model.state_dict()) == keys  # weight-only RTN adds no tensors to the state_dict
+    assert all(r["on_grid"] for r in summary(tiny_model) if r["role"] == "weight")
+
+
+@pytest.mark.parametrize("scheme", sorted(PRESETS))
+def test_every_preset_on_a_tiny_model(scheme, tmp_path, tiny_tokenizer):
+    model = make_llama(vocab_size=len(tiny_tokenizer))
+    ids = calib()
+    ref = logits(model, ids)
+    quantize(model, scheme, calib(seed=1), progress=False)
+    out = logits(model, ids)
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.6, f"{scheme}: relative logit change {rel}"
+    rows = summary(model)
+    assert rows and all(r["on_grid"] for r in rows if r["role"] == "weight")
+    path = save_quantized(model, tmp_path / scheme, tokenizer=tiny_tokenizer)
+    back = load_quantized(path)
+    assert torch.equal(logits(back, ids), out)  # reload reproduces the quantized model exactly
+    m2, tok2 = leanlm.load(path)  # and leanlm.load recognizes the folder
+    assert torch.equal(logits(m2, ids), out) and tok2 is not None
+
+
+def test_int4_checkpoint_is_smaller(tmp_path, tiny_tokenizer):
+    model = make_llama(vocab_size=len(tiny_tokenizer), hidden=128, intermediate=256, tie=False)
+    model.save_pretrained(tmp_path / "float")
+    quantize(model, QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g64"))]), progress=False)
+    save_quantized(model, tmp_path / "q")
+    lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    f = (tmp_path / "float" / "model.safetensors").stat().st_size
+    q = (tmp_path / "q" / "model.safetensors").stat().st_size
+    # every linear (incl. the untied head) went from 4 bytes to ~0.53 bytes per weight
+    assert f - q > 0.8 * lin * (4 - 0.6)
+
+
+def test_group_size_not_dividing_is_explicit(tiny_tokenizer):
+    model = make_llama(vocab_size=len(tiny_tokenizer), hidden=96, heads=4, kv_heads=2, intermediate=192)
+    with pytest.raises(LeanLMError, match="input dimension 96 to be a multiple of 64"):
+        quantize(model, "w4a16-rtn")
+    # a rule keeping the offending layers in int8 makes it work
+    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g32"))])
+    quantize(model, cfg, progress=False)
+
+
+def test_quantized_head_is_untied(tiny_model):
+    emb = tiny_model.model.embed_tokens.weight.detach().clone()
+    quantize(tiny_model, QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g64"))]), progress=False)
+    assert torch.equal(tiny_model.model.embed_tokens.weight, emb)  # embedding untouched
+    assert not torch.equal(tiny_model.lm_head.weight, emb)         # head quantized on its own copy
+
+
+def test_kv_cache_quantization_changes_attention_and_generates(tiny_model):
+    ids = calib()
+    ref = logits(tiny_model, ids)
+    quantize(tiny_model, "w8a16", kv_cache="int8", progress=False)
+    attn = tiny_model.model.layers[0].self_attn
+    assert attn.k_quantizer.enabled and attn.v_quantizer.fmt.name == "int8_token"
+    calls = []
+    attn.k_quantizer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    out = logits(tiny_model, ids)
+    assert calls and calls[0][-1] == tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
+    assert 0 < (out - ref).abs().max() < 0.5
+    gen = tiny_model.generate(ids[:1, :8], attention_mask=torch.ones(1, 8, dtype=torch.long), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 12)
+
+
+def test_static_activation_ranges_are_calibrated_and_saved(tiny_model, tmp_path):
+    quantize(tiny_model, "w8a8-static", calib(), progress=False)
+    q = tiny_model.model.layers[1].mlp.down_proj.input_quantizer
+    assert q.amax is not None and q.amax > 0
+    save_quantized(tiny_model, tmp_path / "s")
+    back = load_quantized(tmp_path / "s")
+    assert torch.equal(back.model.layers[1].mlp.down_proj.input_quantizer.amax, q.amax)
+
+
+def test_bad_inputs(tiny_model, tmp_path):
+    with pytest.raises(LeanLMError, match="needs calibration data"):
+        quantize(tiny_model, "w4a16-gptq")
+    broken = make_llama()
+    with torch.no_grad():
+        broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(LeanLMError, match="NaN/inf"):
+        quantize(broken, "w4a16-rtn")
+    quantize(tiny_model, "w4a16-rtn", progress=False)
+    with pytest.raises(LeanLMError, match="already quantized"):
+        quantize(tiny_model, "w4a16-rtn")
+    save_quantized(tiny_model, tmp_path / "o")
+    with pytest.raises(LeanLMError, match="already exists"):
+        save_quantized(tiny_model, tmp_path / "o")
+    with pytest.raises(LeanLMError, match="not quantized by leanlm"):
+        save_quantized(make_llama(), tmp_path / "p")
+
+
+def test_config_json_round_trip():
+    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g64", method="mse")), ("*lm_head*", None)], [GPTQ(act_order=True)])
+    back = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+
+
+def test_cli_quantize(capsys, tiny_folder, tmp_path, text_file):
+    out = tmp_path / "q"
+    code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--out", str(out), "--samples", "4",
+                 "--seq-len", "32", "--calib", str(text_file), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and (out / "leanlm_quant.json").is_file()
+    assert r["scheme"] == "w4a16-gptq" and r["checkpoint_bytes"] > 0
+    assert {row["format"] for row in r["layers"]} == {"int4_g64"}
+    code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--out", str(out)])
+    assert code == 2 and "already exists" in capsys.readouterr().err

@@ -37,7 +37,8 @@ class MixedPrecisionResult:
 
 
 def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    return F.kl_div(F.log_softmax(logits.float(), -1), ref_logp, log_target=True, reduction="batchmean").item()
+    kl = F.kl_div(F.log_softmax(logits.float(), -1), ref_logp, log_target=True, reduction="batchmean").item()
+    return max(kl, 0.0)  # float rounding can make a near-zero KL slightly negative
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ def run_peer(tool, scheme, float_dir, samples, seq_len, windows, work: Path):
     out = work / f"{tool}-{scheme}"
     script = ROOT / "bench" / "peers" / ("llmcompressor_ptq.py" if tool == "llmcompressor" else "modelopt_ptq.py")
     cmd = [str(py), str(script), "--model", str(float_dir), "--scheme", scheme, "--samples", str(samples),
-           "--seq-len", str(seq_len), "--windows", str(windows), "--out", str(out)]
+           "--seq-len", str(seq_len), "--calib-file", "wiki", "--eval-file", "wiki", "--out", str(out)]
     log = work / f"{tool}-{scheme}.log"
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -84,13 +84,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", help="comma-separated presets/variants to run (default: all)")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--order", help="comma-separated names to run first (the rest follow)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     a = ap.parse_args()
     setup_threads()
-    import torch
-
     model, tok = leanlm.load("smollm2-135m")
     float_dir = Path(model.config._name_or_path)
     ids = calibration_batches(tok, a.samples, a.seq_len)
@@ -98,7 +97,9 @@ def main() -> None:
     print(f"float32 perplexity {base:.4f}", flush=True)
     only = set(a.only.split(",")) if a.only else None
     rows = {}
+    order = a.order.split(",") if a.order else []
     jobs = [(n, (lambda n=n: preset(n))) for n in PRESETS] + list(VARIANTS.items())
+    jobs.sort(key=lambda j: order.index(j[0]) if j[0] in order else len(order))
     jobs.append(("w8a8-smoothquant + int8 KV cache", lambda: preset("w8a8-smoothquant", "int8")))
     for name, make in jobs:
         if only and name not in only:
@@ -107,6 +108,7 @@ def main() -> None:
         r["increase"] = r["perplexity"] / base - 1
         rows[name] = r
         print(f"{name:36s} ppl {r['perplexity']:.4f} ({r['increase']:+.2%})  calib {r['calib_seconds']:.1f}s", flush=True)
+        report(a, base, rows, None, {}, final=False)
 
     mixed = None
     if not only or "mixed" in only:
@@ -132,8 +134,16 @@ def main() -> None:
             r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, a.windows, work)
             peers[f"{tool} {scheme}"] = {"compare_with": ours, **r}
             print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
+            report(a, base, rows, mixed, peers, final=False)
 
-    md = [f"# Post-training quantization, SmolLM2-135M\n\nfloat32 perplexity {base:.4f} (wiki eval split, {a.windows} x 512 tokens); "
+    report(a, base, rows, mixed, peers, final=True)
+
+
+def report(a, base, rows, mixed, peers, final):
+    import torch
+
+    md = [("" if final else "**Partial results: the run was still going when this was written.**\n\n")
+          + f"# Post-training quantization, SmolLM2-135M\n\nfloat32 perplexity {base:.4f} (wiki eval split, {a.windows} x 512 tokens); "
           f"calibration {a.samples} x {a.seq_len} tokens from the first 40 articles; torch {torch.__version__}, {os.cpu_count()} cores. "
           "lm_head kept in float (tied to the embedding) in every scheme.\n"]
     md.append("## leanlm presets and algorithms\n\n" + md_table(
@@ -155,8 +165,10 @@ def main() -> None:
                          f"{ours['perplexity']:.4f} ({ours['increase']:+.2%}), {ours['calib_seconds']:.1f} s" if ours else "-"])
         md.append("## Peers, same model, text and calibration tokens\n\n" + md_table(
             ["peer scheme", "leanlm preset", "peer perplexity", "vs float32", "peer calibration s", "leanlm (perplexity, calibration)"], prow))
-    path = write_results("ptq", {"float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers}, "\n\n".join(md))
-    print(path.read_text())
+    path = write_results("ptq", {"complete": final, "float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers},
+                         "\n\n".join(md))
+    if final:
+        print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -77,3 +77,25 @@ def test_gemma3_loads():
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+
+
+def test_quantize_smollm_save_reload(tmp_path):
+    from leanlm.core.data import calibration_batches
+    from leanlm.quantization import save_quantized
+
+    model, tok = leanlm.load("smollm2-135m")
+    base = perplexity(model, tok, max_windows=3, progress=False).perplexity
+    ids = calibration_batches(tok, 4, 256)
+    leanlm.quantize(model, "w8a8-smoothquant", ids, progress=False)
+    sq = perplexity(model, tok, max_windows=3, progress=False).perplexity
+    assert sq < base * 1.03  # W8A8 with SmoothQuant stays within 3% of float32 on held-out text
+    model, tok = leanlm.load("smollm2-135m")
+    leanlm.quantize(model, "w4a16-gptq", ids, progress=False)
+    q4 = perplexity(model, tok, max_windows=3, progress=False).perplexity
+    assert base < q4 < base * 1.8
+    out = save_quantized(model, tmp_path / "q4", tokenizer=tok)
+    assert (out / "model.safetensors").stat().st_size < 0.5 * 538_090_408  # int4 codes, float embedding
+    back, tok2 = leanlm.load(out)
+    x = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)

@@ -180,5 +180,4 @@ def _use_kv_attention(model: nn.Module) -> None:
     name = f"leanlm_kv_{inner}"
     AttentionInterface.register(name, _kv_attention(inner))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-    for c in {id(cfg): cfg, id(getattr(cfg, "get_text_config", lambda: cfg)()): cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg}.values():
-        c._attn_implementation_internal = name
+    model.set_attn_implementation(name)

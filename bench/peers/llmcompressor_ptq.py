@@ -58,12 +58,13 @@ def _int4_group(group_size: int, symmetric: bool) -> dict:
     }
 
 
-def build_recipe(scheme: str, group_size: int, smoothing: float, n_grid: int = 20):
+def build_recipe(scheme: str, group_size: int, smoothing: float, n_grid: int = 20, actorder: str = "default"):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     ignore = ["lm_head"]
+    gptq_kw = {} if actorder == "default" else {"actorder": None if actorder == "none" else actorder}
     if scheme == "w4a16-gptq":
-        return [GPTQModifier(config_groups=_int4_group(group_size, True), ignore=ignore)]
+        return [GPTQModifier(config_groups=_int4_group(group_size, True), ignore=ignore, **gptq_kw)]
     if scheme == "w4a16-rtn":
         return [QuantizationModifier(config_groups=_int4_group(group_size, True), ignore=ignore)]
     if scheme in ("w4a16-awq", "w4a16-awq-asym"):
@@ -74,8 +75,11 @@ def build_recipe(scheme: str, group_size: int, smoothing: float, n_grid: int = 2
     if scheme in ("w8a8-smoothquant", "w8a8-smoothquant-rtn"):
         from llmcompressor.modifiers.transform import SmoothQuantModifier
 
-        q = GPTQModifier if scheme == "w8a8-smoothquant" else QuantizationModifier
-        return [SmoothQuantModifier(smoothing_strength=smoothing), q(targets="Linear", scheme="W8A8", ignore=ignore)]
+        if scheme == "w8a8-smoothquant":
+            q = GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore, **gptq_kw)
+        else:
+            q = QuantizationModifier(targets="Linear", scheme="W8A8", ignore=ignore)
+        return [SmoothQuantModifier(smoothing_strength=smoothing), q]
     if scheme == "fp8":
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)]
     raise SystemExit(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -85,7 +89,7 @@ def recipe_text(recipe) -> str:
     parts = []
     for m in recipe:
         try:
-            d = m.model_dump(exclude_none=True, exclude_unset=True)
+            d = m.model_dump(exclude_unset=True)
         except Exception:
             d = repr(m)
         parts.append(f"{type(m).__name__}: {d}")
@@ -153,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-grid", type=int, default=20,
                     help="AWQ grid points per mapping (tool default 20; AWQ on CPU costs about n_grid forward "
                          "passes of each layer over the calibration set)")
+    ap.add_argument("--gptq-actorder", choices=("default", "static", "weight", "none"), default="default",
+                    help="GPTQ activation ordering (default: the tool's own default, 'static')")
     ap.add_argument("--eval-float", action="store_true", help="also score the float model before quantizing")
     ap.add_argument("--eval-export", choices=("auto", "yes", "no"), default="auto",
                     help="reload and score the exported float checkpoint (auto: only when activations are "
@@ -203,7 +209,7 @@ def main(argv=None) -> int:
     rows = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
     loader = DataLoader(rows, batch_size=None, shuffle=False)  # each item is already a batch of 1
 
-    recipe = build_recipe(args.scheme, args.group_size, args.smoothing, args.n_grid)
+    recipe = build_recipe(args.scheme, args.group_size, args.smoothing, args.n_grid, args.gptq_actorder)
     report["algorithm"] = {
         "recipe": recipe_text(recipe),
         "group_size": args.group_size if args.scheme.startswith("w4a16") else None,

@@ -145,7 +145,8 @@ def report(a, base, rows, mixed, peers, final):
     md = [("" if final else "**Partial results: the run was still going when this was written.**\n\n")
           + f"# Post-training quantization, SmolLM2-135M\n\nfloat32 perplexity {base:.4f} (wiki eval split, {a.windows} x 512 tokens); "
           f"calibration {a.samples} x {a.seq_len} tokens from the first 40 articles; torch {torch.__version__}, {os.cpu_count()} cores. "
-          "lm_head kept in float (tied to the embedding) in every scheme.\n"]
+          "lm_head kept in float (tied to the embedding) in every scheme; \"avg bits\" averages over all linear weights "
+          "including that float32 head.\n"]
     md.append("## leanlm presets and algorithms\n\n" + md_table(
         ["scheme", "perplexity", "vs float32", "calibration s", "avg bits (linears)"],
         [[k, f"{v['perplexity']:.4f}", f"{v['increase']:+.2%}", f"{v['calib_seconds']:.1f}", f"{v['average_bits']:.2f}"] for k, v in rows.items()]))

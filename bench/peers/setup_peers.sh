@@ -102,8 +102,7 @@ setup_env() {
   else
     echo "   note: $ROOT has no pyproject.toml: leanlm not installed (peer scripts will use bench/peers/_ppl.py)"
   fi
-  echo -n "   versions: "
-  "$py" -c "$(tool_versions "$name")" 2>/dev/null
+  echo "   versions: $("$py" -c "$(tool_versions "$name")" 2>/dev/null | tail -n 1)"
   "$py" -c 'import leanlm; print("   leanlm", leanlm.__version__, "from", leanlm.__file__)' 2>/dev/null || true
 }
 

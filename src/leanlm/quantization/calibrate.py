@@ -177,7 +177,7 @@ def _weight_quantizer(m: nn.Module) -> TensorQuantizer | None:
 
 def _apply_scales(mp: _Mapping, s: torch.Tensor) -> None:
     prev = mp.prev
-    bias = getattr(prev, "bias", None) if not mp.prev_is_norm else getattr(prev, "bias", None)
+    bias = getattr(prev, "bias", None)
     alg.apply_smoothing(prev.weight.data, bias.data if bias is not None else None,
                         [m.weight.data for m in mp.linears], s, prev_is_norm=mp.prev_is_norm, norm_offset=mp.norm_offset)
 

@@ -1,12 +1,18 @@
 """Post-training quantization benchmark on SmolLM2-135M, per PROTOCOL.md, with peers side by side.
 
-For every leanlm preset and algorithm: held-out perplexity (wiki eval split, 40 x 512 tokens) next
-to float32, and calibration wall time, on the same 128 x 512 calibration tokens (first 40 articles).
-Then the same schemes through llm-compressor and NVIDIA Model Optimizer, each in its own virtual
-environment (bench/peers/setup_peers.sh), scored by the same leanlm perplexity code on the same text.
+For every leanlm preset and algorithm variant: held-out perplexity (wiki eval split, 40 x 512
+tokens) next to float32, and calibration wall time, on the same 32 x 512 calibration tokens (first 40
+articles). Then the same schemes through llm-compressor and NVIDIA Model Optimizer, each in its own
+virtual environment (bash bench/peers/setup_peers.sh), on the same calibration tokens, scored by the
+same leanlm perplexity code on the same text. Finally GPTQ calibration time, leanlm and
+llm-compressor interleaved (A B A B) on a quiet machine.
 
-    python bench/ptq.py                       # everything (about an hour on 2 cores)
-    python bench/ptq.py --only w4a16-gptq,w4a16-awq --no-peers
+A peer run that exceeds --peer-timeout is stopped and reported with its last progress line (AWQ in
+both peers runs for hours on CPU). Peer results are cached in bench/.work/ptq/<tool>-<scheme>-<samples>x<seq_len>-w<windows>/
+and reused; delete that folder to rerun one.
+
+    python bench/ptq.py                       # everything (about 1.5 hours on 2 cores)
+    python bench/ptq.py --only w4a16-gptq,w4a16-awq --no-peers --timing-repeats 0
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,21 +29,17 @@ from common import md_table, setup_threads, write_results
 import leanlm
 from leanlm.core.data import calibration_batches
 from leanlm.evaluation import perplexity
-from leanlm.quantization import AWQ, GPTQ, PRESETS, QuantConfig, QuantizerConfig, average_bits, mixed_precision, preset
+from leanlm.quantization import GPTQ, PRESETS, QuantConfig, QuantizerConfig, average_bits, mixed_precision, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Algorithm variants on the reference 4-bit scheme (symmetric INT4, groups of 64).
 G64 = [("*weight_quantizer", QuantizerConfig("int4_g64")), ("*lm_head*", None)]
 G64_MSE = [("*weight_quantizer", QuantizerConfig("int4_g64", method="mse")), ("*lm_head*", None)]
+# (The presets already cover rtn, mse clip, awq, gptq and awq + gptq on this scheme.)
 VARIANTS = {
-    "int4_g64 rtn (max)": lambda: QuantConfig(G64),
-    "int4_g64 rtn (mse clip)": lambda: QuantConfig(G64_MSE),
-    "int4_g64 awq": lambda: QuantConfig(G64, [AWQ()]),
-    "int4_g64 gptq": lambda: QuantConfig(G64, [GPTQ()]),
-    "int4_g64 gptq act_order": lambda: QuantConfig(G64, [GPTQ(act_order=True)]),
+    "int4_g64 gptq without act_order": lambda: QuantConfig(G64, [GPTQ(act_order=False)]),
     "int4_g64 gptq (mse clip)": lambda: QuantConfig(G64_MSE, [GPTQ()]),
-    "int4_g64 awq + gptq": lambda: QuantConfig(G64, [AWQ(clip=False), GPTQ()]),
 }
 
 # (peer tool, leanlm preset it is compared with, peer scheme name)
@@ -63,21 +64,54 @@ def run_leanlm(name, cfg, ids, windows):
     return {"calib_seconds": secs, "perplexity": ppl, "average_bits": average_bits(model)}
 
 
-def run_peer(tool, scheme, float_dir, samples, seq_len, windows, work: Path):
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a log, tqdm's carriage-return updates included."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:240] if lines else "(no output)"
+
+
+def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: float, reuse: bool = True, windows: int | None = 40):
+    """Run one peer script in its own environment; cached in work/<tool>-<scheme>-<samples>x<seq_len>-w<windows>/peer.json."""
     py = ROOT / "bench" / ".venvs" / tool / "bin" / "python"
     if not py.exists():
         return {"error": f"{tool} environment missing: run bash bench/peers/setup_peers.sh"}
-    out = work / f"{tool}-{scheme}"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{tool}-{scheme}-{samples}x{seq_len}-w{windows}"
+    if reuse and (out / "peer.json").exists():
+        return {**json.loads((out / "peer.json").read_text()), "reused": True}
     script = ROOT / "bench" / "peers" / ("llmcompressor_ptq.py" if tool == "llmcompressor" else "modelopt_ptq.py")
     cmd = [str(py), str(script), "--model", str(float_dir), "--scheme", scheme, "--samples", str(samples),
-           "--seq-len", str(seq_len), "--calib-file", "wiki", "--eval-file", "wiki", "--out", str(out)]
-    log = work / f"{tool}-{scheme}.log"
+           "--seq-len", str(seq_len), "--calib-file", "wiki", "--out", str(out)]
+    if windows:
+        cmd += ["--eval-file", "wiki", "--windows", str(windows)]
+    log = work / f"{tool}-{scheme}-{samples}.log"
+    t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return {"error": f"stopped after {time.perf_counter() - t0:.0f} s (--peer-timeout); last progress: {_last_line(log)}"}
     if rc != 0 or not (out / "peer.json").exists():
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        return {"error": f"exit {rc}: {tail[0][:200]}"}
+        return {"error": f"exit {rc}: {_last_line(log)}"}
     return json.loads((out / "peer.json").read_text())
+
+
+def gptq_timing(float_dir, ids, samples, seq_len, repeats, work: Path) -> dict:
+    """GPTQ calibration wall time, leanlm and llm-compressor interleaved (A B A B ...), same tokens."""
+    ours, peer = [], []
+    for _ in range(repeats):
+        model, _tok = leanlm.load("smollm2-135m")
+        t0 = time.perf_counter()
+        leanlm.quantize(model, preset("w4a16-gptq"), ids, progress=False)
+        ours.append(time.perf_counter() - t0)
+        del model
+        r = run_peer("llmcompressor", "w4a16-gptq", float_dir, samples, seq_len, work / "timing", timeout=3600, reuse=False, windows=None)
+        if "error" in r:
+            return {"error": r["error"], "leanlm_seconds": ours}
+        peer.append(r["calib_seconds"])
+        print(f"gptq timing: leanlm {ours[-1]:.1f} s, llm-compressor {peer[-1]:.1f} s", flush=True)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"leanlm_seconds": ours, "llmcompressor_seconds": peer, "ratio_of_medians": med(ours) / med(peer)}
 
 
 def main() -> None:
@@ -85,9 +119,13 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated presets/variants to run (default: all)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--order", help="comma-separated names to run first (the rest follow)")
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--peer-timeout", type=float, default=1800, help="seconds before a peer run is stopped")
+    ap.add_argument("--awq-peer-timeout", type=float, default=300,
+                    help="the same for the peers' AWQ, which runs for hours on CPU (its progress rate is reported)")
+    ap.add_argument("--timing-repeats", type=int, default=2, help="interleaved GPTQ timing runs per tool (0: skip)")
     a = ap.parse_args()
     setup_threads()
     model, tok = leanlm.load("smollm2-135m")
@@ -108,7 +146,7 @@ def main() -> None:
         r["increase"] = r["perplexity"] / base - 1
         rows[name] = r
         print(f"{name:36s} ppl {r['perplexity']:.4f} ({r['increase']:+.2%})  calib {r['calib_seconds']:.1f}s", flush=True)
-        report(a, base, rows, None, {}, final=False)
+        report(a, base, rows, None, {}, None, final=False)
 
     mixed = None
     if not only or "mixed" in only:
@@ -131,15 +169,19 @@ def main() -> None:
         for tool, ours, scheme in PEERS:
             if only and ours not in only:
                 continue
-            r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, a.windows, work)
+            r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, work,
+                         a.awq_peer_timeout if "awq" in scheme else a.peer_timeout, windows=a.windows)
             peers[f"{tool} {scheme}"] = {"compare_with": ours, **r}
             print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
-            report(a, base, rows, mixed, peers, final=False)
+            report(a, base, rows, mixed, peers, None, final=False)
 
-    report(a, base, rows, mixed, peers, final=True)
+    timing = None
+    if a.timing_repeats and not a.no_peers:
+        timing = gptq_timing(float_dir, ids, a.samples, a.seq_len, a.timing_repeats, ROOT / "bench" / ".work" / "ptq")
+    report(a, base, rows, mixed, peers, timing, final=True)
 
 
-def report(a, base, rows, mixed, peers, final):
+def report(a, base, rows, mixed, peers, timing, final):
     import torch
 
     md = [("" if final else "**Partial results: the run was still going when this was written.**\n\n")
@@ -162,11 +204,20 @@ def report(a, base, rows, mixed, peers, final):
                 prow.append([k, v["compare_with"], "-", "-", f"failed: {v['error']}", "-"])
                 continue
             inc = v["perplexity"] / base - 1
-            prow.append([k, v["compare_with"], f"{v['perplexity']:.4f}", f"{inc:+.2%}", f"{v.get('calib_seconds', float('nan')):.1f}",
+            prow.append([f"{k} {v.get('version', '?')}", v["compare_with"], f"{v['perplexity']:.4f}", f"{inc:+.2%}", f"{v.get('calib_seconds', float('nan')):.1f}",
                          f"{ours['perplexity']:.4f} ({ours['increase']:+.2%}), {ours['calib_seconds']:.1f} s" if ours else "-"])
         md.append("## Peers, same model, text and calibration tokens\n\n" + md_table(
             ["peer scheme", "leanlm preset", "peer perplexity", "vs float32", "peer calibration s", "leanlm (perplexity, calibration)"], prow))
-    path = write_results("ptq", {"complete": final, "float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers},
+    if timing:
+        if "error" in timing:
+            md.append(f"## GPTQ calibration time, interleaved\n\nllm-compressor failed: {timing['error']}")
+        else:
+            md.append("## GPTQ calibration time, leanlm and llm-compressor interleaved (A B A B), same tokens\n\n" + md_table(
+                ["run", "leanlm s", "llm-compressor s"],
+                [[i + 1, f"{x:.1f}", f"{y:.1f}"] for i, (x, y) in enumerate(zip(timing["leanlm_seconds"], timing["llmcompressor_seconds"]))])
+                + f"\n\nleanlm / llm-compressor, ratio of medians: {timing['ratio_of_medians']:.2f}")
+    path = write_results("ptq", {"complete": final, "float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers,
+                                 "gptq_timing": timing},
                          "\n\n".join(md))
     if final:
         print(path.read_text())

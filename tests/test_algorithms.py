@@ -59,6 +59,22 @@ def test_quant_error_is_output_mse():
     assert alg.quant_error(w, wq, _hessian(x)) == pytest.approx(float(direct), rel=1e-4)
 
 
+@pytest.mark.parametrize("fmt,method", [("int4_g32", "max"), ("int4_g32_asym", "mse"), ("int8", "max"), ("mxfp4", "max")])
+def test_gptq_rows_are_independent(fmt, method):
+    """calibrate.py solves q/k/v (and gate/up) in one GPTQ call on the stacked weights; that must
+    equal one call per weight, bit for bit, for every format it fuses."""
+    from leanlm.quantization.calibrate import _fusable
+
+    x = _correlated()
+    H, w1, w2 = _hessian(x), _weight(32, seed=2), _weight(48, seed=3)
+    assert _fusable(parse_format(fmt))
+    both, _ = alg.gptq(torch.cat([w1, w2]), H, fmt, weight_method=method)
+    one, _ = alg.gptq(w1, H, fmt, weight_method=method)
+    two, _ = alg.gptq(w2, H, fmt, weight_method=method)
+    assert torch.equal(both, torch.cat([one, two]))
+    assert not _fusable(parse_format("nvfp4")) and not _fusable(parse_format("int8_tensor"))
+
+
 @pytest.mark.parametrize("fmt", ["int4_g32", "int4_g32_asym", "int3", "int3_asym"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_and_stays_on_grid(fmt, act_order):

@@ -99,3 +99,22 @@ def test_quantize_smollm_save_reload(tmp_path):
     x = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(back(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("scheme", sorted(leanlm.quantization.PRESETS))
+def test_cli_quantizes_smollm_with_every_preset(scheme, tmp_path, capsys):
+    """`leanlm quantize smollm2-135m --scheme NAME` works for every preset (small calibration here;
+    quality per preset is measured by bench/ptq.py), and the folder reloads to finite logits."""
+    import json
+
+    from leanlm.cli import main
+
+    out = tmp_path / scheme
+    code = main(["quantize", "smollm2-135m", "--scheme", scheme, "--out", str(out), "--samples", "2", "--seq-len", "64", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["scheme"] == scheme and report["checkpoint_bytes"] > 0
+    assert all(row["format"] for row in report["layers"]) and len(report["layers"]) >= 7 * 30
+    model, tok = leanlm.load(out)
+    x = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(x).logits).all()

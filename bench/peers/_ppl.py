@@ -1,37 +1,23 @@
 """Shared calibration/evaluation helpers for the peer-tool scripts in bench/peers/.
 
-The peer scripts run inside their own virtual environments (bench/.venvs/<tool>), where leanlm is
-installed with ``--no-deps``. They prefer leanlm's own implementation of the measurement protocol
-(``leanlm.evaluation...perplexity`` and ``leanlm...data.join_and_tokenize``) so that a peer's figure is
-computed by the same code as leanlm's figures; if leanlm cannot be imported, the fallback below
-implements the same protocol (../../shared/PROTOCOL.md, "Perplexity"):
+The peer scripts run inside their own virtual environments (bench/.venvs/<tool>), where
+bench/peers/setup_peers.sh installs leanlm with ``--no-deps``. They use leanlm's own protocol code
+(``leanlm.core.data`` for the text split and calibration rows, ``leanlm.evaluation.perplexity``), so
+a peer's figure is computed by exactly the same code as leanlm's figures.
 
-* evaluation text = a list of documents, joined with "\\n\\n", tokenized once with the tokenizer's
-  default special tokens;
-* cut into non-overlapping windows of 512 tokens, the first 40 windows are scored;
-* perplexity = exp(mean NLL over every predicted token, i.e. 511 per window).
-
-Calibration samples are cut the same way leanlm cuts them: the calibration documents are joined with
-"\\n\\n", tokenized once, and the first ``n_samples * seq_len`` tokens are split into ``n_samples``
-consecutive, non-overlapping rows of ``seq_len`` tokens.
-
-This file only depends on torch (and on leanlm/gensim for the built-in "wiki"/"news" sources).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 WINDOW = 512
 MAX_WINDOWS = 40
@@ -67,113 +53,31 @@ def text_digest(texts: list[str]) -> str:
     return hashlib.sha256("\n\n".join(texts).encode("utf-8")).hexdigest()
 
 
-def _local_join_and_tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    text = "\n\n".join(texts)
-    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def join_and_tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """1-D LongTensor: documents joined with a blank line, tokenized once (leanlm's when present)."""
-    fn = _leanlm_join_and_tokenize()
-    return (fn or _local_join_and_tokenize)(tokenizer, texts).reshape(-1)
-
-
 def calibration_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> torch.Tensor:
-    """(n_samples, seq_len) ids cut consecutively, without overlap, from the joined calibration text."""
+    """(n_samples, seq_len) ids cut consecutively, without overlap, from the joined calibration text
+    (the same cut as ``leanlm.core.data.calibration_batches``)."""
+    from leanlm.core.data import join_and_tokenize
+
     if n_samples < 1 or seq_len < 2:
         raise SystemExit(f"need --samples >= 1 and --seq-len >= 2, got {n_samples} x {seq_len}")
     ids = join_and_tokenize(tokenizer, texts)
     need = n_samples * seq_len
     if ids.numel() < need:
-        raise SystemExit(
-            f"calibration text has {ids.numel()} tokens but {n_samples} x {seq_len} = {need} were asked"
-        )
+        raise SystemExit(f"calibration text has {ids.numel()} tokens but {n_samples} x {seq_len} = {need} were asked")
     return ids[:need].view(n_samples, seq_len).clone()
 
 
-# ------------------------------------------------------------------------------ leanlm hooks
-def _leanlm_join_and_tokenize():
-    for mod in ("leanlm.data", "leanlm.core.data"):
-        try:
-            m = __import__(mod, fromlist=["join_and_tokenize"])
-            fn = getattr(m, "join_and_tokenize", None)
-            if callable(fn):
-                return fn
-        except Exception:
-            continue
-    return None
-
-
-def _leanlm_perplexity():
-    """leanlm's perplexity function, or None. `leanlm.evaluation.perplexity` may be the module."""
-    for mod in ("leanlm.evaluation", "leanlm.evaluation.perplexity"):
-        try:
-            m = __import__(mod, fromlist=["perplexity"])
-        except Exception:
-            continue
-        obj = getattr(m, "perplexity", None)
-        if obj is not None and not callable(obj):
-            obj = getattr(obj, "perplexity", None)
-        if callable(obj):
-            return obj
-    return None
-
-
-# -------------------------------------------------------------------------------- perplexity
-@torch.inference_mode()
-def local_perplexity(model, ids: torch.Tensor, window: int = WINDOW, max_windows: int | None = MAX_WINDOWS,
-                     batch_size: int = 4) -> dict:
-    ids = ids.reshape(-1)
-    n_full = ids.numel() // window
-    if n_full == 0:
-        raise SystemExit(f"evaluation text has {ids.numel()} tokens, fewer than one window of {window}")
-    n = n_full if max_windows is None else min(n_full, max_windows)
-    if max_windows is not None and n < max_windows:
-        print(f"warning: evaluation text gives only {n} windows of {window} tokens (asked for {max_windows})",
-              file=sys.stderr)
-    windows = ids[: n * window].view(n, window)
-    device = next(model.parameters()).device
-    total_nll, total_tok = 0.0, 0
-    for i in range(0, n, batch_size):
-        batch = windows[i: i + batch_size].to(device)
-        out = model(input_ids=batch, use_cache=False)
-        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        if not torch.isfinite(nll):
-            raise RuntimeError("the model produced NaN/inf log-likelihoods")
-        total_nll += nll.item()
-        total_tok += targets.numel()
-    mean = total_nll / total_tok
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tok, "windows": n, "window": window}
-
-
 def evaluate(model, tokenizer, texts: list[str], *, window: int = WINDOW, max_windows: int | None = MAX_WINDOWS,
-             batch_size: int = 4, force_local: bool = False) -> dict:
-    """Held-out perplexity of `model` on `texts` under the protocol; says which implementation ran."""
+             batch_size: int = 4) -> dict:
+    """Held-out perplexity of `model` on `texts` under the protocol, by leanlm's own perplexity code."""
+    from leanlm.evaluation import perplexity
+
     model.eval()
     t0 = time.perf_counter()
-    fn = None if force_local else _leanlm_perplexity()
-    res = None
-    if fn is not None:
-        try:
-            r = fn(model, tokenizer, texts=texts, window=window, max_windows=max_windows,
-                   batch_size=batch_size, progress=False)
-            d = r.to_dict() if hasattr(r, "to_dict") else dict(vars(r))
-            res = {k: d[k] for k in ("perplexity", "nll", "tokens", "windows", "window") if k in d}
-            res["implementation"] = f"{fn.__module__}.{fn.__name__}"
-        except TypeError as e:  # leanlm's signature changed under us: fall back, but say so
-            print(f"warning: leanlm perplexity() not usable ({e}); using bench/peers/_ppl.py", file=sys.stderr)
-            res = None
-    if res is None:
-        ids = join_and_tokenize(tokenizer, texts)
-        res = local_perplexity(model, ids, window=window, max_windows=max_windows, batch_size=batch_size)
-        res["implementation"] = "bench/peers/_ppl.py"
-    res["tokenizer_impl"] = "leanlm" if _leanlm_join_and_tokenize() else "bench/peers/_ppl.py"
-    res["eval_texts_sha256"] = text_digest(texts)
-    res["eval_seconds"] = round(time.perf_counter() - t0, 2)
-    return res
+    r = perplexity(model, tokenizer, texts=texts, window=window, max_windows=max_windows, batch_size=batch_size, progress=False)
+    return {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "window": r.window,
+            "implementation": "leanlm.evaluation.perplexity", "eval_texts_sha256": text_digest(texts),
+            "eval_seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ------------------------------------------------------------------------------------ misc
@@ -256,3 +160,85 @@ def save_float_checkpoint(src_dir: str, out_dir: Path, state: dict[str, torch.Te
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"dir": str(out_dir.resolve()), "dtype": "float32", "untied_word_embeddings": untied}
+
+
+# ------------------------------------------------------------------------ the shared peer flow
+def common_args(ap) -> None:
+    """Arguments every peer script takes."""
+    ap.add_argument("--model", required=True, help="float HF checkpoint folder")
+    ap.add_argument("--calib-file", required=True, help="JSON list of calibration strings (or 'wiki'/'news' via leanlm)")
+    ap.add_argument("--eval-file", default=None, help="JSON list of held-out strings (or 'wiki'/'news' via leanlm); "
+                    "omit to skip perplexity")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--eval-float", action="store_true", help="also score the float model before quantizing")
+    ap.add_argument("--eval-export", choices=("auto", "yes", "no"), default="auto",
+                    help="reload and score the exported float checkpoint (auto: only when activations are "
+                         "quantized, i.e. when it differs from the in-process figure)")
+    ap.add_argument("--batch-size", type=int, default=4, help="evaluation batch (windows)")
+    ap.add_argument("--windows", type=int, default=MAX_WINDOWS, help="evaluation windows of 512 tokens")
+
+
+def prepare(args, report: dict):
+    """Threads, texts, the float model and tokenizer, calibration ids; fills the report's common fields."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    setup_threads()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    calib_texts = load_texts(args.calib_file, "calibration")
+    eval_texts = load_texts(args.eval_file, "evaluation") if args.eval_file else None
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    report.update(model=str(Path(args.model).resolve()), machine=machine_info())
+    report["versions"]["leanlm"] = pkg_version("leanlm")
+    if eval_texts is not None and args.eval_float:
+        report["float_eval"] = evaluate(model, tok, eval_texts, max_windows=args.windows, batch_size=args.batch_size)
+        print(f"float perplexity {report['float_eval']['perplexity']:.4f}", flush=True)
+    ids = calibration_ids(tok, calib_texts, args.samples, args.seq_len)
+    report["calibration"] = {"samples": args.samples, "seq_len": args.seq_len, "tokens": int(ids.numel()),
+                             "source": args.calib_file, "texts_sha256": text_digest(calib_texts),
+                             "cut": "documents joined with a blank line, tokenized once, first samples*seq_len "
+                                    "tokens in consecutive rows"}
+    return tok, model, ids, eval_texts
+
+
+def timed_calibration(report: dict, run):
+    """Run the tool's calibration, recording wall time and the load average around it (other
+    processes on the machine inflate wall time)."""
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    out = run()
+    secs = time.perf_counter() - t0
+    report["calibration_wall_seconds"] = round(secs, 2)
+    report["calib_seconds"] = report["calibration_wall_seconds"]  # alias read by bench/ptq.py
+    report["load_average_1min"] = {"before_calibration": round(load_before[0], 2),
+                                   "after_calibration": round(os.getloadavg()[0], 2)}
+    print(f"calibration done in {secs:.1f}s", flush=True)
+    return out
+
+
+def score_and_export(args, report: dict, model, tok, eval_texts, state: dict, act_quant: bool, what: str, note: str) -> None:
+    """Score the in-process quantized model, write the dequantized float checkpoint and peer.json.
+
+    what: how the in-process model computes; note: what the exported checkpoint holds."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(args.out)
+    if eval_texts is not None:
+        report["eval"] = evaluate(model, tok, eval_texts, max_windows=args.windows, batch_size=args.batch_size)
+        report["eval"]["what"] = what
+        report["perplexity"] = report["eval"]["perplexity"]
+        print(f"{args.scheme}: perplexity {report['perplexity']:.4f}", flush=True)
+    report["export"] = save_float_checkpoint(args.model, out, state, tok)
+    report["export"]["activation_quant_in_checkpoint"] = False
+    report["export"]["note"] = note
+    want_export_eval = args.eval_export == "yes" or (args.eval_export == "auto" and act_quant)
+    if eval_texts is not None and want_export_eval:
+        m2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        report["export"]["eval"] = evaluate(m2, tok, eval_texts, max_windows=args.windows, batch_size=args.batch_size)
+        report["perplexity_exported_checkpoint"] = report["export"]["eval"]["perplexity"]
+        print(f"exported checkpoint (weights only): perplexity {report['perplexity_exported_checkpoint']:.4f}")
+    report["peak_rss_mib"] = peak_rss_mib()
+    write_json(out / "peer.json", report)
+    print(f"wrote {out}/peer.json", flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -144,14 +143,8 @@ def dequantized_state(model) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="float HF checkpoint folder")
+    _ppl.common_args(ap)
     ap.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
-    ap.add_argument("--calib-file", required=True, help="JSON list of calibration strings (or 'wiki'/'news' via leanlm)")
-    ap.add_argument("--eval-file", default=None, help="JSON list of held-out strings (or 'wiki'/'news' via leanlm); "
-                    "omit to skip perplexity")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (576 is not a multiple of 128)")
     ap.add_argument("--smoothing", type=float, default=0.8, help="SmoothQuant strength for w8a8 schemes")
     ap.add_argument("--n-grid", type=int, default=20,
@@ -159,53 +152,28 @@ def main(argv=None) -> int:
                          "passes of each layer over the calibration set)")
     ap.add_argument("--gptq-actorder", choices=("default", "static", "weight", "none"), default="default",
                     help="GPTQ activation ordering (default: the tool's own default, 'static')")
-    ap.add_argument("--eval-float", action="store_true", help="also score the float model before quantizing")
-    ap.add_argument("--eval-export", choices=("auto", "yes", "no"), default="auto",
-                    help="reload and score the exported float checkpoint (auto: only when activations are "
-                         "quantized, i.e. when it differs from the in-process figure)")
-    ap.add_argument("--batch-size", type=int, default=4, help="evaluation batch (windows)")
     ap.add_argument("--no-cpu-workaround", action="store_true",
                     help="do not neutralise pin_memory() on CPU (AWQ then fails on a machine without a GPU)")
     args = ap.parse_args(argv)
 
-    _ppl.setup_threads()
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import compressed_tensors
     import llmcompressor
+    import torch
+    import transformers
     from llmcompressor import oneshot
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    calib_texts = _ppl.load_texts(args.calib_file, "calibration")
-    eval_texts = _ppl.load_texts(args.eval_file, "evaluation") if args.eval_file else None
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
+    from torch.utils.data import DataLoader
 
     report: dict = {
         "tool": "llm-compressor",
         "version": llmcompressor.__version__,
         "versions": {"llmcompressor": llmcompressor.__version__,
                      "compressed-tensors": compressed_tensors.__version__,
-                     "transformers": transformers.__version__, "torch": torch.__version__,
-                     "leanlm": _ppl.pkg_version("leanlm")},
+                     "transformers": transformers.__version__, "torch": torch.__version__},
         "scheme": args.scheme,
         "scheme_description": SCHEMES[args.scheme],
-        "model": str(Path(args.model).resolve()),
-        "machine": _ppl.machine_info(),
         "cpu_workarounds": cpu_workarounds(not args.no_cpu_workaround),
     }
-    if eval_texts is not None and args.eval_float:
-        report["float_eval"] = _ppl.evaluate(model, tok, eval_texts, batch_size=args.batch_size)
-        print(f"float perplexity {report['float_eval']['perplexity']:.4f}", flush=True)
-
-    ids = _ppl.calibration_ids(tok, calib_texts, args.samples, args.seq_len)
-    from torch.utils.data import DataLoader
-
+    tok, model, ids, eval_texts = _ppl.prepare(args, report)
     rows = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
     loader = DataLoader(rows, batch_size=None, shuffle=False)  # each item is already a batch of 1
 
@@ -218,51 +186,20 @@ def main(argv=None) -> int:
         "ignore": ["lm_head"],
         "pipeline": "llm-compressor default for the recipe (sequential when calibration data is needed, else datafree)",
     }
-    report["calibration"] = {"samples": args.samples, "seq_len": args.seq_len, "tokens": int(ids.numel()),
-                             "source": args.calib_file, "texts_sha256": _ppl.text_digest(calib_texts),
-                             "cut": "documents joined with a blank line, tokenized once, first samples*seq_len "
-                                    "tokens in consecutive rows"}
-
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    model = oneshot(model=model, processor=tok, dataset=loader, recipe=recipe,
-                    num_calibration_samples=args.samples, max_seq_length=args.seq_len,
-                    shuffle_calibration_samples=False, log_dir=None) or model
-    calib_s = time.perf_counter() - t0
-    report["calibration_wall_seconds"] = round(calib_s, 2)
-    report["calib_seconds"] = report["calibration_wall_seconds"]  # alias read by bench/ptq.py
-    # other processes on the machine inflate wall time: keep the 1-minute load average around it
-    report["load_average_1min"] = {"before_calibration": round(load_before[0], 2),
-                                   "after_calibration": round(os.getloadavg()[0], 2)}
-    print(f"oneshot done in {calib_s:.1f}s", flush=True)
+    model = _ppl.timed_calibration(report, lambda: oneshot(
+        model=model, processor=tok, dataset=loader, recipe=recipe, num_calibration_samples=args.samples,
+        max_seq_length=args.seq_len, shuffle_calibration_samples=False, log_dir=None)) or model
 
     state, qinfo = dequantized_state(model)
     act_quant = qinfo["input_quantized_modules"] > 0
     report["quantized_modules"] = qinfo
-
-    if eval_texts is not None:
-        report["eval"] = _ppl.evaluate(model, tok, eval_texts, batch_size=args.batch_size)
-        report["eval"]["what"] = ("llm-compressor's in-process fake-quant model: dequantized weights"
-                                  + (" + dynamic activation quantization" if act_quant else ""))
-        report["perplexity"] = report["eval"]["perplexity"]
-        print(f"{args.scheme}: perplexity {report['perplexity']:.4f}", flush=True)
-
-    report["export"] = _ppl.save_float_checkpoint(args.model, out, state, tok)
-    report["export"]["activation_quant_in_checkpoint"] = False
-    report["export"]["note"] = (
-        "weights are the peer's dequantized weights; activation quantization is NOT in this checkpoint, "
-        "use 'perplexity' (in-process) for the peer's full scheme" if act_quant else
-        "weight-only scheme: the checkpoint reproduces the peer's model")
-    del model
-    want_export_eval = args.eval_export == "yes" or (args.eval_export == "auto" and act_quant)
-    if eval_texts is not None and want_export_eval:
-        m2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        report["export"]["eval"] = _ppl.evaluate(m2, tok, eval_texts, batch_size=args.batch_size)
-        report["perplexity_exported_checkpoint"] = report["export"]["eval"]["perplexity"]
-        print(f"exported checkpoint (weights only): perplexity {report['perplexity_exported_checkpoint']:.4f}")
-    report["peak_rss_mib"] = _ppl.peak_rss_mib()
-    _ppl.write_json(out / "peer.json", report)
-    print(f"wrote {out}/peer.json", flush=True)
+    _ppl.score_and_export(
+        args, report, model, tok, eval_texts, state, act_quant,
+        what="llm-compressor's in-process fake-quant model: dequantized weights"
+             + (" + dynamic activation quantization" if act_quant else ""),
+        note="weights are the peer's dequantized weights; activation quantization is NOT in this checkpoint, "
+             "use 'perplexity' (in-process) for the peer's full scheme" if act_quant else
+             "weight-only scheme: the checkpoint reproduces the peer's model")
     return 0
 
 

@@ -26,10 +26,11 @@ fp8 = FP8_DEFAULT_CFG (per-tensor static e4m3 weights and activations, max calib
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,54 +100,26 @@ def export_state(model) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="float HF checkpoint folder")
+    _ppl.common_args(ap)
     ap.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
-    ap.add_argument("--calib-file", required=True, help="JSON list of calibration strings (or 'wiki'/'news' via leanlm)")
-    ap.add_argument("--eval-file", default=None, help="JSON list of held-out strings (or 'wiki'/'news' via leanlm); "
-                    "omit to skip perplexity")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--block-size", type=int, default=64, help="int4 AWQ weight block (group) size")
     ap.add_argument("--sq-alpha", type=float, default=None, help="override SmoothQuant alpha (tool default 1.0)")
-    ap.add_argument("--eval-float", action="store_true", help="also score the float model before quantizing")
-    ap.add_argument("--eval-export", choices=("auto", "yes", "no"), default="auto",
-                    help="reload and score the exported float checkpoint (auto: only when activations are quantized)")
-    ap.add_argument("--batch-size", type=int, default=4, help="evaluation batch (windows)")
     args = ap.parse_args(argv)
-
-    _ppl.setup_threads()
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modelopt
     import modelopt.torch.quantization as mtq
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    calib_texts = _ppl.load_texts(args.calib_file, "calibration")
-    eval_texts = _ppl.load_texts(args.eval_file, "evaluation") if args.eval_file else None
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
+    import torch
+    import transformers
 
     report: dict = {
         "tool": "nvidia-modelopt",
         "version": modelopt.__version__,
         "versions": {"nvidia-modelopt": modelopt.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__, "leanlm": _ppl.pkg_version("leanlm")},
+                     "torch": torch.__version__},
         "scheme": args.scheme,
         "scheme_description": SCHEMES[args.scheme][1],
-        "model": str(Path(args.model).resolve()),
-        "machine": _ppl.machine_info(),
     }
-    if eval_texts is not None and args.eval_float:
-        report["float_eval"] = _ppl.evaluate(model, tok, eval_texts, batch_size=args.batch_size)
-        print(f"float perplexity {report['float_eval']['perplexity']:.4f}", flush=True)
-
-    ids = _ppl.calibration_ids(tok, calib_texts, args.samples, args.seq_len)
+    tok, model, ids, eval_texts = _ppl.prepare(args, report)
     cfg_name, cfg, changes = build_config(args.scheme, args.block_size, args.sq_alpha)
     report["algorithm"] = {
         "config": cfg_name,
@@ -156,65 +129,33 @@ def main(argv=None) -> int:
         "disabled_patterns": [e["quantizer_name"] for e in cfg["quant_cfg"] if e.get("enable", True) is False
                               and "parent_class" not in e],
     }
-    report["calibration"] = {"samples": args.samples, "seq_len": args.seq_len, "tokens": int(ids.numel()),
-                             "source": args.calib_file, "texts_sha256": _ppl.text_digest(calib_texts),
-                             "cut": "documents joined with a blank line, tokenized once, first samples*seq_len "
-                                    "tokens in consecutive rows", "forward_batch": 1}
+    report["calibration"]["forward_batch"] = 1
 
     def forward_loop(m):
         with torch.no_grad():
             for row in ids:
                 m(input_ids=row.unsqueeze(0), use_cache=False)
 
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    model = mtq.quantize(model, cfg, forward_loop) or model
-    calib_s = time.perf_counter() - t0
-    report["calibration_wall_seconds"] = round(calib_s, 2)
-    report["calib_seconds"] = report["calibration_wall_seconds"]  # alias read by bench/ptq.py
-    # other processes on the machine inflate wall time: keep the 1-minute load average around it
-    report["load_average_1min"] = {"before_calibration": round(load_before[0], 2),
-                                   "after_calibration": round(os.getloadavg()[0], 2)}
-    print(f"mtq.quantize done in {calib_s:.1f}s", flush=True)
+    model = _ppl.timed_calibration(report, lambda: mtq.quantize(model, cfg, forward_loop)) or model
+    buf = io.StringIO()
     try:
-        import io
-        import contextlib
-
-        buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             mtq.print_quant_summary(model)
-        (out / "quant_summary.txt").write_text(buf.getvalue(), encoding="utf-8")
+        (Path(args.out) / "quant_summary.txt").write_text(buf.getvalue(), encoding="utf-8")
     except Exception as e:  # summary is a convenience only
         print(f"warning: print_quant_summary failed: {e}", file=sys.stderr)
-
-    if eval_texts is not None:
-        report["eval"] = _ppl.evaluate(model, tok, eval_texts, batch_size=args.batch_size)
-        print(f"{args.scheme}: perplexity {report['eval']['perplexity']:.4f}", flush=True)
-        report["perplexity"] = report["eval"]["perplexity"]
 
     state, qinfo = export_state(model)
     act_quant = qinfo["input_quantized"] > 0
     report["quantized_modules"] = qinfo
-    if "eval" in report:
-        report["eval"]["what"] = ("modelopt's in-process fake-quant model: quantized weights"
-                                  + (" + static activation quantization" if act_quant else ""))
-    report["export"] = _ppl.save_float_checkpoint(args.model, out, state, tok)
-    report["export"]["activation_quant_in_checkpoint"] = False
-    report["export"]["note"] = (
-        "weights are the peer's dequantized weights (pre-quant smoothing scales multiplied in); activation "
-        "quantization is NOT in this checkpoint: use 'perplexity' (in-process) for the peer's full scheme"
-        if act_quant else "weight-only scheme: the checkpoint reproduces the peer's model "
-                          "(AWQ pre-quant scales multiplied into the weight columns)")
-    del model
-    want_export_eval = args.eval_export == "yes" or (args.eval_export == "auto" and act_quant)
-    if eval_texts is not None and want_export_eval:
-        m2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        report["export"]["eval"] = _ppl.evaluate(m2, tok, eval_texts, batch_size=args.batch_size)
-        report["perplexity_exported_checkpoint"] = report["export"]["eval"]["perplexity"]
-        print(f"exported checkpoint (weights only): perplexity {report['perplexity_exported_checkpoint']:.4f}")
-    report["peak_rss_mib"] = _ppl.peak_rss_mib()
-    _ppl.write_json(out / "peer.json", report)
-    print(f"wrote {out}/peer.json", flush=True)
+    _ppl.score_and_export(
+        args, report, model, tok, eval_texts, state, act_quant,
+        what="modelopt's in-process fake-quant model: quantized weights"
+             + (" + static activation quantization" if act_quant else ""),
+        note="weights are the peer's dequantized weights (pre-quant smoothing scales multiplied in); activation "
+             "quantization is NOT in this checkpoint: use 'perplexity' (in-process) for the peer's full scheme"
+             if act_quant else "weight-only scheme: the checkpoint reproduces the peer's model "
+                               "(AWQ pre-quant scales multiplied into the weight columns)")
     return 0
 
 

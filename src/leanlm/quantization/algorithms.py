@@ -485,7 +485,7 @@ def gptq(
             q = _fq_col(wc, fmt, s, z, gscale)
             Q1[:, i] = q
             err = (wc - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
             E1[:, i] = err
         Q[:, i1:i2] = Q1
         if i2 < in_f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from ..core.modules import decoder_layers
 from . import algorithms as alg
 from .config import AWQ, GPTQ, QuantConfig, SmoothQuant
 from .formats import fake_quantize
-from .modules import QuantLinearMixin, TensorQuantizer
+from .modules import TensorQuantizer
 
 
 class _Stop(Exception):
@@ -53,7 +54,8 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Ten
     """Hidden states entering layer 0 for each mini-batch, and each layer's keyword arguments.
 
     Keyword arguments (masks, rotary embeddings) are recorded once per layer from a full forward of
-    the first mini-batch; every mini-batch has the same shape, so they are shared.
+    one calibration row: every row has the same length and no padding, so they are shared by all
+    mini-batches (a batch dimension of 1 broadcasts).
     """
     kwargs: list[dict | None] = [None] * len(layers)
     hooks = []
@@ -64,7 +66,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Ten
         hooks.append(layer.register_forward_pre_hook(rec, with_kwargs=True))
     device = next(model.parameters()).device
     try:
-        model(ids[:batch].to(device), use_cache=False)
+        model(ids[:1].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -119,37 +121,50 @@ def _norm_offset(norm: nn.Module) -> float:
 
 
 @torch.no_grad()
-def find_mappings(layer: nn.Module, x: torch.Tensor, kw: dict) -> list[_Mapping]:
-    """Which norm feeds which linears (found by tensor identity in one forward), plus up_proj -> down_proj."""
+def _trace_inputs(layer: nn.Module, x: torch.Tensor, kw: dict, outputs_of: list[nn.Module] = ()):
+    """One forward of a single row: which Linears read the same input tensor (by identity), and
+    which of ``outputs_of`` produced it. Returns ``(feeds, made_by)``: input id -> [Linear names],
+    input id -> producing module."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    outputs: dict[int, nn.Module] = {}
-    feeds: dict[int, list[nn.Module]] = {}
+    made_by: dict[int, nn.Module] = {}
+    feeds: dict[int, list[str]] = {}
     alive: list[torch.Tensor] = []  # holding every seen tensor keeps ids from being reused mid-forward
     hooks = []
 
     def _record_output(mod, args, out):
         alive.append(out)
-        outputs[id(out)] = mod
+        made_by[id(out)] = mod
 
-    def _record_input(mod, args):
-        alive.append(args[0])
-        feeds.setdefault(id(args[0]), []).append(mod)
+    def _record_input(n):
+        def pre(mod, args):
+            alive.append(args[0])
+            feeds.setdefault(id(args[0]), []).append(n)
+        return pre
 
-    for n, m in layer.named_modules():
-        if m is not layer and not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1:
-            hooks.append(m.register_forward_hook(_record_output))
-    for m in linears.values():
-        hooks.append(m.register_forward_pre_hook(_record_input))
+    for m in outputs_of:
+        hooks.append(m.register_forward_hook(_record_output))
+    for n, m in linears.items():
+        hooks.append(m.register_forward_pre_hook(_record_input(n)))
     try:
         layer(x[:1], **_slice_kw(kw, 1))
     finally:
         for h in hooks:
             h.remove()
+    return feeds, made_by
+
+
+@torch.no_grad()
+def find_mappings(layer: nn.Module, x: torch.Tensor, kw: dict) -> list[_Mapping]:
+    """Which norm feeds which linears (found by tensor identity in one forward), plus up_proj -> down_proj."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    norms = [m for m in layer.modules() if m is not layer and not isinstance(m, nn.Linear)
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1]
+    feeds, made_by = _trace_inputs(layer, x, kw, norms)
     maps = []
-    for tid, lins in feeds.items():
-        if tid in outputs:
-            norm = outputs[tid]
-            maps.append(_Mapping(norm, True, _norm_offset(norm), lins))
+    for tid, names in feeds.items():
+        if tid in made_by:
+            norm = made_by[tid]
+            maps.append(_Mapping(norm, True, _norm_offset(norm), [linears[n] for n in names]))
     for n, m in linears.items():
         if n.endswith("up_proj"):
             down = linears.get(n[: -len("up_proj")] + "down_proj")
@@ -226,31 +241,64 @@ def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
             clip_amax[id(m)] = alg.awq_clip(xs[n], m.weight.data.float(), _weight_quantizer(m).fmt)
 
 
+def _fusable(fmt) -> bool:
+    """GPTQ on weights stacked along the output dim equals GPTQ on each: rows are independent when
+    scales are per channel or per group (not per tensor, not nvfp4's per-tensor global scale)."""
+    return fmt.granularity in ("channel", "group") and fmt.kind != "nvfp4"
+
+
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return t[rows] if t is not None and t.dim() else t
+
+
+@torch.no_grad()
+def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], gptq: GPTQ, stats: dict) -> None:
+    """GPTQ for every quantized Linear of the layer. Linears that read the same input (q/k/v,
+    gate/up) share one Hessian, and one GPTQ solve when their formats match and are row-independent."""
+    feeds, _ = _trace_inputs(layer, hidden[0], kw)
+    calls = Counter(n for names in feeds.values() for n in names)
+    # A Linear called more than once (or not at all in the traced row, e.g. an unrouted expert)
+    # keeps a Hessian of its own over every call.
+    groups = [[n for n in names if n in lins and calls[n] == 1] for names in feeds.values()]
+    groups = [g for g in groups if g] + [[n] for n in lins if calls[n] != 1]
+    acc = {g[0]: alg.HessianAccumulator(lins[g[0]].in_features) for g in groups}
+    with _input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)):
+        _run(layer, hidden, kw)
+    for g in groups:
+        H = acc[g[0]].H
+        qs = {n: _weight_quantizer(lins[n]) for n in g}
+        same = len({(q.fmt, q.cfg.method, q.cfg.percentile) for q in qs.values()}) == 1
+        solves = [g] if same and _fusable(qs[g[0]].fmt) else [[n] for n in g]
+        for part in solves:
+            q = qs[part[0]]
+            w = torch.cat([lins[n].weight.data.float() for n in part])
+            wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
+            wq, qp = alg.gptq(w, H, q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
+                              weight_method=q.cfg.method, weight_kwargs=wkw)
+            row = 0
+            for n in part:
+                m = lins[n]
+                rows = slice(row, row + m.out_features)
+                row += m.out_features
+                qpm = alg.QParams(_rows(qp.scale, rows), _rows(qp.zero, rows), qp.global_scale)
+                stats[id(m)] = alg.quant_error(w[rows], wq[rows], H)
+                finish_weight(m, wq[rows], qpm)
+
+
 @torch.no_grad()
 def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, stats: dict) -> None:
     lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
-    hess = {}
     if gptq is not None and lins:
-        acc = {n: alg.HessianAccumulator(m.in_features) for n, m in lins.items()}
-        with _input_hooks(lins, lambda n, x: acc[n].add(x)):
-            _run(layer, hidden, kw)
-        hess = {n: a.H for n, a in acc.items()}
+        return _gptq_weights(layer, hidden, kw, lins, gptq, stats)
     for n, m in lins.items():
         q = _weight_quantizer(m)
         w = m.weight.data.float()
-        if gptq is not None:
-            wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
-            wq, qp = alg.gptq(w, hess[n], q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
-                              weight_method=q.cfg.method, weight_kwargs=wkw)
-            stats[id(m)] = alg.quant_error(w, wq, hess[n])
+        kwargs = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else {}
+        if id(m) in clip_amax:
+            qp = alg.weight_qparams(w, q.fmt, "max", amax=clip_amax[id(m)])
         else:
-            kwargs = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else {}
-            if id(m) in clip_amax:
-                qp = alg.weight_qparams(w, q.fmt, "max", amax=clip_amax[id(m)])
-            else:
-                qp = alg.weight_qparams(w, q.fmt, q.cfg.method, **kwargs)
-            wq = fake_quantize(w, q.fmt, qp)
-        finish_weight(m, wq, qp)
+            qp = alg.weight_qparams(w, q.fmt, q.cfg.method, **kwargs)
+        finish_weight(m, fake_quantize(w, q.fmt, qp), qp)
 
 
 def finish_weight(m: nn.Module, wq: torch.Tensor, qp) -> None:

@@ -66,11 +66,17 @@ class AWQ:
 
 @dataclass
 class GPTQ:
-    """Hessian-based error-compensating weight rounding (Frantar et al. 2022)."""
+    """Hessian-based error-compensating weight rounding (Frantar et al. 2022).
+
+    ``act_order`` (on by default) quantizes the input columns with the largest Hessian diagonal
+    first, so the rest can absorb their error. On SmolLM2 it decides whether GPTQ beats
+    round-to-nearest at all: the attention-sink token's few huge input channels must come first
+    (docs/quantization.md, "GPTQ and activation order").
+    """
 
     block_size: int = 128
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
 
 
 Algorithm = SmoothQuant | AWQ | GPTQ

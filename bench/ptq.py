@@ -13,6 +13,11 @@ and reused; delete that folder to rerun one.
 
     python bench/ptq.py                       # everything (about 1.5 hours on 2 cores)
     python bench/ptq.py --only w4a16-gptq,w4a16-awq --no-peers --timing-repeats 0
+    python bench/ptq.py --only w4a16-gptq --no-peers --merge   # redo rows, keep the rest of ptq.json
+
+Every row records the command and date that produced it and the 1-minute load average around its
+calibration; with --merge the rows, mixed-precision result, peers and timing that this run does not
+redo are kept from the existing bench/results/ptq.json, and the report lists which run made which row.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import md_table, setup_threads, write_results
+from common import RESULTS, command_line, md_table, setup_threads, write_results
 
 import leanlm
 from leanlm.core.data import calibration_batches
@@ -55,13 +60,18 @@ PEERS = [
 ]
 
 
+RUN = {"command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def run_leanlm(name, cfg, ids, windows):
     model, tok = leanlm.load("smollm2-135m")
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     leanlm.quantize(model, cfg, ids, progress=False)
     secs = time.perf_counter() - t0
+    load = {"before_calibration": load_before, "after_calibration": os.getloadavg()[0]}
     ppl = perplexity(model, tok, max_windows=windows, progress=False).perplexity
-    return {"calib_seconds": secs, "perplexity": ppl, "average_bits": average_bits(model)}
+    return {"calib_seconds": secs, "perplexity": ppl, "average_bits": average_bits(model), "load_average_1min": load, "run": RUN}
 
 
 def _last_line(log: Path) -> str:
@@ -126,7 +136,11 @@ def main() -> None:
     ap.add_argument("--awq-peer-timeout", type=float, default=300,
                     help="the same for the peers' AWQ, which runs for hours on CPU (its progress rate is reported)")
     ap.add_argument("--timing-repeats", type=int, default=2, help="interleaved GPTQ timing runs per tool (0: skip)")
+    ap.add_argument("--merge", action="store_true", help="keep what this run does not redo from the existing results file")
+    ap.add_argument("--name", default="ptq", help="results file: bench/results/NAME.md and .json (default ptq)")
     a = ap.parse_args()
+    old = json.loads((RESULTS / f"{a.name}.json").read_text()) if a.merge and (RESULTS / f"{a.name}.json").exists() else {}
+    old_run = {"command": old.get("command"), "date": old.get("date")}
     setup_threads()
     model, tok = leanlm.load("smollm2-135m")
     float_dir = Path(model.config._name_or_path)
@@ -134,7 +148,10 @@ def main() -> None:
     base = perplexity(model, tok, max_windows=a.windows, progress=False).perplexity
     print(f"float32 perplexity {base:.4f}", flush=True)
     only = set(a.only.split(",")) if a.only else None
-    rows = {}
+    rows = {k: {"run": old_run, **v} for k, v in old.get("leanlm", {}).items()}
+    mixed = {"run": old_run, **old["mixed"]} if old.get("mixed") else None
+    peers = {k: {"run": old_run, **v} for k, v in old.get("peers", {}).items()}
+    timing = {"run": old_run, **old["gptq_timing"]} if old.get("gptq_timing") else None
     order = a.order.split(",") if a.order else []
     jobs = [(n, (lambda n=n: preset(n))) for n in PRESETS] + list(VARIANTS.items())
     jobs.sort(key=lambda j: order.index(j[0]) if j[0] in order else len(order))
@@ -146,9 +163,8 @@ def main() -> None:
         r["increase"] = r["perplexity"] / base - 1
         rows[name] = r
         print(f"{name:36s} ppl {r['perplexity']:.4f} ({r['increase']:+.2%})  calib {r['calib_seconds']:.1f}s", flush=True)
-        report(a, base, rows, None, {}, None, final=False)
+        report(a, base, rows, mixed, peers, timing, final=False)
 
-    mixed = None
     if not only or "mixed" in only:
         model, tok = leanlm.load("smollm2-135m")
         t0 = time.perf_counter()
@@ -162,7 +178,6 @@ def main() -> None:
                  "choice": res.choice, **r, "increase": r["perplexity"] / base - 1}
         print(f"mixed 4.5 bits: {mixed['choice_counts']} ppl {r['perplexity']:.4f}", flush=True)
 
-    peers = {}
     if not a.no_peers:
         work = ROOT / "bench" / ".work" / "ptq"
         work.mkdir(parents=True, exist_ok=True)
@@ -171,13 +186,12 @@ def main() -> None:
                 continue
             r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, work,
                          a.awq_peer_timeout if "awq" in scheme else a.peer_timeout, windows=a.windows)
-            peers[f"{tool} {scheme}"] = {"compare_with": ours, **r}
+            peers[f"{tool} {scheme}"] = {"compare_with": ours, **r, "run": RUN}
             print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
-            report(a, base, rows, mixed, peers, None, final=False)
+            report(a, base, rows, mixed, peers, timing, final=False)
 
-    timing = None
     if a.timing_repeats and not a.no_peers:
-        timing = gptq_timing(float_dir, ids, a.samples, a.seq_len, a.timing_repeats, ROOT / "bench" / ".work" / "ptq")
+        timing = {**gptq_timing(float_dir, ids, a.samples, a.seq_len, a.timing_repeats, ROOT / "bench" / ".work" / "ptq"), "run": RUN}
     report(a, base, rows, mixed, peers, timing, final=True)
 
 
@@ -189,9 +203,15 @@ def report(a, base, rows, mixed, peers, timing, final):
           f"calibration {a.samples} x {a.seq_len} tokens from the first 40 articles; torch {torch.__version__}, {os.cpu_count()} cores. "
           "lm_head kept in float (tied to the embedding) in every scheme; \"avg bits\" averages over all linear weights "
           "including that float32 head.\n"]
-    md.append("## leanlm presets and algorithms\n\n" + md_table(
-        ["scheme", "perplexity", "vs float32", "calibration s", "avg bits (linears)"],
-        [[k, f"{v['perplexity']:.4f}", f"{v['increase']:+.2%}", f"{v['calib_seconds']:.1f}", f"{v['average_bits']:.2f}"] for k, v in rows.items()]))
+    def load(v):
+        la = v.get("load_average_1min")
+        return f"{la['before_calibration']:.1f} / {la['after_calibration']:.1f}" if la else "-"
+
+    md.append("## leanlm presets and algorithms\n\nCalibration seconds are only comparable between rows run at a similar load "
+              "(the machine's 1-minute load average before / after calibration; 2 cores).\n\n" + md_table(
+        ["scheme", "perplexity", "vs float32", "calibration s", "load", "avg bits (linears)"],
+        [[k, f"{v['perplexity']:.4f}", f"{v['increase']:+.2%}", f"{v['calib_seconds']:.1f}", load(v), f"{v['average_bits']:.2f}"]
+         for k, v in rows.items()]))
     if mixed:
         md.append(f"## Mixed precision (budget 4.5 bits/weight over int3_g64 / int4_g64 / int8, KL sensitivity on 4 x 256 tokens, then GPTQ)\n\n"
                   f"Choice: {mixed['choice_counts']}, {mixed['achieved_bits']:.3f} bits/weight over the quantized layers; search {mixed['search_seconds']:.0f} s; "
@@ -216,7 +236,14 @@ def report(a, base, rows, mixed, peers, timing, final):
                 ["run", "leanlm s", "llm-compressor s"],
                 [[i + 1, f"{x:.1f}", f"{y:.1f}"] for i, (x, y) in enumerate(zip(timing["leanlm_seconds"], timing["llmcompressor_seconds"]))])
                 + f"\n\nleanlm / llm-compressor, ratio of medians: {timing['ratio_of_medians']:.2f}")
-    path = write_results("ptq", {"complete": final, "float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers,
+    runs: dict[tuple, list[str]] = {}
+    for k, v in [*rows.items(), *peers.items(), ("mixed precision", mixed or {}), ("GPTQ timing", timing or {})]:
+        if v.get("run"):
+            runs.setdefault((v["run"]["command"], v["run"]["date"]), []).append(k)
+    if len(runs) > 1:
+        md.append("## Runs\n\nThe rows above come from more than one run (`--merge`):\n\n"
+                  + "\n".join(f"- `{c}` on {d}: {', '.join(ks)}" for (c, d), ks in runs.items()))
+    path = write_results(a.name, {"complete": final, "float_perplexity": base, "leanlm": rows, "mixed": mixed, "peers": peers,
                                  "gptq_timing": timing},
                          "\n\n".join(md))
     if final:

@@ -252,6 +252,27 @@ def test_apply_smoothing_keeps_dtype():
     assert torch.equal(w.float(), torch.full((4, 8), 2.0))
 
 
+def test_smoothquant_search_never_worse_than_fixed_alpha_or_none():
+    x = _outlier_x(n=512, d=64, cols=(3, 17, 40), mag=40.0)
+    ws = [torch.randn(32, 64, generator=_gen(1)), torch.randn(16, 64, generator=_gen(2))]
+    amax = x.abs().amax(0)
+    for wfmt, afmt in (("int8", "int8_token"), ("int4_g32", "int8_token"), ("int8", None), (None, "int8_tensor")):
+        s, alpha = alg.smoothquant_search(x, amax, ws, wfmt, afmt, grid=10)
+        assert s.shape == (64,) and torch.isfinite(s).all() and (s > 0).all()
+        got = alg.smoothquant_loss(x, ws, wfmt, afmt, s)
+        none = alg.smoothquant_loss(x, ws, wfmt, afmt, torch.ones(64))
+        half = alg.smoothquant_loss(x, ws, wfmt, afmt, alg.smoothquant_scales(amax, ws, alpha=0.5))
+        assert got <= none and got <= half * (1 + 1e-6), (wfmt, afmt, got, none, half)
+        if alpha is None:
+            assert torch.equal(s, torch.ones(64))
+        else:
+            torch.testing.assert_close(s, alg.smoothquant_scales(amax, ws, alpha=alpha))
+    # with per-tensor activations the outlier channels make smoothing clearly worth it
+    s, alpha = alg.smoothquant_search(x, amax, ws, "int8", "int8_tensor", grid=10)
+    assert alpha is not None
+    assert alg.smoothquant_loss(x, ws, "int8", "int8_tensor", s) < 0.5 * alg.smoothquant_loss(x, ws, "int8", "int8_tensor", torch.ones(64))
+
+
 # ----------------------------------------------------------------------------- AWQ
 
 

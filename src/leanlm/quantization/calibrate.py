@@ -199,23 +199,37 @@ def _apply_scales(mp: _Mapping, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _smooth(layer, hidden, kw, maps, a: SmoothQuant) -> None:
-    obs = {id(mp): alg.AbsMaxObserver() for mp in maps}
     mods = {str(i): mp.linears[0] for i, mp in enumerate(maps)}
-    by_name = {str(i): obs[id(mp)] for i, mp in enumerate(maps)}
-    with _input_hooks(mods, lambda n, x: by_name[n].update(x)):
-        _run(layer, hidden, kw)
-    for i, mp in enumerate(maps):
-        s = alg.smoothquant_scales(by_name[str(i)].channel_absmax, [m.weight.data for m in mp.linears], alpha=a.alpha)
+    obs = {n: alg.AbsMaxObserver() for n in mods}
+    if a.search:
+        xs = _collect_samples(layer, hidden, kw, mods, max_rows=1024, observers=obs)
+    else:
+        with _input_hooks(mods, lambda n, x: obs[n].update(x)):
+            _run(layer, hidden, kw)
+    for n, mp in zip(mods, maps):
+        ws = [m.weight.data for m in mp.linears]
+        if a.search:
+            wq = _weight_quantizer(mp.linears[0])
+            aq = getattr(mp.linears[0], "input_quantizer", None)
+            s, _ = alg.smoothquant_search(xs[n], obs[n].channel_absmax, ws, wq.fmt if wq else None,
+                                          aq.fmt if aq is not None and aq.enabled else None, grid=a.grid,
+                                          weight_method=wq.cfg.method if wq else "max")
+        else:
+            s = alg.smoothquant_scales(obs[n].channel_absmax, ws, alpha=a.alpha)
         _apply_scales(mp, s)
 
 
 @torch.no_grad()
-def _collect_samples(layer, hidden, kw, mods: dict[str, nn.Module], max_rows: int = 4096) -> dict[str, torch.Tensor]:
-    """Up to max_rows input rows per module, evenly strided over the calibration tokens."""
+def _collect_samples(layer, hidden, kw, mods: dict[str, nn.Module], max_rows: int = 4096,
+                     observers: dict[str, alg.AbsMaxObserver] | None = None) -> dict[str, torch.Tensor]:
+    """Up to max_rows input rows per module, evenly strided over the calibration tokens (and, with
+    ``observers``, every row's range recorded in the same pass)."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
     per_batch = max(1, max_rows // max(1, len(hidden)))
 
     def keep(n, x):
+        if observers is not None:
+            observers[n].update(x)
         x = x.reshape(-1, x.shape[-1])
         step = max(1, x.shape[0] // per_batch)
         got[n].append(x[::step][:per_batch].float())
@@ -251,45 +265,101 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return t[rows] if t is not None and t.dim() else t
 
 
-@torch.no_grad()
-def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], gptq: GPTQ, stats: dict) -> None:
-    """GPTQ for every quantized Linear of the layer. Linears that read the same input (q/k/v,
-    gate/up) share one Hessian, and one GPTQ solve when their formats match and are row-independent."""
+def _gptq_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
+    """Quantized Linears grouped by the input tensor they read (q/k/v, gate/up), in call order, and
+    whether every one of them is called exactly once per forward."""
     feeds, _ = _trace_inputs(layer, hidden[0], kw)
     calls = Counter(n for names in feeds.values() for n in names)
     # A Linear called more than once (or not at all in the traced row, e.g. an unrouted expert)
     # keeps a Hessian of its own over every call.
     groups = [[n for n in names if n in lins and calls[n] == 1] for names in feeds.values()]
     groups = [g for g in groups if g] + [[n] for n in lins if calls[n] != 1]
+    return groups, all(calls[n] == 1 for n in lins)
+
+
+def _solve_group(g: list[str], lins: dict[str, nn.Module], H: torch.Tensor, gptq: GPTQ, stats: dict) -> None:
+    """GPTQ for Linears sharing one Hessian: one stacked solve when their formats match and rows are
+    independent, else one solve each."""
+    qs = {n: _weight_quantizer(lins[n]) for n in g}
+    same = len({(q.fmt, q.cfg.method, q.cfg.percentile) for q in qs.values()}) == 1
+    solves = [g] if same and _fusable(qs[g[0]].fmt) else [[n] for n in g]
+    for part in solves:
+        q = qs[part[0]]
+        w = torch.cat([lins[n].weight.data.float() for n in part])
+        wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
+        wq, qp = alg.gptq(w, H, q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
+                          weight_method=q.cfg.method, weight_kwargs=wkw)
+        row = 0
+        for n in part:
+            m = lins[n]
+            rows = slice(row, row + m.out_features)
+            row += m.out_features
+            qpm = alg.QParams(_rows(qp.scale, rows), _rows(qp.zero, rows), qp.global_scale)
+            stats[id(m)] = alg.quant_error(w[rows], wq[rows], H)
+            finish_weight(m, wq[rows], qpm)
+
+
+def _one_pass_gib(lins: dict[str, nn.Module], hidden: list[torch.Tensor], heads: int) -> float:
+    """Rough peak activation memory of one layer's forward over all rows at once: every Linear's
+    output plus a few hidden-sized tensors and one attention score matrix."""
+    rows = sum(h.shape[0] for h in hidden)
+    seq, width = hidden[0].shape[1], hidden[0].shape[-1]
+    per_token = sum(m.out_features for m in lins.values()) + 4 * width
+    return 4 * (rows * seq * per_token + rows * heads * seq * seq) / 2**30
+
+
+@torch.no_grad()
+def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
+    """One forward of the layer over all calibration rows as one batch. Each group is solved in a
+    pre-hook on its first Linear, before that Linear runs, so later groups see quantized inputs and
+    the returned outputs are the quantized layer's (the next layer's inputs)."""
+    first = {g[0]: g for g in groups}
+
+    def solve(n):
+        def pre(mod, args):
+            acc = alg.HessianAccumulator(mod.in_features)
+            acc.add(args[0])
+            _solve_group(first[n], lins, acc.H, gptq, stats)
+        return pre
+
+    hooks = [lins[n].register_forward_pre_hook(solve(n)) for n in first]
+    try:
+        out = _first(layer(torch.cat(hidden), **kw))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(out.split([h.shape[0] for h in hidden]))
+
+
+@torch.no_grad()
+def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], groups: list[list[str]], gptq: GPTQ, stats: dict) -> None:
+    """Two-pass GPTQ: one forward accumulates every group's Hessian (float weights throughout),
+    then each group is solved."""
     acc = {g[0]: alg.HessianAccumulator(lins[g[0]].in_features) for g in groups}
     with _input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)):
         _run(layer, hidden, kw)
     for g in groups:
-        H = acc[g[0]].H
-        qs = {n: _weight_quantizer(lins[n]) for n in g}
-        same = len({(q.fmt, q.cfg.method, q.cfg.percentile) for q in qs.values()}) == 1
-        solves = [g] if same and _fusable(qs[g[0]].fmt) else [[n] for n in g]
-        for part in solves:
-            q = qs[part[0]]
-            w = torch.cat([lins[n].weight.data.float() for n in part])
-            wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
-            wq, qp = alg.gptq(w, H, q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
-                              weight_method=q.cfg.method, weight_kwargs=wkw)
-            row = 0
-            for n in part:
-                m = lins[n]
-                rows = slice(row, row + m.out_features)
-                row += m.out_features
-                qpm = alg.QParams(_rows(qp.scale, rows), _rows(qp.zero, rows), qp.global_scale)
-                stats[id(m)] = alg.quant_error(w[rows], wq[rows], H)
-                finish_weight(m, wq[rows], qpm)
+        _solve_group(g, lins, acc[g[0]].H, gptq, stats)
 
 
 @torch.no_grad()
-def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, stats: dict) -> None:
+def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, stats: dict,
+                      heads: int = 1, notes: set | None = None) -> list[torch.Tensor] | None:
+    """Quantize the layer's weights. Returns the quantized layer's outputs when they came for free
+    (one-pass GPTQ), else None."""
     lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
     if gptq is not None and lins:
-        return _gptq_weights(layer, hidden, kw, lins, gptq, stats)
+        groups, once = _gptq_groups(layer, hidden, kw, lins)
+        if gptq.one_pass:
+            gib = _one_pass_gib(lins, hidden, heads)
+            if once and gib <= gptq.one_pass_max_gib:
+                return _gptq_in_forward(layer, hidden, kw, lins, groups, gptq, stats)
+            why = (f"its activations over all calibration rows need ~{gib:.1f} GiB > one_pass_max_gib={gptq.one_pass_max_gib}"
+                   if once else "a Linear is called other than once per forward")
+            if notes is not None and why not in notes:
+                notes.add(why)
+                tqdm.write(f"leanlm: GPTQ runs two passes per layer (slower, float-weight Hessians) because {why}")
+        return _gptq_weights(layer, hidden, kw, lins, groups, gptq, stats)
     for n, m in lins.items():
         q = _weight_quantizer(m)
         w = m.weight.data.float()
@@ -349,6 +419,8 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
         batch = max(d for d in range(1, min(config.calib_batch, ids.shape[0]) + 1) if ids.shape[0] % d == 0)
         hidden, kws = capture_layer_inputs(model, layers, ids, batch)
         bar = tqdm(list(enumerate(layers)), desc="calibrating layers", unit="layer", disable=not progress)
+        heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
+        notes: set = set()
         for i, layer in bar:
             kw = kws[i]
             clip_amax: dict = {}
@@ -358,9 +430,12 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
                     _smooth(layer, hidden, kw, maps, algos[SmoothQuant])
                 if AWQ in algos:
                     _awq(layer, hidden, kw, maps, algos[AWQ], clip_amax)
-            _quantize_weights(layer, hidden, kw, algos.get(GPTQ), clip_amax, stats)
-            _calibrate_static(_static_act_quantizers(layer), lambda: _run(layer, hidden, kw))
-            hidden = _run(layer, hidden, kw)  # quantized outputs feed the next layer
+            out = _quantize_weights(layer, hidden, kw, algos.get(GPTQ), clip_amax, stats, heads, notes)
+            static = _static_act_quantizers(layer)
+            _calibrate_static(static, lambda: _run(layer, hidden, kw))
+            if out is None or static:
+                out = _run(layer, hidden, kw)
+            hidden = out  # quantized outputs feed the next layer
             for x in hidden:
                 _check_finite(x, f"after layer {i}")
         del hidden

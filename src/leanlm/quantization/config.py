@@ -51,9 +51,16 @@ class QuantizerConfig:
 
 @dataclass
 class SmoothQuant:
-    """Migrate activation outliers into the weights before quantizing (Xiao et al. 2023)."""
+    """Migrate activation outliers into the weights before quantizing (Xiao et al. 2023).
+
+    ``search``: instead of one ``alpha`` for every layer, choose each layer's alpha from a grid of
+    ``grid`` values by the quantized layer-output error on calibration samples
+    (``algorithms.smoothquant_search``); ``alpha`` is then unused.
+    """
 
     alpha: float = 0.5
+    search: bool = False
+    grid: int = 20
 
 
 @dataclass
@@ -72,11 +79,20 @@ class GPTQ:
     first, so the rest can absorb their error. On SmolLM2 it decides whether GPTQ beats
     round-to-nearest at all: the attention-sink token's few huge input channels must come first
     (docs/quantization.md, "GPTQ and activation order").
+
+    ``one_pass`` (on by default) runs each decoder layer once over all calibration rows in a single
+    batch and solves each group of Linears when the forward reaches it: one forward per layer
+    instead of two, and later Linears (o_proj, down_proj) see the already-quantized earlier ones
+    (the "true sequential" variant of the GPTQ reference code). It holds the whole layer's
+    activations for every row at once, so above ``one_pass_max_gib`` (estimated) the two-pass path
+    runs instead and says so.
     """
 
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
+    one_pass: bool = True
+    one_pass_max_gib: float = 4.0
 
 
 Algorithm = SmoothQuant | AWQ | GPTQ

@@ -36,7 +36,9 @@ def _exporter(to: str):
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise LeanLMError(f"export format {to!r} is not available ({e}); install the export extras: pip install -e '.[export]'") from None
+        if getattr(e, "name", None) == module:
+            raise LeanLMError(f"export format {to!r} is not part of this leanlm installation ({module} is missing)") from None
+        raise LeanLMError(f"export format {to!r} needs a package that is not installed ({e}); pip install -e '.[export]'") from None
     return getattr(mod, fn)
 
 

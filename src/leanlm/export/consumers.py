@@ -51,12 +51,17 @@ def llamacpp_generator(llm) -> Callable:
     def gen(input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[[], None]) -> torch.Tensor:
         if input_ids.shape[0] != 1:
             raise LeanLMError("the llama.cpp generator runs batch 1")
+        import llama_cpp
+
         toks = input_ids[0].tolist()
         llm.reset()
         llm.eval(toks)
         out = []
+        n_vocab = llm.n_vocab()
         for i in range(max_new_tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # logits of the last evaluated token (llama-cpp-python copies them to .scores only with logits_all)
+            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            nxt = int(np.argmax(last))
             on_token()
             out.append(nxt)
             if i + 1 < max_new_tokens:

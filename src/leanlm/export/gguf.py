@@ -106,7 +106,7 @@ def _quantize_float(w: np.ndarray, t: str) -> np.ndarray:
     return quants.quantize(w.astype(np.float32), qt)
 
 
-def _reuse(ql: QuantLinear, w_rows: np.ndarray, perm: np.ndarray | None, t: str) -> np.ndarray | None:
+def _reuse(ql: QuantLinear, perm: np.ndarray | None, t: str) -> np.ndarray | None:
     """Pack leanlm's own codes and scales into type `t` if the block layout allows; else None."""
     fmt: QFormat = ql.fmt
     if fmt.kind != "int" or fmt.granularity not in ("channel", "group"):
@@ -302,7 +302,7 @@ def export_gguf(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
             typ = tensor_type(gname, arr.shape, quant, n_layer, has_output)
             report["types"][gname] = typ
             ql = qls.get(hf_name[: -len(".weight")])
-            data = _reuse(ql, arr, perm, typ) if ql is not None and typ not in ("F32", "F16", "BF16") else None
+            data = _reuse(ql, perm, typ) if ql is not None and typ not in ("F32", "F16", "BF16") else None
             if data is not None:
                 report["reused_exact"].append(gname)
             else:

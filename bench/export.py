@@ -17,7 +17,7 @@ Quantized source models are calibrated once and cached with save_quantized in
 bench/.work/export/ (delete it to recalibrate).
 
     python bench/export.py                     # everything (about an hour on 2 busy cores)
-    python bench/export.py --windows 10 --runs 5 --samples 32
+    python bench/export.py --windows 8 --new-tokens 64 --samples 4 --ct-schemes w4a16-awq,w8a8,fp8   # a busy machine
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from leanlm.evaluation.speed import compare_speed, hf_generator, protocol_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "export"
+CT_SCHEMES = ("w8a16", "w4a16-awq", "w8a8", "fp8")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Ctx:
     windows: torch.Tensor           # [n, 512] evaluation token ids
     samples: int
     threads: int
+    ct_schemes: tuple = CT_SCHEMES
     keep: list = field(default_factory=list)   # objects that must stay alive for the speed run
 
     @property
@@ -125,7 +127,6 @@ def leanlm_row(ctx: Ctx, scheme: str) -> Row:
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors
 
-CT_SCHEMES = ("w8a16", "w4a16-awq", "w8a8-smoothquant", "fp8")
 
 
 def compressed_tensors_rows(ctx: Ctx) -> list[Row]:
@@ -133,7 +134,7 @@ def compressed_tensors_rows(ctx: Ctx) -> list[Row]:
     from leanlm.export.consumers import load_compressed_tensors
 
     rows = []
-    for scheme in CT_SCHEMES:
+    for scheme in ctx.ct_schemes:
         rows.append(leanlm_row(ctx, scheme))
         out = export(source(ctx, scheme), "compressed-tensors", WORK / "out" / f"ct-{scheme}", tokenizer=ctx.tok, overwrite=True)
         gc.collect()
@@ -221,7 +222,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=40, help="512-token evaluation windows per perplexity")
     ap.add_argument("--runs", type=int, default=5, help="timed decode runs per row (interleaved, after a warm-up)")
-    ap.add_argument("--samples", type=int, default=32, help="calibration sequences (x 512 tokens) for quantized sources")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per decode run (protocol: 128)")
+    ap.add_argument("--ct-schemes", default=",".join(CT_SCHEMES), help="leanlm presets exported to compressed-tensors")
+    ap.add_argument("--samples", type=int, default=8, help="calibration sequences (x 512 tokens) for quantized sources")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads (default: all cores)")
     ap.add_argument("--only", default="", help="comma list of row functions, e.g. gguf_rows")
     a = ap.parse_args()
@@ -229,7 +232,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     _, tok = leanlm.load(a.model)
     ids = join_and_tokenize(tok, evaluation_texts("wiki"))
-    ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads)
+    ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")))
     fns = [f for f in ROW_FUNCTIONS if not a.only or f.__name__ in a.only.split(",")]
     rows: list[Row] = []
     for fn in fns:
@@ -239,7 +242,7 @@ def main() -> None:
     # one interleaved speed run over every row
     gens = {f"{i}": r.gen for i, r in enumerate(rows) if r.gen is not None}
     prompts = protocol_prompts(tok, 1, 128)
-    speed = compare_speed(gens, prompts, 128, a.runs)
+    speed = compare_speed(gens, prompts, a.new_tokens, a.runs)
     for i, r in enumerate(rows):
         if f"{i}" in speed:
             r.decode_tps = speed[f"{i}"].decode_tps
@@ -258,7 +261,7 @@ def main() -> None:
           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); llama-cpp-python {llama_version} ({a.threads} threads). "
           f"Perplexity: wiki eval split, {a.windows} windows x 512 tokens ({a.windows * 511} predicted tokens), the same token ids "
-          f"in every engine. Decode: batch 1, greedy, 128-token prompt + 128 new tokens, median of {a.runs} runs, every row "
+          f"in every engine. Decode: batch 1, greedy, 128-token prompt + {a.new_tokens} new tokens, median of {a.runs} runs, every row "
           f"interleaved in one run; ratio to leanlm's float32 model through transformers `generate`. Quantized sources are "
           f"calibrated on {a.samples} x 512 tokens. Load: time to construct the engine's model from the file (page cache warm)."]
     cols = ["format", "source", "engine", "file MB", "load s", "perplexity", "vs float32", "decode tok/s", "decode vs float32", "notes"]

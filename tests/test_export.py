@@ -213,6 +213,14 @@ def test_gguf_reuses_leanlm_codes_exactly(tmp_path, tiny_tokenizer):
     typ, wq = _gguf_tensor(out, "blk.0.attn_q.weight")
     perm = G._qk_perm(64, 4)
     np.testing.assert_allclose(wq, m.model.layers[0].self_attn.q_proj.weight.detach().numpy()[perm], rtol=2 ** -10, atol=0)
+    # asymmetric int4 groups of 32 -> Q4_1 (d = scale, m = -zero * scale, both fp16)
+    m = _quantized(tiny_tokenizer, QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g32_asym")), ("*lm_head*", None)]))
+    out = export(m, "gguf", tmp_path / "a.gguf", tokenizer=tiny_tokenizer)
+    assert G.last_report["quant"] == "Q4_1" and len(G.last_report["reused_exact"]) == 14
+    typ, w = _gguf_tensor(out, "blk.0.ffn_up.weight")
+    ref = m.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    assert typ == "Q4_1"
+    np.testing.assert_allclose(w, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
 
 
 def test_gguf_type_rules_follow_llama_cpp():

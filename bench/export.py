@@ -17,7 +17,7 @@ Quantized source models are calibrated once and cached with save_quantized in
 bench/.work/export/ (delete it to recalibrate).
 
     python bench/export.py                     # everything (about an hour on 2 busy cores)
-    python bench/export.py --windows 8 --new-tokens 64 --samples 4 --ct-schemes w4a16-awq,w8a8,fp8   # a busy machine
+    python bench/export.py --windows 4 --new-tokens 32 --ct-schemes w4a16-mse,w8a8,fp8 --reuse-files   # a busy machine
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from leanlm.evaluation.speed import compare_speed, hf_generator, protocol_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "export"
-CT_SCHEMES = ("w8a16", "w4a16-awq", "w8a8", "fp8")
+CT_SCHEMES = ("w8a16", "w4a16-mse", "w8a8", "fp8")
 
 
 @dataclass
@@ -67,6 +67,8 @@ class Ctx:
     samples: int
     threads: int
     ct_schemes: tuple = CT_SCHEMES
+    reuse: bool = False
+    done: list = field(default_factory=list)   # rows so far, saved after each (a late crash keeps them)
     keep: list = field(default_factory=list)   # objects that must stay alive for the speed run
 
     @property
@@ -121,8 +123,8 @@ def leanlm_row(ctx: Ctx, scheme: str) -> Row:
         from leanlm.core.models import builtin_gguf, convert_gguf
 
         size = checkpoint_bytes(convert_gguf(builtin_gguf(ctx.model_name)))
-    return Row("leanlm (in-process)", scheme, "transformers (leanlm fake-quant)" if scheme != "float32" else "transformers",
-               size, load_s, ctx.ppl_hf(model), ctx.n_windows, hf_generator(model, ctx.tok))
+    return _log(ctx, Row("leanlm (in-process)", scheme, "transformers (leanlm fake-quant)" if scheme != "float32" else "transformers",
+               size, load_s, ctx.ppl_hf(model), ctx.n_windows, hf_generator(model, ctx.tok)))
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors
@@ -143,16 +145,26 @@ def compressed_tensors_rows(ctx: Ctx) -> list[Row]:
         load_s = time.perf_counter() - t0
         ppl = ctx.ppl_hf(model)
         note = "dynamic int8 activation scale amax/127.5 in compressed-tensors (leanlm: /127)" if "w8a8" in scheme else "logits bit-identical to leanlm"
-        rows.append(Row("compressed-tensors", scheme, "transformers + compressed-tensors", checkpoint_bytes(out), load_s, ppl,
-                        ctx.n_windows, hf_generator(model, ctx.tok), note))
+        rows.append(_log(ctx, Row("compressed-tensors", scheme, "transformers + compressed-tensors", checkpoint_bytes(out), load_s, ppl,
+                        ctx.n_windows, hf_generator(model, ctx.tok), note)))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
 
 GGUF_FLOAT = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
-GGUF_CALIBRATED = (("w4a16-awq", "Q4_0"), ("w4a16-awq", "Q4_K_M"))
+GGUF_CALIBRATED = (("w4a16-mse", "Q4_0"), ("w4a16-mse", "Q4_K_M"))
 LLAMA_FTYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
+
+
+def _log(ctx: Ctx, row: Row) -> Row:
+    """Print a finished row and keep a partial record (bench/.work/export/partial.json)."""
+    import json
+
+    ctx.done.append({k: v for k, v in row.__dict__.items() if k != "gen"})
+    print(f"ROW {row.format} | {row.source} | {row.engine} | ppl {row.ppl:.4f} | load {row.load_s} | bytes {row.bytes} | {row.notes}", flush=True)
+    (WORK / f"partial-{os.getpid()}.json").write_text(json.dumps(ctx.done, indent=1, default=str))
+    return row
 
 
 def _types(path) -> dict[str, str]:
@@ -173,7 +185,7 @@ def _gguf_row(ctx: Ctx, path: Path, fmt: str, src: str, notes: str = "") -> Row:
     del scorer
     llm = load_llamacpp(path, n_ctx=512, threads=ctx.threads)
     ctx.keep.append(llm)
-    return Row(fmt, src, f"llama.cpp ({ctx.threads} threads)", path.stat().st_size, load_s, ppl, ctx.n_windows, llamacpp_generator(llm), notes)
+    return _log(ctx, Row(fmt, src, f"llama.cpp ({ctx.threads} threads)", path.stat().st_size, load_s, ppl, ctx.n_windows, llamacpp_generator(llm), notes))
 
 
 def gguf_rows(ctx: Ctx) -> list[Row]:
@@ -184,16 +196,22 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
 
     rows = [leanlm_row(ctx, "float32")]
     d = WORK / "out"
-    f16 = export(source(ctx, "float32"), "gguf", d / "float-F16.gguf", tokenizer=ctx.tok, quant="F16", overwrite=True)
+    def write(q):
+        path = d / f"float-{q}.gguf"
+        if ctx.reuse and path.is_file():
+            return path
+        return export(source(ctx, "float32"), "gguf", path, tokenizer=ctx.tok, quant=q, overwrite=True)
+
+    f16 = write("F16")
     for q in GGUF_FLOAT:
-        path = f16 if q == "F16" else export(source(ctx, "float32"), "gguf", d / f"float-{q}.gguf", tokenizer=ctx.tok, quant=q, overwrite=True)
+        path = write(q)
         rows.append(_gguf_row(ctx, path, f"gguf {q} (leanlm writer)", "float32"))
         if q in LLAMA_FTYPE:
             ref = d / f"float-{q}-llamacpp.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = LLAMA_FTYPE[q]
             params.nthread = ctx.threads
-            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), params)
+            rc = 0 if ctx.reuse and ref.is_file() else llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), params)
             if rc != 0:
                 raise RuntimeError(f"llama_model_quantize failed ({rc}) for {q}")
             ours, theirs = _types(path), _types(ref)
@@ -217,6 +235,47 @@ ROW_FUNCTIONS: list[Callable[[Ctx], list[Row]]] = [gguf_rows, compressed_tensors
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _file_of(r: dict) -> Path | None:
+    """The GGUF file a logged row measured (names as gguf_rows writes them)."""
+    if not r["format"].startswith("gguf"):
+        return None
+    q = r["format"].split()[1]
+    stem = f"float-{q}" if r["source"] == "float32" else f"{r['source']}-{q}"
+    return WORK / "out" / (stem + ("-llamacpp.gguf" if "llama.cpp quantize" in r["format"] else ".gguf"))
+
+
+def rows_from_partial(ctx: Ctx, files: list[str]) -> list[Row]:
+    """Rows logged by interrupted runs (partial-*.json), re-attached to generators for the speed run.
+
+    Only rows whose engine can be rebuilt cheaply are timed: llama.cpp files and the float32 baseline.
+    """
+    import json
+
+    from leanlm.export.consumers import llamacpp_generator, load_llamacpp
+
+    rows = []
+    for f in files:
+        for r in json.loads(Path(f).read_text()):
+            row = Row(**r)
+            path = _file_of(r)
+            if path is not None and "leanlm writer" in row.format and row.source == "float32":
+                ref = path.with_name(path.stem + "-llamacpp.gguf")
+                if ref.is_file():
+                    ours, theirs = _types(path), _types(ref)
+                    diff = [k for k in ours if ours[k] != theirs.get(k)]
+                    row.notes = "tensor types identical to llama.cpp's" if not diff else f"{len(diff)} tensor types differ from llama.cpp's"
+            if path is not None:
+                llm = load_llamacpp(path, n_ctx=512, threads=ctx.threads)
+                ctx.keep.append(llm)
+                row.gen = llamacpp_generator(llm)
+            elif row.source == "float32" and row.format.startswith("leanlm"):
+                row.gen = hf_generator(source(ctx, "float32"), ctx.tok)
+            if any(x.format == row.format and x.source == row.source for x in rows):
+                continue
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -226,19 +285,25 @@ def main() -> None:
     ap.add_argument("--ct-schemes", default=",".join(CT_SCHEMES), help="leanlm presets exported to compressed-tensors")
     ap.add_argument("--samples", type=int, default=8, help="calibration sequences (x 512 tokens) for quantized sources")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--name", default="export", help="results file name under bench/results/")
+    ap.add_argument("--reuse-files", action="store_true", help="reuse float-model GGUF files left in bench/.work/export/out by an earlier run")
+    ap.add_argument("--from-partial", default="", help="comma list of partial-*.json files of interrupted runs: report their rows "
+                    "and time the llama.cpp ones and the float32 baseline")
     ap.add_argument("--only", default="", help="comma list of row functions, e.g. gguf_rows")
     a = ap.parse_args()
     setup_threads()
     WORK.mkdir(parents=True, exist_ok=True)
     _, tok = leanlm.load(a.model)
     ids = join_and_tokenize(tok, evaluation_texts("wiki"))
-    ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")))
+    ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")), a.reuse_files)
     fns = [f for f in ROW_FUNCTIONS if not a.only or f.__name__ in a.only.split(",")]
-    rows: list[Row] = []
-    for fn in fns:
+    rows: list[Row] = rows_from_partial(ctx, a.from_partial.split(",")) if a.from_partial else []
+    for fn in (fns if not a.from_partial else []):
         t0 = time.perf_counter()
         rows += fn(ctx)
         print(f"{fn.__name__}: {time.perf_counter() - t0:.0f} s")
+    if not any(r.format.startswith("leanlm") and r.source == "float32" for r in rows):
+        rows.insert(0, leanlm_row(ctx, "float32"))   # the baseline of every ratio
     # one interleaved speed run over every row
     gens = {f"{i}": r.gen for i, r in enumerate(rows) if r.gen is not None}
     prompts = protocol_prompts(tok, 1, 128)
@@ -264,6 +329,9 @@ def main() -> None:
           f"in every engine. Decode: batch 1, greedy, 128-token prompt + {a.new_tokens} new tokens, median of {a.runs} runs, every row "
           f"interleaved in one run; ratio to leanlm's float32 model through transformers `generate`. Quantized sources are "
           f"calibrated on {a.samples} x 512 tokens. Load: time to construct the engine's model from the file (page cache warm)."]
+    if a.from_partial:
+        md.append(f"Rows collected from runs that were stopped before their end ({a.from_partial}); decode speed was then "
+                  "measured in one interleaved run for the llama.cpp rows and the float32 baseline only ('-' elsewhere).")
     cols = ["format", "source", "engine", "file MB", "load s", "perplexity", "vs float32", "decode tok/s", "decode vs float32", "notes"]
     table = [[r.format, r.source, r.engine, f"{r.bytes / 1e6:.1f}" if r.bytes else "-", f"{r.load_s:.2f}" if r.load_s is not None else "-",
               f"{r.ppl:.4f}", f"{r.ppl / base_ppl - 1:+.2%}", f"{r.decode_tps:.1f}" if r.decode_tps else "-",
@@ -271,7 +339,7 @@ def main() -> None:
     md.append(md_table(cols, table))
     data = {"settings": vars(a), "rows": [{k: v for k, v in r.__dict__.items() if k != "gen"} for r in rows],
             "speed": {k: v.to_dict() for k, v in speed.items()}}
-    path = write_results("export", data, "\n\n".join(md))
+    path = write_results(a.name, data, "\n\n".join(md))
     print(path.read_text())
 
 

@@ -68,6 +68,7 @@ class Ctx:
     threads: int
     ct_schemes: tuple = CT_SCHEMES
     reuse: bool = False
+    no_speed: bool = False
     done: list = field(default_factory=list)   # rows so far, saved after each (a late crash keeps them)
     keep: list = field(default_factory=list)   # objects that must stay alive for the speed run
 
@@ -265,11 +266,12 @@ def rows_from_partial(ctx: Ctx, files: list[str]) -> list[Row]:
                     diff = [k for k in ours if ours[k] != theirs.get(k)]
                     row.notes = "tensor types identical to llama.cpp's" if not diff else f"{len(diff)} tensor types differ from llama.cpp's"
             if path is not None:
-                llm = load_llamacpp(path, n_ctx=512, threads=ctx.threads)
-                ctx.keep.append(llm)
-                row.gen = llamacpp_generator(llm)
+                if not ctx.no_speed:
+                    llm = load_llamacpp(path, n_ctx=512, threads=ctx.threads)
+                    ctx.keep.append(llm)
+                    row.gen = llamacpp_generator(llm)
             elif row.source == "float32" and row.format.startswith("leanlm"):
-                row.gen = hf_generator(source(ctx, "float32"), ctx.tok)
+                row.gen = None if ctx.no_speed else hf_generator(source(ctx, "float32"), ctx.tok)
             if any(x.format == row.format and x.source == row.source for x in rows):
                 continue
             rows.append(row)
@@ -289,13 +291,14 @@ def main() -> None:
     ap.add_argument("--reuse-files", action="store_true", help="reuse float-model GGUF files left in bench/.work/export/out by an earlier run")
     ap.add_argument("--from-partial", default="", help="comma list of partial-*.json files of interrupted runs: report their rows "
                     "and time the llama.cpp ones and the float32 baseline")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed run")
     ap.add_argument("--only", default="", help="comma list of row functions, e.g. gguf_rows")
     a = ap.parse_args()
     setup_threads()
     WORK.mkdir(parents=True, exist_ok=True)
     _, tok = leanlm.load(a.model)
     ids = join_and_tokenize(tok, evaluation_texts("wiki"))
-    ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")), a.reuse_files)
+    ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")), a.reuse_files, a.no_speed)
     fns = [f for f in ROW_FUNCTIONS if not a.only or f.__name__ in a.only.split(",")]
     rows: list[Row] = rows_from_partial(ctx, a.from_partial.split(",")) if a.from_partial else []
     for fn in (fns if not a.from_partial else []):
@@ -305,9 +308,9 @@ def main() -> None:
     if not any(r.format.startswith("leanlm") and r.source == "float32" for r in rows):
         rows.insert(0, leanlm_row(ctx, "float32"))   # the baseline of every ratio
     # one interleaved speed run over every row
-    gens = {f"{i}": r.gen for i, r in enumerate(rows) if r.gen is not None}
+    gens = {f"{i}": r.gen for i, r in enumerate(rows) if r.gen is not None and not a.no_speed}
     prompts = protocol_prompts(tok, 1, 128)
-    speed = compare_speed(gens, prompts, a.new_tokens, a.runs)
+    speed = compare_speed(gens, prompts, a.new_tokens, a.runs) if gens else {}
     for i, r in enumerate(rows):
         if f"{i}" in speed:
             r.decode_tps = speed[f"{i}"].decode_tps
@@ -330,12 +333,13 @@ def main() -> None:
           f"interleaved in one run; ratio to leanlm's float32 model through transformers `generate`. Quantized sources are "
           f"calibrated on {a.samples} x 512 tokens. Load: time to construct the engine's model from the file (page cache warm)."]
     if a.from_partial:
-        md.append(f"Rows collected from runs that were stopped before their end ({a.from_partial}); decode speed was then "
-                  "measured in one interleaved run for the llama.cpp rows and the float32 baseline only ('-' elsewhere).")
+        md.append(f"Rows collected from runs that were stopped before their end ({a.from_partial}); "
+                  + ("decode speed not measured." if a.no_speed else "decode speed was then measured in one interleaved run "
+                     "for the llama.cpp rows and the float32 baseline only ('-' elsewhere)."))
     cols = ["format", "source", "engine", "file MB", "load s", "perplexity", "vs float32", "decode tok/s", "decode vs float32", "notes"]
     table = [[r.format, r.source, r.engine, f"{r.bytes / 1e6:.1f}" if r.bytes else "-", f"{r.load_s:.2f}" if r.load_s is not None else "-",
               f"{r.ppl:.4f}", f"{r.ppl / base_ppl - 1:+.2%}", f"{r.decode_tps:.1f}" if r.decode_tps else "-",
-              f"{r.decode_tps / base.decode_tps:.2f}x" if r.decode_tps else "-", r.notes] for r in rows]
+              f"{r.decode_tps / base.decode_tps:.2f}x" if r.decode_tps and base.decode_tps else "-", r.notes] for r in rows]
     md.append(md_table(cols, table))
     data = {"settings": vars(a), "rows": [{k: v for k, v in r.__dict__.items() if k != "gen"} for r in rows],
             "speed": {k: v.to_dict() for k, v in speed.items()}}

@@ -1,4 +1,4 @@
-"""Command line: a thin skin over the Python API (`leanlm info | eval | profile`)."""
+"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export`)."""
 
 from __future__ import annotations
 
@@ -205,6 +205,43 @@ def show_quantize(r: dict, console) -> None:
         console.print(f"perplexity: float {p['float']:.4f} -> quantized {p['quantized']:.4f} ({p['increase']:+.2%})")
 
 
+def cmd_export(a) -> dict:
+    from pathlib import Path
+
+    from .evaluation.memory import checkpoint_bytes
+    from .export import FORMATS, export
+
+    if a.to not in FORMATS:
+        raise LeanLMError(f"unknown export format {a.to!r}; choose one of: {', '.join(FORMATS)}")
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
+    opts = {}
+    if a.quant:
+        if a.to != "gguf":
+            raise LeanLMError("--quant applies to --to gguf (F16, Q8_0, Q4_0, Q4_K_M, ...); other formats keep the model's own quantization")
+        opts["quant"] = a.quant
+    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    path = export(model, a.to, out, overwrite=a.overwrite, tokenizer=tok, **opts)
+    r = {"model": a.model, "format": a.to, "out": str(path),
+         "bytes": path.stat().st_size if path.is_file() else checkpoint_bytes(path)}
+    if a.to == "gguf":
+        from .export import gguf as _g
+
+        rep = _g.last_report
+        r.update(quant=rep["quant"], reused_exact=len(rep["reused_exact"]), requantized=len(rep["requantized"]),
+                 tensor_types=dict(__import__("collections").Counter(rep["types"].values())))
+    return r
+
+
+def show_export(r: dict, console) -> None:
+    line = f"leanlm export {r['model']} --to {r['format']} -> {r['out']} ({_gb(r['bytes'])})"
+    if r["format"] == "gguf":
+        types = ", ".join(f"{k}: {v}" for k, v in sorted(r["tensor_types"].items()))
+        line += f"\n{r['quant']}: tensors {types}; leanlm codes reused exactly for {r['reused_exact']}, re-quantized {r['requantized']}"
+    console.print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,11 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int, default=128)
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--runs", type=int, default=5)
+    sp = sub.add_parser("export", help="export to a deployment format: compressed-tensors, gguf, hf, onnx")
+    common(sp)
+    sp.add_argument("--to", required=True, help="compressed-tensors | gguf | hf | onnx")
+    sp.add_argument("--out", required=True, help="output folder (file for gguf), written atomically")
+    sp.add_argument("--quant", help="GGUF type: F16, BF16, F32, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K_M (default: the one that holds "
+                    "leanlm's codes exactly, F16 for float models)")
+    sp.add_argument("--overwrite", action="store_true")
     return p
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
-            "quantize": (cmd_quantize, show_quantize)}
+            "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""Export to deployment engines: `export(model_or_dir, to=FORMAT, out=PATH)`.
+
+Formats (see docs/export.md):
+
+* ``compressed-tensors``: a Hugging Face checkpoint in the compressed-tensors format (what vLLM and
+  transformers load natively) for leanlm-quantized models: int8 per channel, int4 group-wise
+  symmetric/asymmetric (packed), W8A8 int8 with dynamic per-token activations, FP8.
+* ``gguf``: one GGUF file for llama.cpp (``quant=`` F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K_M, ...).
+* ``hf``: a plain float Hugging Face checkpoint (float and pruned models).
+* ``onnx``: ONNX for onnxruntime (``leanlm.export.onnx``).
+
+Each format is one function ``fn(model, out, *, tokenizer=None, overwrite=False, **opts) -> Path``
+registered by dotted name in ``FORMATS`` and imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ..core.errors import LeanLMError
+
+FORMATS: dict[str, str] = {
+    "compressed-tensors": "leanlm.export.compressed_tensors.export_compressed_tensors",
+    "gguf": "leanlm.export.gguf.export_gguf",
+    "hf": "leanlm.export.hf.export_hf",
+    "onnx": "leanlm.export.onnx.export_onnx",
+}
+
+
+def _exporter(to: str):
+    if to not in FORMATS:
+        raise LeanLMError(f"unknown export format {to!r}; choose one of: {', '.join(FORMATS)}")
+    module, _, fn = FORMATS[to].rpartition(".")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        if getattr(e, "name", None) == module:
+            raise LeanLMError(f"export format {to!r} is not part of this leanlm installation ({module} is missing)") from None
+        raise LeanLMError(f"export format {to!r} needs a package that is not installed ({e}); pip install -e '.[export]'") from None
+    return getattr(mod, fn)
+
+
+def load_source(model_or_dir, tokenizer=None):
+    """(model, tokenizer) from a module, a built-in name, an HF folder or a leanlm-quantized folder."""
+    import torch
+
+    if isinstance(model_or_dir, torch.nn.Module):
+        return model_or_dir, tokenizer
+    from ..core.models import load
+
+    return load(model_or_dir, tokenizer=tokenizer)
+
+
+def export(model_or_dir, to: str, out: str | os.PathLike, *, overwrite: bool = False, tokenizer=None, **opts) -> Path:
+    """Export a model (an in-memory module, a built-in name, an HF folder or a folder saved by
+    `leanlm quantize`) to format `to` at `out`; returns the written path.
+
+    The output is written under a temporary name and renamed into place; an existing `out` is an
+    error unless `overwrite=True`.
+    """
+    fn = _exporter(to)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LeanLMError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
+    model, tok = load_source(model_or_dir, tokenizer)
+    return fn(model, out, tokenizer=tok, overwrite=overwrite, **opts)
+
+
+__all__ = ["export", "FORMATS", "load_source"]

@@ -175,3 +175,42 @@ def test_cli_quantize_onnx(tmp_path, float_export, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["quantize", str(src / "model.onnx"), "--scheme", "w4a16-rtn", "--out", str(tmp_path / "o.onnx")]) == 2
     assert "int8-dynamic, int8-static, int4-weight" in capsys.readouterr().err
+
+
+def test_dynamo_exporter_matches(tmp_path, tiny_tokenizer):
+    from leanlm.export.onnx import export_onnx
+    from leanlm.export.onnx_run import OnnxCausalLM
+
+    model = make_llama(vocab_size=len(tiny_tokenizer), layers=1)
+    leanlm.quantize(model, "w4a16-rtn", progress=False)
+    p = export_onnx(model, tmp_path / "d", exporter="dynamo")
+    assert _ops(p)["MatMulNBits"] == 7
+    ids = _ids(tiny_tokenizer)
+    lm = OnnxCausalLM(p, threads=2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert (lm(ids) - ref).abs().max() < 1e-4
+    lm.reset()
+    lm.forward(ids[:, :20])
+    assert (lm.forward(ids[:, 20:21]) - ref[:, 20:21]).abs().max() < 1e-4
+
+
+@pytest.mark.integration
+def test_real_smollm2_int4_export_matches_leanlm(tmp_path):
+    """SmolLM2-135M, leanlm's w4a16-rtn model exported: onnxruntime logits and greedy tokens equal leanlm's."""
+    from leanlm.evaluation.speed import protocol_prompts
+    from leanlm.export.onnx import export_onnx
+    from leanlm.export.onnx_run import OnnxCausalLM
+
+    model, tok = leanlm.load("smollm2-135m")
+    leanlm.quantize(model, "w4a16-rtn", progress=False)
+    p = export_onnx(model, tmp_path / "int4", tokenizer=tok)
+    assert p.stat().st_size < 0.6 * 4 * 134.5e6  # 4-bit linears, float embedding + head
+    lm = OnnxCausalLM(p, threads=2)
+    ids = protocol_prompts(tok, 1, 128)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert (lm(ids) - ref).abs().max() < 1e-2  # logits of magnitude ~20; float32 summation order differs
+    hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                        pad_token_id=tok.pad_token_id or 0)
+    assert torch.equal(lm.generate(ids, 16), hf)

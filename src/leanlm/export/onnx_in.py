@@ -170,12 +170,19 @@ def quantize_onnx(
 
 
 def _run(write, path: Path) -> None:
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice ("consider pre-processing") on the root logger
     try:
         write(path)
     except LeanLMError:
         raise
     except Exception as e:
         raise LeanLMError(f"onnxruntime could not quantize this model: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    finally:
+        root.setLevel(level)
 
 
 def _folder_tokenizer(folder: Path):

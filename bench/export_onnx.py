@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--calib-samples", type=int, default=32, help="int8-static calibration: samples x 256 tokens of the calibration split")
     ap.add_argument("--awq", action="store_true", help="also export leanlm's AWQ-calibrated int4 model (about 5 minutes of calibration)")
     ap.add_argument("--workdir", default=None, help="where the ONNX files go (default: a temporary folder)")
     a = ap.parse_args()
@@ -87,7 +88,8 @@ def main() -> None:
     float_onnx = work / "float" / "model.onnx"
     for scheme in ("int8-dynamic", "int8-static", "int4-weight"):
         t = time.perf_counter()
-        path = quantize_onnx(float_onnx, work / f"{scheme}.onnx", scheme=scheme, tokenizer=tok, overwrite=True, progress=False)
+        path = quantize_onnx(float_onnx, work / f"{scheme}.onnx", scheme=scheme, tokenizer=tok, samples=a.calib_samples,
+                             seq_len=256, overwrite=True, progress=False)
         add(f"ONNX in: {scheme}", path, "onnxruntime.quantization", time.perf_counter() - t, None)
 
     # decode speed, every engine interleaved in one run
@@ -118,7 +120,7 @@ def main() -> None:
           f"Machine: {mach['cpu']}, {mach['cores']} cores; onnxruntime and torch on {a.threads} threads; torch {mach['torch']}. "
           f"Perplexity: wiki eval split, {w['windows']} x {w['window']} tokens, float32 baseline {fp:.3f}. Speed: batch 1, 128 prompt + 128 new "
           f"tokens, greedy, onnxruntime KV-cache loop (`OnnxCausalLM.generate`), median of {a.runs} interleaved runs after a warm-up; "
-          "ratios are within this run. Load: InferenceSession creation, median of 3. Logit diff: max |logit| difference "
+          f"ratios are within this run. int8-static calibration: {a.calib_samples} x 256 tokens of the wiki calibration split. Load: InferenceSession creation, median of 3. Logit diff: max |logit| difference "
           "between onnxruntime and leanlm's in-process model (the fake-quant model for int8/int4) on one 512-token window. "
           "Exported int8/int4 keep the tied lm_head in float (as leanlm's presets do); ONNX-in schemes also leave the head in float. "
           "Sessions use `session.qdq_matmulnbits_accuracy_level=0` (float32 compute; onnxruntime's default 4 rounds activations to int8).\n\n"

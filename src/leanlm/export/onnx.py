@@ -357,6 +357,14 @@ def export_onnx(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
     if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
         raise LeanLMError(f"{type(model).__name__} is not a Hugging Face causal LM; the ONNX export takes decoder-only "
                           "transformers models (Llama family: SmolLM2, Llama, Mistral, Qwen2, ...)")
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any("sliding" in str(t) for t in (getattr(text_cfg, "layer_types", None) or [])):
+        raise LeanLMError(f"{text_cfg.model_type} mixes sliding-window and global attention layers, which the ONNX export "
+                          "does not handle yet; it takes models with global attention in every layer (Llama, SmolLM2, Mistral, Qwen2)")
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    if n_bytes > 1.9e9:
+        raise LeanLMError(f"the model holds {n_bytes / 1e9:.1f} GB of float32 weights; the ONNX export currently handles models "
+                          "under 2 GB (about 500M parameters), the protobuf limit of its in-memory graph")
     qweights = _weight_formats(model)
     if qweights:
         bits = {f.bits for f, _ in qweights.values()}

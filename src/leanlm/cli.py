@@ -136,9 +136,26 @@ def show_profile(r: dict, console) -> None:
     console.print(_table(f"leanlm profile {r['model']} (batch-1 decode roofline)", ["quantity", "value"], rows))
 
 
+def _cmd_quantize_onnx(a) -> dict:
+    """`leanlm quantize MODEL.onnx --scheme int8-dynamic|int8-static|int4-weight --out OUT.onnx` (onnxruntime)."""
+    from .export.onnx_in import quantize_onnx
+
+    from .evaluation.memory import checkpoint_bytes
+
+    tok = None
+    if a.scheme == "int8-static" and a.tokenizer:
+        tok = _load(a.tokenizer, "float32", a.trust_remote_code)[1]
+    out = quantize_onnx(a.model, a.out, scheme=a.scheme, tokenizer=tok, samples=a.samples, seq_len=a.seq_len,
+                        overwrite=a.overwrite, progress=not a.json)
+    return {"model": a.model, "scheme": a.scheme, "out": str(out), "onnx": True, "bytes": checkpoint_bytes(out)}
+
+
 def cmd_quantize(a) -> dict:
     import json as _json
     from pathlib import Path
+
+    if a.model.endswith(".onnx"):
+        return _cmd_quantize_onnx(a)
 
     from .core.data import calibration_batches
     from .quantization import PRESETS, QuantConfig, average_bits, quantize, save_quantized, summary
@@ -190,6 +207,9 @@ def cmd_quantize(a) -> dict:
 
 def show_quantize(r: dict, console) -> None:
     from collections import Counter
+
+    if r.get("onnx"):
+        return console.print(f"leanlm quantize {r['model']} --scheme {r['scheme']} -> {r['out']} ({_gb(r['bytes'])}, onnxruntime)")
 
     groups = Counter((row["role"], row["format"], row["mode"]) for row in r["layers"])
     rows = [[role, fmt, mode, n] for (role, fmt, mode), n in sorted(groups.items())]
@@ -272,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--price-per-hour", type=float, default=None, help="machine price in $/hour, for cost per 1M tokens")
     sp = sub.add_parser("quantize", help="post-training quantization with a preset or a JSON config")
     common(sp)
-    sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4")
+    sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
     sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
     sp.add_argument("--mixed", type=float, metavar="BITS", help="mixed precision: average bits per weight budget (then GPTQ)")
     sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")
@@ -283,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
     sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--tokenizer", help="ONNX input, int8-static: model whose tokenizer cuts the calibration text (default: the .onnx file's folder)")
     sp = sub.add_parser("profile", help="roofline analysis of batch-1 decode on this machine")
     common(sp)
     sp.add_argument("--prompt-tokens", type=int, default=128)

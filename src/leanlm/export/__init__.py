@@ -7,7 +7,8 @@ Formats (see docs/export.md):
   symmetric/asymmetric (packed), W8A8 int8 with dynamic per-token activations, FP8.
 * ``gguf``: one GGUF file for llama.cpp (``quant=`` F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K_M, ...).
 * ``hf``: a plain float Hugging Face checkpoint (float and pruned models).
-* ``onnx``: ONNX for onnxruntime (``leanlm.export.onnx``).
+* ``onnx``: ONNX for onnxruntime with a KV-cache interface, float / int8 (DequantizeLinear) / int4
+  (MatMulNBits) weights (``leanlm.export.onnx``; ONNX in: ``leanlm.export.onnx_in.quantize_onnx``).
 
 Each format is one function ``fn(model, out, *, tokenizer=None, overwrite=False, **opts) -> Path``
 registered by dotted name in ``FORMATS`` and imported only when used.
@@ -38,7 +39,8 @@ def _exporter(to: str):
     except ImportError as e:
         if getattr(e, "name", None) == module:
             raise LeanLMError(f"export format {to!r} is not part of this leanlm installation ({module} is missing)") from None
-        raise LeanLMError(f"export format {to!r} needs a package that is not installed ({e}); pip install -e '.[export]'") from None
+        extra = "onnx" if to == "onnx" else "export"
+        raise LeanLMError(f"export format {to!r} needs a package that is not installed ({e}); pip install -e '.[{extra}]'") from None
     return getattr(mod, fn)
 
 

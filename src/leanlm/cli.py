@@ -1,4 +1,4 @@
-"""Command line: a thin skin over the Python API (`leanlm info | eval | profile`)."""
+"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | generate | draft`)."""
 
 from __future__ import annotations
 
@@ -205,6 +205,27 @@ def show_quantize(r: dict, console) -> None:
         console.print(f"perplexity: float {p['float']:.4f} -> quantized {p['quantized']:.4f} ({p['increase']:+.2%})")
 
 
+def cmd_generate(a) -> dict:
+    from .speculative.cli import run_generate
+
+    return run_generate(a, _load)
+
+
+def cmd_draft(a) -> dict:
+    from .speculative.cli import run_draft
+
+    return run_draft(a, _load)
+
+
+def _show_speculative(name):
+    def show(r, console):
+        from .speculative import cli as spec_cli
+
+        getattr(spec_cli, name)(r, console)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,11 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int, default=128)
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--runs", type=int, default=5)
+    from .speculative.cli import cli_args, draft_args
+
+    sp = sub.add_parser("generate", help="generate text; --draft or --prompt-lookup for lossless speculative decoding")
+    common(sp)
+    cli_args(sp)
+    sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
+    common(sp)
+    draft_args(sp)
     return p
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
-            "quantize": (cmd_quantize, show_quantize)}
+            "quantize": (cmd_quantize, show_quantize), "generate": (cmd_generate, _show_speculative("show_generate")),
+            "draft": (cmd_draft, _show_speculative("show_draft"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,18 +50,19 @@ def continuation_prompts(tok, n, tokens=128):
             return out, "first 128 tokens of evaluation articles 1.." + str(n)
 
 
-def passage_prompts(tok, n, passage_tokens):
+def passage_prompts(tok, n, passage_tokens, which="alternate"):
     out = []
     for i, text in enumerate(evaluation_texts("wiki")[:n]):
         ids = tok(text)["input_ids"][:passage_tokens]
         passage = tok.decode(ids)
         cut = max(passage.rfind(". "), passage.rfind(".\n"))
         passage = passage[: cut + 1] if cut > 0 else passage
-        msg = f"{INSTRUCTIONS[i % 2]}\n\n{passage.strip()}"
+        inst = INSTRUCTIONS[i % 2] if which == "alternate" else INSTRUCTIONS[which == "quote"]
+        msg = f"{inst}\n\n{passage.strip()}"
         chat = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True)
         out.append(torch.tensor([tok(chat, add_special_tokens=False)["input_ids"]]))
     return out, (f"chat template, user turn = instruction + blank line + the first {passage_tokens} tokens of evaluation "
-                 f"article i (cut to its last full sentence); instruction alternates: {INSTRUCTIONS}")
+                 f"article i (cut to its last full sentence); instruction: {which} of {INSTRUCTIONS}")
 
 
 def hf_generate(model, **extra):
@@ -93,7 +94,7 @@ def write(a, model, nl, draft_info, draft_log, tasks):
                   f"machine during the runs: {min(t['load_average_1min']):.1f} to {max(t['load_average_1min']):.1f} on {mach['cores']} cores.\n\n" + md_table(
             ["method", "tok/s", "vs plain (leanlm)", "vs transformers generate", "acceptance", "drafts kept / round", "mean k",
              "identical"], rows))
-    path = write_results("speculative", {"machine": mach, "args": vars(a), "draft_log": draft_log, "tasks": tasks}, "\n\n".join(md))
+    path = write_results(a.name, {"machine": mach, "args": vars(a), "draft_log": draft_log, "tasks": tasks}, "\n\n".join(md))
     return path
 
 
@@ -114,6 +115,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="fixed k of the draft-model rows")
     ap.add_argument("--pld-k", type=int, default=8, help="fixed k of the prompt-lookup rows")
     ap.add_argument("--tasks", default="quote,continuation")
+    ap.add_argument("--instruction", choices=["alternate", "summarise", "quote"], default="alternate",
+                    help="summarise/quote task: which instruction the prompts use (alternate: summarise, quote, ...)")
+    ap.add_argument("--name", default="speculative", help="results file name under bench/results/")
     a = ap.parse_args()
     setup_threads()
 
@@ -161,7 +165,7 @@ def main() -> None:
 
     tasks = {}
     for task in a.tasks.split(","):
-        prompts, how = (passage_prompts(tok, a.prompts, a.passage_tokens) if task == "quote"
+        prompts, how = (passage_prompts(tok, a.prompts, a.passage_tokens, a.instruction) if task == "quote"
                         else continuation_prompts(tok, a.prompts))
         refs = [generate(target, p, a.new_tokens) for p in prompts]
         meths = dict(methods[k] for k in ["plain", "generate"] + [k for k in wanted[task] if k not in ("plain", "generate")])

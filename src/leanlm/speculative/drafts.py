@@ -79,7 +79,7 @@ def truncate_layers(model, n_layers: int):
 
 
 def make_shallow_draft(model, n_layers: int, budget: str | float = "5m", *, tokenizer=None, max_tokens: int | None = None,
-                       calib_ids: torch.Tensor | None = None, seq_len: int = 256, batch: int = 4, lr: float = 2e-4,
+                       calib_ids: torch.Tensor | None = None, seq_len: int = 128, batch: int = 4, lr: float = 1e-3,
                        progress: bool = True, seed: int = 0):
     """The target's first `n_layers` decoder layers + final norm + head, distilled on the calibration text.
 

@@ -1,4 +1,4 @@
-"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export`)."""
+"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export | generate | draft`)."""
 
 from __future__ import annotations
 
@@ -262,6 +262,27 @@ def show_export(r: dict, console) -> None:
     console.print(line)
 
 
+def cmd_generate(a) -> dict:
+    from .speculative.cli import run_generate
+
+    return run_generate(a, _load)
+
+
+def cmd_draft(a) -> dict:
+    from .speculative.cli import run_draft
+
+    return run_draft(a, _load)
+
+
+def _show_speculative(name):
+    def show(r, console):
+        from .speculative import cli as spec_cli
+
+        getattr(spec_cli, name)(r, console)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -316,11 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quant", help="GGUF type: F16, BF16, F32, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K_M (default: the one that holds "
                     "leanlm's codes exactly, F16 for float models)")
     sp.add_argument("--overwrite", action="store_true")
+    from .speculative.cli import cli_args, draft_args
+
+    sp = sub.add_parser("generate", help="generate text; --draft or --prompt-lookup for lossless speculative decoding")
+    common(sp)
+    cli_args(sp)
+    sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
+    common(sp)
+    draft_args(sp)
     return p
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
-            "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export)}
+            "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
+            "generate": (cmd_generate, _show_speculative("show_generate")), "draft": (cmd_draft, _show_speculative("show_draft"))}
 
 
 def main(argv: list[str] | None = None) -> int:

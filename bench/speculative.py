@@ -1,0 +1,210 @@
+"""Speculative decoding benchmark on SmolLM2-135M, per PROTOCOL.md.
+
+Two tasks, batch 1, greedy, 128 new tokens with no early stop:
+  (a) continuation: the first 128 tokens of evaluation articles (the protocol prompt);
+  (b) summarise/quote: a chat-template user turn asking to summarise, or to quote the opening sentences
+      of, a passage (the first `--passage-tokens` tokens of an evaluation article, cut back to the end
+      of its last full sentence); the two instructions alternate over the articles.
+Rows (all in one process, timed interleaved A B A B ..., median of --runs after a warm-up):
+  plain decoding through leanlm's Hugging Face step adapter (the speed baseline, same engine as the
+  speculative rows), transformers' own generate, leanlm prompt lookup and draft-model speculation
+  (shallow distilled draft, int4 copy of the target), and transformers' assisted generation with
+  the same shallow draft (assistant_model=) and with prompt lookup (prompt_lookup_num_tokens=).
+Every row's output is checked token for token against plain greedy decoding, in every run.
+
+    python bench/speculative.py [--runs 5] [--prompts 2] [--draft DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from common import md_table, setup_threads, write_results
+
+import leanlm
+from leanlm.core.data import evaluation_texts
+from leanlm.core.models import cache_dir
+from leanlm.evaluation.profile import machine_info
+from leanlm.speculative import (
+    AdaptiveK, HFStepModel, PromptLookupDrafter, generate, make_shallow_draft, quantized_draft, save_draft, speculative_generate,
+)
+
+INSTRUCTIONS = [
+    "Summarise the following passage in a few sentences.",
+    "Quote the first three sentences of the following passage exactly, word for word.",
+]
+
+
+def continuation_prompts(tok, n, tokens=128):
+    out = []
+    for text in evaluation_texts("wiki"):
+        ids = tok(text)["input_ids"]
+        if len(ids) >= tokens:
+            out.append(torch.tensor([ids[:tokens]]))
+        if len(out) == n:
+            return out, "first 128 tokens of evaluation articles 1.." + str(n)
+
+
+def passage_prompts(tok, n, passage_tokens, which="alternate"):
+    out = []
+    for i, text in enumerate(evaluation_texts("wiki")[:n]):
+        ids = tok(text)["input_ids"][:passage_tokens]
+        passage = tok.decode(ids)
+        cut = max(passage.rfind(". "), passage.rfind(".\n"))
+        passage = passage[: cut + 1] if cut > 0 else passage
+        inst = INSTRUCTIONS[i % 2] if which == "alternate" else INSTRUCTIONS[which == "quote"]
+        msg = f"{inst}\n\n{passage.strip()}"
+        chat = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True)
+        out.append(torch.tensor([tok(chat, add_special_tokens=False)["input_ids"]]))
+    return out, (f"chat template, user turn = instruction + blank line + the first {passage_tokens} tokens of evaluation "
+                 f"article i (cut to its last full sentence); instruction: {which} of {INSTRUCTIONS}")
+
+
+def hf_generate(model, **extra):
+    def run(ids, n):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=model.config.eos_token_id, **extra)
+        return out, None
+    return run
+
+
+def write(a, model, nl, draft_info, draft_log, tasks):
+    mach = machine_info()
+    md = [f"# Speculative decoding, {a.model} (float32 target), batch 1, greedy, {a.new_tokens} new tokens\n\n"
+          f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']} "
+          f"(shared with other jobs: only the ratios are meaningful). Median of {a.runs} interleaved runs after a warm-up; "
+          f"each run generates for {a.prompts} prompts per task. Speedups are end-to-end (prefill included) time ratios. "
+          f"'identical' = every output of every run equals plain greedy decoding token for token.\n\n"
+          f"Shallow draft: first {nl} of {model.config.num_hidden_layers} layers + norm + head, distilled "
+          f"({draft_info}; log {draft_log}).\n"]
+    for task, t in tasks.items():
+        rows = []
+        for name, r in t["rows"].items():
+            rows.append([name, f"{r['e2e_tok_s']:.2f}", f"{r['speedup_vs_plain']:.2f}x", f"{r['speedup_vs_transformers_generate']:.2f}x",
+                         f"{r['acceptance_rate']:.0%}" if "acceptance_rate" in r else "-",
+                         f"{r['mean_accepted']:.2f}" if "mean_accepted" in r else "-",
+                         f"{r['mean_k']:.1f}" if "mean_k" in r else "-",
+                         "yes" if r["identical_to_plain_greedy"] else "NO"])
+        md.append(f"## {task} (prompt lengths {t['prompt_lengths']})\n\nPrompts: {t['prompts']}. 1-minute load average of the "
+                  f"machine during the runs: {min(t['load_average_1min']):.1f} to {max(t['load_average_1min']):.1f} on {mach['cores']} cores.\n\n" + md_table(
+            ["method", "tok/s", "vs plain (leanlm)", "vs transformers generate", "acceptance", "drafts kept / round", "mean k",
+             "identical"], rows))
+    path = write_results(a.name, {"machine": mach, "args": vars(a), "draft_log": draft_log, "tasks": tasks}, "\n\n".join(md))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per task (each run generates for all of them)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--passage-tokens", type=int, default=320)
+    ap.add_argument("--draft", default=None, help="shallow draft folder (default: built into the leanlm cache if missing)")
+    ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--draft-budget", default="8m")
+    ap.add_argument("--quant-scheme", default="w4a16-rtn", help="int4 preset for the quantized-copy draft ('' to skip)")
+    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,hf-pld,hf-draft"
+    ap.add_argument("--quote-rows", default=rows, help=f"rows timed on the summarise/quote task (of {rows})")
+    ap.add_argument("--continuation-rows", default=rows, help="rows timed on the continuation task")
+    ap.add_argument("--k", type=int, default=4, help="fixed k of the draft-model rows")
+    ap.add_argument("--pld-k", type=int, default=8, help="fixed k of the prompt-lookup rows")
+    ap.add_argument("--tasks", default="quote,continuation")
+    ap.add_argument("--instruction", choices=["alternate", "summarise", "quote"], default="alternate",
+                    help="summarise/quote task: which instruction the prompts use (alternate: summarise, quote, ...)")
+    ap.add_argument("--name", default="speculative", help="results file name under bench/results/")
+    a = ap.parse_args()
+    setup_threads()
+
+    model, tok = leanlm.load(a.model)
+    draft_dir = a.draft or str(cache_dir() / "drafts" / f"{a.model}-{a.draft_layers}l")
+    try:
+        draft, _ = leanlm.load(draft_dir)
+        draft_info = f"loaded from {draft_dir}"
+    except leanlm.LeanLMError:
+        draft = make_shallow_draft(model, a.draft_layers, a.draft_budget, tokenizer=tok)
+        save_draft(draft, draft_dir, tokenizer=tok)
+        draft_info = f"built now: {draft.leanlm_draft}"
+    from pathlib import Path
+
+    log_file = Path(draft_dir) / "leanlm_draft.json"
+    draft_log = json.loads(log_file.read_text()) if log_file.is_file() else None
+    need_int4 = "int4" in (a.quote_rows + "," + a.continuation_rows).split(",")
+    qdraft = quantized_draft(model, a.quant_scheme, tokenizer=tok) if a.quant_scheme and need_int4 else None
+
+    target = HFStepModel(model)
+
+    def spec(drafter, k):
+        def run(ids, n):
+            kk = AdaptiveK(k_max=int(k)) if isinstance(k, str) else k
+            return speculative_generate(target, drafter, ids, n, k=kk)
+        return run
+
+    nl = draft.config.num_hidden_layers
+    methods = {  # key: (label, generate function)
+        "plain": ("plain (leanlm loop)", lambda ids, n: (generate(target, ids, n), None)),
+        "generate": ("transformers generate", hf_generate(model)),
+        "pld": (f"prompt lookup, k={a.pld_k}", spec(PromptLookupDrafter(), a.pld_k)),
+        "pld-adaptive": ("prompt lookup, adaptive k<=16", spec(PromptLookupDrafter(), "16")),
+        "draft": (f"shallow {nl}-layer draft, k={a.k}", spec(draft, a.k)),
+        "draft-adaptive": (f"shallow {nl}-layer draft, adaptive k<=8", spec(draft, "8")),
+        "int4": (f"int4 copy ({a.quant_scheme}), k={a.k}", spec(qdraft, a.k) if qdraft is not None else None),
+        "hf-pld": ("transformers assisted, prompt_lookup_num_tokens=10", hf_generate(model, prompt_lookup_num_tokens=10)),
+        "hf-draft": (f"transformers assisted, assistant_model=shallow {nl}-layer draft", hf_generate(model, assistant_model=draft)),
+    }
+    wanted = {"quote": a.quote_rows.split(","), "continuation": a.continuation_rows.split(",")}
+    for keys in wanted.values():
+        for key in keys:
+            if key not in methods or methods[key][1] is None:
+                raise SystemExit(f"unknown or unavailable row {key!r}; rows: {', '.join(methods)}")
+
+    tasks = {}
+    for task in a.tasks.split(","):
+        prompts, how = (passage_prompts(tok, a.prompts, a.passage_tokens, a.instruction) if task == "quote"
+                        else continuation_prompts(tok, a.prompts))
+        refs = [generate(target, p, a.new_tokens) for p in prompts]
+        meths = dict(methods[k] for k in ["plain", "generate"] + [k for k in wanted[task] if k not in ("plain", "generate")])
+        for name, fn in meths.items():  # warm-up
+            fn(prompts[0], 8)
+        times = {m: [] for m in meths}
+        stats = {m: [] for m in meths}
+        same = {m: True for m in meths}
+        load = [os.getloadavg()[0]]
+        for r in range(a.runs):
+            for name, fn in meths.items():
+                t0 = time.perf_counter()
+                outs = [fn(p, a.new_tokens) for p in prompts]
+                times[name].append(time.perf_counter() - t0)
+                for (out, st), ref in zip(outs, refs):
+                    same[name] &= torch.equal(out, ref)
+                    if r == 0 and st is not None:
+                        stats[name].append(st)
+                acc = f", acceptance {stats[name][0].acceptance_rate:.2f}, kept/round {stats[name][0].mean_accepted:.2f}" if stats[name] else ""
+                print(f"[{task}] run {r + 1}/{a.runs} {name}: {times[name][-1]:.1f} s, identical={same[name]}{acc}", flush=True)
+            load.append(os.getloadavg()[0])
+        base = statistics.median(times["plain (leanlm loop)"])
+        hf = statistics.median(times["transformers generate"])
+        rows = {}
+        for name in meths:
+            med = statistics.median(times[name])
+            st = stats[name]
+            row = {"median_s": med, "times_s": times[name], "e2e_tok_s": a.new_tokens * len(prompts) / med,
+                   "speedup_vs_plain": base / med, "speedup_vs_transformers_generate": hf / med, "identical_to_plain_greedy": same[name]}
+            if st:
+                drafted, acc, rounds = sum(s.drafted for s in st), sum(s.accepted for s in st), sum(s.rounds for s in st)
+                row.update(acceptance_rate=acc / max(drafted, 1), mean_accepted=acc / rounds, mean_k=drafted / rounds,
+                           tokens_per_target_forward=sum(s.new_tokens - 1 for s in st) / rounds)
+            rows[name] = row
+        tasks[task] = {"prompts": how, "load_average_1min": load, "prompt_lengths": [p.shape[1] for p in prompts], "rows": rows,
+                       "sample_output": tok.decode(refs[0][0, prompts[0].shape[1]:])}
+        path = write(a, model, nl, draft_info, draft_log, tasks)  # after every task, so a cut-short run keeps what it has
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

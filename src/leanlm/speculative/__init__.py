@@ -1,0 +1,24 @@
+"""Speculative decoding: a cheap drafter proposes tokens, the target verifies them in one forward pass.
+
+    from leanlm.speculative import speculative_generate, PromptLookupDrafter, make_shallow_draft
+    out, stats = speculative_generate(model, draft_model, ids, 128, k="adaptive")      # greedy: exactly model's greedy output
+    out, stats = speculative_generate(model, PromptLookupDrafter(), ids, 128, k=8)
+    draft = make_shallow_draft(model, 6, budget="5m", tokenizer=tok)
+
+Files: step.py (StepModel interface, Hugging Face adapter), drafters.py (draft model, prompt lookup,
+sampling settings), decode.py (plain and speculative loops), adaptive.py (choice of k), drafts.py
+(vocabulary check, quantized and shallow distilled drafts), cli.py (the `generate` / `draft` options).
+See docs/speculative.md.
+"""
+
+from .adaptive import AdaptiveK
+from .decode import K_MAX, SpecStats, generate, speculative_generate
+from .drafters import ModelDrafter, PromptLookupDrafter, Sampling
+from .drafts import check_vocab, make_shallow_draft, parse_budget, quantized_draft, save_draft, truncate_layers
+from .step import HFStepModel, StepModel, as_step_model
+
+__all__ = [
+    "AdaptiveK", "K_MAX", "SpecStats", "generate", "speculative_generate", "ModelDrafter", "PromptLookupDrafter", "Sampling",
+    "check_vocab", "make_shallow_draft", "parse_budget", "quantized_draft", "save_draft", "truncate_layers",
+    "HFStepModel", "StepModel", "as_step_model",
+]

@@ -1,0 +1,132 @@
+"""The speculative options of `leanlm generate` and the `leanlm draft` command (leanlm/cli.py calls these)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..core.errors import LeanLMError
+
+
+def cli_args(sp) -> None:
+    """Add the generation and speculation options to the `generate` parser."""
+    sp.add_argument("--prompt", required=True, help="the prompt text")
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sp.add_argument("--no-eos-stop", action="store_true", help="always generate --max-new-tokens tokens")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--draft", help="draft model (same tokenizer): built-in name, folder, or quant:PRESET for a quantized copy of MODEL")
+    g.add_argument("--prompt-lookup", action="store_true", help="draft-free speculation: copy n-grams from the prompt and the output")
+    k = sp.add_mutually_exclusive_group()
+    k.add_argument("--num-draft", type=int, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
+    k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
+    sp.add_argument("--max-draft", type=int, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
+    sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
+
+
+def run_generate(a, load) -> dict:
+    """`leanlm generate`: plain decoding, or speculative decoding with --draft / --prompt-lookup."""
+    from .adaptive import AdaptiveK
+    from .decode import generate, speculative_generate
+    from .drafters import PromptLookupDrafter, Sampling
+    from .drafts import check_vocab, quantized_draft
+    from .step import HFStepModel
+
+    speculative = a.draft is not None or a.prompt_lookup
+    if not speculative and (a.num_draft is not None or a.adaptive):
+        raise LeanLMError("--num-draft and --adaptive need --draft DRAFT or --prompt-lookup")
+    if a.max_new_tokens < 1:
+        raise LeanLMError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    sampling = Sampling(a.temperature, a.top_k, a.top_p)
+    model, tok = load(a.model, a.dtype, a.trust_remote_code)
+    if tok is None:
+        raise LeanLMError(f"{a.model} has no tokenizer; generate needs one to read --prompt")
+    text = a.prompt
+    if a.chat:
+        if not getattr(tok, "chat_template", None):
+            raise LeanLMError(f"{a.model}'s tokenizer has no chat template; drop --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=not a.chat)["input_ids"]], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise LeanLMError("the prompt is empty after tokenization; pass some text with --prompt")
+    eos = None if a.no_eos_stop else tok.eos_token_id
+    gen = torch.Generator().manual_seed(a.seed)
+    target = HFStepModel(model)
+    mode, stats = "plain", None
+    t0 = time.perf_counter()
+    if not speculative:
+        out = generate(target, ids, a.max_new_tokens, sampling, generator=gen, eos_token_id=eos)
+    else:
+        if a.prompt_lookup:
+            drafter, mode = PromptLookupDrafter(), "prompt lookup"
+        elif a.draft.startswith("quant:"):
+            drafter, mode = quantized_draft(model, a.draft[len("quant:"):], tokenizer=tok, progress=not a.json), f"draft {a.draft}"
+        else:
+            drafter, dtok = load(a.draft, a.draft_dtype or a.dtype, a.trust_remote_code)
+            check_vocab(model, drafter, tok, dtok)
+            mode = f"draft {a.draft}"
+        if a.adaptive:
+            k = AdaptiveK(k_max=a.max_draft or (16 if a.prompt_lookup else 8))
+        else:
+            k = a.num_draft if a.num_draft is not None else (8 if a.prompt_lookup else 4)
+        t0 = time.perf_counter()
+        out, st = speculative_generate(target, drafter, ids, a.max_new_tokens, k, sampling, generator=gen, eos_token_id=eos)
+        stats = st.to_dict()
+        stats.pop("ks")
+        stats["mean_k"] = st.drafted / st.rounds if st.rounds else 0.0
+    seconds = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    return {"model": a.model, "mode": mode, "prompt_tokens": ids.shape[1], "new_tokens": len(new), "seconds": seconds,
+            "tokens_per_second": len(new) / seconds, "text": tok.decode(new, skip_special_tokens=True), "stats": stats}
+
+
+def show_generate(r: dict, console) -> None:
+    console.print(r["text"], markup=False, highlight=False)
+    line = f"[{r['mode']}: {r['new_tokens']} tokens in {r['seconds']:.2f} s, {r['tokens_per_second']:.1f} tok/s"
+    s = r["stats"]
+    if s:
+        line += (f"; acceptance {s['acceptance_rate']:.0%}, {s['mean_accepted']:.2f} drafts kept per round, "
+                 f"{s['tokens_per_round']:.2f} tokens per target forward, mean k {s['mean_k']:.1f}")
+    console.print(line + "]", markup=False, highlight=False)
+
+
+def draft_args(sp) -> None:
+    sp.add_argument("--layers", type=int, required=True, help="decoder layers the draft keeps (the first N)")
+    sp.add_argument("--budget", default="5m", help="training time: seconds, or 30s / 5m / 1h (default 5m)")
+    sp.add_argument("--tokens", type=int, default=None, help="token budget (training stops at whichever budget ends first)")
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--batch", type=int, default=4)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--calib", default="wiki", help="training text: wiki (calibration split, default), news or a .txt/.jsonl file")
+    sp.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint, written atomically)")
+    sp.add_argument("--overwrite", action="store_true")
+
+
+def run_draft(a, load) -> dict:
+    """`leanlm draft`: a shallow copy of MODEL distilled on calibration text, saved as a Hugging Face folder."""
+    from pathlib import Path
+
+    from ..core.data import calibration_texts, join_and_tokenize
+    from .drafts import make_shallow_draft, parse_budget, save_draft
+
+    parse_budget(a.budget)
+    if Path(a.out).exists() and not a.overwrite:
+        raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
+    model, tok = load(a.model, a.dtype, a.trust_remote_code)
+    ids = join_and_tokenize(tok, calibration_texts(a.calib))
+    d = make_shallow_draft(model, a.layers, a.budget, max_tokens=a.tokens, calib_ids=ids, seq_len=a.seq_len, batch=a.batch,
+                           lr=a.lr, progress=not a.json)
+    save_draft(d, a.out, tokenizer=tok, overwrite=a.overwrite)
+    return {"model": a.model, "out": a.out, "layers": a.layers, **d.leanlm_draft}
+
+
+def show_draft(r: dict, console) -> None:
+    stop = " (interrupted: saved as trained so far)" if r["interrupted"] else ""
+    kl = f"KL to the target {r['loss_first']:.3f} -> {r['loss_last']:.3f}" if r["steps"] else "no training step ran"
+    console.print(f"draft with {r['layers']} layers -> {r['out']}: {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, "
+                  f"{kl}{stop}", markup=False, highlight=False)

@@ -1,0 +1,225 @@
+"""Plain and speculative decoding over `StepModel`s.
+
+Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling"): a drafter
+proposes k tokens, the target scores all of them in one forward pass, and
+
+- greedy (temperature 0): drafts are kept while they equal the target's argmax; the target's own
+  argmax follows the last kept one. The output is the target's greedy output, token for token.
+- sampling: draft j is kept with probability min(1, p(d_j) / q(d_j)); at the first rejection a token
+  is drawn from the residual max(0, p - q) renormalised; if all k are kept, one more is drawn from
+  the target's next distribution. Each emitted token is then distributed exactly as p given the
+  tokens before it, so the output follows the target's sampling distribution. A deterministic
+  drafter (prompt lookup) is the case q = one-hot(d): keep d with probability p(d), else draw from p
+  with d removed.
+
+Caches: the target holds every committed token but the last (which is fed with the drafts); after
+a round that keeps n drafts it is rewound to drop the rejected positions. The draft model's cache is
+rewound by `ModelDrafter` to the prefix it shares with the committed text.
+
+Batch > 1 (rows of equal length, no padding): every row keeps n = the smallest number of drafts
+kept by any row, so the caches stay rectangular. A row that kept more than n emits its draft n+1,
+which it had accepted, in place of a correction token: still exact, since each emitted token is
+either an accepted draft or a correction, each distributed as p given its prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ..core.errors import LeanLMError
+from .adaptive import AdaptiveK
+from .drafters import ModelDrafter, Sampling, sample
+from .step import as_step_model, vocab_size
+
+K_MAX = 64  # largest speculation length accepted
+
+
+@dataclass
+class SpecStats:
+    new_tokens: int = 0
+    rounds: int = 0                # target verification forwards
+    drafted: int = 0               # draft tokens proposed
+    accepted: int = 0              # draft tokens kept
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    ks: list[int] = field(default_factory=list)   # drafts proposed per round
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Draft tokens kept per verification round."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens emitted per target forward after the prompt (1.0 for plain decoding)."""
+        return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(acceptance_rate=self.acceptance_rate, mean_accepted=self.mean_accepted, tokens_per_round=self.tokens_per_round)
+        return d
+
+
+def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long or input_ids.shape[1] == 0:
+        raise LeanLMError(f"input_ids must be a non-empty LongTensor [batch, length], got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if max_new_tokens < 1:
+        raise LeanLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
+    return logits.argmax(-1) if sampling.greedy else sample(sampling.probs(logits), generator)
+
+
+def _stop_at_eos(out: torch.Tensor, start: int, eos: int | None) -> tuple[torch.Tensor, bool]:
+    if eos is None or out.shape[0] != 1:
+        return out, False
+    hit = (out[0, start:] == eos).nonzero()
+    return (out[:, : start + int(hit[0]) + 1], True) if len(hit) else (out, False)
+
+
+@torch.inference_mode()
+def generate(target, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None, *,
+             generator: torch.Generator | None = None, eos_token_id: int | None = None,
+             on_token: Callable[[], None] | None = None) -> torch.Tensor:
+    """Plain decoding, one target forward per token: the baseline speculative decoding is measured against."""
+    _check_prompt(input_ids, max_new_tokens)
+    sampling = sampling or Sampling()
+    target = as_step_model(target)
+    target.reset()
+    logits = target.forward(input_ids)[:, -1]
+    out = input_ids
+    for i in range(max_new_tokens):
+        y = _pick(logits, sampling, generator)
+        out = torch.cat([out, y[:, None]], 1)
+        if on_token:
+            on_token()
+        out, stop = _stop_at_eos(out, out.shape[1] - 1, eos_token_id)
+        if stop or i == max_new_tokens - 1:
+            break
+        logits = target.forward(y[:, None])[:, -1]
+    return out
+
+
+def _check_k(k) -> None:
+    if isinstance(k, AdaptiveK):
+        if k.k_max > K_MAX:
+            raise LeanLMError(f"adaptive k_max {k.k_max} is out of range; use 1..{K_MAX}")
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K_MAX:
+        raise LeanLMError(f"speculation length k={k!r} is out of range; use an integer in 1..{K_MAX} or 'adaptive'")
+
+
+def _accept_sampled(p, d, q, generator):
+    """Modified rejection sampling. p [B, k+1, V] target probs, d [B, k] drafts, q [B, k, V] or None (one-hot).
+
+    Returns (n, y): the number of drafts every row keeps and the token each row emits after them.
+    """
+    b, k = d.shape
+    if k:
+        pd = p[:, :k].gather(-1, d[..., None]).squeeze(-1)
+        qd = q.gather(-1, d[..., None]).squeeze(-1) if q is not None else torch.ones_like(pd)
+        r = torch.rand(b, k, generator=generator)
+        keep = r * qd < pd  # accept with probability min(1, p/q)
+        n_row = keep.long().cumprod(1).sum(1)
+    else:
+        n_row = torch.zeros(b, dtype=torch.long)
+    n = int(n_row.min())
+    y = torch.empty(b, dtype=torch.long)
+    for i in range(b):
+        if n_row[i] > n:  # this row accepted draft n too (batch > 1 only)
+            y[i] = d[i, n]
+        elif n == k:  # every draft kept: one more token from the target
+            y[i] = sample(p[i, n][None], generator)[0]
+        else:  # rejected at n: draw from the residual max(0, p - q)
+            qn = q[i, n] if q is not None else torch.nn.functional.one_hot(d[i, n], p.shape[-1]).float()
+            res = (p[i, n] - qn).clamp_min(0)
+            s = res.sum()
+            y[i] = sample((res / s if s > 0 else p[i, n])[None], generator)[0]
+    return n, y
+
+
+@torch.inference_mode()
+def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_tokens: int, k: int | str | AdaptiveK = 4,
+                         sampling: Sampling | None = None, *, generator: torch.Generator | None = None,
+                         eos_token_id: int | None = None, on_token: Callable[[], None] | None = None
+                         ) -> tuple[torch.Tensor, SpecStats]:
+    """Generate `max_new_tokens` tokens after `input_ids` [B, L] with `drafter` proposing and `target` verifying.
+
+    `target`: a StepModel or a Hugging Face causal LM. `drafter`: a `ModelDrafter`,
+    `PromptLookupDrafter` or a Hugging Face model (wrapped in a ModelDrafter). `k`: drafts per round
+    (1..64), or "adaptive" / an `AdaptiveK` to choose it each round. Returns (ids [B, L + new], stats).
+    """
+    _check_prompt(input_ids, max_new_tokens)
+    sampling = sampling or Sampling()
+    target = as_step_model(target)
+    if isinstance(drafter, torch.nn.Module) or hasattr(drafter, "rewind"):
+        drafter = ModelDrafter(drafter)
+    if not hasattr(drafter, "propose"):
+        raise LeanLMError(f"{type(drafter).__name__} is not a drafter; pass a draft model, ModelDrafter or PromptLookupDrafter")
+    if isinstance(drafter, ModelDrafter):
+        vt, vd = vocab_size(target), vocab_size(drafter.step)
+        if vt is not None and vd is not None and vt != vd:
+            raise LeanLMError(f"the draft model's vocabulary has {vd} tokens, the target's {vt}: a draft must use the target's "
+                              "tokenizer; pick a draft of the same model family, or use prompt lookup")
+    adaptive = AdaptiveK() if k == "adaptive" else k
+    _check_k(adaptive)
+    stats = SpecStats()
+    target.reset()
+    drafter.start(input_ids)
+
+    t0 = time.perf_counter()
+    y = _pick(target.forward(input_ids)[:, -1], sampling, generator)
+    stats.target_seconds += time.perf_counter() - t0
+    out = torch.cat([input_ids, y[:, None]], 1)
+    emitted = 1
+    if on_token:
+        on_token()
+    out, stop = _stop_at_eos(out, input_ids.shape[1], eos_token_id)
+    while not stop and emitted < max_new_tokens:
+        want = adaptive.choose() if isinstance(adaptive, AdaptiveK) else adaptive
+        want = min(want, max_new_tokens - emitted - 1)
+        t0 = time.perf_counter()
+        if want > 0:
+            d, q = drafter.propose(out, want, sampling, generator)
+        else:
+            d, q = out[:, :0], None
+        t1 = time.perf_counter()
+        base = target.length
+        logits = target.forward(torch.cat([out[:, -1:], d], 1))
+        kd = d.shape[1]
+        if sampling.greedy:
+            tgt = logits.argmax(-1)
+            n = int((d == tgt[:, :kd]).long().cumprod(1).sum(1).min()) if kd else 0
+            y = tgt[:, n]
+        else:
+            n, y = _accept_sampled(sampling.probs(logits), d, q, generator)
+        target.rewind(base + 1 + n)
+        t2 = time.perf_counter()
+        new = torch.cat([d[:, :n], y[:, None]], 1)
+        start = out.shape[1]
+        out = torch.cat([out, new], 1)
+        emitted += n + 1
+        stats.rounds += 1
+        stats.drafted += kd
+        stats.accepted += n
+        stats.ks.append(kd)
+        stats.draft_seconds += t1 - t0
+        stats.target_seconds += t2 - t1
+        if isinstance(adaptive, AdaptiveK):
+            adaptive.observe(kd, n, t1 - t0, kd + 1, t2 - t1)
+        if on_token:
+            for _ in range(n + 1):
+                on_token()
+        out, stop = _stop_at_eos(out, start, eos_token_id)
+    stats.new_tokens = out.shape[1] - input_ids.shape[1]
+    return out, stats

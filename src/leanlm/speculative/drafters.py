@@ -1,0 +1,127 @@
+"""Drafters: what proposes the tokens the target verifies.
+
+A drafter has ``start(prompt)`` and ``propose(ctx, k, sampling, generator) -> (tokens [B, k'], q)``
+where ``ctx`` is every committed token so far ([B, L], the last one not yet seen by the target),
+``k' <= k`` and ``q`` is the drafter's distribution ``[B, k', V]`` the tokens were drawn from, or
+``None`` for a deterministic drafter (a one-hot q: prompt lookup, greedy drafts).
+
+- `ModelDrafter`: a smaller causal LM with the same vocabulary (Leviathan et al. 2023; Chen et al.
+  2023). Its KV cache is kept across rounds and rewound to the longest prefix it shares with the
+  committed text.
+- `PromptLookupDrafter`: no model; copies the tokens that followed the latest earlier occurrence of
+  the text's last n-gram (prompt lookup decoding, Saxena 2023; the "copy" drafts of LLMA, Yang et al. 2023).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.errors import LeanLMError
+from .step import as_step_model
+
+
+@dataclass
+class Sampling:
+    """Target distribution: greedy when temperature == 0, else softmax(logits / T) cut to top_k / top_p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise LeanLMError(f"bad sampling settings: temperature {self.temperature} (>= 0), top_k {self.top_k} (>= 0), "
+                              f"top_p {self.top_p} (in (0, 1])")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities over the last dim (float32)."""
+        x = logits.float() / self.temperature
+        if self.top_k and self.top_k < x.shape[-1]:
+            kth = torch.topk(x, self.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        p = torch.softmax(x, dim=-1)
+        if self.top_p < 1:
+            sp, idx = torch.sort(p, dim=-1, descending=True)
+            drop = (sp.cumsum(-1) - sp) >= self.top_p  # keep the smallest prefix whose mass reaches top_p
+            sp = sp.masked_fill(drop, 0.0)
+            p = torch.zeros_like(p).scatter(-1, idx, sp)
+            p = p / p.sum(-1, keepdim=True)
+        return p
+
+
+def sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from probabilities [B, V] -> [B]."""
+    return torch.multinomial(p, 1, generator=generator).squeeze(-1)
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the prefix shared by every row of two [B, *] token tensors."""
+    n = min(a.shape[1], b.shape[1])
+    diff = (a[:, :n] != b[:, :n]).any(0).nonzero()
+    return int(diff[0]) if len(diff) else n
+
+
+class ModelDrafter:
+    """Drafts with a smaller causal LM (a `StepModel`, or any Hugging Face model through `HFStepModel`)."""
+
+    def __init__(self, model):
+        self.step = as_step_model(model)
+        self.held = torch.zeros(1, 0, dtype=torch.long)  # tokens in the draft's cache
+
+    def start(self, prompt: torch.Tensor) -> None:
+        self.step.reset()
+        self.held = prompt[:, :0]
+
+    @torch.inference_mode()
+    def propose(self, ctx: torch.Tensor, k: int, sampling: Sampling, generator=None):
+        keep = min(common_prefix(self.held, ctx), ctx.shape[1] - 1)
+        self.step.rewind(keep)
+        feed = ctx[:, keep:]
+        toks, qs = [], []
+        for _ in range(k):
+            logits = self.step.forward(feed)[:, -1]
+            if sampling.greedy:
+                t = logits.argmax(-1)
+            else:
+                q = sampling.probs(logits)
+                t = sample(q, generator)
+                qs.append(q)
+            toks.append(t)
+            feed = t[:, None]
+        # the last draft token is never fed: the cache holds ctx + toks[:-1]
+        self.held = torch.cat([ctx, torch.stack(toks[:-1], 1)], 1) if k > 1 else ctx
+        return torch.stack(toks, 1), (torch.stack(qs, 1) if qs else None)
+
+
+class PromptLookupDrafter:
+    """Copies the continuation of the latest earlier match of the last n tokens (n from max_ngram down to min_ngram)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise LeanLMError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def start(self, prompt: torch.Tensor) -> None:
+        pass
+
+    def lookup(self, row: torch.Tensor, k: int) -> torch.Tensor:
+        n_tok = row.shape[0]
+        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
+            tail = row[-n:]
+            win = row[:-1].unfold(0, n, 1)  # every n-gram that has at least one token after it
+            hits = (win == tail).all(-1).nonzero().flatten()
+            if len(hits):
+                start = int(hits[-1]) + n
+                return row[start : start + k]
+        return row[:0]
+
+    def propose(self, ctx: torch.Tensor, k: int, sampling: Sampling, generator=None):
+        rows = [self.lookup(r, k) for r in ctx]
+        m = min(len(r) for r in rows)
+        return torch.stack([r[:m] for r in rows]), None

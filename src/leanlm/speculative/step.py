@@ -1,0 +1,87 @@
+"""The decode-step interface speculative decoding drives, and its adapter for Hugging Face models.
+
+`StepModel` is a causal LM that holds its own KV cache (shared with `leanlm.runtime`):
+``forward(ids)`` appends new tokens and returns their logits, ``rewind(n)`` drops cached positions
+after the first ``n`` (how a rejected draft is undone), ``reset()`` empties the cache. Every row of a
+batch holds the same number of positions. Anything engine-specific lives in the adapter.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..core.errors import LeanLMError
+
+
+@runtime_checkable
+class StepModel(Protocol):
+    length: int
+
+    def reset(self) -> None: ...
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def rewind(self, length: int) -> None: ...
+
+
+class HFStepModel:
+    """`StepModel` over any Hugging Face causal LM, with a `transformers.DynamicCache` (cropped on rewind).
+
+    Rows of a batch are never padded: all rows hold the same number of positions.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        if not callable(getattr(model, "forward", None)) or not hasattr(model, "config"):
+            raise LeanLMError(f"{type(model).__name__} is not a Hugging Face causal LM; pass a model loaded with leanlm.load")
+        self.model = model.eval()
+        self._new_api = "cache" in inspect.signature(model.forward).parameters
+        from transformers import DynamicCache
+
+        self._crop_drops = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
+        self.cache = None
+        self.length = 0
+
+    @property
+    def vocab_size(self) -> int:
+        head = self.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.length = 0
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.reset()
+        t = ids.shape[1]
+        pos = torch.arange(self.length, self.length + t).unsqueeze(0).expand(ids.shape[0], -1)
+        kw = {"cache" if self._new_api else "past_key_values": self.cache}  # transformers 5 renamed the argument
+        out = self.model(input_ids=ids, use_cache=True, position_ids=pos, **kw)  # the cache grows in place
+        self.length += t
+        return out.logits.float()
+
+    def rewind(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise LeanLMError(f"cannot rewind to {length} positions: the cache holds {self.length}")
+        if length < self.length:
+            # transformers 5 takes minus the number of positions to drop, 4.x the length to keep
+            self.cache.crop(length - self.length if self._crop_drops else length)
+            self.length = length
+
+
+def as_step_model(model) -> StepModel:
+    """A StepModel as is, or an `HFStepModel` around a Hugging Face model."""
+    if all(hasattr(model, a) for a in ("reset", "forward", "rewind", "length")):
+        return model
+    return HFStepModel(model)
+
+
+def vocab_size(step: StepModel) -> int | None:
+    v = getattr(step, "vocab_size", None)
+    return int(v) if v is not None else None

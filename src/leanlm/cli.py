@@ -70,12 +70,28 @@ def cmd_eval(a) -> dict:
         if label in models:
             raise LeanLMError("--compare names the same model and dtype as the baseline; change --compare or --compare-dtype")
         models[label] = _load(other, odt, a.trust_remote_code)
+    generators = None
+    if a.engine != "hf":
+        if not a.speed:
+            raise LeanLMError("--engine applies to --speed; add --speed")
+        from .runtime import Engine
+
+        generators = {}
+        for label in list(models):
+            eng = Engine(models[label][0], a.weights, max_seq_len=a.prompt_tokens + a.new_tokens, max_batch=a.batch,
+                         compile=a.compile, allow_fallback=a.allow_fallback)
+            name = f"{label} leanlm {eng.model.weights}"
+            if a.engine == "both":
+                models[name] = models[label]
+            else:
+                models[name] = models.pop(label)
+            generators[name] = eng.generator()
     s = EvalSettings(
         ppl=a.ppl, speed=a.speed, source=a.source, window=a.window, max_windows=a.windows or None, batch=a.batch,
         prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, runs=a.runs, warmup=a.warmup,
         price_per_hour=a.price_per_hour, progress=not a.json,
     )
-    return evaluate(models, s)
+    return evaluate(models, s, generators)
 
 
 def show_eval(r: dict, console) -> None:
@@ -205,6 +221,41 @@ def show_quantize(r: dict, console) -> None:
         console.print(f"perplexity: float {p['float']:.4f} -> quantized {p['quantized']:.4f} ({p['increase']:+.2%})")
 
 
+def cmd_generate(a) -> dict:
+    import time
+
+    import torch
+
+    from .runtime import Engine
+
+    model, tok = _load(a.model, "float32", a.trust_remote_code)
+    if tok is None:
+        raise LeanLMError("this model has no tokenizer; generate needs one to read --prompt")
+    ids = torch.tensor([tok(a.prompt, return_attention_mask=False)["input_ids"]], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise LeanLMError("--prompt is empty after tokenization; give some text")
+    eng = Engine(model, a.weights, group_size=a.group_size, head=a.head, max_seq_len=a.max_seq_len or ids.shape[1] + a.max_new_tokens,
+                 compile=a.compile, allow_fallback=a.allow_fallback)
+    ticks: list[float] = []
+    t0 = time.perf_counter()
+    out = eng.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                       eos_token_id=None if a.no_stop else tok.eos_token_id, on_token=lambda: ticks.append(time.perf_counter()))
+    new = out[0, ids.shape[1]:]
+    dec = (len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else None
+    return {"model": a.model, "weights": eng.model.weights, "head": eng.model.head_format, "compiled": a.compile,
+            "weight_bytes": eng.weight_bytes(), "fallbacks": eng.fallbacks, "prompt_tokens": ids.shape[1],
+            "new_tokens": int(new.numel()), "ttft_s": ticks[0] - t0 if ticks else None, "decode_tps": dec,
+            "text": tok.decode(new, skip_special_tokens=True)}
+
+
+def show_generate(r: dict, console) -> None:
+    print(r["text"])
+    dec = f"{r['decode_tps']:.1f} tok/s decode" if r["decode_tps"] else "-"
+    fb = f"; FALLBACK: {'; '.join(sorted(set(r['fallbacks'])))}" if r["fallbacks"] else ""
+    print(f"[{r['weights']} weights, head {r['head']}, {_gb(r['weight_bytes'])} packed; {r['new_tokens']} tokens, "
+          f"first after {r['ttft_s'] * 1e3:.0f} ms, {dec}{fb}]", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", type=int, default=5)
     sp.add_argument("--warmup", type=int, default=1)
     sp.add_argument("--price-per-hour", type=float, default=None, help="machine price in $/hour, for cost per 1M tokens")
+    sp.add_argument("--engine", choices=["hf", "leanlm", "both"], default="hf",
+                    help="time transformers' generate (hf, default), the leanlm runtime, or both side by side")
+    sp.add_argument("--weights", default=None, help="leanlm engine weights: fp32, bf16 (default), int8, int4, w8a8")
+    sp.add_argument("--compile", action="store_true", help="leanlm engine: torch.compile the decode step")
+    sp.add_argument("--allow-fallback", action="store_true", help="leanlm engine: run formats without a fast kernel as dense weights")
+    sp = sub.add_parser("generate", help="generate text with the leanlm runtime (packed low-bit weights)")
+    sp.add_argument("model", help="built-in name, Hugging Face folder, .gguf file, or a folder written by leanlm quantize")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--weights", default=None, help="fp32, bf16 (default), int8, int4 or w8a8; a leanlm-quantized model packs its own formats")
+    sp.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128 or 256)")
+    sp.add_argument("--head", default=None, help="output head format: auto (compute dtype, default), bf16, int8 or int4")
+    sp.add_argument("--max-seq-len", type=int, default=None, help="KV-cache size (default: prompt + new tokens)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--top-p", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    sp.add_argument("--allow-fallback", action="store_true", help="run formats without a fast kernel as dense weights (reported)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    sp.add_argument("--trust-remote-code", action="store_true")
     sp = sub.add_parser("quantize", help="post-training quantization with a preset or a JSON config")
     common(sp)
     sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4")
@@ -255,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
-            "quantize": (cmd_quantize, show_quantize)}
+            "quantize": (cmd_quantize, show_quantize), "generate": (cmd_generate, show_generate)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,8 +191,9 @@ class Decoder(nn.Module):
         if win:
             self.register_buffer("mask1", causal & (idx[:, None] - idx[None, :] < win))
         shape = (spec.layers, max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=self.dtype))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=self.dtype))
+        # float32 cache: PyTorch's bfloat16 batched matmul is far slower than float32 at these tiny shapes.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
 
     def weight_bytes(self) -> int:
         """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once."""
@@ -217,6 +218,19 @@ class Decoder(nn.Module):
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
+    def _attend(self, q, k, v, mask):
+        """Grouped-query attention as two small matmuls (PyTorch's CPU flash-attention kernel is slow for
+        one query row). q [B, H, T, D], k/v [B, Hkv, S, D], mask [T, S] bool -> [B, T, H, D]."""
+        s = self.spec
+        B, H, T, D = q.shape
+        g = H // s.kv_heads
+        qg = q.float().reshape(B, s.kv_heads, g * T, D)
+        att = torch.matmul(qg, k.transpose(-1, -2)) * s.scale                 # [B, Hkv, g*T, S]
+        att = att.view(B, s.kv_heads, g, T, -1).masked_fill(~mask, float("-inf"))
+        p = att.softmax(-1).view(B, s.kv_heads, g * T, -1)
+        o = torch.matmul(p, v).view(B, H, T, D)
+        return o.transpose(1, 2).to(q.dtype)
+
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         s = self.spec
         B, T = ids.shape
@@ -239,11 +253,10 @@ class Decoder(nn.Module):
             q = self._rope(q.transpose(1, 2), cos, sin)
             k = self._rope(k.transpose(1, 2), cos, sin)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            kc.index_copy_(2, input_pos, k)
-            vc.index_copy_(2, input_pos, v.transpose(1, 2))
-            o = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=masks[sl],
-                                               scale=s.scale, enable_gqa=s.heads != s.kv_heads)
-            o = L.o(o.transpose(1, 2).reshape(B, T, q_dim))
+            kc.index_copy_(2, input_pos, k.to(kc.dtype))
+            vc.index_copy_(2, input_pos, v.transpose(1, 2).to(vc.dtype))
+            o = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], masks[sl])
+            o = L.o(o.reshape(B, T, q_dim))
             if s.family == "gemma3":
                 x = x + self._rms(o, L.ln2)
                 h = self._rms(x, L.ln3)

@@ -122,6 +122,24 @@ class Engine:
     def weight_bytes(self) -> int:
         return self.model.weight_bytes()
 
+    def as_lm(self) -> nn.Module:
+        """A module whose forward(input_ids) returns full-sequence logits (cache reset each call), for
+        `leanlm.evaluation.perplexity`."""
+        return _LMView(self)
+
+
+class _LMView(nn.Module):
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self._device = nn.Parameter(torch.empty(0), requires_grad=False)  # perplexity() reads the device from a parameter
+
+    def forward(self, input_ids: torch.Tensor, **_) -> torch.Tensor:
+        self.engine.reset()
+        out = self.engine.forward(input_ids)
+        self.engine.reset()
+        return out
+
 
 def _compile(fn):
     import torch._dynamo

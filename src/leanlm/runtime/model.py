@@ -98,9 +98,10 @@ class Layer(nn.Module):
     pass
 
 
-def _norm_w(norm: nn.Module, family: str) -> torch.Tensor:
+def _norm_w(norm: nn.Module, family: str, dtype: torch.dtype) -> torch.Tensor:
+    """Gemma scales by (1 + w) in float32; Llama multiplies by w in the activation dtype (as HF does)."""
     w = norm.weight.detach().float()
-    return (1.0 + w) if family == "gemma3" else w
+    return (1.0 + w) if family == "gemma3" else w.to(dtype)
 
 
 class Decoder(nn.Module):
@@ -144,15 +145,15 @@ class Decoder(nn.Module):
             L.o = pk([a.o_proj])
             L.gate_up = pk([m.gate_proj, m.up_proj])
             L.down = pk([m.down_proj])
-            L.register_buffer("ln1", _norm_w(hl.input_layernorm, spec.family))
-            L.register_buffer("ln2", _norm_w(hl.post_attention_layernorm, spec.family))
+            L.register_buffer("ln1", _norm_w(hl.input_layernorm, spec.family, self.dtype))
+            L.register_buffer("ln2", _norm_w(hl.post_attention_layernorm, spec.family, self.dtype))
             if spec.family == "gemma3":
-                L.register_buffer("ln3", _norm_w(hl.pre_feedforward_layernorm, spec.family))
-                L.register_buffer("ln4", _norm_w(hl.post_feedforward_layernorm, spec.family))
-                L.register_buffer("qn", _norm_w(a.q_norm, spec.family))
-                L.register_buffer("kn", _norm_w(a.k_norm, spec.family))
+                L.register_buffer("ln3", _norm_w(hl.pre_feedforward_layernorm, spec.family, self.dtype))
+                L.register_buffer("ln4", _norm_w(hl.post_feedforward_layernorm, spec.family, self.dtype))
+                L.register_buffer("qn", _norm_w(a.q_norm, spec.family, self.dtype))
+                L.register_buffer("kn", _norm_w(a.k_norm, spec.family, self.dtype))
             self.layers.append(L)
-        self.register_buffer("norm", _norm_w(body.norm, spec.family))
+        self.register_buffer("norm", _norm_w(body.norm, spec.family, self.dtype))
 
         # Output head (and the embedding, which shares its storage when tied).
         lm_head = model.get_output_embeddings()
@@ -205,9 +206,21 @@ class Decoder(nn.Module):
             n += b.numel() * b.element_size()
         return n
 
+    def bytes_per_token(self, context: int) -> int:
+        """Bytes one batch-1 decode step reads: every packed weight once (an embedding table that is not
+        the head only one row), norms, and the float32 KV cache at `context` tokens."""
+        n = self.weight_bytes()
+        if not self.tied:
+            e = self.embed.weight
+            n -= e.numel() * e.element_size() - e.shape[1] * e.element_size()
+        n -= sum(getattr(self, f"{t}{w}").numel() * getattr(self, f"{t}{w}").element_size()
+                 for t in ("cos", "sin", "mask") for w in (0, 1) if hasattr(self, f"{t}{w}"))
+        s = self.spec
+        return n + 2 * s.layers * s.kv_heads * s.head_dim * context * 4
+
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.spec.eps)
+        # one fused op instead of six; the HF order of operations (normalize in float32, cast, scale) is kept
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps)
         if self.spec.family == "gemma3":
             return (h * w).to(x.dtype)
         return w.to(x.dtype) * h.to(x.dtype)

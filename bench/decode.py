@@ -130,12 +130,14 @@ def main() -> None:
     ap.add_argument("--llama-wheels", default=None, help="install llama-cpp-python from this wheel folder instead of building it")
     ap.add_argument("--ppl-windows", type=int, default=40, help="perplexity windows of 512 tokens (0: skip perplexity)")
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores, PROTOCOL.md)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.rss_child:
-        setup_threads()
-        return rss_child(a.rss_child)
     setup_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)  # a departure from PROTOCOL.md, recorded in the results
+    if a.rss_child:
+        return rss_child(a.rss_child)
 
     import leanlm
     from leanlm.core.models import builtin_gguf

@@ -210,3 +210,16 @@ def test_real_smollm2_greedy_equals_hf():
     ids = torch.tensor([tok("The capital of France is", return_attention_mask=False)["input_ids"]])
     eng = Engine(model, "fp32", max_seq_len=64)
     assert torch.equal(eng.generate(ids, 16), _hf_greedy(model, ids, 16))
+
+
+def test_cli_eval_speed_engine(tiny_folder, capsys, monkeypatch):
+    """`leanlm eval --speed --engine both` times transformers and the leanlm engine through the speed harness."""
+    import leanlm.evaluation.harness as harness
+    from leanlm.cli import main
+
+    ids = torch.randint(1, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(harness, "protocol_prompts", lambda tok, b, p, src: ids.repeat(b, 1))  # the tiny tokenizer's text is short
+    assert main(["eval", str(tiny_folder), "--speed", "--engine", "both", "--weights", "int8", "--runs", "1",
+                 "--new-tokens", "3", "--prompt-tokens", "8", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "leanlm int8" in out and '"decode_tps"' in out

@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=40, help="perplexity windows of 512 tokens (0: skip perplexity)")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores, PROTOCOL.md)")
+    ap.add_argument("--only", default=None, help="comma-separated name parts: time only the matching generators (llama.cpp always)")
+    ap.add_argument("--name", default="decode", help="results file name under bench/results/")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     setup_threads()
@@ -164,6 +166,8 @@ def main() -> None:
     if a.compile:
         for name, src, head in [("leanlm int8 (w8a16) compiled", fq["int8"], None), ("leanlm int4 + int8 head compiled", fq["int4"], "int8")]:
             engines[name] = Engine(src, head=head, compile=True, **mk)
+    keep = (lambda k: True) if not a.only else (lambda k: any(p in k for p in a.only.split(",")))
+    engines = {k: e for k, e in engines.items() if keep(k) or k == "leanlm fp32"}
     bw = measure_bandwidth()
     gguf = str(builtin_gguf("smollm2-135m"))
     llama = None
@@ -198,6 +202,7 @@ def main() -> None:
         prompts = protocol_prompts(tok, b, a.prompt_tokens)
         gens = {"transformers fp32": hf_generator(model, tok), "transformers bf16": hf_generator(model_bf16, tok)}
         gens.update({k: e.generator() for k, e in engines.items()})
+        gens = {k: g for k, g in gens.items() if keep(k)}
         if llama is not None and b == 1:
             gens["llama.cpp Q4_1"] = llama.generator()
         print(f"batch {b}: timing {len(gens)} generators x {a.runs} interleaved runs", flush=True)
@@ -214,7 +219,7 @@ def main() -> None:
         ppl["float32 (transformers)"] = perplexity(model, tok, **kw).perplexity
         for kind in ("int8", "int4"):
             ppl[f"{kind} fake-quantized (transformers)"] = perplexity(fq[kind], tok, **kw).perplexity
-        for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", "leanlm int4 + int8 head"):
+        for k in [k for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", "leanlm int4 + int8 head") if k in engines]:
             ppl[k + " packed"] = perplexity(engines[k].as_lm(), tok, **kw).perplexity
 
     rss = {}
@@ -230,11 +235,11 @@ def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, contex
 
     b1 = speed.get("1", {})
     ref_llama = b1.get("llama.cpp Q4_1", {}).get("decode_tps")
-    ref_bf16 = {b: s["transformers bf16"]["decode_tps"] for b, s in speed.items()}
+    ref_bf16 = {b: s["transformers bf16"]["decode_tps"] for b, s in speed.items() if "transformers bf16" in s}
     rows = []
     for b, s in speed.items():
         for k, r in s.items():
-            rows.append([k, b, f"{r['decode_tps']:.1f}", f"{r['decode_tps'] / ref_bf16[b]:.2f}x",
+            rows.append([k, b, f"{r['decode_tps']:.1f}", f"{r['decode_tps'] / ref_bf16[b]:.2f}x" if b in ref_bf16 else "-",
                          f"{r['decode_tps'] / ref_llama:.2f}x" if (ref_llama and b == "1") else "-",
                          f"{r['prefill_tps']:.0f}", f"{weight_mb[k]:.0f}",
                          f"{limits[k]:.0f}" if b == "1" else "-", f"{r['decode_tps'] / limits[k]:.0%}" if b == "1" else "-"])
@@ -244,7 +249,7 @@ def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, contex
     if best:
         targets = {"best_low_bit_engine": best, "decode_tps": lean[best],
                    "vs_llamacpp": lean[best] / ref_llama if ref_llama else None,
-                   "vs_transformers_bf16": lean[best] / ref_bf16["1"]}
+                   "vs_transformers_bf16": lean[best] / ref_bf16["1"] if "1" in ref_bf16 else None}
     mi = machine_info()
     md = [f"# Decode speed: leanlm runtime vs transformers vs llama.cpp (SmolLM2-135M)\n",
           f"Machine: {mi['cpu']}, {mi['cores']} cores, {mi['torch_threads']} torch threads (llama.cpp: same thread count), torch {mi['torch']}"
@@ -272,7 +277,7 @@ def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, contex
             "perplexity": ppl, "rss_mb": rss, "targets": targets, "same_greedy_tokens_fp32": same_tokens,
             "llamacpp": llama.version if llama else None, "settings": vars(a)}
     print("\n".join(md))
-    print("wrote", write_results("decode", data, "\n".join(md)))
+    print("wrote", write_results(a.name, data, "\n".join(md)))
 
 
 if __name__ == "__main__":

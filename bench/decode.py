@@ -148,20 +148,21 @@ def main() -> None:
     from leanlm.evaluation.speed import compare_speed, hf_generator, protocol_prompts
     from leanlm.runtime import Engine
 
-    batches = [int(b) for b in a.batches.split(",")]
+    batches = [int(b) for b in a.batches.split(",") if b]  # empty: no speed runs (perplexity / memory only)
     total = a.prompt_tokens + a.new_tokens
     context = a.prompt_tokens + a.new_tokens // 2
     model, tok = leanlm.load("smollm2-135m")
     model_bf16, _ = leanlm.load("smollm2-135m", dtype="bfloat16")
     fq = {"int8": leanlm.quantize(copy.deepcopy(model), "w8a16", progress=False),
           "int4": leanlm.quantize(copy.deepcopy(model), "w4a16-rtn", progress=False)}
-    mk = dict(max_seq_len=max(total, 512), max_batch=max(max(batches), 4))
+    mk = dict(max_seq_len=max(total, 512), max_batch=max(batches + [4]))
     engines = {
         "leanlm fp32": Engine(model, "fp32", **mk),
         "leanlm bf16": Engine(model, "bf16", **mk),
         "leanlm int8 (w8a16)": Engine(fq["int8"], **mk),
         "leanlm int4 (w4a16-rtn g64)": Engine(fq["int4"], **mk),
         "leanlm int4 + int8 head": Engine(fq["int4"], head="int8", **mk),
+        "leanlm int4 + int4 head": Engine(fq["int4"], head="int4", **mk),
     }
     if a.compile:
         for name, src, head in [("leanlm int8 (w8a16) compiled", fq["int8"], None), ("leanlm int4 + int8 head compiled", fq["int4"], "int8")]:
@@ -219,7 +220,8 @@ def main() -> None:
         ppl["float32 (transformers)"] = perplexity(model, tok, **kw).perplexity
         for kind in ("int8", "int4"):
             ppl[f"{kind} fake-quantized (transformers)"] = perplexity(fq[kind], tok, **kw).perplexity
-        for k in [k for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", "leanlm int4 + int8 head") if k in engines]:
+        for k in [k for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", "leanlm int4 + int8 head",
+                                "leanlm int4 + int4 head") if k in engines]:
             ppl[k + " packed"] = perplexity(engines[k].as_lm(), tok, **kw).perplexity
 
     rss = {}

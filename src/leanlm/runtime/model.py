@@ -167,7 +167,8 @@ class Decoder(nn.Module):
             self.head = pack_weight(lm_head.weight.detach(), head, self.dtype, group_size, allow_fallback)
         else:
             raise LeanLMError(f"unknown head format {head!r}; choose auto, fp32, bf16, int8 or int4")
-        self.head_format = type(self.head).__name__
+        names = {"Int8Weight": "int8", "Int4Weight": "int4", "W8A8Weight": "w8a8"}
+        self.head_format = names.get(type(self.head).__name__, str(getattr(self.head, "weight", torch.empty(0)).dtype).replace("torch.", ""))
         # A tied embedding is looked up in the head's storage (int8 rows are dequantized on lookup);
         # an int4 head keeps a separate embedding table in the compute dtype.
         tied = lm_head.weight.data_ptr() == emb.data_ptr() and type(self.head).__name__ != "Int4Weight"

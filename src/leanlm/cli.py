@@ -70,12 +70,28 @@ def cmd_eval(a) -> dict:
         if label in models:
             raise LeanLMError("--compare names the same model and dtype as the baseline; change --compare or --compare-dtype")
         models[label] = _load(other, odt, a.trust_remote_code)
+    generators = None
+    if a.engine != "hf":
+        if not a.speed:
+            raise LeanLMError("--engine applies to --speed; add --speed")
+        from .runtime import Engine
+
+        generators = {}
+        for label in list(models):
+            eng = Engine(models[label][0], a.weights, max_seq_len=a.prompt_tokens + a.new_tokens, max_batch=a.batch,
+                         compile=a.compile, allow_fallback=a.allow_fallback)
+            name = f"{label} leanlm {eng.model.weights}"
+            if a.engine == "both":
+                models[name] = models[label]
+            else:
+                models[name] = models.pop(label)
+            generators[name] = eng.generator()
     s = EvalSettings(
         ppl=a.ppl, speed=a.speed, source=a.source, window=a.window, max_windows=a.windows or None, batch=a.batch,
         prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, runs=a.runs, warmup=a.warmup,
         price_per_hour=a.price_per_hour, progress=not a.json,
     )
-    return evaluate(models, s)
+    return evaluate(models, s, generators)
 
 
 def show_eval(r: dict, console) -> None:
@@ -262,12 +278,6 @@ def show_export(r: dict, console) -> None:
     console.print(line)
 
 
-def cmd_generate(a) -> dict:
-    from .speculative.cli import run_generate
-
-    return run_generate(a, _load)
-
-
 def cmd_draft(a) -> dict:
     from .speculative.cli import run_draft
 
@@ -281,6 +291,65 @@ def _show_speculative(name):
         getattr(spec_cli, name)(r, console)
 
     return show
+
+
+def _generate_runtime(a) -> dict:
+    import time
+
+    import torch
+
+    from .runtime import Engine
+
+    model, tok = _load(a.model, "float32", a.trust_remote_code)
+    if tok is None:
+        raise LeanLMError("this model has no tokenizer; generate needs one to read --prompt")
+    ids = torch.tensor([tok(a.prompt, return_attention_mask=False)["input_ids"]], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise LeanLMError("--prompt is empty after tokenization; give some text")
+    eng = Engine(model, a.weights, group_size=a.group_size, head=a.head, max_seq_len=a.max_seq_len or ids.shape[1] + a.max_new_tokens,
+                 compile=a.compile, allow_fallback=a.allow_fallback)
+    ticks: list[float] = []
+    t0 = time.perf_counter()
+    out = eng.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                       eos_token_id=None if a.no_stop else tok.eos_token_id, on_token=lambda: ticks.append(time.perf_counter()))
+    new = out[0, ids.shape[1]:]
+    dec = (len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else None
+    return {"model": a.model, "weights": eng.model.weights, "head": eng.model.head_format, "compiled": a.compile,
+            "weight_bytes": eng.weight_bytes(), "fallbacks": eng.fallbacks, "prompt_tokens": ids.shape[1],
+            "new_tokens": int(new.numel()), "ttft_s": ticks[0] - t0 if ticks else None, "decode_tps": dec,
+            "text": tok.decode(new, skip_special_tokens=True)}
+
+
+def _show_runtime(r: dict, console) -> None:
+    print(r["text"])
+    dec = f"{r['decode_tps']:.1f} tok/s decode" if r["decode_tps"] else "-"
+    fb = f"; FALLBACK: {'; '.join(sorted(set(r['fallbacks'])))}" if r["fallbacks"] else ""
+    print(f"[{r['weights']} weights, head {r['head']}, {_gb(r['weight_bytes'])} packed; {r['new_tokens']} tokens, "
+          f"first after {r['ttft_s'] * 1e3:.0f} ms, {dec}{fb}]", file=sys.stderr)
+
+
+def cmd_generate(a) -> dict:
+    """Runtime engine decoding; with --draft / --prompt-lookup, lossless speculative decoding with the
+    same engine as the target (the draft model, if any, runs through transformers)."""
+    if a.draft is None and not a.prompt_lookup:
+        if a.num_draft is not None or a.adaptive or a.chat:
+            raise LeanLMError("--num-draft, --adaptive and --chat go with --draft DRAFT or --prompt-lookup")
+        return _generate_runtime(a)
+    from .runtime import Engine
+    from .speculative.cli import run_generate
+
+    a.dtype, a.no_eos_stop = "float32", a.no_stop
+    a.top_k, a.top_p, a.seed = a.top_k or 0, 1.0 if a.top_p is None else a.top_p, a.seed or 0
+    return run_generate(a, _load, make_target=lambda m: Engine(m, a.weights, group_size=a.group_size, head=a.head,
+                                                               max_seq_len=a.max_seq_len or 4096, allow_fallback=a.allow_fallback))
+
+
+def show_generate(r: dict, console) -> None:
+    if "mode" in r:
+        from .speculative.cli import show_generate as show
+
+        return show(r, console)
+    _show_runtime(r, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +380,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", type=int, default=5)
     sp.add_argument("--warmup", type=int, default=1)
     sp.add_argument("--price-per-hour", type=float, default=None, help="machine price in $/hour, for cost per 1M tokens")
+    sp.add_argument("--engine", choices=["hf", "leanlm", "both"], default="hf",
+                    help="time transformers' generate (hf, default), the leanlm runtime, or both side by side")
+    sp.add_argument("--weights", default=None, help="leanlm engine weights: fp32, bf16 (default), int8, int4, w8a8")
+    sp.add_argument("--compile", action="store_true", help="leanlm engine: torch.compile the decode step")
+    sp.add_argument("--allow-fallback", action="store_true", help="leanlm engine: run formats without a fast kernel as dense weights")
+    from .speculative.cli import speculation_args
+
+    sp = sub.add_parser("generate", help="generate text with the leanlm runtime (packed low-bit weights); --draft or "
+                        "--prompt-lookup for lossless speculative decoding")
+    sp.add_argument("model", help="built-in name, Hugging Face folder, .gguf file, or a folder written by leanlm quantize")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--weights", default=None, help="fp32, bf16 (default), int8, int4 or w8a8; a leanlm-quantized model packs its own formats")
+    sp.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128 or 256)")
+    sp.add_argument("--head", default=None, help="output head format: auto (compute dtype, default), bf16, int8 or int4")
+    sp.add_argument("--max-seq-len", type=int, default=None, help="KV-cache size (default: prompt + new tokens)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--top-p", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    sp.add_argument("--allow-fallback", action="store_true", help="run formats without a fast kernel as dense weights (reported)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    sp.add_argument("--trust-remote-code", action="store_true")
+    speculation_args(sp)
     sp = sub.add_parser("quantize", help="post-training quantization with a preset or a JSON config")
     common(sp)
     sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
@@ -337,11 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quant", help="GGUF type: F16, BF16, F32, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K_M (default: the one that holds "
                     "leanlm's codes exactly, F16 for float models)")
     sp.add_argument("--overwrite", action="store_true")
-    from .speculative.cli import cli_args, draft_args
+    from .speculative.cli import draft_args
 
-    sp = sub.add_parser("generate", help="generate text; --draft or --prompt-lookup for lossless speculative decoding")
-    common(sp)
-    cli_args(sp)
     sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
     common(sp)
     draft_args(sp)
@@ -350,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
             "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
-            "generate": (cmd_generate, _show_speculative("show_generate")), "draft": (cmd_draft, _show_speculative("show_draft"))}
+            "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,16 +9,9 @@ import torch
 from ..core.errors import LeanLMError
 
 
-def cli_args(sp) -> None:
-    """Add the generation and speculation options to the `generate` parser."""
-    sp.add_argument("--prompt", required=True, help="the prompt text")
+def speculation_args(sp) -> None:
+    """Add the speculation options to the `generate` parser (which has the prompt and sampling options)."""
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
-    sp.add_argument("--max-new-tokens", type=int, default=128)
-    sp.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
-    sp.add_argument("--top-k", type=int, default=0)
-    sp.add_argument("--top-p", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=0, help="sampling seed")
-    sp.add_argument("--no-eos-stop", action="store_true", help="always generate --max-new-tokens tokens")
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--draft", help="draft model (same tokenizer): built-in name, folder, or quant:PRESET for a quantized copy of MODEL")
     g.add_argument("--prompt-lookup", action="store_true", help="draft-free speculation: copy n-grams from the prompt and the output")
@@ -29,7 +22,7 @@ def cli_args(sp) -> None:
     sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
 
 
-def run_generate(a, load) -> dict:
+def run_generate(a, load, make_target=None) -> dict:
     """`leanlm generate`: plain decoding, or speculative decoding with --draft / --prompt-lookup."""
     from .adaptive import AdaptiveK
     from .decode import generate, speculative_generate
@@ -56,7 +49,7 @@ def run_generate(a, load) -> dict:
         raise LeanLMError("the prompt is empty after tokenization; pass some text with --prompt")
     eos = None if a.no_eos_stop else tok.eos_token_id
     gen = torch.Generator().manual_seed(a.seed)
-    target = HFStepModel(model)
+    target = make_target(model) if make_target is not None else HFStepModel(model)
     mode, stats = "plain", None
     t0 = time.perf_counter()
     if not speculative:

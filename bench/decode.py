@@ -1,0 +1,286 @@
+"""Decode speed of the leanlm runtime (float32, bfloat16, int8, int4) next to transformers' generate and
+llama.cpp on SmolLM2-135M, interleaved in one run (PROTOCOL.md), plus the bandwidth-limit fraction,
+resident memory, and held-out perplexity of the packed models vs the fake-quantized models they came from.
+
+    python bench/decode.py                       # full run (llama-cpp-python built from PyPI source once)
+    python bench/decode.py --llama-wheels /work/wheels --runs 5
+    python bench/decode.py --compile             # also the torch.compile'd decode steps (minutes of compile)
+
+llama.cpp runs in its own virtualenv (bench/.venvs/llamacpp, created here with llama-cpp-python==0.3.36)
+as a worker process that streams one line per generated token; the parent ticks the speed harness on
+each line, so its runs interleave with the others' and are timed by the same code. llama.cpp's
+high-level API decodes one sequence, so it appears at batch 1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import md_table, setup_threads, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / "bench" / ".venvs" / "llamacpp"
+LLAMA_PIN = "llama-cpp-python==0.3.36"
+
+
+# ------------------------------------------------------------------------------------ llama.cpp
+def llamacpp_python(wheels: str | None) -> Path:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode != 0:
+        pip = [str(py), "-m", "pip", "install", "-q"]
+        subprocess.run(pip + ["numpy", "typing-extensions", "diskcache", "jinja2"], check=True)
+        if wheels:
+            subprocess.run(pip + ["--no-index", "--find-links", wheels, LLAMA_PIN], check=True)
+        else:
+            print(f"building {LLAMA_PIN} from source (about 5 minutes; pip caches the wheel)", flush=True)
+            subprocess.run(pip + [LLAMA_PIN], check=True)
+    return py
+
+
+class LlamaCpp:
+    def __init__(self, py: Path, gguf: str, threads: int, n_ctx: int):
+        self.p = subprocess.Popen([str(py), str(ROOT / "bench" / "llamacpp_worker.py")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.version = self._ask({"cmd": "load", "path": gguf, "threads": threads, "n_ctx": n_ctx})["version"]
+
+    def _ask(self, msg):
+        self.p.stdin.write(json.dumps(msg) + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def generator(self):
+        def gen(input_ids, new_tokens, on_token):
+            if input_ids.shape[0] != 1:
+                raise ValueError("llama.cpp worker decodes batch 1 only")
+            self.p.stdin.write(json.dumps({"cmd": "run", "prompt": input_ids[0].tolist(), "new_tokens": new_tokens}) + "\n")
+            self.p.stdin.flush()
+            toks = []
+            while True:
+                msg = json.loads(self.p.stdout.readline())
+                if "done" in msg:
+                    break
+                on_token()
+                toks.append(msg["tok"])
+            return torch.cat([input_ids, torch.tensor([toks])], dim=1)
+
+        return gen
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def rss_child(fmt: str) -> None:
+    """Print the resident memory (MB) of a process holding only the packed model (run in a fresh process)."""
+    import leanlm
+    from leanlm.runtime import Engine
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    if fmt == "none":  # imports only: the floor every other figure sits on
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        print(json.dumps({"rss_mb": rss()}))
+        return
+    model, tok = leanlm.load("smollm2-135m", dtype="bfloat16" if fmt == "hf-bf16" else "float32")
+    if fmt.startswith("hf"):
+        eng = None
+    else:
+        kind, _, head = fmt.partition("+")
+        if kind in ("int8", "int4"):
+            leanlm.quantize(model, "w8a16" if kind == "int8" else "w4a16-rtn", progress=False)
+            kind = None
+        eng = Engine(model, kind, head=head or None, max_seq_len=256)
+        del model
+    gc.collect()
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed float32 pages back, so RSS shows what is still held
+    print(json.dumps({"rss_mb": rss()}))
+
+
+def measure_rss(fmt: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", fmt], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rss_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd decode steps of the int8/int4 engines")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--llama-wheels", default=None, help="install llama-cpp-python from this wheel folder instead of building it")
+    ap.add_argument("--ppl-windows", type=int, default=40, help="perplexity windows of 512 tokens (0: skip perplexity)")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores, PROTOCOL.md)")
+    ap.add_argument("--only", default=None, help="comma-separated name parts: time only the matching generators (llama.cpp always)")
+    ap.add_argument("--name", default="decode", help="results file name under bench/results/")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    setup_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)  # a departure from PROTOCOL.md, recorded in the results
+    if a.rss_child:
+        return rss_child(a.rss_child)
+
+    import leanlm
+    from leanlm.core.models import builtin_gguf
+    from leanlm.evaluation import perplexity
+    from leanlm.evaluation.profile import machine_info, measure_bandwidth, roofline
+    from leanlm.evaluation.speed import compare_speed, hf_generator, protocol_prompts
+    from leanlm.runtime import Engine
+
+    batches = [int(b) for b in a.batches.split(",") if b]  # empty: no speed runs (perplexity / memory only)
+    total = a.prompt_tokens + a.new_tokens
+    context = a.prompt_tokens + a.new_tokens // 2
+    model, tok = leanlm.load("smollm2-135m")
+    model_bf16, _ = leanlm.load("smollm2-135m", dtype="bfloat16")
+    fq = {"int8": leanlm.quantize(copy.deepcopy(model), "w8a16", progress=False),
+          "int4": leanlm.quantize(copy.deepcopy(model), "w4a16-rtn", progress=False)}
+    mk = dict(max_seq_len=max(total, 512), max_batch=max(batches + [4]))
+    engines = {
+        "leanlm fp32": Engine(model, "fp32", **mk),
+        "leanlm bf16": Engine(model, "bf16", **mk),
+        "leanlm int8 (w8a16)": Engine(fq["int8"], **mk),
+        "leanlm int4 (w4a16-rtn g64)": Engine(fq["int4"], **mk),
+        "leanlm int4 + int8 head": Engine(fq["int4"], head="int8", **mk),
+        "leanlm int4 + int4 head": Engine(fq["int4"], head="int4", **mk),
+    }
+    if a.compile:
+        for name, src, head in [("leanlm int8 (w8a16) compiled", fq["int8"], None), ("leanlm int4 + int8 head compiled", fq["int4"], "int8")]:
+            engines[name] = Engine(src, head=head, compile=True, **mk)
+    keep = (lambda k: True) if not a.only else (lambda k: any(p in k for p in a.only.split(",")))
+    engines = {k: e for k, e in engines.items() if keep(k) or k == "leanlm fp32"}
+    bw = measure_bandwidth()
+    gguf = str(builtin_gguf("smollm2-135m"))
+    llama = None
+    if not a.no_llamacpp:
+        llama = LlamaCpp(llamacpp_python(a.llama_wheels), gguf, torch.get_num_threads(), 512)
+
+    # ---- bandwidth limits (same measured bandwidth for all)
+    limits = {
+        "transformers fp32": roofline(model, None, context=context, bandwidth=bw, flops=1e12).memory_limit_tps,
+        "transformers bf16": roofline(model_bf16, None, context=context, bandwidth=bw, flops=1e12).memory_limit_tps,
+    }
+    for k, e in engines.items():
+        limits[k] = bw / e.model.bytes_per_token(context)
+    f = model.config
+    kv_f16 = 2 * f.num_hidden_layers * f.num_key_value_heads * (f.hidden_size // f.num_attention_heads) * context * 2
+    limits["llama.cpp Q4_1"] = bw / (os.path.getsize(gguf) + kv_f16)
+    weight_mb = {k: e.weight_bytes() / 1e6 for k, e in engines.items()}
+    from leanlm.evaluation.memory import tensor_bytes
+
+    weight_mb["transformers fp32"] = tensor_bytes(model) / 1e6
+    weight_mb["transformers bf16"] = tensor_bytes(model_bf16) / 1e6
+    weight_mb["llama.cpp Q4_1"] = os.path.getsize(gguf) / 1e6
+
+    # ---- same-run correctness: leanlm fp32 greedy tokens vs transformers' generate of the same weights
+    p1 = protocol_prompts(tok, 1, a.prompt_tokens)
+    hf_out = hf_generator(model, tok)(p1, 32, lambda: None)
+    ll_out = engines["leanlm fp32"].generate(p1, 32)
+    same_tokens = bool(torch.equal(hf_out, ll_out))
+
+    speed: dict[str, dict] = {}
+    for b in batches:
+        prompts = protocol_prompts(tok, b, a.prompt_tokens)
+        gens = {"transformers fp32": hf_generator(model, tok), "transformers bf16": hf_generator(model_bf16, tok)}
+        gens.update({k: e.generator() for k, e in engines.items()})
+        gens = {k: g for k, g in gens.items() if keep(k)}
+        if llama is not None and b == 1:
+            gens["llama.cpp Q4_1"] = llama.generator()
+        print(f"batch {b}: timing {len(gens)} generators x {a.runs} interleaved runs", flush=True)
+        res = compare_speed(gens, prompts, a.new_tokens, a.runs, warmup=1)
+        speed[str(b)] = {k: r.to_dict() for k, r in res.items()}
+        report(a, speed, limits, weight_mb, {}, {}, bw, llama, same_tokens, context)
+    if llama is not None:
+        llama.close()
+
+    # ---- held-out perplexity: packed vs the fake-quantized model it came from
+    ppl = {}
+    if a.ppl_windows:
+        kw = dict(max_windows=a.ppl_windows, progress=True)
+        ppl["float32 (transformers)"] = perplexity(model, tok, **kw).perplexity
+        for kind in ("int8", "int4"):
+            ppl[f"{kind} fake-quantized (transformers)"] = perplexity(fq[kind], tok, **kw).perplexity
+        for k in [k for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", "leanlm int4 + int8 head",
+                                "leanlm int4 + int4 head") if k in engines]:
+            ppl[k + " packed"] = perplexity(engines[k].as_lm(), tok, **kw).perplexity
+
+    rss = {}
+    if not a.no_rss:
+        for fmt in ("none", "hf-fp32", "hf-bf16", "fp32", "bf16", "int8", "int4", "int4+int8"):
+            rss[fmt] = measure_rss(fmt)
+
+    report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, context)
+
+
+def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, context) -> None:
+    from leanlm.evaluation.profile import machine_info
+
+    b1 = speed.get("1", {})
+    ref_llama = b1.get("llama.cpp Q4_1", {}).get("decode_tps")
+    ref_bf16 = {b: s["transformers bf16"]["decode_tps"] for b, s in speed.items() if "transformers bf16" in s}
+    rows = []
+    for b, s in speed.items():
+        for k, r in s.items():
+            rows.append([k, b, f"{r['decode_tps']:.1f}", f"{r['decode_tps'] / ref_bf16[b]:.2f}x" if b in ref_bf16 else "-",
+                         f"{r['decode_tps'] / ref_llama:.2f}x" if (ref_llama and b == "1") else "-",
+                         f"{r['prefill_tps']:.0f}", f"{weight_mb[k]:.0f}",
+                         f"{limits[k]:.0f}" if b == "1" else "-", f"{r['decode_tps'] / limits[k]:.0%}" if b == "1" else "-"])
+    lean = {k: v["decode_tps"] for k, v in b1.items() if k.startswith("leanlm") and ("int" in k)}
+    best = max(lean, key=lean.get) if lean else None
+    targets = {}
+    if best:
+        targets = {"best_low_bit_engine": best, "decode_tps": lean[best],
+                   "vs_llamacpp": lean[best] / ref_llama if ref_llama else None,
+                   "vs_transformers_bf16": lean[best] / ref_bf16["1"] if "1" in ref_bf16 else None}
+    mi = machine_info()
+    md = [f"# Decode speed: leanlm runtime vs transformers vs llama.cpp (SmolLM2-135M)\n",
+          f"Machine: {mi['cpu']}, {mi['cores']} cores, {mi['torch_threads']} torch threads (llama.cpp: same thread count), torch {mi['torch']}"
+          + (f", llama-cpp-python {llama.version}" if llama else "") + f"; measured read bandwidth {bw / 1e9:.1f} GB/s.",
+          f"Protocol: greedy, first {a.prompt_tokens} tokens of evaluation articles as prompts, {a.new_tokens} new tokens, no early stop; "
+          f"all generators interleaved (A B C ... A B C ...), median of {a.runs} runs after a warm-up. Decode tok/s counts all rows. "
+          "Bandwidth limit = read bandwidth / bytes read per batch-1 decode step (weights + KV cache at the mean context of "
+          f"{context} tokens; llama.cpp: GGUF size + f16 KV).\n",
+          md_table(["engine", "batch", "decode tok/s", "vs transformers bf16", "vs llama.cpp", "prefill tok/s", "weights MB",
+                    "bandwidth limit tok/s", "fraction of limit"], rows), ""]
+    if targets:
+        md.append(f"Fastest leanlm low-bit path at batch 1: **{best}**, {targets['decode_tps']:.1f} tok/s = "
+                  + (f"**{targets['vs_llamacpp']:.2f}x llama.cpp Q4_1** and " if targets["vs_llamacpp"] else "")
+                  + f"**{targets['vs_transformers_bf16']:.2f}x transformers bf16 generate** (targets: >= 1.0x and >= 4x).\n")
+    md.append(f"Same-run check: leanlm fp32 greedy tokens {'==' if same_tokens else '!='} transformers fp32 generate "
+              "(protocol prompt, 32 new tokens).\n")
+    if ppl:
+        md.append(f"## Held-out perplexity ({a.ppl_windows} windows x 512 tokens)\n")
+        md.append(md_table(["model", "perplexity"], [[k, f"{v:.4f}"] for k, v in ppl.items()]) + "\n")
+    if rss:
+        md.append("## Resident memory of a process holding only the model (MB, after load + pack, HF model freed; "
+                  "`none` = imports only)\n")
+        md.append(md_table(["format", "RSS MB"], [[k, f"{v:.0f}"] for k, v in rss.items()]) + "\n")
+    data = {"machine": mi, "bandwidth_gbs": bw / 1e9, "speed": speed, "bandwidth_limit_tps": limits, "weights_mb": weight_mb,
+            "perplexity": ppl, "rss_mb": rss, "targets": targets, "same_greedy_tokens_fp32": same_tokens,
+            "llamacpp": llama.version if llama else None, "settings": vars(a)}
+    print("\n".join(md))
+    print("wrote", write_results(a.name, data, "\n".join(md)))
+
+
+if __name__ == "__main__":
+    main()

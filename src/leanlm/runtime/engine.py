@@ -1,0 +1,150 @@
+"""`Engine`: a packed model with its static KV cache; the StepModel interface plus `generate`.
+
+    eng = Engine(model, weights="int4")           # or a leanlm-quantized model (weights="auto")
+    out = eng.generate(ids, max_new_tokens=64)     # greedy; temperature/top_k/top_p/seed to sample
+    eng.reset(); logits = eng.forward(ids); eng.rewind(n)   # StepModel (speculative decoding)
+
+With ``compile=True`` the one-token decode step is compiled by torch.compile (inductor, fixed shapes:
+the attention reads a bucket of `kv_block` cache slots, so a new bucket compiles once); prefill and
+multi-token verification steps run eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..core.errors import LeanLMError
+from .model import Decoder
+from .sampling import SamplingConfig, next_token
+
+
+class Engine:
+    def __init__(self, model: nn.Module, weights: str | None = None, *, group_size: int = 64, head: str | None = None,
+                 max_seq_len: int = 1024, max_batch: int = 1, compile: bool = False, kv_block: int = 256,
+                 allow_fallback: bool = False):
+        if max_seq_len < 1 or max_batch < 1:
+            raise LeanLMError(f"max_seq_len and max_batch must be >= 1, got {max_seq_len} and {max_batch}")
+        with torch.no_grad():
+            self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_seq_len,
+                                 max_batch=max_batch, allow_fallback=allow_fallback).eval()
+        self.config = getattr(model, "config", None)
+        self.fallbacks = self.model.fallbacks
+        self.kv_block = kv_block
+        self.length = 0
+        self.batch = None
+        self.compiled = compile
+        self._step = self.model.forward
+        if compile:
+            self._step = _compile(self.model.forward)
+
+    # ------------------------------------------------------------------ StepModel
+    def reset(self) -> None:
+        self.length = 0
+        self.batch = None
+
+    def rewind(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise LeanLMError(f"cannot rewind to {length}: the cache holds {self.length} tokens")
+        self.length = length
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append `ids` [B, T] after the cached tokens; float32 logits [B, T, vocab]."""
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+            raise LeanLMError(f"ids must be a 2-D LongTensor [batch, tokens], got {tuple(ids.shape)} {ids.dtype}")
+        B, T = ids.shape
+        if T == 0:
+            raise LeanLMError("forward() needs at least one new token")
+        if B > self.model.max_batch:
+            raise LeanLMError(f"batch {B} exceeds the engine's max_batch={self.model.max_batch}; create the Engine with max_batch={B}")
+        if self.batch is not None and self.length and B != self.batch:
+            raise LeanLMError(f"the cache holds {self.batch} rows, got {B}; call reset() first")
+        end = self.length + T
+        if end > self.model.max_seq_len:
+            raise LeanLMError(f"{self.length} cached + {T} new tokens exceed the cache of {self.model.max_seq_len} tokens; "
+                              f"create the Engine with max_seq_len >= {end} (or a shorter prompt / fewer new tokens)")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.model.spec.vocab:
+            raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {int(ids.min())}..{int(ids.max())}")
+        kv_len = min(self.model.max_seq_len, -(-end // self.kv_block) * self.kv_block)
+        pos = torch.arange(self.length, end)
+        fn = self._step if T == 1 else self.model.forward
+        logits = fn(ids, pos, kv_len)
+        self.length, self.batch = end, B
+        return logits.clone() if T == 1 and self.compiled else logits
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
+                 on_token: Callable[[], None] | None = None) -> torch.Tensor:
+        """Prompt rows of equal length [B, T] -> [B, T + new] (stops early only when every row hit `eos_token_id`)."""
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if max_new_tokens < 1:
+            raise LeanLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        cfg = SamplingConfig(temperature, top_k, top_p, seed)
+        gen = None
+        if not cfg.greedy:
+            gen = torch.Generator()
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        need = ids.shape[1] + max_new_tokens - 1
+        if need > self.model.max_seq_len:
+            raise LeanLMError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens needs a cache of {need} tokens, "
+                              f"this engine holds {self.model.max_seq_len}; create it with max_seq_len >= {need}")
+        self.reset()
+        out = [ids]
+        logits = self.forward(ids)[:, -1]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for i in range(max_new_tokens):
+            tok = next_token(logits, cfg, gen)
+            if on_token is not None:
+                on_token()
+            if eos_token_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+                done |= tok == eos_token_id
+            out.append(tok[:, None])
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = self.forward(tok[:, None])[:, -1]
+        return torch.cat(out, dim=1)
+
+    def generator(self):
+        """A `leanlm.evaluation.speed` generator (greedy, no early stop)."""
+
+        def gen(input_ids, max_new_tokens, on_token):
+            return self.generate(input_ids, max_new_tokens, on_token=on_token)
+
+        return gen
+
+    def weight_bytes(self) -> int:
+        return self.model.weight_bytes()
+
+    def as_lm(self) -> nn.Module:
+        """A module whose forward(input_ids) returns full-sequence logits (cache reset each call), for
+        `leanlm.evaluation.perplexity`."""
+        return _LMView(self)
+
+
+class _LMView(nn.Module):
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self._device = nn.Parameter(torch.empty(0), requires_grad=False)  # perplexity() reads the device from a parameter
+
+    def forward(self, input_ids: torch.Tensor, **_) -> torch.Tensor:
+        self.engine.reset()
+        out = self.engine.forward(input_ids)
+        self.engine.reset()
+        return out
+
+
+def _compile(fn):
+    import torch._dynamo
+    import torch._inductor.config as ic
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    ic.cpp_wrapper = True   # C++ wrapper: no per-kernel Python dispatch in the compiled step
+    return torch.compile(fn, fullgraph=True, dynamic=False)

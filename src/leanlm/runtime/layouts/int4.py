@@ -1,0 +1,60 @@
+"""int4 group-wise weights, two per byte, activations in bfloat16 (or float32):
+`torch.ops.aten._convert_weight_to_int4pack_for_cpu` packs once, then
+`torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [in/group, out, 2])`
+computes x @ W.T with W = (u - 8) * scale + zero for the unsigned 4-bit code u.
+
+A symmetric code q in [-8, 7] is stored as u = q + 8 with zero 0 (exact); an asymmetric code u in
+[0, 15] with integer zero point z as u with zero = (8 - z) * scale (exact up to the rounding of
+that product to the activation dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class Int4Weight(nn.Module):
+    fallback: str | None = None
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, out_features: int, in_features: int):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.group_size, self.out_features, self.in_features = group_size, out_features, in_features
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, dtype: torch.dtype) -> "Int4Weight":
+        """codes [out, in] (int8 in [-8, 7] when `zero` is None, else uint8 in [0, 15]); scale/zero [out, in/g, 1]."""
+        out_f, in_f = codes.shape
+        scale = scale.reshape(out_f, in_f // group_size).float()
+        if zero is None:
+            u = codes.to(torch.int32) + 8
+            z = torch.zeros_like(scale)
+        else:
+            u = codes.to(torch.int32)
+            z = (8 - zero.reshape(out_f, in_f // group_size).float()) * scale
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
+        sz = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [in/g, out, 2]
+        return cls(packed, sz, group_size, out_f, in_f)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int, dtype: torch.dtype) -> "Int4Weight":
+        from ...quantization.formats import compute_qparams, quantize
+
+        fmt = f"int4_g{group_size}"
+        qp = compute_qparams(w.float(), fmt)
+        return cls.from_codes(quantize(w.float(), fmt, qp), qp.scale, None, group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        return self.forward(eye).float().t().contiguous()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # the runtime never packs an embedding table as int4 (see docs/runtime.md)

@@ -1,0 +1,34 @@
+"""int8 per-output-channel symmetric weights, activations in bfloat16 (or float32):
+`torch.ops.aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])` = x @ (w * s).T."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Int8Weight(nn.Module):
+    fallback: str | None = None
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("qweight", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.reshape(-1).to(dtype).contiguous())
+        self.out_features, self.in_features = self.qweight.shape
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
+        from ...quantization.formats import compute_qparams, quantize
+
+        qp = compute_qparams(w.float(), "int8")
+        return cls(quantize(w.float(), "int8", qp), qp.scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)

@@ -1,0 +1,44 @@
+"""W8A8: int8 per-output-channel weights and int8 activations (symmetric, per token and dynamic, or
+one static per-tensor scale). `torch._int_mm(x_int8 [M, in], w_int8.T [in, out])` accumulates in
+int32 (exact), then `* x_scale * w_scale` in float32. Activation codes are computed as
+`leanlm.quantization.formats` defines them (round half to even, clamp to [-128, 127])."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class W8A8Weight(nn.Module):
+    fallback: str | None = None
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, static_amax: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("qweight", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.reshape(1, -1).float().contiguous())
+        self.register_buffer("x_scale", None if static_amax is None else _nonzero(static_amax.float().reshape(()) / 127))
+        self.out_features, self.in_features = self.qweight.shape
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "W8A8Weight":
+        from ...quantization.formats import compute_qparams, quantize
+
+        qp = compute_qparams(w.float(), "int8")
+        return cls(quantize(w.float(), "int8", qp), qp.scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        s = _nonzero(x2.abs().amax(-1, keepdim=True) / 127) if self.x_scale is None else self.x_scale
+        q = torch.round(x2 / s).clamp_(-128, 127).to(torch.int8)
+        y = torch._int_mm(q, self.qweight.t()).float() * s * self.scale
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.reshape(-1, 1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scale.reshape(-1)[ids].unsqueeze(-1)
+
+
+def _nonzero(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 0, torch.ones_like(s), s)

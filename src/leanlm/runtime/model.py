@@ -1,0 +1,289 @@
+"""A lean decoder for Llama-family models (SmolLM2) and Gemma-3, read from a loaded `transformers` model.
+
+Weights are packed per layer (q/k/v fused into one matmul, gate/up fused into one), the KV cache is
+preallocated ([layers, batch, kv_heads, max_seq_len, head_dim]), and one `forward` call runs T new
+tokens at tensor positions `input_pos` with attention over the first `kv_len` cache slots (a
+static size, so a compiled decode step sees fixed shapes). RoPE tables come from the HF model's
+own rotary embedding; norms, activations and attention scaling follow the HF code of each family.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import LeanLMError
+from .layouts import DenseWeight, pack_linear, pack_weight
+
+
+@dataclass
+class Spec:
+    family: str              # "llama" or "gemma3"
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+    scale: float             # attention softmax scale
+    act: str                 # "silu" or "gelu_tanh"
+    embed_scale: float       # gemma: sqrt(hidden)
+    windows: list            # per layer: sliding window size or None
+    final_softcap: float | None
+    tied: bool
+
+
+def _spec(model: nn.Module) -> Spec:
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    mt = getattr(cfg, "model_type", "")
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if mt.startswith("gemma3"):
+        if getattr(cfg, "attn_logit_softcapping", None):
+            raise LeanLMError("Gemma attention logit soft-capping is not supported by the leanlm runtime")
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        return Spec("gemma3", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
+                    cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, cfg.query_pre_attn_scalar ** -0.5, "gelu_tanh",
+                    cfg.hidden_size ** 0.5, [cfg.sliding_window if t == "sliding_attention" else None for t in types],
+                    getattr(cfg, "final_logit_softcapping", None), tied)
+    if mt in ("llama", "mistral", "qwen2", "smollm3") or hasattr(model, "model") and hasattr(model.model, "layers"):
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise LeanLMError(f"unsupported activation {cfg.hidden_act!r} for the Llama path of the leanlm runtime")
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or mt == "qwen2":
+            raise LeanLMError(f"{mt}: linear biases are not supported by the leanlm runtime yet; supported: Llama-family (SmolLM2) and Gemma-3")
+        if getattr(cfg, "sliding_window", None) and mt != "llama":
+            raise LeanLMError(f"{mt}: sliding-window attention is supported for Gemma-3 only")
+        return Spec("llama", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
+                    cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, hd ** -0.5, "silu", 1.0,
+                    [None] * cfg.num_hidden_layers, None, tied)
+    raise LeanLMError(f"the leanlm runtime supports Llama-family models (SmolLM2) and Gemma-3, not {type(model).__name__}")
+
+
+def _fused(linears: list, kind, dtype, group_size, allow_fallback):
+    """Pack linears that read the same input as one matmul. Quantized layers keep their own codes
+    and scales (row-wise formats concatenate exactly)."""
+    if len(linears) == 1:
+        return pack_linear(linears[0], kind, dtype, group_size, allow_fallback)
+    big = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
+    big.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+    qs = [getattr(m, "weight_quantizer", None) for m in linears]
+    if any(q is not None and q.enabled for q in qs):
+        from ..quantization.formats import QParams, compute_qparams
+        from ..quantization.modules import TensorQuantizer
+
+        if len({(q.fmt if q is not None and q.enabled else None) for q in qs}) != 1:
+            raise LeanLMError("q/k/v (or gate/up) layers quantized in different formats cannot be fused; quantize them alike")
+        qps = [q.qparams if q.qparams is not None else compute_qparams(m.weight.detach().float(), q.fmt) for q, m in zip(qs, linears)]
+        wq = TensorQuantizer(qs[0].cfg, "weight")
+        wq.qparams = QParams(torch.cat([p.scale for p in qps]), None if qps[0].zero is None else torch.cat([p.zero for p in qps]))
+        big.weight_quantizer = wq
+        iq = getattr(linears[0], "input_quantizer", None)
+        if iq is not None and iq.enabled:
+            if not iq.cfg.dynamic:
+                amax = torch.stack([m.input_quantizer.amax.reshape(()) for m in linears])
+                if not torch.all(amax == amax[0]):
+                    raise LeanLMError("layers sharing an input have different static activation ranges; cannot fuse them")
+            big.input_quantizer = iq
+    return pack_linear(big, kind, dtype, group_size, allow_fallback)
+
+
+class Layer(nn.Module):
+    pass
+
+
+def _norm_w(norm: nn.Module, family: str, dtype: torch.dtype) -> torch.Tensor:
+    """Gemma scales by (1 + w) in float32; Llama multiplies by w in the activation dtype (as HF does)."""
+    w = norm.weight.detach().float()
+    return (1.0 + w) if family == "gemma3" else w.to(dtype)
+
+
+class Decoder(nn.Module):
+    """Packed weights + static KV cache. `forward(ids [B, T], input_pos [T], kv_len) -> logits [B, T, V]`."""
+
+    def __init__(self, model: nn.Module, weights: str | None = None, *, group_size: int = 64, head: str | None = None,
+                 max_seq_len: int = 2048, max_batch: int = 1, allow_fallback: bool = False):
+        super().__init__()
+        spec = self.spec = _spec(model)
+        quantized = any(getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.enabled for m in model.modules())
+        if quantized:
+            # A leanlm-quantized model is packed in its own formats; float layers stay bfloat16.
+            if weights not in (None, "auto"):
+                raise LeanLMError(f"this model is already quantized (leanlm.quantize); pack it with weights='auto', not {weights!r}")
+            w8a8 = any(getattr(m, "input_quantizer", None) is not None and m.input_quantizer.enabled for m in model.modules())
+            weights = "w8a8" if w8a8 else "auto"
+        elif weights in (None, "auto"):
+            weights = "bf16"
+        if weights not in ("auto", "fp32", "bf16", "int8", "int4", "w8a8"):
+            raise LeanLMError(f"unknown weight format {weights!r}; choose one of: fp32, bf16, int8, int4, w8a8")
+        # Activations: float32 for fp32 and w8a8 weights (exact integer matmuls), bfloat16 for the others
+        # (the int8/int4 weight-only kernels are fast with bfloat16 activations only).
+        self.dtype = torch.float32 if weights in ("fp32", "w8a8") else torch.bfloat16
+        self.weights, self.group_size = weights, group_size
+        body = model.model if hasattr(model, "model") else model
+        body = getattr(body, "language_model", body)
+        self.fallbacks: list[str] = []
+        kind = "bf16" if weights == "auto" else weights
+
+        def pk(linears):
+            layout = _fused(linears, kind, self.dtype, group_size, allow_fallback)
+            if layout.fallback:
+                self.fallbacks.append(layout.fallback)
+            return layout
+
+        self.layers = nn.ModuleList()
+        for hl in body.layers:
+            L = Layer()
+            a, m = hl.self_attn, hl.mlp
+            L.qkv = pk([a.q_proj, a.k_proj, a.v_proj])
+            L.o = pk([a.o_proj])
+            L.gate_up = pk([m.gate_proj, m.up_proj])
+            L.down = pk([m.down_proj])
+            L.register_buffer("ln1", _norm_w(hl.input_layernorm, spec.family, self.dtype))
+            L.register_buffer("ln2", _norm_w(hl.post_attention_layernorm, spec.family, self.dtype))
+            if spec.family == "gemma3":
+                L.register_buffer("ln3", _norm_w(hl.pre_feedforward_layernorm, spec.family, self.dtype))
+                L.register_buffer("ln4", _norm_w(hl.post_feedforward_layernorm, spec.family, self.dtype))
+                L.register_buffer("qn", _norm_w(a.q_norm, spec.family, self.dtype))
+                L.register_buffer("kn", _norm_w(a.k_norm, spec.family, self.dtype))
+            self.layers.append(L)
+        self.register_buffer("norm", _norm_w(body.norm, spec.family, self.dtype))
+
+        # Output head (and the embedding, which shares its storage when tied).
+        lm_head = model.get_output_embeddings()
+        emb = model.get_input_embeddings().weight.detach()
+        hq = getattr(lm_head, "weight_quantizer", None)
+        if hq is not None and hq.enabled:
+            self.head = pk([lm_head])
+        elif head in (None, "auto"):
+            self.head = DenseWeight(lm_head.weight.detach(), self.dtype)
+        elif head in ("bf16", "fp32", "int8", "int4"):
+            self.head = pack_weight(lm_head.weight.detach(), head, self.dtype, group_size, allow_fallback)
+        else:
+            raise LeanLMError(f"unknown head format {head!r}; choose auto, fp32, bf16, int8 or int4")
+        names = {"Int8Weight": "int8", "Int4Weight": "int4", "W8A8Weight": "w8a8"}
+        self.head_format = names.get(type(self.head).__name__, str(getattr(self.head, "weight", torch.empty(0)).dtype).replace("torch.", ""))
+        # A tied embedding is looked up in the head's storage (int8 rows are dequantized on lookup);
+        # an int4 head keeps a separate embedding table in the compute dtype.
+        tied = lm_head.weight.data_ptr() == emb.data_ptr() and type(self.head).__name__ != "Int4Weight"
+        self.embed = self.head if tied else DenseWeight(emb, self.dtype)
+        self.tied = tied
+
+        # RoPE tables from the model's own rotary embedding, per layer type.
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        pos = torch.arange(max_seq_len).unsqueeze(0)
+        dummy = torch.zeros(1, dtype=self.dtype)
+        rot = body.rotary_emb
+        kinds = sorted({w is not None for w in spec.windows})
+        for sliding in kinds:
+            kw = {"layer_type": "sliding_attention" if sliding else "full_attention"} if spec.family == "gemma3" else {}
+            cos, sin = rot(dummy, pos, **kw)
+            self.register_buffer(f"cos{int(sliding)}", cos[0].to(self.dtype).contiguous())
+            self.register_buffer(f"sin{int(sliding)}", sin[0].to(self.dtype).contiguous())
+        idx = torch.arange(max_seq_len)
+        causal = idx[None, :] <= idx[:, None]
+        self.register_buffer("mask0", causal)
+        win = next((w for w in spec.windows if w), None)
+        if win:
+            self.register_buffer("mask1", causal & (idx[:, None] - idx[None, :] < win))
+        shape = (spec.layers, max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
+        # float32 cache: PyTorch's bfloat16 batched matmul is far slower than float32 at these tiny shapes.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
+
+    def weight_bytes(self) -> int:
+        """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once."""
+        seen, n = set(), 0
+        for name, b in self.named_buffers():
+            if name in ("k_cache", "v_cache") or b.data_ptr() in seen:
+                continue
+            seen.add(b.data_ptr())
+            n += b.numel() * b.element_size()
+        return n
+
+    def bytes_per_token(self, context: int) -> int:
+        """Bytes one batch-1 decode step reads: every packed weight once (an embedding table that is not
+        the head only one row), norms, and the float32 KV cache at `context` tokens."""
+        n = self.weight_bytes()
+        if not self.tied:
+            e = self.embed.weight
+            n -= e.numel() * e.element_size() - e.shape[1] * e.element_size()
+        n -= sum(getattr(self, f"{t}{w}").numel() * getattr(self, f"{t}{w}").element_size()
+                 for t in ("cos", "sin", "mask") for w in (0, 1) if hasattr(self, f"{t}{w}"))
+        s = self.spec
+        return n + 2 * s.layers * s.kv_heads * s.head_dim * context * 4
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # one fused op instead of six; the HF order of operations (normalize in float32, cast, scale) is kept
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps)
+        if self.spec.family == "gemma3":
+            return (h * w).to(x.dtype)
+        return w.to(x.dtype) * h.to(x.dtype)
+
+    @staticmethod
+    def _rope(x, cos, sin):
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    def _attend(self, q, k, v, mask):
+        """Grouped-query attention as two small matmuls (PyTorch's CPU flash-attention kernel is slow for
+        one query row). q [B, H, T, D], k/v [B, Hkv, S, D], mask [T, S] bool -> [B, T, H, D]."""
+        s = self.spec
+        B, H, T, D = q.shape
+        g = H // s.kv_heads
+        qg = q.float().reshape(B, s.kv_heads, g * T, D)
+        att = torch.matmul(qg, k.transpose(-1, -2)) * s.scale                 # [B, Hkv, g*T, S]
+        att = att.view(B, s.kv_heads, g, T, -1).masked_fill(~mask, float("-inf"))
+        p = att.softmax(-1).view(B, s.kv_heads, g * T, -1)
+        o = torch.matmul(p, v).view(B, H, T, D)
+        return o.transpose(1, 2).to(q.dtype)
+
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        s = self.spec
+        B, T = ids.shape
+        x = self.embed.rows(ids).to(self.dtype)
+        if s.family == "gemma3":
+            x = x * torch.tensor(s.embed_scale, dtype=self.dtype)
+        q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        ropes = {w: (getattr(self, f"cos{w}")[input_pos], getattr(self, f"sin{w}")[input_pos]) for w in (0, 1) if hasattr(self, f"cos{w}")}
+        masks = {w: getattr(self, f"mask{w}")[input_pos, :kv_len] for w in (0, 1) if hasattr(self, f"mask{w}")}
+        for i, L in enumerate(self.layers):
+            sl = 1 if s.windows[i] else 0
+            cos, sin = ropes[sl]
+            h = self._rms(x, L.ln1)
+            qkv = L.qkv(h)
+            q = qkv[..., :q_dim].view(B, T, s.heads, s.head_dim)
+            k = qkv[..., q_dim:q_dim + kv_dim].view(B, T, s.kv_heads, s.head_dim)
+            v = qkv[..., q_dim + kv_dim:].view(B, T, s.kv_heads, s.head_dim)
+            if s.family == "gemma3":
+                q, k = self._rms(q, L.qn), self._rms(k, L.kn)
+            q = self._rope(q.transpose(1, 2), cos, sin)
+            k = self._rope(k.transpose(1, 2), cos, sin)
+            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
+            kc.index_copy_(2, input_pos, k.to(kc.dtype))
+            vc.index_copy_(2, input_pos, v.transpose(1, 2).to(vc.dtype))
+            o = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], masks[sl])
+            o = L.o(o.reshape(B, T, q_dim))
+            if s.family == "gemma3":
+                x = x + self._rms(o, L.ln2)
+                h = self._rms(x, L.ln3)
+            else:
+                x = x + o
+                h = self._rms(x, L.ln2)
+            gu = L.gate_up(h)
+            g, u = gu[..., : s.intermediate], gu[..., s.intermediate:]
+            g = F.silu(g) if s.act == "silu" else F.gelu(g, approximate="tanh")
+            h = L.down(g * u)
+            x = x + (self._rms(h, L.ln4) if s.family == "gemma3" else h)
+        x = self._rms(x, self.norm)
+        logits = self.head(x).float()
+        if s.final_softcap:
+            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        return logits

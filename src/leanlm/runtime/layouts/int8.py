@@ -7,6 +7,14 @@ import torch
 from torch import nn
 
 
+def int8_rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int8 codes and per-channel scales of a float weight (leanlm's ``int8`` format)."""
+    from ...quantization.formats import compute_qparams, quantize
+
+    qp = compute_qparams(w.float(), "int8")
+    return quantize(w.float(), "int8", qp), qp.scale
+
+
 class Int8Weight(nn.Module):
     fallback: str | None = None
 
@@ -18,10 +26,7 @@ class Int8Weight(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
-        from ...quantization.formats import compute_qparams, quantize
-
-        qp = compute_qparams(w.float(), "int8")
-        return cls(quantize(w.float(), "int8", qp), qp.scale, dtype)
+        return cls(*int8_rtn(w), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)

@@ -21,10 +21,9 @@ class W8A8Weight(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "W8A8Weight":
-        from ...quantization.formats import compute_qparams, quantize
+        from .int8 import int8_rtn
 
-        qp = compute_qparams(w.float(), "int8")
-        return cls(quantize(w.float(), "int8", qp), qp.scale, dtype)
+        return cls(*int8_rtn(w), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import leanlm
+import leanlm.quantization
 from leanlm import LeanLMError
 from leanlm.core.models import builtin_gguf
 from leanlm.evaluation import perplexity

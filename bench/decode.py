@@ -165,7 +165,8 @@ def main() -> None:
         "leanlm int4 + int4 head": Engine(fq["int4"], head="int4", **mk),
     }
     if a.compile:
-        for name, src, head in [("leanlm int8 (w8a16) compiled", fq["int8"], None), ("leanlm int4 + int8 head compiled", fq["int4"], "int8")]:
+        for name, src, head in [("leanlm int8 (w8a16) compiled", fq["int8"], None), ("leanlm int4 + int8 head compiled", fq["int4"], "int8"),
+                                ("leanlm int4 + int4 head compiled", fq["int4"], "int4")]:
             engines[name] = Engine(src, head=head, compile=True, **mk)
     keep = (lambda k: True) if not a.only else (lambda k: any(p in k for p in a.only.split(",")))
     engines = {k: e for k, e in engines.items() if keep(k) or k == "leanlm fp32"}
@@ -197,6 +198,14 @@ def main() -> None:
     hf_out = hf_generator(model, tok)(p1, 32, lambda: None)
     ll_out = engines["leanlm fp32"].generate(p1, 32)
     same_tokens = bool(torch.equal(hf_out, ll_out))
+    # compiled steps reorder float operations (inductor fuses them): report where their greedy tokens first
+    # leave the eager engine's (None: all 64 equal); a divergence should sit on a near-tie of the top logits
+    agreement = {}
+    for k in [k for k in engines if k.endswith(" compiled")]:
+        eager_out = engines[k.removesuffix(" compiled")].generate(p1, 64)[0, p1.shape[1]:]
+        comp_out = engines[k].generate(p1, 64)[0, p1.shape[1]:]
+        diff = (eager_out != comp_out).nonzero()
+        agreement[k] = int(diff[0]) if len(diff) else None
 
     speed: dict[str, dict] = {}
     for b in batches:
@@ -209,7 +218,7 @@ def main() -> None:
         print(f"batch {b}: timing {len(gens)} generators x {a.runs} interleaved runs", flush=True)
         res = compare_speed(gens, prompts, a.new_tokens, a.runs, warmup=1)
         speed[str(b)] = {k: r.to_dict() for k, r in res.items()}
-        report(a, speed, limits, weight_mb, {}, {}, bw, llama, same_tokens, context)
+        report(a, speed, limits, weight_mb, {}, {}, bw, llama, same_tokens, context, agreement)
     if llama is not None:
         llama.close()
 
@@ -229,10 +238,10 @@ def main() -> None:
         for fmt in ("none", "hf-fp32", "hf-bf16", "fp32", "bf16", "int8", "int4", "int4+int8"):
             rss[fmt] = measure_rss(fmt)
 
-    report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, context)
+    report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, context, agreement)
 
 
-def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, context) -> None:
+def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, context, agreement=None) -> None:
     from leanlm.evaluation.profile import machine_info
 
     b1 = speed.get("1", {})
@@ -268,6 +277,9 @@ def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, contex
                   + f"**{targets['vs_transformers_bf16']:.2f}x transformers bf16 generate** (targets: >= 1.0x and >= 4x).\n")
     md.append(f"Same-run check: leanlm fp32 greedy tokens {'==' if same_tokens else '!='} transformers fp32 generate "
               "(protocol prompt, 32 new tokens).\n")
+    for k, first in (agreement or {}).items():
+        md.append(f"Same-run check: {k} greedy tokens " + ("== its eager engine's (64 new tokens).\n" if first is None else
+                  f"leave its eager engine's at new token {first} of 64 (float operations reordered by inductor).\n"))
     if ppl:
         md.append(f"## Held-out perplexity ({a.ppl_windows} windows x 512 tokens)\n")
         md.append(md_table(["model", "perplexity"], [[k, f"{v:.4f}"] for k, v in ppl.items()]) + "\n")
@@ -277,6 +289,7 @@ def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, contex
         md.append(md_table(["format", "RSS MB"], [[k, f"{v:.0f}"] for k, v in rss.items()]) + "\n")
     data = {"machine": mi, "bandwidth_gbs": bw / 1e9, "speed": speed, "bandwidth_limit_tps": limits, "weights_mb": weight_mb,
             "perplexity": ppl, "rss_mb": rss, "targets": targets, "same_greedy_tokens_fp32": same_tokens,
+            "compiled_first_divergence_from_eager": agreement,
             "llamacpp": llama.version if llama else None, "settings": vars(a)}
     print("\n".join(md))
     print("wrote", write_results(a.name, data, "\n".join(md)))

@@ -6,9 +6,10 @@ Two tasks, batch 1, greedy, 128 new tokens with no early stop:
       of, a passage (the first `--passage-tokens` tokens of an evaluation article, cut back to the end
       of its last full sentence); the two instructions alternate over the articles.
 Rows (all in one process, timed interleaved A B A B ..., median of --runs after a warm-up):
-  plain decoding through leanlm's Hugging Face step adapter (the speed baseline, same engine as the
-  speculative rows), transformers' own generate, leanlm prompt lookup and draft-model speculation
-  (shallow distilled draft, int4 copy of the target), and transformers' assisted generation with
+  plain decoding of the float32 target through leanlm.runtime's Engine (`--engine leanlm`, default) or
+  the Hugging Face step adapter (`--engine hf`): the speed baseline, same engine as the speculative rows;
+  transformers' own generate; leanlm prompt lookup and draft-model speculation (shallow distilled
+  draft, int4 copy of the target); and transformers' assisted generation with
   the same shallow draft (assistant_model=) and with prompt lookup (prompt_lookup_num_tokens=).
 Every row's output is checked token for token against plain greedy decoding, in every run.
 
@@ -75,7 +76,9 @@ def hf_generate(model, **extra):
 
 def write(a, model, nl, draft_info, draft_log, tasks):
     mach = machine_info()
+    eng = "leanlm.runtime Engine (float32; the int4 copy packed int4)" if a.engine == "leanlm" else "the Hugging Face step adapter"
     md = [f"# Speculative decoding, {a.model} (float32 target), batch 1, greedy, {a.new_tokens} new tokens\n\n"
+          f"Target and drafts run through {eng}; 'plain' is greedy decoding of the same target through the same engine.\n\n"
           f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']} "
           f"(shared with other jobs: only the ratios are meaningful). Median of {a.runs} interleaved runs after a warm-up; "
           f"each run generates for {a.prompts} prompts per task. Speedups are end-to-end (prefill included) time ratios. "
@@ -109,7 +112,7 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, default=4)
     ap.add_argument("--draft-budget", default="8m")
     ap.add_argument("--quant-scheme", default="w4a16-rtn", help="int4 preset for the quantized-copy draft ('' to skip)")
-    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,hf-pld,hf-draft"
+    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft"
     ap.add_argument("--quote-rows", default=rows, help=f"rows timed on the summarise/quote task (of {rows})")
     ap.add_argument("--continuation-rows", default=rows, help="rows timed on the continuation task")
     ap.add_argument("--k", type=int, default=4, help="fixed k of the draft-model rows")
@@ -118,6 +121,9 @@ def main() -> None:
     ap.add_argument("--instruction", choices=["alternate", "summarise", "quote"], default="alternate",
                     help="summarise/quote task: which instruction the prompts use (alternate: summarise, quote, ...)")
     ap.add_argument("--name", default="speculative", help="results file name under bench/results/")
+    ap.add_argument("--engine", choices=["leanlm", "hf"], default="leanlm",
+                    help="target and draft models run through leanlm.runtime's Engine (float32 target; the int4 copy packed "
+                         "in int4) or through the Hugging Face step adapter")
     a = ap.parse_args()
     setup_threads()
 
@@ -134,10 +140,17 @@ def main() -> None:
 
     log_file = Path(draft_dir) / "leanlm_draft.json"
     draft_log = json.loads(log_file.read_text()) if log_file.is_file() else None
-    need_int4 = "int4" in (a.quote_rows + "," + a.continuation_rows).split(",")
+    need_int4 = any(r.startswith("int4") for r in (a.quote_rows + "," + a.continuation_rows).split(","))
     qdraft = quantized_draft(model, a.quant_scheme, tokenizer=tok) if a.quant_scheme and need_int4 else None
 
-    target = HFStepModel(model)
+    if a.engine == "leanlm":   # the low-bit runtime's lean decoder (issue 4) for target and drafts; float32 target
+        from leanlm.runtime import Engine
+
+        target = Engine(model, "fp32", max_seq_len=1024)
+        draft_step = Engine(draft, "fp32", max_seq_len=1024)
+        qdraft_step = Engine(qdraft, "auto", max_seq_len=1024) if qdraft is not None else None
+    else:
+        target, draft_step, qdraft_step = HFStepModel(model), draft, qdraft
 
     def spec(drafter, k):
         def run(ids, n):
@@ -151,9 +164,10 @@ def main() -> None:
         "generate": ("transformers generate", hf_generate(model)),
         "pld": (f"prompt lookup, k={a.pld_k}", spec(PromptLookupDrafter(), a.pld_k)),
         "pld-adaptive": ("prompt lookup, adaptive k<=16", spec(PromptLookupDrafter(), "16")),
-        "draft": (f"shallow {nl}-layer draft, k={a.k}", spec(draft, a.k)),
-        "draft-adaptive": (f"shallow {nl}-layer draft, adaptive k<=8", spec(draft, "8")),
-        "int4": (f"int4 copy ({a.quant_scheme}), k={a.k}", spec(qdraft, a.k) if qdraft is not None else None),
+        "draft": (f"shallow {nl}-layer draft, k={a.k}", spec(draft_step, a.k)),
+        "draft-adaptive": (f"shallow {nl}-layer draft, adaptive k<=8", spec(draft_step, "8")),
+        "int4": (f"int4 copy ({a.quant_scheme}), k={a.k}", spec(qdraft_step, a.k) if qdraft is not None else None),
+        "int4-adaptive": (f"int4 copy ({a.quant_scheme}), adaptive k<=8", spec(qdraft_step, "8") if qdraft is not None else None),
         "hf-pld": ("transformers assisted, prompt_lookup_num_tokens=10", hf_generate(model, prompt_lookup_num_tokens=10)),
         "hf-draft": (f"transformers assisted, assistant_model=shallow {nl}-layer draft", hf_generate(model, assistant_model=draft)),
     }

@@ -68,9 +68,11 @@ class Engine:
                               f"create the Engine with max_seq_len >= {end} (or a shorter prompt / fewer new tokens)")
         if int(ids.min()) < 0 or int(ids.max()) >= self.model.spec.vocab:
             raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {int(ids.min())}..{int(ids.max())}")
-        kv_len = min(self.model.max_seq_len, -(-end // self.kv_block) * self.kv_block)
         pos = torch.arange(self.length, end)
-        fn = self._step if T == 1 else self.model.forward
+        if T == 1 and self.compiled:   # fixed shapes for the compiled step: a bucket of kv_block cache slots
+            fn, kv_len = self._step, min(self.model.max_seq_len, -(-end // self.kv_block) * self.kv_block)
+        else:                          # eager: attend over exactly the filled slots
+            fn, kv_len = self.model.forward, end
         logits = fn(ids, pos, kv_len)
         self.length, self.batch = end, B
         return logits.clone() if T == 1 and self.compiled else logits

@@ -99,9 +99,9 @@ class Layer(nn.Module):
 
 
 def _norm_w(norm: nn.Module, family: str, dtype: torch.dtype) -> torch.Tensor:
-    """Gemma scales by (1 + w) in float32; Llama multiplies by w in the activation dtype (as HF does)."""
+    """RMSNorm scale in float32 (the residual stream is float32): Gemma scales by (1 + w), Llama by w."""
     w = norm.weight.detach().float()
-    return (1.0 + w) if family == "gemma3" else w.to(dtype)
+    return (1.0 + w) if family == "gemma3" else w
 
 
 class Decoder(nn.Module):
@@ -175,33 +175,41 @@ class Decoder(nn.Module):
         self.embed = self.head if tied else DenseWeight(emb, self.dtype)
         self.tied = tied
 
-        # RoPE tables from the model's own rotary embedding, per layer type.
+        # RoPE tables (float32) from the model's own rotary embedding, per layer type; the sine carries the
+        # sign of rotate_half so that rope(x) = x * cos + roll(x, D/2) * sin.
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         pos = torch.arange(max_seq_len).unsqueeze(0)
-        dummy = torch.zeros(1, dtype=self.dtype)
+        dummy = torch.zeros(1, dtype=torch.float32)
         rot = body.rotary_emb
         kinds = sorted({w is not None for w in spec.windows})
+        half = spec.head_dim // 2
         for sliding in kinds:
             kw = {"layer_type": "sliding_attention" if sliding else "full_attention"} if spec.family == "gemma3" else {}
             cos, sin = rot(dummy, pos, **kw)
-            self.register_buffer(f"cos{int(sliding)}", cos[0].to(self.dtype).contiguous())
-            self.register_buffer(f"sin{int(sliding)}", sin[0].to(self.dtype).contiguous())
+            cos, sin = cos[0].float(), sin[0].float()
+            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+            self.register_buffer(f"cos{int(sliding)}", cos.contiguous())
+            self.register_buffer(f"sin{int(sliding)}", sin.contiguous())
         idx = torch.arange(max_seq_len)
         causal = idx[None, :] <= idx[:, None]
         self.register_buffer("mask0", causal)
         win = next((w for w in spec.windows if w), None)
         if win:
             self.register_buffer("mask1", causal & (idx[:, None] - idx[None, :] < win))
-        shape = (spec.layers, max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
-        # float32 cache: PyTorch's bfloat16 batched matmul is far slower than float32 at these tiny shapes.
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
+        # Gemma multiplies embeddings by sqrt(hidden) rounded to the model dtype, as HF does.
+        self.embed_scale = float(torch.tensor(spec.embed_scale, dtype=self.dtype)) if spec.family == "gemma3" else 1.0
+        # One float32 cache per layer (PyTorch's bfloat16 batched matmul is far slower than float32 at these
+        # tiny shapes); separate buffers let torch.compile update each in place instead of copying a big one.
+        shape = (max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
+        for L in self.layers:
+            L.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
+            L.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
 
     def weight_bytes(self) -> int:
         """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once."""
         seen, n = set(), 0
         for name, b in self.named_buffers():
-            if name in ("k_cache", "v_cache") or b.data_ptr() in seen:
+            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen:
                 continue
             seen.add(b.data_ptr())
             n += b.numel() * b.element_size()
@@ -220,70 +228,76 @@ class Decoder(nn.Module):
         return n + 2 * s.layers * s.kv_heads * s.head_dim * context * 4
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # one fused op instead of six; the HF order of operations (normalize in float32, cast, scale) is kept
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps)
-        if self.spec.family == "gemma3":
-            return (h * w).to(x.dtype)
-        return w.to(x.dtype) * h.to(x.dtype)
+        """float32 in, float32 out: one fused op (normalize, then scale, as HF does in float32)."""
+        return F.rms_norm(x, (x.shape[-1],), weight=w, eps=self.spec.eps)
 
     @staticmethod
     def _rope(x, cos, sin):
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+        """x [B, T, n, D]; cos/sin [1, T, 1, D] with the rotate_half sign folded into sin."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
-    def _attend(self, q, k, v, mask):
-        """Grouped-query attention as two small matmuls (PyTorch's CPU flash-attention kernel is slow for
-        one query row). q [B, H, T, D], k/v [B, Hkv, S, D], mask [T, S] bool -> [B, T, H, D]."""
+    def _attend(self, q, k, v, bias):
+        """Grouped-query attention as two batched matmuls (PyTorch's CPU flash-attention kernel is slow for
+        one query row). q [B, T, H, D] float32, k/v [B, Hkv, S, D], bias [g*T, S] additive mask -> [B, T, H*D]."""
         s = self.spec
-        B, H, T, D = q.shape
+        B, T, H, D = q.shape
         g = H // s.kv_heads
-        qg = q.float().reshape(B, s.kv_heads, g * T, D)
-        att = torch.matmul(qg, k.transpose(-1, -2)) * s.scale                 # [B, Hkv, g*T, S]
-        att = att.view(B, s.kv_heads, g, T, -1).masked_fill(~mask, float("-inf"))
-        p = att.softmax(-1).view(B, s.kv_heads, g * T, -1)
-        o = torch.matmul(p, v).view(B, H, T, D)
-        return o.transpose(1, 2).to(q.dtype)
+        if T == 1:   # heads are kv-group major (HF's repeat_kv), so one query row needs no permute
+            q3 = q.reshape(B * s.kv_heads, g, D)
+        else:
+            q3 = q.reshape(B, T, s.kv_heads, g, D).permute(0, 2, 3, 1, 4).reshape(B * s.kv_heads, g * T, D)
+        S = k.shape[2]
+        att = torch.baddbmm(bias, q3, k.reshape(B * s.kv_heads, S, D).transpose(1, 2), alpha=s.scale)
+        o = torch.bmm(att.softmax(-1), v.reshape(B * s.kv_heads, S, D))
+        if T == 1:
+            return o.view(B, 1, H * D)
+        return o.view(B, s.kv_heads, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The residual stream and attention run in float32; matmul inputs are cast to the weights'
+        activation dtype (bfloat16 for the bf16/int8/int4 layouts). Written for few PyTorch calls per
+        layer: at batch 1 a 135M model's decode step is bound by per-op overhead as much as by weights."""
         s = self.spec
         B, T = ids.shape
-        x = self.embed.rows(ids).to(self.dtype)
-        if s.family == "gemma3":
-            x = x * torch.tensor(s.embed_scale, dtype=self.dtype)
-        q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        ropes = {w: (getattr(self, f"cos{w}")[input_pos], getattr(self, f"sin{w}")[input_pos]) for w in (0, 1) if hasattr(self, f"cos{w}")}
-        masks = {w: getattr(self, f"mask{w}")[input_pos, :kv_len] for w in (0, 1) if hasattr(self, f"mask{w}")}
+        dt = self.dtype
+        x = self.embed.rows(ids).float()
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        H, Hkv, D = s.heads, s.kv_heads, s.head_dim
+        q_dim, kv_dim = H * D, Hkv * D
+        g = H // Hkv
+        ropes, biases = {}, {}
+        for w in (0, 1):
+            if hasattr(self, f"cos{w}"):
+                ropes[w] = (getattr(self, f"cos{w}")[input_pos][None, :, None], getattr(self, f"sin{w}")[input_pos][None, :, None])
+                m = getattr(self, f"mask{w}")[input_pos, :kv_len]
+                biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
         for i, L in enumerate(self.layers):
             sl = 1 if s.windows[i] else 0
             cos, sin = ropes[sl]
-            h = self._rms(x, L.ln1)
-            qkv = L.qkv(h)
-            q = qkv[..., :q_dim].view(B, T, s.heads, s.head_dim)
-            k = qkv[..., q_dim:q_dim + kv_dim].view(B, T, s.kv_heads, s.head_dim)
-            v = qkv[..., q_dim + kv_dim:].view(B, T, s.kv_heads, s.head_dim)
+            qkv = L.qkv(self._rms(x, L.ln1).to(dt)).float()
+            v = qkv[..., q_dim + kv_dim:].view(B, T, Hkv, D)
             if s.family == "gemma3":
-                q, k = self._rms(q, L.qn), self._rms(k, L.kn)
-            q = self._rope(q.transpose(1, 2), cos, sin)
-            k = self._rope(k.transpose(1, 2), cos, sin)
-            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            kc.index_copy_(2, input_pos, k.to(kc.dtype))
-            vc.index_copy_(2, input_pos, v.transpose(1, 2).to(vc.dtype))
-            o = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], masks[sl])
-            o = L.o(o.reshape(B, T, q_dim))
+                q = self._rope(self._rms(qkv[..., :q_dim].view(B, T, H, D), L.qn), cos, sin)
+                k = self._rope(self._rms(qkv[..., q_dim:q_dim + kv_dim].view(B, T, Hkv, D), L.kn), cos, sin)
+            else:   # q and k rotate together
+                qk = self._rope(qkv[..., :q_dim + kv_dim].view(B, T, H + Hkv, D), cos, sin)
+                q, k = qk[:, :, :H], qk[:, :, H:]
+            kc, vc = (L.k_cache, L.v_cache) if B == self.max_batch else (L.k_cache[:B], L.v_cache[:B])
+            kc.index_copy_(2, input_pos, k.transpose(1, 2))
+            vc.index_copy_(2, input_pos, v.transpose(1, 2))
+            o = L.o(self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], biases[sl]).to(dt))
             if s.family == "gemma3":
-                x = x + self._rms(o, L.ln2)
+                x = x + self._rms(o.float(), L.ln2)
                 h = self._rms(x, L.ln3)
             else:
                 x = x + o
                 h = self._rms(x, L.ln2)
-            gu = L.gate_up(h)
-            g, u = gu[..., : s.intermediate], gu[..., s.intermediate:]
-            g = F.silu(g) if s.act == "silu" else F.gelu(g, approximate="tanh")
-            h = L.down(g * u)
-            x = x + (self._rms(h, L.ln4) if s.family == "gemma3" else h)
-        x = self._rms(x, self.norm)
-        logits = self.head(x).float()
+            gu = L.gate_up(h.to(dt))
+            g_, u = gu[..., : s.intermediate], gu[..., s.intermediate:]
+            h = L.down((F.silu(g_) if s.act == "silu" else F.gelu(g_, approximate="tanh")) * u)
+            x = x + (self._rms(h.float(), L.ln4) if s.family == "gemma3" else h)
+        logits = self.head(self._rms(x, self.norm).to(dt)).float()
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits

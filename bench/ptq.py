@@ -45,6 +45,7 @@ G64_MSE = [("*weight_quantizer", QuantizerConfig("int4_g64", method="mse")), ("*
 VARIANTS = {
     "int4_g64 gptq without act_order": lambda: QuantConfig(G64, [GPTQ(act_order=False)]),
     "int4_g64 gptq (mse clip)": lambda: QuantConfig(G64_MSE, [GPTQ()]),
+    "w4a16-gptq (bfloat16 forwards)": lambda: QuantConfig(G64, [GPTQ(forward_dtype="bfloat16")]),
 }
 
 # (peer tool, leanlm preset it is compared with, peer scheme name)
@@ -107,21 +108,24 @@ def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: flo
 
 
 def gptq_timing(float_dir, ids, samples, seq_len, repeats, work: Path) -> dict:
-    """GPTQ calibration wall time, leanlm and llm-compressor interleaved (A B A B ...), same tokens."""
-    ours, peer = [], []
+    """GPTQ calibration wall time, leanlm (float32 and bfloat16 forwards) and llm-compressor interleaved
+    (A B C A B C ...), same tokens."""
+    ours, ours_bf16, peer = [], [], []
     for _ in range(repeats):
-        model, _tok = leanlm.load("smollm2-135m")
-        t0 = time.perf_counter()
-        leanlm.quantize(model, preset("w4a16-gptq"), ids, progress=False)
-        ours.append(time.perf_counter() - t0)
-        del model
+        for cfg, out in ((preset("w4a16-gptq"), ours), (VARIANTS["w4a16-gptq (bfloat16 forwards)"](), ours_bf16)):
+            model, _tok = leanlm.load("smollm2-135m")
+            t0 = time.perf_counter()
+            leanlm.quantize(model, cfg, ids, progress=False)
+            out.append(time.perf_counter() - t0)
+            del model
         r = run_peer("llmcompressor", "w4a16-gptq", float_dir, samples, seq_len, work / "timing", timeout=3600, reuse=False, windows=None)
         if "error" in r:
             return {"error": r["error"], "leanlm_seconds": ours}
         peer.append(r["calib_seconds"])
-        print(f"gptq timing: leanlm {ours[-1]:.1f} s, llm-compressor {peer[-1]:.1f} s", flush=True)
+        print(f"gptq timing: leanlm {ours[-1]:.1f} s (bf16 forwards {ours_bf16[-1]:.1f} s), llm-compressor {peer[-1]:.1f} s", flush=True)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"leanlm_seconds": ours, "llmcompressor_seconds": peer, "ratio_of_medians": med(ours) / med(peer)}
+    return {"leanlm_seconds": ours, "leanlm_bf16_forward_seconds": ours_bf16, "llmcompressor_seconds": peer,
+            "ratio_of_medians": med(ours) / med(peer), "ratio_of_medians_bf16_forwards": med(ours_bf16) / med(peer)}
 
 
 def main() -> None:
@@ -232,10 +236,13 @@ def report(a, base, rows, mixed, peers, timing, final):
         if "error" in timing:
             md.append(f"## GPTQ calibration time, interleaved\n\nllm-compressor failed: {timing['error']}")
         else:
-            md.append("## GPTQ calibration time, leanlm and llm-compressor interleaved (A B A B), same tokens\n\n" + md_table(
-                ["run", "leanlm s", "llm-compressor s"],
-                [[i + 1, f"{x:.1f}", f"{y:.1f}"] for i, (x, y) in enumerate(zip(timing["leanlm_seconds"], timing["llmcompressor_seconds"]))])
-                + f"\n\nleanlm / llm-compressor, ratio of medians: {timing['ratio_of_medians']:.2f}")
+            bf = timing.get("leanlm_bf16_forward_seconds") or [None] * len(timing["leanlm_seconds"])
+            md.append("## GPTQ calibration time, leanlm and llm-compressor interleaved (A B C A B C), same tokens\n\n" + md_table(
+                ["run", "leanlm s (float32 forwards)", "leanlm s (bfloat16 forwards)", "llm-compressor s"],
+                [[i + 1, f"{x:.1f}", "-" if z is None else f"{z:.1f}", f"{y:.1f}"]
+                 for i, (x, z, y) in enumerate(zip(timing["leanlm_seconds"], bf, timing["llmcompressor_seconds"]))])
+                + f"\n\nleanlm / llm-compressor, ratio of medians: {timing['ratio_of_medians']:.2f} with float32 forwards"
+                + (f", {timing['ratio_of_medians_bf16_forwards']:.2f} with bfloat16 forwards" if "ratio_of_medians_bf16_forwards" in timing else ""))
     runs: dict[tuple, list[str]] = {}
     for k, v in [*rows.items(), *peers.items(), ("mixed precision", mixed or {}), ("GPTQ timing", timing or {})]:
         if v.get("run"):

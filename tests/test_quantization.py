@@ -1,5 +1,6 @@
 """Quantization mechanics on tiny models: config rules, module swaps, every preset, save/reload, KV cache."""
 
+import copy
 import json
 
 import pytest
@@ -206,3 +207,21 @@ def test_smoothquant_search_in_calibration_beats_fixed_alpha(tiny_tokenizer):
         quantize(model, QuantConfig(rules, [algo]), calib_ids, progress=False)
         errs[name] = ((logits(model, ids) - ref).norm() / ref.norm()).item()
     assert 0 < errs["search"] <= errs["fixed"] * 1.05, errs
+
+
+def test_gptq_bfloat16_forwards_close_to_float32(tiny_model):
+    """GPTQ(forward_dtype="bfloat16") feeds its Hessians from bfloat16-autocast forwards; the solved
+    weights stay on the float32 grid and end up close to the float32-forward result."""
+    ids = calib(8, 32)
+    g64 = [("*weight_quantizer", QuantizerConfig("int4_g64")), ("*lm_head*", None)]
+    a, b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    quantize(a, QuantConfig(g64, [GPTQ()]), ids, progress=False)
+    quantize(b, QuantConfig(g64, [GPTQ(forward_dtype="bfloat16")]), ids, progress=False)
+    wa, wb = a.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight
+    assert wb.dtype == torch.float32 and not torch.equal(wa, wb)           # the Hessians did change a little
+    assert (wa != wb).float().mean() < 0.2                                 # ... most codes stay the same
+    with torch.no_grad():
+        la, lb, ref = a(ids).logits, b(ids).logits, tiny_model(ids).logits
+    assert (lb - ref).norm() < 1.2 * (la - ref).norm()                     # no worse than float32 forwards (to noise)
+    with pytest.raises(LeanLMError, match="forward_dtype"):
+        GPTQ(forward_dtype="float16")

@@ -308,6 +308,13 @@ def _one_pass_gib(lins: dict[str, nn.Module], hidden: list[torch.Tensor], heads:
     return 4 * (rows * seq * per_token + rows * heads * seq * seq) / 2**30
 
 
+def _forward_dtype(gptq: GPTQ | None, hidden: list[torch.Tensor]):
+    """bfloat16 autocast for GPTQ's calibration forwards when asked (GPTQ.forward_dtype), else nothing."""
+    if gptq is None or gptq.forward_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(hidden[0].device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
     """One forward of the layer over all calibration rows as one batch. Each group is solved in a
@@ -324,7 +331,8 @@ def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -
 
     hooks = [lins[n].register_forward_pre_hook(solve(n)) for n in first]
     try:
-        out = _first(layer(torch.cat(hidden), **kw))
+        with _forward_dtype(gptq, hidden):
+            out = _first(layer(torch.cat(hidden), **kw)).to(hidden[0].dtype)
     finally:
         for h in hooks:
             h.remove()
@@ -336,7 +344,7 @@ def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], groups: list[li
     """Two-pass GPTQ: one forward accumulates every group's Hessian (float weights throughout),
     then each group is solved."""
     acc = {g[0]: alg.HessianAccumulator(lins[g[0]].in_features) for g in groups}
-    with _input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)):
+    with _input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)), _forward_dtype(gptq, hidden):
         _run(layer, hidden, kw)
     for g in groups:
         _solve_group(g, lins, acc[g[0]].H, gptq, stats)
@@ -434,7 +442,8 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
             static = _static_act_quantizers(layer)
             _calibrate_static(static, lambda: _run(layer, hidden, kw))
             if out is None or static:
-                out = _run(layer, hidden, kw)
+                with _forward_dtype(None if static else algos.get(GPTQ), hidden):
+                    out = [x.to(hidden[0].dtype) for x in _run(layer, hidden, kw)]
             hidden = out  # quantized outputs feed the next layer
             for x in hidden:
                 _check_finite(x, f"after layer {i}")

@@ -101,7 +101,8 @@ class Layer(nn.Module):
 def _norm_w(norm: nn.Module, family: str, dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm scale in float32 (the residual stream is float32): Gemma scales by (1 + w), Llama by w."""
     w = norm.weight.detach().float()
-    return (1.0 + w) if family == "gemma3" else w
+    # a copy: a view would keep the whole HF checkpoint's storage alive after the HF model is freed
+    return (1.0 + w) if family == "gemma3" else w.clone()
 
 
 class Decoder(nn.Module):

@@ -167,6 +167,13 @@ def test_cli_quantize(capsys, tiny_folder, tmp_path, text_file):
     assert {row["format"] for row in r["layers"]} == {"int4_g64"}
     code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--out", str(out)])
     assert code == 2 and "already exists" in capsys.readouterr().err
+    out2 = tmp_path / "q_bf16"
+    code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--gptq-bf16", "--out", str(out2), "--samples", "4",
+                 "--seq-len", "32", "--calib", str(text_file), "--json"])
+    assert code == 0 and '"forward_dtype": "bfloat16"' in (out2 / "leanlm_quant.json").read_text()
+    capsys.readouterr()
+    code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-rtn", "--gptq-bf16", "--out", str(tmp_path / "r")])
+    assert code == 2 and "--gptq-bf16 applies to schemes that use GPTQ" in capsys.readouterr().err
 
 
 def test_mixed_precision_respects_budget_and_prefers_sensitive_layers(tiny_model):

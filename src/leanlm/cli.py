@@ -200,6 +200,14 @@ def cmd_quantize(a) -> dict:
         cfg = res.config([GPTQ()], [("*lm_head*", None)])
         mixed = {"budget": a.mixed, "average_bits": res.average_bits, "choice": res.choice, "sensitivity_kl": res.sensitivity}
     cfg.calib_samples, cfg.calib_seq_len = a.samples, a.seq_len
+    if a.gptq_bf16:
+        from .quantization import GPTQ
+
+        if not any(isinstance(x, GPTQ) for x in cfg.algorithms):
+            raise LeanLMError("--gptq-bf16 applies to schemes that use GPTQ (e.g. w4a16-gptq); this one does not")
+        for x in cfg.algorithms:
+            if isinstance(x, GPTQ):
+                x.forward_dtype = "bfloat16"
     base_ppl = None
     if a.eval:
         from .evaluation import perplexity
@@ -415,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")
     sp.add_argument("--out", required=True, help="output folder (written atomically)")
     sp.add_argument("--kv-cache", choices=["int8", "fp8"], help="also quantize the KV cache")
+    sp.add_argument("--gptq-bf16", action="store_true", help="GPTQ: run the calibration forwards in bfloat16 (faster on CPUs "
+                    "with AVX512-BF16/AMX, slightly worse result; see docs/quantization.md)")
     sp.add_argument("--samples", type=int, default=128, help="calibration sequences")
     sp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")

@@ -97,7 +97,7 @@ def test_checkpoint_write_is_atomic(tiny_tokenizer, ids, tmp_path, monkeypatch):
         train(m, lm_loss, ids, cfg(max_tokens=4 * 64, checkpoint_every=1, checkpoint_dir=str(d)))
     monkeypatch.setattr(torch, "save", real_save)
     assert latest_checkpoint(d) == good  # the half-written one never appeared under a checkpoint name
-    assert sorted(p.name for p in d.iterdir()) == ["step-0000002"]  # and no temporary left behind
+    assert sorted(p.name for p in d.iterdir()) == ["step-0000001", "step-0000002"]  # the newest two, no temporary left
     torch.load(good / "state.pt", weights_only=False)
 
 

@@ -246,12 +246,6 @@ def qat(
     """
     config = config or QATConfig()
     config.check()
-    if train_config is None:
-        train_config = default_train_config()
-    if budget is not None:
-        for k, v in parse_budget(budget).items():
-            setattr(train_config, k, v)
-    train_config.check()
     already = any(isinstance(m, TensorQuantizer) for m in model.modules())
     qcfg = None
     if scheme is None:
@@ -269,6 +263,12 @@ def qat(
         teacher = copy.deepcopy(model).eval()
     if teacher is not None:
         check_teacher(model, teacher, tokenizer, teacher_tokenizer)
+    if train_config is None:
+        train_config = default_train_config()
+    if budget is not None:
+        for k, v in parse_budget(budget).items():
+            setattr(train_config, k, v)
+    train_config.check()
     ids = _train_ids(train_data, tokenizer)
     if eval_ids is None and tokenizer is not None:
         from ..core.data import evaluation_texts, join_and_tokenize

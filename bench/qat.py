@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="training tokens for QAT and QAD (the 10-minute conversion)")
     ap.add_argument("--measure", action="store_true", help="only measure QAD tokens/s (a few steps) and exit")
     ap.add_argument("--measure-steps", type=int, default=3)
+    ap.add_argument("--measure-scheme", default="w4a16-rtn", help="scheme for --measure (no calibration algorithm, so it starts at once)")
     ap.add_argument("--samples", type=int, default=32, help="PTQ calibration sequences of 512 tokens (as bench/ptq.py)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -71,7 +72,7 @@ def main() -> None:
     schemes = a.schemes.split(",")
     tps = a.batch_size * a.seq_len
     if a.measure:
-        q = ptq(schemes[0])
+        q = ptq(a.measure_scheme)
         t0, c0 = time.perf_counter(), time.process_time()
         res = qat(q, None, tokenizer=tok, teacher=model, config=qcfg, distill=dcfg, train_config=tcfg(tps * a.measure_steps),
                   train_data=train_ids, eval_ids=None, progress=True)
@@ -79,7 +80,7 @@ def main() -> None:
         steps = res.train.steps
         rate_wall, rate_cpu = res.train.tokens / wall, res.train.tokens / (cpu / threads)
         per10 = int(rate_cpu * 600) // tps * tps
-        print(f"QAD {schemes[0]}: {steps} steps of {tps} tokens in {wall:.1f} s wall, {cpu:.1f} s CPU on {threads} threads, "
+        print(f"QAD {a.measure_scheme}: {steps} steps of {tps} tokens in {wall:.1f} s wall, {cpu:.1f} s CPU on {threads} threads, "
               f"load {os.getloadavg()[0]:.1f}: {rate_wall:.0f} tok/s by wall time, {rate_cpu:.0f} tok/s by CPU time / threads; "
               f"10 minutes = {per10} tokens ({per10 // tps} steps)")
         return

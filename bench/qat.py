@@ -75,7 +75,7 @@ def main() -> None:
         q = ptq(a.measure_scheme)
         t0, c0 = time.perf_counter(), time.process_time()
         res = qat(q, None, tokenizer=tok, teacher=model, config=qcfg, distill=dcfg, train_config=tcfg(tps * a.measure_steps),
-                  train_data=train_ids, eval_ids=None, progress=True)
+                  train_data=train_ids, evaluate=False, progress=True)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         steps = res.train.steps
         rate_wall, rate_cpu = res.train.tokens / wall, res.train.tokens / (cpu / threads)
@@ -116,7 +116,7 @@ def main() -> None:
             m = copy.deepcopy(start)
             teacher = model if mode == "qad" else None
             res = qat(m, None, tokenizer=tok, teacher=teacher, config=qcfg, distill=dcfg, train_config=tcfg(a.tokens),
-                      train_data=train_ids, eval_ids=None, progress=False)
+                      train_data=train_ids, evaluate=False, progress=False)
             p = ppl(m)
             closed = (p_ptq - p) / (p_ptq - base)
             d[mode] = {"perplexity": p, "gap_closed": closed, "steps": res.train.steps, "tokens": res.train.tokens,

@@ -138,7 +138,7 @@ def test_sparsity_masks_and_excluded_head_are_kept(tiny_tokenizer):
     head = m.lm_head.weight.detach().clone()
     ids = _ids(tiny_tokenizer)
     qat(m, "w4a16-rtn", tokenizer=tiny_tokenizer, config=QATConfig(train="quantized"), train_config=_tc(64 * 4),
-        train_data=ids, eval_ids=None, progress=False)
+        train_data=ids, evaluate=False, progress=False)
     assert torch.all(lin.weight[mask == 0] == 0) and (lin.weight[mask == 1] != 0).any()
     assert not m.lm_head.weight_quantizer.enabled and torch.equal(m.lm_head.weight, head)  # excluded head untouched
 
@@ -186,3 +186,25 @@ def test_cli_qad(tmp_path, tiny_folder, text_file, capsys):
     assert r["mode"] == "qad" and r["steps"] == 4 and r["tokens"] == 256 and (tmp_path / "ck").is_dir()
     back = load_quantized(out)
     assert any(isinstance(q, leanlm.quantization.modules.TensorQuantizer) and q.folded for q in back.modules())
+
+
+@pytest.mark.integration
+def test_real_smollm2_qad_steps_then_runtime(tmp_path):
+    """SmolLM2: PTQ (w4a16-rtn), a few QAD steps with learned scales on the calibration split, save, and run
+    the saved model in the runtime's packed int4 path."""
+    from leanlm.core.data import calibration_texts, join_and_tokenize
+    from leanlm.runtime import Engine
+
+    model, tok = leanlm.load("smollm2-135m")
+    ids = join_and_tokenize(tok, calibration_texts("wiki"))
+    res = qat(model, "w4a16-rtn", tokenizer=tok, teacher="self", config=QATConfig(learn_scales=True),
+              train_config=_tc(3 * 2 * 128, lr=1e-4, seq_len=128), train_data=ids, evaluate=False, progress=False)
+    assert res.train.steps == 3 and all(torch.isfinite(torch.tensor(h["kl"])) for h in res.train.history)
+    save_quantized(model, tmp_path / "q", tokenizer=tok)
+    back = load_quantized(tmp_path / "q")
+    x = ids[None, :32]
+    with torch.no_grad():
+        want = back(x).logits
+    got = Engine(back, weights="auto", max_seq_len=64).forward(x)
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9

@@ -232,6 +232,7 @@ def qat(
     calib_data: torch.Tensor | None = None,
     eval_ids: torch.Tensor | None = None,
     teacher_tokenizer=None,
+    evaluate: bool = True,
     progress: bool = True,
 ) -> QATResult:
     """Quantize `model` in place with `scheme`, then train it with fake quantization; returns a `QATResult`.
@@ -242,7 +243,8 @@ def qat(
     vocabulary (QAD). distill: the QAD loss (default: logit KL only; `lm_weight` mixes in the LM
     loss). budget: "10m" / "2M" tokens etc. (overrides train_config's budget). train_data: token
     ids, documents, a source name or file (default: the protocol's wiki calibration split).
-    eval_ids: held-out ids for the trainer's perplexity (default: the wiki evaluation split).
+    eval_ids: held-out ids for the trainer's perplexity at the start and end (default: the wiki
+    evaluation split; evaluate=False: none).
     """
     config = config or QATConfig()
     config.check()
@@ -270,7 +272,9 @@ def qat(
             setattr(train_config, k, v)
     train_config.check()
     ids = _train_ids(train_data, tokenizer)
-    if eval_ids is None and tokenizer is not None:
+    if not evaluate:
+        eval_ids = None
+    elif eval_ids is None and tokenizer is not None:
         from ..core.data import evaluation_texts, join_and_tokenize
 
         eval_ids = join_and_tokenize(tokenizer, evaluation_texts("wiki"))

@@ -93,14 +93,16 @@ def main() -> None:
                       "threads": threads, "schemes": {}}
 
     def write():
-        table = md_table(["scheme", "method", "perplexity", "vs float32", "PTQ gap closed", "train tokens", "train s", "load"], rows)
+        table = md_table(["scheme", "method", "perplexity", "vs float32", "PTQ gap closed", "train tokens", "train s (wall)",
+                          "quiet-machine minutes (CPU s / threads / 60)", "load"], rows)
         md = (f"# QAT and QAD, SmolLM2-135M\n\nHeld-out perplexity, wiki evaluation split, {a.windows} x 512 tokens; float32 "
               f"{base:.4f}. PTQ: the preset's own algorithm on {a.samples} x 512 wiki calibration tokens. QAT (LM loss) and QAD "
               f"(KL to the float32 model{', plus LM loss x ' + str(a.lm_weight) if a.lm_weight else ''}) start from the PTQ model "
               f"and train on the wiki calibration split for the same {a.tokens:,} tokens ({a.tokens // tps} steps of "
               f"{a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
               f"all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
-              f"'train s' is wall time at the load shown (1-minute load average; other jobs shared the 2 cores).\n\n{table}")
+              f"'train s' is wall time at the load shown (1-minute load average; other jobs shared the 2 cores); the quiet-machine "
+              f"estimate is the process's CPU time over its {threads} threads.\n\n{table}")
         write_results(a.name, data, md)
 
     for scheme in schemes:
@@ -110,21 +112,25 @@ def main() -> None:
         p_ptq = ppl(start)
         d = data["schemes"][scheme] = {"ptq": p_ptq, "ptq_seconds": ptq_s}
         print(f"{scheme} PTQ {p_ptq:.4f} ({ptq_s:.0f} s)", flush=True)
-        rows.append([scheme, "PTQ", f"{p_ptq:.4f}", f"{p_ptq / base - 1:+.2%}", "0%", 0, f"{ptq_s:.0f} (calibration)", f"{os.getloadavg()[0]:.1f}"])
+        rows.append([scheme, "PTQ", f"{p_ptq:.4f}", f"{p_ptq / base - 1:+.2%}", "0%", 0, f"{ptq_s:.0f} (calibration)", "-",
+                     f"{os.getloadavg()[0]:.1f}"])
         write()
         for mode in a.modes.split(","):
             m = copy.deepcopy(start)
             teacher = model if mode == "qad" else None
+            c0 = time.process_time()
             res = qat(m, None, tokenizer=tok, teacher=teacher, config=qcfg, distill=dcfg, train_config=tcfg(a.tokens),
                       train_data=train_ids, evaluate=False, progress=False)
+            cpu = time.process_time() - c0
             p = ppl(m)
             closed = (p_ptq - p) / (p_ptq - base)
             d[mode] = {"perplexity": p, "gap_closed": closed, "steps": res.train.steps, "tokens": res.train.tokens,
-                       "seconds": res.train.seconds, "load": os.getloadavg()[0],
+                       "seconds": res.train.seconds, "cpu_seconds": cpu, "quiet_minutes_estimate": cpu / threads / 60,
+                       "load": os.getloadavg()[0],
                        "loss_first5": [h["loss"] for h in res.train.history[:5]], "loss_last5": [h["loss"] for h in res.train.history[-5:]]}
             print(f"{scheme} {mode.upper()} {p:.4f} closes {closed:.1%} of the gap ({res.train.seconds:.0f} s)", flush=True)
             rows.append([scheme, mode.upper(), f"{p:.4f}", f"{p / base - 1:+.2%}", f"{closed:.1%}", f"{res.train.tokens:,}",
-                         f"{res.train.seconds:.0f}", f"{os.getloadavg()[0]:.1f}"])
+                         f"{res.train.seconds:.0f}", f"{cpu / threads / 60:.1f}", f"{os.getloadavg()[0]:.1f}"])
             write()
             del m
     print((write() or None) or open(os.path.join(os.path.dirname(__file__), "results", f"{a.name}.md")).read())

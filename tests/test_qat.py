@@ -208,3 +208,17 @@ def test_real_smollm2_qad_steps_then_runtime(tmp_path):
     got = Engine(back, weights="auto", max_seq_len=64).forward(x)
     assert (got - want).abs().max() <= 0.1 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_cli_continues_from_a_quantized_folder(tmp_path, tiny_folder, text_file, capsys):
+    from leanlm.cli import main
+
+    q = tmp_path / "ptq"
+    assert main(["quantize", str(tiny_folder), "--scheme", "w4a16-rtn", "--out", str(q), "--json"]) == 0
+    capsys.readouterr()
+    common = ["--budget", "128", "--seq-len", "32", "--batch-size", "2", "--text", str(text_file), "--eval-windows", "1", "--json"]
+    assert main(["qat", str(q), "--teacher", "self", "--out", str(tmp_path / "x"), *common]) == 2
+    assert "teacher 'self' needs the float model" in capsys.readouterr().err
+    assert main(["qat", str(q), "--teacher", str(tiny_folder), "--out", str(tmp_path / "qad"), *common]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "qad" and r["ptq_seconds"] == 0 and r["steps"] == 2

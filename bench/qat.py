@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="PTQ calibration sequences of 512 tokens (as bench/ptq.py)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--learn-scales", type=int, default=1, help="1: learn weight scales (LSQ), 0: keep the calibrated ones")
     ap.add_argument("--scale-lr-mult", type=float, default=10.0)
@@ -58,8 +59,8 @@ def main() -> None:
     dcfg = DistillConfig(lm_weight=a.lm_weight)
 
     def tcfg(tokens):
-        return default_train_config(max_tokens=tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                                    warmup_steps=min(5, max(1, tokens // (a.batch_size * a.seq_len) // 10)))
+        return default_train_config(max_tokens=tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
+                                    warmup_steps=min(5, max(1, tokens // tps // 10)))
 
     def ppl(m):
         return perplexity(m, ids=eval_ids, max_windows=a.windows, progress=False).perplexity
@@ -70,19 +71,22 @@ def main() -> None:
         return m
 
     schemes = a.schemes.split(",")
-    tps = a.batch_size * a.seq_len
+    tps = a.batch_size * a.seq_len * a.grad_accum
     if a.measure:
         q = ptq(a.measure_scheme)
         t0, c0 = time.perf_counter(), time.process_time()
         res = qat(q, None, tokenizer=tok, teacher=model, config=qcfg, distill=dcfg, train_config=tcfg(tps * a.measure_steps),
                   train_data=train_ids, evaluate=False, progress=True)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        import resource
+
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         steps = res.train.steps
         rate_wall, rate_cpu = res.train.tokens / wall, res.train.tokens / (cpu / threads)
         per10 = int(rate_cpu * 600) // tps * tps
         print(f"QAD {a.measure_scheme}: {steps} steps of {tps} tokens in {wall:.1f} s wall, {cpu:.1f} s CPU on {threads} threads, "
               f"load {os.getloadavg()[0]:.1f}: {rate_wall:.0f} tok/s by wall time, {rate_cpu:.0f} tok/s by CPU time / threads; "
-              f"10 minutes = {per10} tokens ({per10 // tps} steps)")
+              f"10 minutes = {per10} tokens ({per10 // tps} steps); peak RSS {peak_gb:.1f} GB")
         return
     if a.tokens is None:
         raise SystemExit("give --tokens (run --measure first for the 10-minute conversion)")
@@ -99,7 +103,7 @@ def main() -> None:
               f"{base:.4f}. PTQ: the preset's own algorithm on {a.samples} x 512 wiki calibration tokens. QAT (LM loss) and QAD "
               f"(KL to the float32 model{', plus LM loss x ' + str(a.lm_weight) if a.lm_weight else ''}) start from the PTQ model "
               f"and train on the wiki calibration split for the same {a.tokens:,} tokens ({a.tokens // tps} steps of "
-              f"{a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
+              f"{a.grad_accum} x {a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
               f"all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
               f"'train s' is wall time at the load shown (1-minute load average; other jobs shared the 2 cores); the quiet-machine "
               f"estimate is the process's CPU time over its {threads} threads.\n\n{table}")

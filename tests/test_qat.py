@@ -179,7 +179,7 @@ def test_cli_qad(tmp_path, tiny_folder, text_file, capsys):
 
     out = tmp_path / "qad"
     rc = main(["qat", str(tiny_folder), "--scheme", "w4a16-rtn", "--teacher", "self", "--budget", "256", "--seq-len", "32",
-               "--batch-size", "2", "--lr", "1e-3", "--text", str(text_file), "--out", str(out), "--json",
+               "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--text", str(text_file), "--out", str(out), "--json",
                "--eval-windows", "2", "--checkpoint-dir", str(tmp_path / "ck")])
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
@@ -216,7 +216,7 @@ def test_cli_continues_from_a_quantized_folder(tmp_path, tiny_folder, text_file,
     q = tmp_path / "ptq"
     assert main(["quantize", str(tiny_folder), "--scheme", "w4a16-rtn", "--out", str(q), "--json"]) == 0
     capsys.readouterr()
-    common = ["--budget", "128", "--seq-len", "32", "--batch-size", "2", "--text", str(text_file), "--eval-windows", "1", "--json"]
+    common = ["--budget", "128", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--text", str(text_file), "--eval-windows", "1", "--json"]
     assert main(["qat", str(q), "--teacher", "self", "--out", str(tmp_path / "x"), *common]) == 2
     assert "teacher 'self' needs the float model" in capsys.readouterr().err
     assert main(["qat", str(q), "--teacher", str(tiny_folder), "--out", str(tmp_path / "qad"), *common]) == 0

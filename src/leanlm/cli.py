@@ -1,4 +1,4 @@
-"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export | generate | draft`)."""
+"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export | generate | draft | qat`)."""
 
 from __future__ import annotations
 
@@ -292,6 +292,18 @@ def cmd_draft(a) -> dict:
     return run_draft(a, _load)
 
 
+def cmd_qat(a) -> dict:
+    from .qat.cli import run_qat
+
+    return run_qat(a, _load)
+
+
+def show_qat(r: dict, console) -> None:
+    from .qat.cli import show_qat as show
+
+    show(r, console)
+
+
 def _show_speculative(name):
     def show(r, console):
         from .speculative import cli as spec_cli
@@ -448,12 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
     common(sp)
     draft_args(sp)
+    from .qat.cli import qat_args
+
+    sp = sub.add_parser("qat", help="quantization-aware training (QAT) or distillation (QAD, --teacher) after PTQ")
+    common(sp)
+    qat_args(sp)
     return p
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
             "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
-            "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft"))}
+            "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft")),
+            "qat": (cmd_qat, show_qat)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,8 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, overwrite:
     mods = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}
     recipe = {"format_version": 1, "config": meta["config"], "calib_seconds": meta.get("calib_seconds"), "quantizers": {}}
+    if meta.get("qat"):  # how quantization-aware training continued from the calibration (leanlm.qat)
+        recipe["qat"] = meta["qat"]
     replaced = set()
     for name, q in qs.items():
         if not q.enabled:

@@ -1,0 +1,144 @@
+"""QAT and QAD on SmolLM2-135M (PROTOCOL.md): held-out perplexity (wiki, 40 x 512 tokens) of float32,
+PTQ (the scheme's own calibration algorithm), QAT (LM loss) and QAD (KL to the float model) at the
+same token budget, and the fraction of the PTQ perplexity gap each closes.
+
+The budget is given in tokens so that the result does not depend on the machine's load. Its
+conversion from minutes: `--measure` runs a few QAD optimizer steps and reports tokens/s, both by
+wall time and by the process's CPU time divided by the thread count (what the same work takes on
+a quiet machine with that many cores); `--tokens` is then that rate times 600 s, rounded to whole
+optimizer steps. QAT gets the same token count (it is cheaper per token: no teacher forward).
+
+    python bench/qat.py --measure                                    # tokens/s of QAD (a few steps)
+    python bench/qat.py --tokens 245760 --schemes w3a16-gptq,w4a8    # the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+from common import md_table, setup_threads, write_results
+
+import leanlm
+from leanlm.core.data import calibration_batches, calibration_texts, evaluation_texts, join_and_tokenize
+from leanlm.distill import DistillConfig
+from leanlm.evaluation import perplexity
+from leanlm.qat import QATConfig, default_train_config, qat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", default="w3a16-gptq,w4a8")
+    ap.add_argument("--tokens", type=int, default=None, help="training tokens for QAT and QAD (the 10-minute conversion)")
+    ap.add_argument("--measure", action="store_true", help="only measure QAD tokens/s (a few steps) and exit")
+    ap.add_argument("--measure-steps", type=int, default=3)
+    ap.add_argument("--measure-scheme", default="w4a16-rtn", help="scheme for --measure (no calibration algorithm, so it starts at once)")
+    ap.add_argument("--samples", type=int, default=32, help="PTQ calibration sequences of 512 tokens (as bench/ptq.py)")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--learn-scales", type=int, default=1, help="1: learn weight scales (LSQ), 0: keep the calibrated ones")
+    ap.add_argument("--scale-lr-mult", type=float, default=10.0)
+    ap.add_argument("--lm-weight", type=float, default=0.0, help="QAD: LM loss weight next to the KL")
+    ap.add_argument("--modes", default="qad,qat")
+    ap.add_argument("--name", default="qat")
+    a = ap.parse_args()
+    setup_threads()
+    threads = torch.get_num_threads()
+    model, tok = leanlm.load("smollm2-135m")
+    model.eval()
+    train_ids = join_and_tokenize(tok, calibration_texts("wiki"))
+    eval_ids = join_and_tokenize(tok, evaluation_texts("wiki"))
+    calib = calibration_batches(tok, a.samples, 512)
+    qcfg = QATConfig(learn_scales=bool(a.learn_scales), scale_lr_mult=a.scale_lr_mult)
+    dcfg = DistillConfig(lm_weight=a.lm_weight)
+
+    def tcfg(tokens):
+        return default_train_config(max_tokens=tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
+                                    warmup_steps=min(5, max(1, tokens // tps // 10)))
+
+    def ppl(m):
+        return perplexity(m, ids=eval_ids, max_windows=a.windows, progress=False).perplexity
+
+    def ptq(scheme):
+        m = copy.deepcopy(model)
+        leanlm.quantize(m, scheme, calib, progress=False)
+        return m
+
+    schemes = a.schemes.split(",")
+    tps = a.batch_size * a.seq_len * a.grad_accum
+    if a.measure:
+        q = ptq(a.measure_scheme)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = qat(q, None, tokenizer=tok, teacher=model, config=qcfg, distill=dcfg, train_config=tcfg(tps * a.measure_steps),
+                  train_data=train_ids, evaluate=False, progress=True)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        import resource
+
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        steps = res.train.steps
+        rate_wall, rate_cpu = res.train.tokens / wall, res.train.tokens / (cpu / threads)
+        per10 = int(rate_cpu * 600) // tps * tps
+        print(f"QAD {a.measure_scheme}: {steps} steps of {tps} tokens in {wall:.1f} s wall, {cpu:.1f} s CPU on {threads} threads, "
+              f"load {os.getloadavg()[0]:.1f}: {rate_wall:.0f} tok/s by wall time, {rate_cpu:.0f} tok/s by CPU time / threads; "
+              f"10 minutes = {per10} tokens ({per10 // tps} steps); peak RSS {peak_gb:.1f} GB")
+        return
+    if a.tokens is None:
+        raise SystemExit("give --tokens (run --measure first for the 10-minute conversion)")
+    base = ppl(model)
+    print(f"float32 {base:.4f}", flush=True)
+    rows, data = [], {"float32": base, "tokens": a.tokens, "tokens_per_step": tps, "lr": a.lr, "learn_scales": bool(a.learn_scales),
+                      "scale_lr_mult": a.scale_lr_mult, "lm_weight": a.lm_weight, "samples": a.samples, "windows": a.windows,
+                      "threads": threads, "schemes": {}}
+
+    def write():
+        table = md_table(["scheme", "method", "perplexity", "vs float32", "PTQ gap closed", "train tokens", "train s (wall)",
+                          "quiet-machine minutes (CPU s / threads / 60)", "load"], rows)
+        md = (f"# QAT and QAD, SmolLM2-135M\n\nHeld-out perplexity, wiki evaluation split, {a.windows} x 512 tokens; float32 "
+              f"{base:.4f}. PTQ: the preset's own algorithm on {a.samples} x 512 wiki calibration tokens. QAT (LM loss) and QAD "
+              f"(KL to the float32 model{', plus LM loss x ' + str(a.lm_weight) if a.lm_weight else ''}) start from the PTQ model "
+              f"and train on the wiki calibration split for the same {a.tokens:,} tokens ({a.tokens // tps} steps of "
+              f"{a.grad_accum} x {a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
+              f"all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
+              f"'train s' is wall time at the load shown (1-minute load average; other jobs shared the 2 cores); the quiet-machine "
+              f"estimate is the process's CPU time over its {threads} threads.\n\n{table}")
+        write_results(a.name, data, md)
+
+    for scheme in schemes:
+        t0 = time.perf_counter()
+        start = ptq(scheme)
+        ptq_s = time.perf_counter() - t0
+        p_ptq = ppl(start)
+        d = data["schemes"][scheme] = {"ptq": p_ptq, "ptq_seconds": ptq_s}
+        print(f"{scheme} PTQ {p_ptq:.4f} ({ptq_s:.0f} s)", flush=True)
+        rows.append([scheme, "PTQ", f"{p_ptq:.4f}", f"{p_ptq / base - 1:+.2%}", "0%", 0, f"{ptq_s:.0f} (calibration)", "-",
+                     f"{os.getloadavg()[0]:.1f}"])
+        write()
+        for mode in a.modes.split(","):
+            m = copy.deepcopy(start)
+            teacher = model if mode == "qad" else None
+            c0 = time.process_time()
+            res = qat(m, None, tokenizer=tok, teacher=teacher, config=qcfg, distill=dcfg, train_config=tcfg(a.tokens),
+                      train_data=train_ids, evaluate=False, progress=False)
+            cpu = time.process_time() - c0
+            p = ppl(m)
+            closed = (p_ptq - p) / (p_ptq - base)
+            d[mode] = {"perplexity": p, "gap_closed": closed, "steps": res.train.steps, "tokens": res.train.tokens,
+                       "seconds": res.train.seconds, "cpu_seconds": cpu, "quiet_minutes_estimate": cpu / threads / 60,
+                       "load": os.getloadavg()[0],
+                       "loss_first5": [h["loss"] for h in res.train.history[:5]], "loss_last5": [h["loss"] for h in res.train.history[-5:]]}
+            print(f"{scheme} {mode.upper()} {p:.4f} closes {closed:.1%} of the gap ({res.train.seconds:.0f} s)", flush=True)
+            rows.append([scheme, mode.upper(), f"{p:.4f}", f"{p / base - 1:+.2%}", f"{closed:.1%}", f"{res.train.tokens:,}",
+                         f"{res.train.seconds:.0f}", f"{cpu / threads / 60:.1f}", f"{os.getloadavg()[0]:.1f}"])
+            write()
+            del m
+    print((write() or None) or open(os.path.join(os.path.dirname(__file__), "results", f"{a.name}.md")).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Knowledge distillation and the shared CPU-friendly trainer (also used by pruning, sparsity and QAT).
+
+    from leanlm.distill import TrainConfig, train, DistillConfig, distill
+"""
+
+from .kd import DistillConfig, DistillLoss, distill, kl_at_temperature
+from .trainer import TrainConfig, TrainingInterrupted, TrainResult, latest_checkpoint, lm_loss, train, trainable_params
+
+__all__ = ["DistillConfig", "DistillLoss", "distill", "kl_at_temperature", "TrainConfig", "TrainResult", "TrainingInterrupted",
+           "latest_checkpoint", "lm_loss", "train", "trainable_params"]

@@ -1,0 +1,381 @@
+"""A small CPU-friendly training loop shared by distillation, pruning recovery, sparse fine-tuning and QAT.
+
+Not a framework: one function, `train(model, loss_fn, train_ids, config)`. It draws random windows
+of `seq_len` tokens from a 1-D tensor of token ids (the protocol's calibration split, never the
+evaluation text), runs AdamW with warm-up and a cosine or constant schedule, gradient accumulation,
+gradient clipping and optional bfloat16 autocast, shows loss and tokens/s in a tqdm bar, measures
+held-out perplexity at the start, every `eval_every` steps and at the end, and stops at a token or
+wall-time budget.
+
+Checkpoints hold the model and loss-module state, the optimizer, the step, the data generator's
+RNG state and the history; they are written atomically (`leanlm.core.io.atomic_dir`), so an
+interrupt never leaves a corrupt one. Ctrl-C / SIGTERM are deferred to the end of the current
+optimizer step: the trainer then writes a checkpoint and raises `TrainingInterrupted` (a
+KeyboardInterrupt) saying how to resume; a second Ctrl-C stops at once, keeping the last periodic
+checkpoint. With a token budget a resumed run is bit-identical to an uninterrupted one (the
+learning rate depends only on the step, the batches only on the saved generator state).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import LeanLMError
+from ..core.io import atomic_dir
+
+LossFn = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
+AfterStep = Callable[[nn.Module, int], None]
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainConfig:
+    max_tokens: int | None = None      # budget in student forward tokens (batch_size * seq_len * grad_accum per step)
+    max_minutes: float | None = None   # budget in wall minutes (summed over resumed runs)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "cosine"           # "cosine" (to 10% of lr at the budget's end) or "constant" (after warm-up)
+    batch_size: int = 4
+    seq_len: int = 512
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    autocast_bf16: bool = False        # measured on this CPU: see docs/pruning.md (training section)
+    eval_every: int = 0                # held-out perplexity every N optimizer steps (0 = start and end only)
+    eval_windows: int = 10             # windows of 512 tokens (fewer if seq_len is shorter)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50         # optimizer steps between checkpoints (and one at the end)
+    resume: bool = True                # continue from the newest checkpoint in checkpoint_dir
+    seed: int = 0
+    progress: bool = True
+
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def check(self) -> None:
+        if self.max_tokens is None and self.max_minutes is None:
+            raise LeanLMError("give a training budget: max_tokens (--distill-tokens) or max_minutes (--distill-minutes)")
+        if self.max_tokens is not None and self.max_tokens < self.tokens_per_step():
+            raise LeanLMError(f"token budget {self.max_tokens} is below one optimizer step of {self.tokens_per_step()} tokens "
+                              f"(batch {self.batch_size} x seq_len {self.seq_len} x grad_accum {self.grad_accum}); raise it")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise LeanLMError(f"max_minutes must be positive, got {self.max_minutes}")
+        if min(self.batch_size, self.grad_accum) < 1 or self.seq_len < 2:
+            raise LeanLMError(f"need batch_size >= 1, grad_accum >= 1, seq_len >= 2; got {self.batch_size}, {self.grad_accum}, {self.seq_len}")
+        if self.schedule not in ("cosine", "constant"):
+            raise LeanLMError(f"unknown schedule {self.schedule!r}; use 'cosine' or 'constant'")
+        if self.lr <= 0:
+            raise LeanLMError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    final_perplexity: float | None
+    start_perplexity: float | None
+    evals: list[dict] = field(default_factory=list)     # {"step", "tokens", "perplexity"}
+    history: list[dict] = field(default_factory=list)   # per optimizer step: {"step", "lr", "loss", **metrics}
+    resumed_from: int | None = None                     # step of the checkpoint this run continued from
+    checkpoint: str | None = None                       # the last checkpoint written
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C / SIGTERM once the interrupted run's state is safe on disk (message says how to resume)."""
+
+
+def _lr_factor(step: int, cfg: TrainConfig, progress: float) -> float:
+    """Warm-up then cosine (to 0.1) or constant; `progress` in [0, 1] is the share of the budget used."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def trainable_params(model: nn.Module, loss_fn) -> list[nn.Parameter]:
+    """Parameters with requires_grad in the model and, when the loss is an nn.Module (projections), in the loss."""
+    out, seen = [], set()
+    mods = [model] + ([loss_fn] if isinstance(loss_fn, nn.Module) else [])
+    for m in mods:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder (atomic renames mean every `step-N` folder is complete)."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return None
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+             and (p / "state.pt").is_file()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+class _Signals:
+    """Defer SIGINT/SIGTERM to the next step boundary; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.pending = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.pending is not None:
+            raise KeyboardInterrupt
+        self.pending = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_ids: torch.Tensor,
+    config: TrainConfig,
+    *,
+    eval_ids: torch.Tensor | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    after_step: Sequence[AfterStep] = (),
+) -> TrainResult:
+    """Train `model` on random `seq_len` windows of `train_ids` (1-D token ids) with `loss_fn(model, batch)`.
+
+    `loss_fn` returns `(loss, {"name": float})`; the dict is shown in the progress bar and kept in
+    the history. If `loss_fn` is an nn.Module its parameters train too and its state is
+    checkpointed. `params`: which parameters train (default: every requires_grad parameter); the
+    others get requires_grad=False during training and are restored afterwards. `after_step`:
+    callables `f(model, step)` run after every optimizer step (e.g. re-applying sparsity masks).
+    `eval_ids`: 1-D held-out token ids for perplexity (None = no evaluation).
+    """
+    cfg = config
+    cfg.check()
+    train_ids = torch.as_tensor(train_ids).reshape(-1).long()
+    if train_ids.numel() < cfg.seq_len + 1:
+        raise LeanLMError(f"training text has {train_ids.numel()} tokens, fewer than one window of {cfg.seq_len}; pass more text or lower seq_len")
+    params = list(params) if params is not None else trainable_params(model, loss_fn)
+    if not params:
+        raise LeanLMError("nothing to train: no parameter has requires_grad=True (pass params=...)")
+    chosen = {id(p) for p in params}
+    mods = [model] + ([loss_fn] if isinstance(loss_fn, nn.Module) else [])
+    frozen = [p for m in mods for p in m.parameters() if p.requires_grad and id(p) not in chosen]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tps = cfg.tokens_per_step()
+    total_steps = cfg.max_tokens // tps if cfg.max_tokens is not None else None
+    step, tokens, seconds_before = 0, 0, 0.0
+    history: list[dict] = []
+    evals: list[dict] = []
+    resumed_from = None
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    last_ckpt = None
+
+    def state_modules() -> dict:
+        out = {"model": model.state_dict()}
+        if isinstance(loss_fn, nn.Module):
+            out["loss_fn"] = loss_fn.state_dict()
+        return out
+
+    if ckpt_dir is not None and cfg.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+        try:
+            st = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a damaged file is a user problem, say which
+            raise LeanLMError(f"cannot read checkpoint {found}: {e}; delete it to restart from the one before") from None
+        if st.get("tokens_per_step") != tps:
+            raise LeanLMError(f"checkpoint {found} was made with {st.get('tokens_per_step')} tokens per step, this config has {tps}; "
+                              "use the same batch_size/seq_len/grad_accum, or resume=False / another checkpoint_dir")
+        model.load_state_dict(st["model"])
+        if isinstance(loss_fn, nn.Module) and "loss_fn" in st:
+            loss_fn.load_state_dict(st["loss_fn"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["data_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["py_rng"])
+        step, tokens, seconds_before = st["step"], st["tokens"], st["seconds"]
+        history, evals = st["history"], st["evals"]
+        resumed_from, last_ckpt = step, str(found)
+
+    def save_checkpoint() -> str | None:
+        if ckpt_dir is None:
+            return None
+        target = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+        st = {**state_modules(), "optimizer": opt.state_dict(), "data_rng": data_state, "torch_rng": torch.get_rng_state(),
+              "py_rng": random.getstate(), "step": step, "tokens": tokens, "seconds": elapsed(), "history": history,
+              "evals": evals, "tokens_per_step": tps, "config": asdict(cfg)}
+        with atomic_dir(target, overwrite=True) as tmp:
+            torch.save(st, tmp / "state.pt")
+        for old in ckpt_dir.iterdir():  # keep the newest two
+            if old.name.startswith(CHECKPOINT_PREFIX) and old.name < target.name and old.name != Path(last_ckpt or "").name:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        return str(target)
+
+    def evaluate() -> float | None:
+        if eval_ids is None:
+            return None
+        from ..evaluation.perplexity import perplexity
+
+        was = model.training
+        model.eval()
+        win = min(512, cfg.seq_len)
+        ppl = perplexity(model, ids=eval_ids, window=win, max_windows=cfg.eval_windows, progress=False).perplexity
+        model.train(was)
+        evals.append({"step": step, "tokens": tokens, "perplexity": ppl})
+        return ppl
+
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - t_start
+
+    def budget_left() -> bool:
+        if total_steps is not None and step >= total_steps:
+            return False
+        return cfg.max_minutes is None or elapsed() < cfg.max_minutes * 60
+
+    def progress_share() -> float:
+        shares = []
+        if total_steps:
+            shares.append(step / total_steps)
+        if cfg.max_minutes:
+            shares.append(elapsed() / (cfg.max_minutes * 60))
+        return max(shares)
+
+    n_windows = train_ids.numel() - cfg.seq_len + 1
+    data_state = gen.get_state()
+    model.train()
+    if not evals:
+        evaluate()
+    if total_steps is not None:
+        bar = tqdm(total=total_steps * tps, initial=tokens, desc="training", unit="tok", unit_scale=True, disable=not cfg.progress)
+    else:
+        bar = tqdm(total=round(cfg.max_minutes * 60), initial=round(seconds_before), desc="training", unit="s", disable=not cfg.progress)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast_bf16 else None
+    last_tps_t, last_tps_tok = time.perf_counter(), tokens
+    updating = False
+    try:
+        with _Signals() as sig:
+            while budget_left():
+                data_state = gen.get_state()
+                lr = cfg.lr * _lr_factor(step, cfg, progress_share())
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                metrics: dict[str, float] = {}
+                total = 0.0
+                for _ in range(cfg.grad_accum):
+                    starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=gen)
+                    batch = torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()])
+                    if autocast is not None:
+                        with autocast:
+                            loss, m = loss_fn(model, batch)
+                    else:
+                        loss, m = loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        raise LeanLMError(f"training loss became {loss.item()} at step {step}; lower lr (now {lr:.2e}) or turn off autocast_bf16")
+                    (loss / cfg.grad_accum).backward()
+                    total += loss.item() / cfg.grad_accum
+                    for k, v in m.items():
+                        metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                updating = True   # from here until the history entry the state is mid-update
+                opt.step()
+                step += 1
+                tokens += tps
+                for f in after_step:
+                    f(model, step)
+                data_state = gen.get_state()
+                history.append({"step": step, "lr": lr, "loss": total, **metrics})
+                updating = False
+                now = time.perf_counter()
+                rate = (tokens - last_tps_tok) / max(now - last_tps_t, 1e-9)
+                last_tps_t, last_tps_tok = now, tokens
+                if total_steps is not None:
+                    bar.update(tps)
+                else:
+                    bar.n = min(round(elapsed()), bar.total)
+                    bar.refresh()
+                bar.set_postfix({"loss": f"{total:.4f}", **{k: f"{v:.4f}" for k, v in metrics.items()}, "tok/s": f"{rate:.0f}"})
+                if cfg.eval_every and step % cfg.eval_every == 0 and budget_left():
+                    evaluate()
+                if ckpt_dir is not None and step % cfg.checkpoint_every == 0:
+                    last_ckpt = save_checkpoint()
+                if sig.pending:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        if ckpt_dir is not None and not updating:
+            # Params change only inside opt.step(); a step cut off before it is redone on resume (its
+            # batches are drawn again from the saved generator state). Signals wait for step boundaries.
+            last_ckpt = save_checkpoint()
+            where = f"; checkpoint {last_ckpt} written: run the same command again (resume=True) to continue from step {step}"
+        elif ckpt_dir is not None:
+            where = (f"; stopped inside an optimizer update, so no new checkpoint was written: run the same command again to "
+                     f"continue from the last one ({last_ckpt or 'none yet'})")
+        else:
+            where = "; no checkpoint_dir was set, so the progress is lost (set checkpoint_dir to make training resumable)"
+        _restore(frozen, model)
+        raise TrainingInterrupted(f"training interrupted at step {step} ({tokens} tokens){where}") from None
+    except BaseException:
+        bar.close()
+        _restore(frozen, model)
+        raise
+    bar.close()
+    start_ppl = evals[0]["perplexity"] if evals else None
+    final_ppl = None
+    if eval_ids is not None:
+        final_ppl = evals[-1]["perplexity"] if evals and evals[-1]["step"] == step and step > 0 else evaluate()
+    if ckpt_dir is not None and (last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}")):
+        last_ckpt = save_checkpoint()
+    _restore(frozen, model)
+    return TrainResult(steps=step, tokens=tokens, seconds=elapsed(), final_perplexity=final_ppl, start_perplexity=start_ppl,
+                       evals=evals, history=history, resumed_from=resumed_from, checkpoint=last_ckpt)
+
+
+def _restore(frozen: list[nn.Parameter], model: nn.Module) -> None:
+    for p in frozen:
+        p.requires_grad_(True)
+    model.eval()
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor):
+    """Plain next-token cross-entropy (for training from scratch or fine-tuning)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    return loss, {"ce": loss.item()}

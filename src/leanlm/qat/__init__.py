@@ -1,0 +1,12 @@
+"""Quantization-aware training (QAT) and quantization-aware distillation (QAD).
+
+    from leanlm.qat import qat, QATConfig
+    res = qat(model, "w3a16-gptq", tokenizer=tok, teacher="self", budget="10m")   # PTQ, then QAD
+    leanlm.quantization.save_quantized(model, "out/", tokenizer=tok)
+"""
+
+from .api import QATConfig, QATResult, check_trainable, default_train_config, finalize_qat, parse_budget, prepare_qat, qat
+from .fakequant import QATQuantizer, fake_quantize_lsq
+
+__all__ = ["QATConfig", "QATResult", "QATQuantizer", "check_trainable", "default_train_config", "fake_quantize_lsq",
+           "finalize_qat", "parse_budget", "prepare_qat", "qat"]

@@ -192,3 +192,31 @@ def test_unsupported_architecture(tiny_tokenizer, calib):
         prune(g, PruneTarget(layers=1), calib=calib, progress=False)
     with pytest.raises(LeanLMError, match="below|calib"):
         prune(model(tiny_tokenizer), PruneTarget(layers=2), calib=calib[0], progress=False)
+
+
+def test_cli_prune_distill_and_errors(capsys, tiny_folder, text_file, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from leanlm.cli import main
+
+    out = tmp_path / "p"
+    args = ["prune", str(tiny_folder), "--layers", "1", "--intermediate", "64", "--out", str(out), "--samples", "2",
+            "--seq-len", "64", "--batch-size", "2", "--text", str(text_file), "--distill-tokens", "512", "--eval-windows", "2",
+            "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["prune"]["to"]["layers"] == 1 and r["distill"]["steps"] == 4
+    assert not (tmp_path / "p.checkpoints").exists()  # removed after success
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.num_hidden_layers == 1 and m.config.intermediate_size == 64
+    assert main(["distill", str(out), "--teacher", str(tiny_folder), "--out", str(tmp_path / "d"), "--tokens", "256",
+                 "--seq-len", "64", "--batch-size", "2", "--text", str(text_file), "--eval-windows", "2"]) == 0
+    assert "steps" in capsys.readouterr().out and (tmp_path / "d" / "config.json").is_file()
+    assert main(["prune", str(tiny_folder), "--heads", "3", "--out", str(tmp_path / "x"), "--text", str(text_file)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the loading progress bar: one error line
+    assert last.startswith("leanlm: error: ") and "grouped-query attention" in last
+    assert main(["prune", str(tiny_folder), "--target-params", "10G", "--out", str(tmp_path / "x")]) == 2
+    assert "not smaller" in capsys.readouterr().err

@@ -49,10 +49,10 @@ def parse_count(x: int | str) -> int:
     """90_000_000, "90M", "0.09B", "90000k" -> int."""
     if isinstance(x, int) and not isinstance(x, bool):
         return x
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(x))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", str(x))
     if not m:
         raise LeanLMError(f"bad parameter count {x!r}; use a number with an optional k, M or B suffix, e.g. 90M")
-    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2).lower()])
 
 
 def _check_dims(orig: Dims, d: Dims) -> None:
@@ -195,11 +195,11 @@ def choose(imp, orig: Dims, d: Dims, cfg) -> Keep:
 
 def prune(model: nn.Module, target: PruneTarget | int | str, *, tokenizer=None, calib: torch.Tensor | None = None,
           samples: int = 32, seq_len: int = 512, depth_samples: int = 8, depth_metric: str = "ppl",
-          progress: bool = True) -> nn.Module:
+          source: str | Path = "wiki", progress: bool = True) -> nn.Module:
     """A new, smaller model of the same class (the input model is left unchanged).
 
     Importance is measured on `calib` ([N, T] token ids; default: `samples` x `seq_len` tokens of
-    the protocol's wiki calibration split through `tokenizer`); depth ranking uses the first
+    the calibration split of `source`, default the protocol's wiki, through `tokenizer`); depth ranking uses the first
     `depth_samples` rows. The result carries `model.leanlm_prune` (dimensions, parameter counts,
     kept layers, the layer scores).
     """
@@ -216,7 +216,7 @@ def prune(model: nn.Module, target: PruneTarget | int | str, *, tokenizer=None, 
 
         if tokenizer is None:
             raise LeanLMError("pruning needs calibration text: pass tokenizer= (protocol calibration text) or calib= token ids")
-        calib = calibration_batches(tokenizer, samples, seq_len)
+        calib = calibration_batches(tokenizer, samples, seq_len, source)
     calib = torch.as_tensor(calib).long()
     if calib.dim() != 2:
         raise LeanLMError(f"calib must be [samples, seq_len] token ids, got shape {tuple(calib.shape)}")

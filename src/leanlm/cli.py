@@ -356,7 +356,7 @@ def _train_config(a, minutes, tokens, checkpoint_dir):
     from .distill import TrainConfig
 
     return TrainConfig(max_tokens=tokens, max_minutes=minutes, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                       grad_accum=a.grad_accum, autocast_bf16=not a.no_bf16, eval_windows=a.eval_windows,
+                       grad_accum=a.grad_accum, autocast_bf16=a.bf16, eval_windows=a.eval_windows,
                        eval_every=a.eval_every, checkpoint_dir=checkpoint_dir, progress=not a.json)
 
 
@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=4)
         sp.add_argument("--seq-len", type=int, default=512)
         sp.add_argument("--grad-accum", type=int, default=1)
-        sp.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bfloat16 autocast, faster on CPUs with AVX-512 BF16)")
+        sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (default: float32); see docs/pruning.md")
         sp.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
         sp.add_argument("--lm-weight", type=float, default=0.0, help="weight of cross-entropy on the text (KL weight is 1)")
         sp.add_argument("--text", default="wiki", help="calibration/training text: wiki (default), news or a .txt/.jsonl file; "

@@ -190,6 +190,12 @@ def test_unsupported_architecture(tiny_tokenizer, calib):
     g = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tiny_tokenizer)))
     with pytest.raises(LeanLMError, match="Llama family"):
         prune(g, PruneTarget(layers=1), calib=calib, progress=False)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    g = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(LeanLMError, match="Gemma-3 is not supported"):
+        prune(g, PruneTarget(layers=1), calib=calib, progress=False)
     with pytest.raises(LeanLMError, match="below|calib"):
         prune(model(tiny_tokenizer), PruneTarget(layers=2), calib=calib[0], progress=False)
 
@@ -220,3 +226,20 @@ def test_cli_prune_distill_and_errors(capsys, tiny_folder, text_file, tmp_path):
     assert last.startswith("leanlm: error: ") and "grouped-query attention" in last
     assert main(["prune", str(tiny_folder), "--target-params", "10G", "--out", str(tmp_path / "x")]) == 2
     assert "not smaller" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_smollm2_pruned_to_90m_loads_in_plain_transformers(tmp_path):
+    """The real model: <= 90M parameters, GQA kept, a folder plain transformers loads with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    import leanlm
+    from leanlm.core.data import calibration_batches
+
+    m, tok = leanlm.load("smollm2-135m")
+    calib = calibration_batches(tok, 4, 256)
+    p = prune(m, PruneTarget(params="90M", axes="both"), calib=calib, depth_samples=1, progress=False)
+    assert n_params(p) <= 90_000_000 and p.config.num_attention_heads % p.config.num_key_value_heads == 0
+    out = save_pruned(p, tmp_path / "smol90", tokenizer=tok)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(plain, calib[:1, :64]), logits(p, calib[:1, :64]))

@@ -37,7 +37,7 @@ def check_supported(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None)
     if mt == "gemma3" or mt == "gemma3_text":
-        raise LeanLMError("structured pruning of Gemma-3 is not supported yet (its scaled embedding, four norms per layer and "
+        raise LeanLMError("structured pruning: Gemma-3 is not supported yet (its scaled embedding, four norms per layer and "
                           "sliding-window layout need their own slicing); prune a Llama-family model such as smollm2-135m")
     if mt not in SUPPORTED:
         raise LeanLMError(f"structured pruning supports the Llama family ({', '.join(SUPPORTED)}), not model_type {mt!r} "

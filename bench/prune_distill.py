@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--target", default="90M")
     ap.add_argument("--variants", default="width,depth,both")
-    ap.add_argument("--budget-tokens", type=int, default=FULL_BUDGET_TOKENS, help="distillation budget of the first variant")
+    ap.add_argument("--budget-tokens", type=int, default=FULL_BUDGET_TOKENS,
+                    help="distillation budget of the variant with the lowest perplexity after pruning")
     ap.add_argument("--others-budget-tokens", type=int, default=None, help="budget of the other variants (default: the same)")
     ap.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate (pruned student)")
     ap.add_argument("--random-lr", type=float, default=1e-3, help="learning rate of the randomly initialised baseline")
@@ -78,13 +79,15 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--depth-samples", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 512 tokens for the importance")
+    ap.add_argument("--depth-samples", type=int, default=4, help="of those, how many rank the layers")
+    ap.add_argument("--depth-metric", choices=["ppl", "cosine"], default="ppl")
     ap.add_argument("--no-random", action="store_true", help="skip the randomly initialised baseline")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2048-token budgets, 4 windows, 2 speed runs of 16 tokens")
     ap.add_argument("--name", default="prune_distill")
     a = ap.parse_args()
     if a.quick:
-        a.budget_tokens, a.others_budget_tokens, a.windows, a.runs, a.new_tokens = 2048, 2048, 4, 2, 16
+        a.budget_tokens, a.others_budget_tokens, a.windows, a.runs, a.new_tokens, a.samples = 2048, 2048, 4, 2, 16, 4
     setup_threads()
     teacher, tok = leanlm.load(a.model)
     eval_ids = join_and_tokenize(tok, evaluation_texts("wiki"))
@@ -94,28 +97,42 @@ def main() -> None:
     print(f"{a.model}: {base_params:,} parameters, perplexity {base_ppl:.3f}", flush=True)
     rows, out = [], {"baseline": {"params": base_params, "perplexity": base_ppl, "dims": dims_of(teacher).to_dict()}, "variants": {}}
     students = {}
-    for i, axes in enumerate(a.variants.split(",")):
-        budget = a.budget_tokens if i == 0 else (a.others_budget_tokens if a.others_budget_tokens is not None else a.budget_tokens)
+    budgets = {}
+    for i, axes in enumerate(a.variants.split(",")):   # phase 1: prune every variant (cheap), perplexity right after
+        budgets[axes] = a.budget_tokens if i == 0 else (a.others_budget_tokens if a.others_budget_tokens is not None else a.budget_tokens)
         t0 = time.perf_counter()
-        student = prune(teacher, PruneTarget(params=a.target, axes=axes), tokenizer=tok, depth_samples=a.depth_samples)
+        student = prune(teacher, PruneTarget(params=a.target, axes=axes), tokenizer=tok, samples=a.samples,
+                        depth_samples=a.depth_samples, depth_metric=a.depth_metric)
         r = {"axes": axes, "dims": dims_of(student).to_dict(), "params": student.leanlm_prune["params_after"],
-             "prune_seconds": time.perf_counter() - t0, "kept_layers": student.leanlm_prune["kept_layers"], "budget_tokens": budget}
+             "prune_seconds": time.perf_counter() - t0, "kept_layers": student.leanlm_prune["kept_layers"],
+             "budget_tokens": budgets[axes]}
         r["ppl_pruned"] = ppl(student, eval_ids, a.windows)
         print(f"[{axes}] {r['dims']} {r['params']:,} params: pruned perplexity {r['ppl_pruned']:.3f}", flush=True)
-        if budget:
-            r["distill"] = timed_distill(student, teacher, train_ids, a, budget, a.lr)
-            r["ppl_distilled"] = ppl(student, eval_ids, a.windows)
-            print(f"[{axes}] distilled {budget} tokens: perplexity {r['ppl_distilled']:.3f}", flush=True)
-            if not a.no_random:
-                torch.manual_seed(0)
-                rnd = type(teacher)(student.config).eval()
-                r["random"] = timed_distill(rnd, teacher, train_ids, a, budget, a.random_lr)
-                r["ppl_random_trained"] = ppl(rnd, eval_ids, a.windows)
-                print(f"[{axes}] random init trained {budget} tokens: perplexity {r['ppl_random_trained']:.3f}", flush=True)
-                del rnd
         students[axes] = student
         out["variants"][axes] = r
         write_results(a.name, {**out, "settings": vars(a)}, "partial run; see the json")  # keep what finished
+    # the variant with the lowest pruned perplexity gets --budget-tokens, the others --others-budget-tokens
+    order = sorted(students, key=lambda k: out["variants"][k]["ppl_pruned"])
+    other = a.others_budget_tokens if a.others_budget_tokens is not None else a.budget_tokens
+    for k in order:
+        budgets[k] = out["variants"][k]["budget_tokens"] = a.budget_tokens if k == order[0] else other
+    for axes in order:   # phase 2: distill, and the random-init baseline at the same budget
+        student = students[axes]
+        r, budget = out["variants"][axes], budgets[axes]
+        if not budget:
+            continue
+        r["distill"] = timed_distill(student, teacher, train_ids, a, budget, a.lr)
+        r["ppl_distilled"] = ppl(student, eval_ids, a.windows)
+        print(f"[{axes}] distilled {budget} tokens: perplexity {r['ppl_distilled']:.3f}", flush=True)
+        write_results(a.name, {**out, "settings": vars(a)}, "partial run; see the json")
+        if not a.no_random:
+            torch.manual_seed(0)
+            rnd = type(teacher)(student.config).eval()
+            r["random"] = timed_distill(rnd, teacher, train_ids, a, budget, a.random_lr)
+            r["ppl_random_trained"] = ppl(rnd, eval_ids, a.windows)
+            print(f"[{axes}] random init trained {budget} tokens: perplexity {r['ppl_random_trained']:.3f}", flush=True)
+            del rnd
+            write_results(a.name, {**out, "settings": vars(a)}, "partial run; see the json")
     if a.runs:
         gens = {f"{a.model} (original)": hf_generator(teacher, tok)}
         gens.update({f"pruned {k}": hf_generator(m, tok) for k, m in students.items()})
@@ -137,7 +154,8 @@ def main() -> None:
           f"Baseline: {base_params / 1e6:.1f}M parameters, held-out perplexity {base_ppl:.3f} (wiki evaluation split, "
           f"{a.windows} x 512 tokens). Training text: the wiki calibration split (40 articles). Distillation: logit KL at T=1 "
           f"from the unpruned model, AdamW lr {a.lr} (random-init baseline: same loss and tokens, lr {a.random_lr}), "
-          f"batch {a.batch_size} x {a.seq_len}, cosine schedule, {'bf16 autocast' if a.bf16 else 'float32'}. "
+          f"batch {a.batch_size} x {a.seq_len}, cosine schedule, {'bf16 autocast' if a.bf16 else 'float32'}. Importance from "
+          f"{a.samples} x 512 calibration tokens, layers ranked by {a.depth_metric} on {a.depth_samples} of them. "
           f"Full budget = {FULL_BUDGET_TOKENS:,} tokens (20 min x {TOKENS_PER_2CORE_SECOND} tok/s on 2 cores). Machine: {mach}.\n",
           md_table(["variant", "layers x hidden / intermediate / heads", "params", "ppl pruned", "budget tokens", "ppl distilled",
                     "vs 135M", "random init, same budget", "decode speed vs 135M"], rows)]

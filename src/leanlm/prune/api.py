@@ -172,7 +172,7 @@ def _scaled(d: Dims, free: list[str], s: float) -> Dims | None:
     return Dims(**vals)
 
 
-def choose(imp, orig: Dims, d: Dims, cfg) -> Keep:
+def choose(imp, orig: Dims, d: Dims) -> Keep:
     """Which indices survive: the most important ones, in their original order."""
     def top(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.sort(torch.topk(scores, k).indices).values
@@ -227,7 +227,7 @@ def prune(model: nn.Module, target: PruneTarget | int | str, *, tokenizer=None, 
         imp.layers = layer_importance(model, calib[:depth_samples], depth_metric, progress=progress)
         imp.layer_metric = depth_metric
     model.train(was)
-    keep = choose(imp, orig, d, model.config)
+    keep = choose(imp, orig, d)
     pruned = slice_model(model, keep)
     before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in pruned.parameters())
     pruned.leanlm_prune = {

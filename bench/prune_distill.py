@@ -95,7 +95,7 @@ def main() -> None:
     base_ppl = ppl(teacher, eval_ids, a.windows)
     base_params = sum(p.numel() for p in teacher.parameters())
     print(f"{a.model}: {base_params:,} parameters, perplexity {base_ppl:.3f}", flush=True)
-    rows, out = [], {"baseline": {"params": base_params, "perplexity": base_ppl, "dims": dims_of(teacher).to_dict()}, "variants": {}}
+    out = {"baseline": {"params": base_params, "perplexity": base_ppl, "dims": dims_of(teacher).to_dict()}, "variants": {}}
     students = {}
     budgets = {}
     for i, axes in enumerate(a.variants.split(",")):   # phase 1: prune every variant (cheap), perplexity right after
@@ -110,7 +110,7 @@ def main() -> None:
         print(f"[{axes}] {r['dims']} {r['params']:,} params: pruned perplexity {r['ppl_pruned']:.3f}", flush=True)
         students[axes] = student
         out["variants"][axes] = r
-        write_results(a.name, {**out, "settings": vars(a)}, "partial run; see the json")  # keep what finished
+        write_results(a.name, {**out, "settings": vars(a)}, report(out, a, partial=True))  # keep what finished
     # the variant with the lowest pruned perplexity gets --budget-tokens, the others --others-budget-tokens
     order = sorted(students, key=lambda k: out["variants"][k]["ppl_pruned"])
     other = a.others_budget_tokens if a.others_budget_tokens is not None else a.budget_tokens
@@ -124,7 +124,7 @@ def main() -> None:
         r["distill"] = timed_distill(student, teacher, train_ids, a, budget, a.lr)
         r["ppl_distilled"] = ppl(student, eval_ids, a.windows)
         print(f"[{axes}] distilled {budget} tokens: perplexity {r['ppl_distilled']:.3f}", flush=True)
-        write_results(a.name, {**out, "settings": vars(a)}, "partial run; see the json")
+        write_results(a.name, {**out, "settings": vars(a)}, report(out, a, partial=True))
         if not a.no_random:
             torch.manual_seed(0)
             rnd = type(teacher)(student.config).eval()
@@ -132,7 +132,7 @@ def main() -> None:
             r["ppl_random_trained"] = ppl(rnd, eval_ids, a.windows)
             print(f"[{axes}] random init trained {budget} tokens: perplexity {r['ppl_random_trained']:.3f}", flush=True)
             del rnd
-            write_results(a.name, {**out, "settings": vars(a)}, "partial run; see the json")
+            write_results(a.name, {**out, "settings": vars(a)}, report(out, a, partial=True))
     if a.runs:
         gens = {f"{a.model} (original)": hf_generator(teacher, tok)}
         gens.update({f"pruned {k}": hf_generator(m, tok) for k, m in students.items()})
@@ -140,7 +140,14 @@ def main() -> None:
         sp = compare_speed(gens, prompts, a.new_tokens, a.runs)
         base = sp[f"{a.model} (original)"].decode_tps
         out["speed"] = {k: {**v.to_dict(), "decode_ratio": v.decode_tps / base} for k, v in sp.items()}
-    # ---- report
+    path = write_results(a.name, {**out, "settings": vars(a)}, report(out, a))
+    print(path.read_text())
+
+
+def report(out: dict, a, partial: bool = False) -> str:
+    """The markdown table and notes for whatever has been measured so far."""
+    base_ppl, base_params = out["baseline"]["perplexity"], out["baseline"]["params"]
+    rows = []
     for axes, r in out["variants"].items():
         d = r["dims"]
         fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"  # noqa: E731
@@ -172,8 +179,9 @@ def main() -> None:
                   f"median of {s0['runs']} interleaved runs: " + ", ".join(f"{k} {v['decode_tps']:.1f} tok/s ({v['decode_ratio']:.2f}x)"
                                                                           for k, v in out["speed"].items()))
     md.append(f"\nLoad average at the end: {os.getloadavg()[0]:.1f} (the token budget makes the perplexities independent of it).")
-    path = write_results(a.name, {**out, "settings": vars(a)}, "\n".join(md))
-    print(path.read_text())
+    if partial:
+        md.insert(1, "**Partial: the run has not finished (rows without a figure are pending).**\n")
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

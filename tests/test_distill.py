@@ -154,3 +154,15 @@ def test_distill_loss_projection_and_balancer(tiny_tokenizer, ids):
     other = make_llama(vocab_size=len(tiny_tokenizer) + 3)
     with pytest.raises(LeanLMError, match="tokenizer"):
         distill(other, teacher, ids, DistillConfig(), cfg())
+
+
+def test_grad_accum_matches_bigger_batch_and_bf16_runs(tiny_tokenizer, ids):
+    a, b = make_llama(vocab_size=len(tiny_tokenizer)), make_llama(vocab_size=len(tiny_tokenizer))
+    ra = train(a, lm_loss, ids, cfg(max_tokens=4 * 64, batch_size=2, grad_accum=1))
+    rb = train(b, lm_loss, ids, cfg(max_tokens=4 * 64, batch_size=1, grad_accum=2))
+    assert rb.steps == ra.steps == 4
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    c = make_llama(vocab_size=len(tiny_tokenizer))
+    rc = train(c, lm_loss, ids, cfg(max_tokens=10 * 64, autocast_bf16=True))
+    assert rc.history[-1]["loss"] < rc.history[0]["loss"]

@@ -1,4 +1,4 @@
-"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export | generate | draft | qat`)."""
+"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | qat`)."""
 
 from __future__ import annotations
 
@@ -372,6 +372,97 @@ def show_generate(r: dict, console) -> None:
     _show_runtime(r, console)
 
 
+def _train_config(a, minutes, tokens, checkpoint_dir):
+    from .distill import TrainConfig
+
+    return TrainConfig(max_tokens=tokens, max_minutes=minutes, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
+                       grad_accum=a.grad_accum, autocast_bf16=a.bf16, eval_windows=a.eval_windows,
+                       eval_every=a.eval_every, checkpoint_dir=checkpoint_dir, progress=not a.json)
+
+
+def _distill_run(a, student, teacher, tok, minutes, tokens):
+    """Distill with checkpoints beside --out (OUT.checkpoints, removed after success) so Ctrl-C can resume."""
+    import shutil
+
+    from .distill import DistillConfig, distill
+
+    ckpt = a.checkpoint_dir or f"{str(a.out).rstrip('/')}.checkpoints"
+    dc = DistillConfig(temperature=a.temperature, lm_weight=a.lm_weight)
+    res = distill(student, teacher, a.text, dc, _train_config(a, minutes, tokens, ckpt), tokenizer=tok)
+    if not a.checkpoint_dir:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, "resumed_from": res.resumed_from,
+            "perplexity_start": res.start_perplexity, "perplexity_end": res.final_perplexity, "eval_windows": a.eval_windows,
+            "loss_first": res.history[0]["loss"] if res.history else None, "loss_last": res.history[-1]["loss"] if res.history else None}
+
+
+def cmd_prune(a) -> dict:
+    from pathlib import Path
+
+    from .evaluation.memory import checkpoint_bytes
+    from .prune import PruneTarget, prune, save_pruned
+
+    if Path(a.out).exists() and not a.overwrite:
+        raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
+    target = PruneTarget(params=a.target_params, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
+                         kv_heads=a.kv_heads, layers=a.layers, axes=a.axes)
+    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    r = {"model": a.model, "out": a.out}
+    if a.eval:
+        from .evaluation import perplexity
+
+        r["perplexity_original"] = perplexity(model, tok, source=a.text, progress=not a.json).perplexity
+    pruned = prune(model, target, tokenizer=tok, samples=a.samples, seq_len=a.seq_len, depth_metric=a.depth_metric, source=a.text,
+                   progress=not a.json)
+    r["prune"] = pruned.leanlm_prune
+    if a.eval:
+        r["perplexity_pruned"] = perplexity(pruned, tok, source=a.text, progress=not a.json).perplexity
+    if a.distill_minutes is not None or a.distill_tokens is not None:
+        r["distill"] = _distill_run(a, pruned, model, tok, a.distill_minutes, a.distill_tokens)
+        if a.eval:
+            r["perplexity_distilled"] = perplexity(pruned, tok, source=a.text, progress=not a.json).perplexity
+    save_pruned(pruned, a.out, tokenizer=tok, overwrite=a.overwrite, extra={"distill": r.get("distill")})
+    r["checkpoint_bytes"] = checkpoint_bytes(a.out)
+    return r
+
+
+def show_prune(r: dict, console) -> None:
+    p = r["prune"]
+    rows = [[k, p["from"][k], p["to"][k]] for k in p["from"]]
+    rows.append(["parameters", f"{p['params_before']:,}", f"{p['params_after']:,}"])
+    console.print(_table(f"leanlm prune {r['model']} -> {r['out']} ({_gb(r['checkpoint_bytes'])})", ["dimension", "before", "after"], rows))
+    if "distill" in r and r["distill"]:
+        d = r["distill"]
+        console.print(f"distilled {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds'] / 60:.1f} min")
+    ppl = [(k, r[f"perplexity_{k}"]) for k in ("original", "pruned", "distilled") if f"perplexity_{k}" in r]
+    if ppl:
+        console.print("held-out perplexity (40 x 512): " + ", ".join(f"{k} {v:.3f}" for k, v in ppl))
+
+
+def cmd_distill(a) -> dict:
+    from pathlib import Path
+
+    from .prune import save_pruned
+
+    if a.minutes is None and a.tokens is None:
+        raise LeanLMError("give a training budget: --minutes M or --tokens N")
+    if Path(a.out).exists() and not a.overwrite:
+        raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
+    student, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    teacher, _ = _load(a.teacher, a.dtype, a.trust_remote_code)
+    r = {"model": a.model, "teacher": a.teacher, "out": a.out}
+    r["distill"] = _distill_run(a, student, teacher, tok, a.minutes, a.tokens)
+    save_pruned(student, a.out, tokenizer=tok, overwrite=a.overwrite, extra={"distill": r["distill"], "teacher": a.teacher})
+    return r
+
+
+def show_distill(r: dict, console) -> None:
+    d = r["distill"]
+    console.print(f"leanlm distill {r['model']} (teacher {r['teacher']}) -> {r['out']}: {d['steps']} steps, {d['tokens']:,} tokens, "
+                  f"{d['seconds'] / 60:.1f} min; loss {d['loss_first']:.4f} -> {d['loss_last']:.4f}; held-out perplexity "
+                  f"({d['eval_windows']} x 512) {d['perplexity_start']:.3f} -> {d['perplexity_end']:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -465,13 +556,54 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("qat", help="quantization-aware training (QAT) or distillation (QAD, --teacher) after PTQ")
     common(sp)
     qat_args(sp)
+
+    def training(sp):
+        sp.add_argument("--lr", type=float, default=1e-4)
+        sp.add_argument("--batch-size", type=int, default=4)
+        sp.add_argument("--seq-len", type=int, default=512)
+        sp.add_argument("--grad-accum", type=int, default=1)
+        sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (default: float32); see docs/pruning.md")
+        sp.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+        sp.add_argument("--lm-weight", type=float, default=0.0, help="weight of cross-entropy on the text (KL weight is 1)")
+        sp.add_argument("--text", default="wiki", help="calibration/training text: wiki (default), news or a .txt/.jsonl file; "
+                        "perplexity uses its evaluation split")
+        sp.add_argument("--eval-windows", type=int, default=10, help="held-out perplexity windows at start/end of training")
+        sp.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+        sp.add_argument("--checkpoint-dir", help="keep resumable checkpoints here (default: OUT.checkpoints, removed after success)")
+        sp.add_argument("--overwrite", action="store_true")
+
+    sp = sub.add_parser("prune", help="structured pruning to a smaller Hugging Face model (Minitron-style), optionally distilled")
+    common(sp)
+    sp.add_argument("--out", required=True, help="output folder (a plain transformers checkpoint, written atomically)")
+    sp.add_argument("--target-params", help="parameter budget, e.g. 90M")
+    sp.add_argument("--axes", choices=["width", "depth", "both"], default="width", help="what --target-params may shrink")
+    sp.add_argument("--layers", type=int)
+    sp.add_argument("--hidden", type=int)
+    sp.add_argument("--intermediate", type=int)
+    sp.add_argument("--heads", type=int)
+    sp.add_argument("--kv-heads", type=int)
+    sp.add_argument("--samples", type=int, default=32, help="calibration sequences (of --seq-len tokens) for the importance")
+    sp.add_argument("--depth-metric", choices=["ppl", "cosine"], default="ppl")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--distill-minutes", type=float, help="then distill from the original model for this many minutes")
+    g.add_argument("--distill-tokens", type=int, help="then distill from the original model for this many tokens")
+    sp.add_argument("--eval", action="store_true", help="held-out perplexity (40 x 512) of the original, pruned and distilled model")
+    training(sp)
+    sp = sub.add_parser("distill", help="distill a student model from a teacher (logit KL)")
+    common(sp)
+    sp.add_argument("--teacher", required=True, help="teacher model (same tokenizer)")
+    sp.add_argument("--out", required=True, help="output folder (written atomically)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--minutes", type=float)
+    g.add_argument("--tokens", type=int)
+    training(sp)
     return p
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
             "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
             "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft")),
-            "qat": (cmd_qat, show_qat)}
+            "prune": (cmd_prune, show_prune), "distill": (cmd_distill, show_distill), "qat": (cmd_qat, show_qat)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     except LeanLMError as e:
         print(f"leanlm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("leanlm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"leanlm: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     result["command"] = "leanlm " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.json:

@@ -149,7 +149,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data=None, config: Dis
     `train_data`: a 1-D tensor of token ids, a list of documents, a source name ("wiki", "news",
     a .txt/.jsonl path: its calibration split) or None (the protocol's wiki calibration text);
     documents need `tokenizer`. `eval_ids`: held-out ids for perplexity during training (None:
-    the protocol's wiki evaluation text when a tokenizer is given, else no evaluation).
+    the evaluation split of the named source, else of wiki, when a tokenizer is given; else none).
     """
     from ..speculative.drafts import check_vocab
 
@@ -160,7 +160,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data=None, config: Dis
     if eval_ids is None and tokenizer is not None:
         from ..core.data import evaluation_texts, join_and_tokenize
 
-        eval_ids = join_and_tokenize(tokenizer, evaluation_texts("wiki"))
+        source = train_data if isinstance(train_data, (str, Path)) else "wiki"
+        eval_ids = join_and_tokenize(tokenizer, evaluation_texts(source))
     loss = DistillLoss(teacher, student, config)
     res = train(student, loss, ids, train_config, eval_ids=eval_ids, params=params, after_step=after_step)
     student.leanlm_distill = {"distill": {k: v for k, v in config.__dict__.items()}, "train": res.to_dict()}

@@ -266,8 +266,12 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 
 def _gptq_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
-    """Quantized Linears grouped by the input tensor they read (q/k/v, gate/up), in call order, and
-    whether every one of them is called exactly once per forward."""
+    return linear_groups(layer, hidden, kw, lins)
+
+
+def linear_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
+    """The Linears ``lins`` grouped by the input tensor they read (q/k/v, gate/up), in call order, and
+    whether every one of them is called exactly once per forward (used by GPTQ and by leanlm.sparsity)."""
     feeds, _ = _trace_inputs(layer, hidden[0], kw)
     calls = Counter(n for names in feeds.values() for n in names)
     # A Linear called more than once (or not at all in the traced row, e.g. an unrouted expert)
@@ -287,8 +291,12 @@ def _solve_group(g: list[str], lins: dict[str, nn.Module], H: torch.Tensor, gptq
         q = qs[part[0]]
         w = torch.cat([lins[n].weight.data.float() for n in part])
         wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
+        # A sparsified Linear (leanlm.sparsity) carries a weight_mask: GPTQ keeps its zeros at zero.
+        masks = [getattr(lins[n], "weight_mask", None) for n in part]
+        mask = None if all(mk is None for mk in masks) else torch.cat(
+            [torch.ones_like(lins[n].weight, dtype=torch.bool) if mk is None else mk for n, mk in zip(part, masks)])
         wq, qp = alg.gptq(w, H, q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
-                          weight_method=q.cfg.method, weight_kwargs=wkw)
+                          weight_method=q.cfg.method, weight_kwargs=wkw, mask=mask)
         row = 0
         for n in part:
             m = lins[n]
@@ -309,26 +317,37 @@ def _one_pass_gib(lins: dict[str, nn.Module], hidden: list[torch.Tensor], heads:
 
 
 @torch.no_grad()
-def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
-    """One forward of the layer over all calibration rows as one batch. Each group is solved in a
-    pre-hook on its first Linear, before that Linear runs, so later groups see quantized inputs and
-    the returned outputs are the quantized layer's (the next layer's inputs)."""
-    first = {g[0]: g for g in groups}
-
-    def solve(n):
+def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> list[torch.Tensor]:
+    """One forward of the layer over all calibration rows as one batch; ``solve(name, x)`` runs in a
+    pre-hook on each module of ``firsts`` with its whole input ``x``, before that module runs. A
+    solve that changes weights (GPTQ, SparseGPT, Wanda) is therefore seen by every later module, and
+    the returned outputs are the changed layer's (the next layer's inputs)."""
+    def hook(n):
         def pre(mod, args):
-            acc = alg.HessianAccumulator(mod.in_features)
-            acc.add(args[0])
-            _solve_group(first[n], lins, acc.H, gptq, stats)
+            solve(n, args[0])
         return pre
 
-    hooks = [lins[n].register_forward_pre_hook(solve(n)) for n in first]
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in firsts.items()]
     try:
         out = _first(layer(torch.cat(hidden), **kw))
     finally:
         for h in hooks:
             h.remove()
     return list(out.split([h.shape[0] for h in hidden]))
+
+
+@torch.no_grad()
+def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
+    """Each group is solved in a pre-hook on its first Linear (``solve_in_forward``), so later groups
+    see quantized inputs and the returned outputs are the quantized layer's."""
+    first = {g[0]: g for g in groups}
+
+    def solve(n, x):
+        acc = alg.HessianAccumulator(lins[n].in_features)
+        acc.add(x)
+        _solve_group(first[n], lins, acc.H, gptq, stats)
+
+    return solve_in_forward(layer, hidden, kw, {n: lins[n] for n in first}, solve)
 
 
 @torch.no_grad()

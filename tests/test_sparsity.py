@@ -250,3 +250,30 @@ def test_bad_model_inputs(vocab):
         sparsify_(model, SparsityConfig(), progress=False)
     with pytest.raises(LeanLMError, match="no sparsity masks"):
         MaskKeeper(make_llama(vocab_size=vocab))
+
+
+def test_cli_sparsify(capsys, tmp_path, tiny_folder, text_file):
+    from leanlm.cli import main
+
+    out = tmp_path / "sp"
+    code = main(["sparsify", str(tiny_folder), "--method", "sparsegpt", "--pattern", "2:4", "--out", str(out),
+                 "--calib", str(text_file), "--samples", "4", "--seq-len", "32", "--rule", "*down_proj=0.25",
+                 "--rule", "*.layers.0.*=dense", "--json"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    r = json.loads(cap.out)
+    assert r["overall"]["masked_params"] > 0 and r["command"].startswith("leanlm sparsify")
+    model, _ = load_sparse(out)
+    masked = _masked(model)
+    assert len(masked) == 7 and not any(".layers.0." in n for n in masked)
+    assert ((~masked["model.layers.1.mlp.down_proj"].weight_mask).sum(1) == 32).all()
+    assert (masked["model.layers.1.mlp.up_proj"].weight_mask.reshape(-1, 4).sum(1) == 2).all()
+    # table output and one-line errors with exit status 2
+    code = main(["sparsify", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "m")])
+    assert code == 0 and "sparsified" in capsys.readouterr().out
+    for args, msg in [(["--out", str(out)], "already exists"), (["--out", str(tmp_path / "x"), "--sparsity", "1.2"], "outside (0, 1)"),
+                      (["--out", str(tmp_path / "y"), "--rule", "nonsense"], "GLOB=VALUE"),
+                      (["--out", str(tmp_path / "z"), "--pattern", "3:2"], "n > m")]:
+        code = main(["sparsify", str(tiny_folder), "--method", "magnitude", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("leanlm: error:") and msg in err and err.count("\n") == 1

@@ -277,3 +277,21 @@ def test_cli_sparsify(capsys, tmp_path, tiny_folder, text_file):
         code = main(["sparsify", str(tiny_folder), "--method", "magnitude", *args])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("leanlm: error:") and msg in err and err.count("\n") == 1
+
+
+@pytest.mark.integration
+def test_smollm_sparsegpt_2_4_beats_magnitude():
+    """On the real SmolLM2-135M (small calibration and evaluation, so the test stays short)."""
+    import leanlm
+    from leanlm.core.data import calibration_batches
+    from leanlm.evaluation import perplexity
+
+    ppl = {}
+    for method in ["magnitude", "sparsegpt"]:
+        model, tok = leanlm.load("smollm2-135m")
+        ids = calibration_batches(tok, 8, 256)
+        sparsify_(model, SparsityConfig(method, pattern="2:4"), ids, progress=False)
+        up = model.model.layers[5].mlp.up_proj.weight_mask
+        assert (up.reshape(-1, 4).sum(1) == 2).all()
+        ppl[method] = perplexity(model, tok, max_windows=4, progress=False).perplexity
+    assert ppl["sparsegpt"] < ppl["magnitude"]

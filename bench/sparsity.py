@@ -35,19 +35,26 @@ import leanlm
 from leanlm.core.data import calibration_batches
 from leanlm.evaluation import perplexity
 from leanlm.evaluation.profile import machine_info
-from leanlm.sparsity import MaskKeeper, SparsityConfig, parse_pattern, sparsify_
+from leanlm.sparsity import MaskKeeper, SparsityConfig, overall_sparsity, parse_pattern, sparsify_
 from leanlm.sparsity.algorithms import magnitude_mask
 
 
-def distill_hook(model, teacher, tok, tokens: int):
-    """Sparsify-then-distill hook (wired by the lead once leanlm.distill lands): distil ``model`` from
-    ``teacher`` for ``tokens`` tokens with ``after_step=[MaskKeeper(model)]``, return the model."""
+def distill_hook(model, teacher, tok, tokens: int) -> None:
+    """Sparsify-then-distill: distil ``model`` from ``teacher`` for ``tokens`` tokens of the protocol's
+    calibration text with ``after_step=[MaskKeeper(model)]`` (pruned weights stay zero). Written
+    against the shared trainer's API on branch ``prune`` (leanlm.distill.distill / TrainConfig); not
+    run on this branch, where leanlm.distill does not exist yet."""
     try:
-        from leanlm import distill  # noqa: F401
+        from leanlm.distill import TrainConfig, distill
     except ImportError:
         raise SystemExit("--distill-tokens needs leanlm.distill (the shared trainer), which is not on this branch yet") from None
     keeper = MaskKeeper(model)
-    raise SystemExit(f"leanlm.distill exists but this hook is not wired yet (pass after_step=[{keeper!r}])")
+    try:
+        distill(model, teacher, "wiki", train_config=TrainConfig(max_tokens=tokens, progress=False), tokenizer=tok,
+                after_step=[keeper])
+    finally:
+        keeper.remove()
+    model.eval()
 
 
 def quality(args) -> tuple[list[dict], dict]:
@@ -77,6 +84,9 @@ def quality(args) -> tuple[list[dict], dict]:
             if args.distill_tokens:
                 teacher, _ = leanlm.load("smollm2-135m")
                 distill_hook(model, teacher, tok, args.distill_tokens)
+                after = perplexity(model, tok, max_windows=args.windows, progress=False).perplexity
+                row["after_distill"] = {"tokens": args.distill_tokens, "perplexity": after, "increase": after / base - 1,
+                                        "masked_zero_fraction": overall_sparsity(model)["masked_zero_fraction"]}
             rows.append(row)
             print(f"{method} {pattern}: {ppl:.4f} ({ppl / base - 1:+.1%}), {secs:.1f} s, load {la0:.1f}/{la1:.1f}", flush=True)
     return rows, {"perplexity": base}
@@ -196,7 +206,13 @@ def main() -> None:
             t.append([r["method"], pat, f"{r['perplexity']:.4f}", f"{r['increase']:+.1%}", f"{r['calib_seconds']:.1f}",
                       f"{r['linear_zero_fraction']:.1%}"])
         md.append(md_table(["method", "pattern", "perplexity", "vs float32", "calibration s", "zeros in all Linear weights (head incl.)"], t))
-        md.append("\nPerplexity after distillation: not measured yet (needs the shared trainer; `--distill-tokens`).\n")
+        if args.distill_tokens:
+            t = [[r["method"], r["pattern"], f"{r['perplexity']:.4f}", f"{r['after_distill']['perplexity']:.4f}",
+                  f"{r['after_distill']['increase']:+.1%}", f"{r['after_distill']['masked_zero_fraction']:.1%}"] for r in rows]
+            md.append(f"\n### After distillation from the float32 model ({args.distill_tokens} tokens, MaskKeeper)\n")
+            md.append(md_table(["method", "pattern", "before", "after", "after vs float32", "zeros kept"], t))
+        else:
+            md.append("\nPerplexity after distillation: not measured on this branch (needs the shared trainer; `--distill-tokens N`).\n")
     if not args.no_kernels:
         rows, semi = kernels(args)
         data.update(kernels=rows, semi_structured=semi)

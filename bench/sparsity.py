@@ -23,13 +23,14 @@ MaskKeeper as an after_step callback, and its perplexity after distillation repo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import md_table, setup_threads, write_results
+from common import RESULTS, md_table, setup_threads, write_results
 
 import leanlm
 from leanlm.core.data import calibration_batches
@@ -60,8 +61,11 @@ def distill_hook(model, teacher, tok, tokens: int) -> None:
 def quality(args) -> tuple[list[dict], dict]:
     model, tok = leanlm.load("smollm2-135m")
     ids = calibration_batches(tok, args.samples, args.seq_len)
-    base = perplexity(model, tok, max_windows=args.windows, progress=False).perplexity
-    print(f"float32: {base:.4f}", flush=True)
+    if args.float_ppl:
+        base = args.float_ppl  # measured by an earlier run with the same code, model and windows (stated in the output)
+    else:
+        base = perplexity(model, tok, max_windows=args.windows, progress=False).perplexity
+    print(f"float32: {base:.4f}{' (given)' if args.float_ppl else ''}", flush=True)
     rows = []
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
@@ -89,7 +93,7 @@ def quality(args) -> tuple[list[dict], dict]:
                                         "masked_zero_fraction": overall_sparsity(model)["masked_zero_fraction"]}
             rows.append(row)
             print(f"{method} {pattern}: {ppl:.4f} ({ppl / base - 1:+.1%}), {secs:.1f} s, load {la0:.1f}/{la1:.1f}", flush=True)
-    return rows, {"perplexity": base}
+    return rows, {"perplexity": base, "measured_in_this_run": not args.float_ppl}
 
 
 def _time(fn, iters: int) -> float:
@@ -188,6 +192,8 @@ def main() -> None:
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--distill-tokens", type=int, default=0, help="sparsify then distill (needs leanlm.distill; see distill_hook)")
+    ap.add_argument("--float-ppl", type=float, default=None, help="reuse a float32 perplexity measured by an earlier run")
+    ap.add_argument("--combine", help="comma-separated result names to merge into --name (rows kept with their own commands)")
     ap.add_argument("--name", default="sparsity")
     args = ap.parse_args()
     setup_threads()
@@ -195,8 +201,25 @@ def main() -> None:
     data: dict = {"machine": mach, "settings": vars(args)}
     md = [f"# Sparsity on SmolLM2-135M\n\nMachine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} "
           f"({mach['torch_threads']} threads).\n"]
+    parts = []
+    if args.combine:  # merge earlier runs (each part keeps the command and date that made it)
+        parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine.split(",")]
+        data["parts"] = [{"command": p["command"], "date": p["date"], "settings": p["settings"]} for p in parts]
+        md.append("Merged from: " + "; ".join(f"`{p['command']}` ({p['date']})" for p in parts) + "\n")
+        q = [p for p in parts if "quality" in p]
+        k = [p for p in parts if "kernels" in p]
+        args.no_ppl, args.no_kernels = not q, not k
+        if q:
+            args.windows, args.samples, args.seq_len = q[0]["settings"]["windows"], q[0]["settings"]["samples"], q[0]["settings"]["seq_len"]
+            args.distill_tokens = 0
+        if k:
+            args.runs = k[0]["settings"]["runs"]
     if not args.no_ppl:
-        rows, base = quality(args)
+        if parts:
+            rows = [r for p in q for r in p["quality"]]
+            base = next((p["float32"] for p in q if p["float32"].get("measured_in_this_run")), q[0]["float32"])
+        else:
+            rows, base = quality(args)
         data.update(quality=rows, float32=base)
         md.append(f"## Held-out perplexity ({args.windows} x 512 tokens; calibration {args.samples} x {args.seq_len} tokens "
                   f"of the protocol's calibration split)\n")
@@ -214,7 +237,7 @@ def main() -> None:
         else:
             md.append("\nPerplexity after distillation: not measured on this branch (needs the shared trainer; `--distill-tokens N`).\n")
     if not args.no_kernels:
-        rows, semi = kernels(args)
+        rows, semi = (k[0]["kernels"], k[0]["semi_structured"]) if parts else kernels(args)
         data.update(kernels=rows, semi_structured=semi)
         md.append(f"\n## Sparse matmul kernels on this CPU vs dense (median of {args.runs} interleaved runs; speedup = dense time / "
                   "sparse time, > 1 is faster)\n")

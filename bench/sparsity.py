@@ -58,7 +58,7 @@ def distill_hook(model, teacher, tok, tokens: int) -> None:
     model.eval()
 
 
-def quality(args) -> tuple[list[dict], dict]:
+def quality(args, on_row=None) -> tuple[list[dict], dict]:
     model, tok = leanlm.load("smollm2-135m")
     ids = calibration_batches(tok, args.samples, args.seq_len)
     if args.float_ppl:
@@ -92,6 +92,8 @@ def quality(args) -> tuple[list[dict], dict]:
                 row["after_distill"] = {"tokens": args.distill_tokens, "perplexity": after, "increase": after / base - 1,
                                         "masked_zero_fraction": overall_sparsity(model)["masked_zero_fraction"]}
             rows.append(row)
+            if on_row is not None:  # partial results on disk after every row (long runs on a shared machine)
+                on_row(rows, {"perplexity": base, "measured_in_this_run": not args.float_ppl})
             print(f"{method} {pattern}: {ppl:.4f} ({ppl / base - 1:+.1%}), {secs:.1f} s, load {la0:.1f}/{la1:.1f}", flush=True)
     return rows, {"perplexity": base, "measured_in_this_run": not args.float_ppl}
 
@@ -180,6 +182,26 @@ def _kernel_rows(args) -> list[dict]:
     return rows
 
 
+def _quality_md(args, rows, base) -> list[str]:
+    md = []
+    md.append(f"## Held-out perplexity ({args.windows} x 512 tokens; calibration {args.samples} x {args.seq_len} tokens "
+              f"of the protocol's calibration split)\n")
+    t = [["float32 (dense)", "-", f"{base['perplexity']:.4f}", "-", "-", "-"]]
+    for r in rows:
+        pat = "50% unstructured" if r["pattern"] == "unstructured" else r["pattern"]
+        t.append([r["method"], pat, f"{r['perplexity']:.4f}", f"{r['increase']:+.1%}", f"{r['calib_seconds']:.1f}",
+                  f"{r['linear_zero_fraction']:.1%}"])
+    md.append(md_table(["method", "pattern", "perplexity", "vs float32", "calibration s", "zeros in all Linear weights (head incl.)"], t))
+    if args.distill_tokens:
+        t = [[r["method"], r["pattern"], f"{r['perplexity']:.4f}", f"{r['after_distill']['perplexity']:.4f}",
+              f"{r['after_distill']['increase']:+.1%}", f"{r['after_distill']['masked_zero_fraction']:.1%}"] for r in rows]
+        md.append(f"\n### After distillation from the float32 model ({args.distill_tokens} tokens, MaskKeeper)\n")
+        md.append(md_table(["method", "pattern", "before", "after", "after vs float32", "zeros kept"], t))
+    else:
+        md.append("\nPerplexity after distillation: not measured on this branch (needs the shared trainer; `--distill-tokens N`).\n")
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=128, help="calibration sequences (wanda, sparsegpt)")
@@ -219,26 +241,23 @@ def main() -> None:
             rows = [r for p in q for r in p["quality"]]
             base = next((p["float32"] for p in q if p["float32"].get("measured_in_this_run")), q[0]["float32"])
         else:
-            rows, base = quality(args)
+            n_rows = len(args.methods.split(",")) * len(args.patterns.split(","))
+
+            def on_row(rows, base):
+                if len(rows) < n_rows:
+                    write_results(args.name, {**data, "quality": rows, "float32": base, "partial": f"{len(rows)} of {n_rows} rows"},
+                                  "\n".join(md + [f"**Partial: {len(rows)} of {n_rows} rows so far.**\n"] + _quality_md(args, rows, base)))
+
+            rows, base = quality(args, on_row)
         data.update(quality=rows, float32=base)
-        md.append(f"## Held-out perplexity ({args.windows} x 512 tokens; calibration {args.samples} x {args.seq_len} tokens "
-                  f"of the protocol's calibration split)\n")
-        t = [["float32 (dense)", "-", f"{base['perplexity']:.4f}", "-", "-", "-"]]
-        for r in rows:
-            pat = "50% unstructured" if r["pattern"] == "unstructured" else r["pattern"]
-            t.append([r["method"], pat, f"{r['perplexity']:.4f}", f"{r['increase']:+.1%}", f"{r['calib_seconds']:.1f}",
-                      f"{r['linear_zero_fraction']:.1%}"])
-        md.append(md_table(["method", "pattern", "perplexity", "vs float32", "calibration s", "zeros in all Linear weights (head incl.)"], t))
-        if args.distill_tokens:
-            t = [[r["method"], r["pattern"], f"{r['perplexity']:.4f}", f"{r['after_distill']['perplexity']:.4f}",
-                  f"{r['after_distill']['increase']:+.1%}", f"{r['after_distill']['masked_zero_fraction']:.1%}"] for r in rows]
-            md.append(f"\n### After distillation from the float32 model ({args.distill_tokens} tokens, MaskKeeper)\n")
-            md.append(md_table(["method", "pattern", "before", "after", "after vs float32", "zeros kept"], t))
-        else:
-            md.append("\nPerplexity after distillation: not measured on this branch (needs the shared trainer; `--distill-tokens N`).\n")
+        md += _quality_md(args, rows, base)
+
     if not args.no_kernels:
+        la0 = os.getloadavg()[0]
         rows, semi = (k[0]["kernels"], k[0]["semi_structured"]) if parts else kernels(args)
         data.update(kernels=rows, semi_structured=semi)
+        if not parts:
+            data["kernels_load_average_1min"] = [la0, os.getloadavg()[0]]
         md.append(f"\n## Sparse matmul kernels on this CPU vs dense (median of {args.runs} interleaved runs; speedup = dense time / "
                   "sparse time, > 1 is faster)\n")
         t = [[r["threads"], r["shape"], r["pattern"], r["dtype"], r["tokens"], r["format"],

@@ -166,11 +166,12 @@ def _kernel_rows(args) -> list[dict]:
                         rel_err[k] = (fn(x).float() - ref).abs().max().item() / ref.abs().max().item()
                         if dtype == torch.float32:
                             assert rel_err[k] <= 1e-4, (k, rel_err[k])
-                    iters = 200 if tokens == 1 else 10
+                    # about 10 ms of calls per timing (slow formats get few calls), at most 200
+                    iters = {k: max(1, min(200, int(0.01 / max(_time(lambda: fn(x), 1), 1e-6)))) for k, (fn, _) in live.items()}
                     times = {k: [] for k in live}
                     for _ in range(args.runs):
                         for k, (fn, _) in live.items():
-                            times[k].append(_time(lambda: fn(x), iters))
+                            times[k].append(_time(lambda: fn(x), iters[k]))
                     med = {k: statistics.median(v) for k, v in times.items()}
                     for k, (fn, note) in fmts.items():
                         rows.append({"threads": torch.get_num_threads(), "shape": f"{in_f}->{out_f}", "pattern": pattern, "dtype": str(dtype).replace("torch.", ""),

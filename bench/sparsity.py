@@ -187,7 +187,8 @@ def _quality_md(args, rows, base) -> list[str]:
     md = []
     md.append(f"## Held-out perplexity ({args.windows} x 512 tokens; calibration {args.samples} x {args.seq_len} tokens "
               f"of the protocol's calibration split)\n")
-    t = [["float32 (dense)", "-", f"{base['perplexity']:.4f}", "-", "-", "-"]]
+    label = "float32 (dense)" if base.get("measured_in_this_run", True) else "float32 (dense; --float-ppl, from an earlier run)"
+    t = [[label, "-", f"{base['perplexity']:.4f}", "-", "-", "-"]]
     for r in rows:
         pat = "50% unstructured" if r["pattern"] == "unstructured" else r["pattern"]
         t.append([r["method"], pat, f"{r['perplexity']:.4f}", f"{r['increase']:+.1%}", f"{r['calib_seconds']:.1f}",

@@ -93,6 +93,27 @@ def _run(layer: nn.Module, hidden: list[torch.Tensor], kw: dict) -> list[torch.T
     return [_first(layer(x, **kw)) for x in hidden]
 
 
+@torch.no_grad()
+def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> list[torch.Tensor]:
+    """One forward of the layer over all calibration rows as one batch; ``solve(name, x)`` runs in a
+    pre-hook on each module of ``firsts`` with its whole input ``x``, before that module runs. A
+    solve that changes weights (SparseGPT, Wanda in leanlm.sparsity; GPTQ's one-pass mode,
+    ``_gptq_in_forward``, is the same pattern) is therefore seen by every later module, and the
+    returned outputs are the changed layer's (the next layer's inputs)."""
+    def hook(n):
+        def pre(mod, args):
+            solve(n, args[0])
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in firsts.items()]
+    try:
+        out = _first(layer(torch.cat(hidden), **kw))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(out.split([h.shape[0] for h in hidden]))
+
+
 @contextlib.contextmanager
 def _input_hooks(modules: dict[str, nn.Module], fn):
     """Call fn(name, input_tensor) for each module's input during the block."""
@@ -317,37 +338,26 @@ def _one_pass_gib(lins: dict[str, nn.Module], hidden: list[torch.Tensor], heads:
 
 
 @torch.no_grad()
-def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> list[torch.Tensor]:
-    """One forward of the layer over all calibration rows as one batch; ``solve(name, x)`` runs in a
-    pre-hook on each module of ``firsts`` with its whole input ``x``, before that module runs. A
-    solve that changes weights (GPTQ, SparseGPT, Wanda) is therefore seen by every later module, and
-    the returned outputs are the changed layer's (the next layer's inputs)."""
-    def hook(n):
+def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
+    """One forward of the layer over all calibration rows as one batch. Each group is solved in a
+    pre-hook on its first Linear, before that Linear runs, so later groups see quantized inputs and
+    the returned outputs are the quantized layer's (the next layer's inputs)."""
+    first = {g[0]: g for g in groups}
+
+    def solve(n):
         def pre(mod, args):
-            solve(n, args[0])
+            acc = alg.HessianAccumulator(mod.in_features)
+            acc.add(args[0])
+            _solve_group(first[n], lins, acc.H, gptq, stats)
         return pre
 
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in firsts.items()]
+    hooks = [lins[n].register_forward_pre_hook(solve(n)) for n in first]
     try:
         out = _first(layer(torch.cat(hidden), **kw))
     finally:
         for h in hooks:
             h.remove()
     return list(out.split([h.shape[0] for h in hidden]))
-
-
-@torch.no_grad()
-def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
-    """Each group is solved in a pre-hook on its first Linear (``solve_in_forward``), so later groups
-    see quantized inputs and the returned outputs are the quantized layer's."""
-    first = {g[0]: g for g in groups}
-
-    def solve(n, x):
-        acc = alg.HessianAccumulator(lins[n].in_features)
-        acc.add(x)
-        _solve_group(first[n], lins, acc.H, gptq, stats)
-
-    return solve_in_forward(layer, hidden, kw, {n: lins[n] for n in first}, solve)
 
 
 @torch.no_grad()

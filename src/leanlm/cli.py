@@ -1,4 +1,5 @@
-"""Command line: a thin skin over the Python API (`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | qat`)."""
+"""Command line: a thin skin over the Python API
+(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat`)."""
 
 from __future__ import annotations
 
@@ -286,6 +287,70 @@ def show_export(r: dict, console) -> None:
     console.print(line)
 
 
+def _cmd_sparsify(a) -> dict:
+    """`leanlm sparsify MODEL --method wanda --sparsity 0.5 [--pattern 2:4] --out DIR`: thin over leanlm.sparsity."""
+    from pathlib import Path
+
+    from .core.data import calibration_batches
+    from .sparsity import SparsityConfig, save_sparse, sparsify_
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
+    rules = []
+    for r in a.rule or []:
+        pat, sep, val = r.rpartition("=")
+        if not sep or not pat:
+            raise LeanLMError(f"--rule {r!r} is not GLOB=VALUE; e.g. --rule '*down_proj=0.3', '*.layers.0.*=dense', '*mlp*=2:4'")
+        if val.strip().lower() == "dense":
+            rules.append((pat, None))
+        else:
+            try:
+                rules.append((pat, float(val)))
+            except ValueError:
+                rules.append((pat, val))
+    cfg = SparsityConfig(a.method, sparsity=a.sparsity, pattern=a.pattern, rules=rules, calib_samples=a.samples,
+                         calib_seq_len=a.seq_len)
+    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
+    ids = None
+    if cfg.needs_data:
+        if tok is None:
+            raise LeanLMError(f"{a.method} needs calibration text, and this model has no tokenizer; use --method magnitude")
+        ids = calibration_batches(tok, a.samples, a.seq_len, a.calib)
+    base_ppl = None
+    if a.eval:
+        from .evaluation import perplexity
+
+        base_ppl = perplexity(model, tok, progress=not a.json).perplexity
+    rep = sparsify_(model, cfg, ids, progress=not a.json)
+    save_sparse(model, out, tokenizer=tok, overwrite=a.overwrite, extra={"source_model": a.model, "calib": a.calib})
+    r = {"model": a.model, "method": a.method, "pattern": str(cfg.default), "out": str(out), "seconds": rep["seconds"],
+         "overall": rep["overall"], "layers": rep["layers"]}
+    if a.eval:
+        from .evaluation import perplexity
+
+        p = perplexity(model, tok, progress=not a.json).perplexity
+        r["perplexity"] = {"dense": base_ppl, "sparse": p, "increase": p / base_ppl - 1}
+    return r
+
+
+def _show_sparsify(r: dict, console) -> None:
+    masked = [x for x in r["layers"] if x["masked"]]
+    rows = [[x["name"], "x".join(map(str, x["shape"])), f"{x['mask_sparsity']:.1%}", f"{x['zeros']:.1%}", x["nm"] or "-"]
+            for x in masked[:14]]
+    if len(masked) > 14:
+        rows.append([f"... {len(masked) - 14} more (--json)", "", "", "", ""])
+    console.print(_table(f"leanlm sparsify {r['model']} --method {r['method']} ({r['pattern']}) -> {r['out']}",
+                         ["linear", "shape", "mask sparsity", "zeros", "n:m"], rows))
+    o = r["overall"]
+    console.print(f"{len(masked)} Linears sparsified in {r['seconds']:.1f} s: {o['masked_zero_fraction']:.1%} zeros in them, "
+                  f"{o['linear_zero_fraction']:.1%} of all Linear weights (the head stays dense). Weights stay dense "
+                  "tensors with zeros: no CPU sparse kernel beats dense matmul (docs/sparsity.md).")
+    if "perplexity" in r:
+        p = r["perplexity"]
+        console.print(f"perplexity: dense {p['dense']:.4f} -> sparse {p['sparse']:.4f} ({p['increase']:+.2%})")
+
+
 def cmd_draft(a) -> dict:
     from .speculative.cli import run_draft
 
@@ -546,6 +611,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quant", help="GGUF type: F16, BF16, F32, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K_M (default: the one that holds "
                     "leanlm's codes exactly, F16 for float models)")
     sp.add_argument("--overwrite", action="store_true")
+    sp = sub.add_parser("sparsify", help="prune weights in place: unstructured or n:m (2:4) with magnitude, wanda or sparsegpt")
+    common(sp)
+    sp.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    sp.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero (unstructured; default 0.5)")
+    sp.add_argument("--pattern", default="unstructured", help="unstructured (default) or n:m, e.g. 2:4 (n kept of every m)")
+    sp.add_argument("--rule", action="append", metavar="GLOB=VALUE",
+                    help="per-layer override, later wins: a fraction, a pattern (2:4) or dense, e.g. '*.layers.0.*=dense'")
+    sp.add_argument("--out", required=True, help="output folder: a Hugging Face folder plus masks and recipe (written atomically)")
+    sp.add_argument("--samples", type=int, default=128, help="calibration sequences (wanda, sparsegpt)")
+    sp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
+    sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
+    sp.add_argument("--overwrite", action="store_true")
     from .speculative.cli import draft_args
 
     sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
@@ -603,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
             "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
             "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft")),
-            "prune": (cmd_prune, show_prune), "distill": (cmd_distill, show_distill), "qat": (cmd_qat, show_qat)}
+            "prune": (cmd_prune, show_prune), "distill": (cmd_distill, show_distill), "qat": (cmd_qat, show_qat),
+            "sparsify": (_cmd_sparsify, _show_sparsify)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -393,6 +393,7 @@ def gptq(
     static_groups: bool = False,
     weight_method: str = "max",
     weight_kwargs: dict | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, QParams]:
     """GPTQ: quantize column by column, spreading each column's rounding error over the columns not
     yet quantized with the inverse Hessian (Frantar et al. 2022, "GPTQ: Accurate Post-Training
@@ -412,6 +413,11 @@ def gptq(
     every group keeps one set of scales in the original column order. nvfp4's global scale is
     always fixed from max |w|. Ranges use ``weight_qparams(..., weight_method, **weight_kwargs)``.
     Every format in formats.py is supported.
+
+    ``mask`` (bool [out, in], e.g. a leanlm.sparsity ``weight_mask``): weights where it is False
+    are quantized to exactly 0 (pruning is quantization to zero; their error is spread like any
+    other), so a sparse model stays sparse. 0 must be on the format's grid (it is for every format
+    in formats.py: symmetric grids contain 0, asymmetric ints have an integer zero point).
 
     Returns ``(w_q, qp)``: ``w_q`` float32 [out, in] in the original column order, on ``w``'s
     device, with ``fake_quantize(w_q, fmt, qp) == w_q`` exactly.
@@ -444,10 +450,16 @@ def gptq(
         Hf[dead, dead] = 1
     perm = None
     W = W0.clone()
+    keep = None
+    if mask is not None:
+        if tuple(mask.shape) != (out_f, in_f):
+            raise ValueError(f"mask of shape {list(mask.shape)} does not match weight {list(w.shape)}")
+        keep = mask.to(dev, torch.float32)
     if act_order:
         perm = torch.argsort(Hf.diagonal(), descending=True, stable=True)
         W = W[:, perm]
         Hf = Hf[perm][:, perm]
+        keep = keep[:, perm] if keep is not None else None
     U = _inv_chol_upper(Hf, damp).float()
     del Hf
     order = perm.tolist() if perm is not None else None
@@ -479,6 +491,7 @@ def gptq(
         i2 = min(i1 + block_size, in_f)
         cnt = i2 - i1
         W1 = W[:, i1:i2].T.contiguous()
+        K1 = keep[:, i1:i2].T.contiguous() if keep is not None else None
         Q1 = torch.empty_like(W1)
         E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
@@ -500,6 +513,8 @@ def gptq(
             s, z = col_params(c)
             wc = W1[i]
             q = _fq_col(wc, fmt, s, z, gscale)
+            if K1 is not None:
+                q = q * K1[i]
             Q1[i] = q
             err = E1[i]
             torch.sub(wc, q, out=err).mul_(dinv[i])

@@ -93,6 +93,27 @@ def _run(layer: nn.Module, hidden: list[torch.Tensor], kw: dict) -> list[torch.T
     return [_first(layer(x, **kw)) for x in hidden]
 
 
+@torch.no_grad()
+def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> list[torch.Tensor]:
+    """One forward of the layer over all calibration rows as one batch; ``solve(name, x)`` runs in a
+    pre-hook on each module of ``firsts`` with its whole input ``x``, before that module runs. A
+    solve that changes weights (SparseGPT, Wanda in leanlm.sparsity; GPTQ's one-pass mode,
+    ``_gptq_in_forward``, is the same pattern) is therefore seen by every later module, and the
+    returned outputs are the changed layer's (the next layer's inputs)."""
+    def hook(n):
+        def pre(mod, args):
+            solve(n, args[0])
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in firsts.items()]
+    try:
+        out = _first(layer(torch.cat(hidden), **kw))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(out.split([h.shape[0] for h in hidden]))
+
+
 @contextlib.contextmanager
 def _input_hooks(modules: dict[str, nn.Module], fn):
     """Call fn(name, input_tensor) for each module's input during the block."""
@@ -266,8 +287,12 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 
 def _gptq_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
-    """Quantized Linears grouped by the input tensor they read (q/k/v, gate/up), in call order, and
-    whether every one of them is called exactly once per forward."""
+    return linear_groups(layer, hidden, kw, lins)
+
+
+def linear_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
+    """The Linears ``lins`` grouped by the input tensor they read (q/k/v, gate/up), in call order, and
+    whether every one of them is called exactly once per forward (used by GPTQ and by leanlm.sparsity)."""
     feeds, _ = _trace_inputs(layer, hidden[0], kw)
     calls = Counter(n for names in feeds.values() for n in names)
     # A Linear called more than once (or not at all in the traced row, e.g. an unrouted expert)
@@ -287,8 +312,12 @@ def _solve_group(g: list[str], lins: dict[str, nn.Module], H: torch.Tensor, gptq
         q = qs[part[0]]
         w = torch.cat([lins[n].weight.data.float() for n in part])
         wkw = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else None
+        # A sparsified Linear (leanlm.sparsity) carries a weight_mask: GPTQ keeps its zeros at zero.
+        masks = [getattr(lins[n], "weight_mask", None) for n in part]
+        mask = None if all(mk is None for mk in masks) else torch.cat(
+            [torch.ones_like(lins[n].weight, dtype=torch.bool) if mk is None else mk for n, mk in zip(part, masks)])
         wq, qp = alg.gptq(w, H, q.fmt, block_size=gptq.block_size, damp=gptq.damp, act_order=gptq.act_order,
-                          weight_method=q.cfg.method, weight_kwargs=wkw)
+                          weight_method=q.cfg.method, weight_kwargs=wkw, mask=mask)
         row = 0
         for n in part:
             m = lins[n]

@@ -153,11 +153,15 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, trust
     insert_quantizers(model, resolved)
     tensors = load_file(str(folder / "model.safetensors"))
     plain = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".weight.scale", ".weight.zero", ".weight.global_scale", ".amax"))}
+    mods = dict(model.named_modules())
+    for k in [k for k in plain if k.endswith(".weight_mask")]:  # a sparsified model's masks (leanlm.sparsity)
+        owner = k[: -len(".weight_mask")]
+        if owner in mods:
+            mods[owner].register_buffer("weight_mask", plain.pop(k).bool(), persistent=True)
     missing, unexpected = model.load_state_dict(plain, strict=False)
     if unexpected:
         raise LeanLMError(f"{folder}: unexpected tensors {unexpected[:3]}; the checkpoint does not match its config")
     qs = quantizers(model)
-    mods = dict(model.named_modules())
     for name, e in recipe["quantizers"].items():
         q = qs[name]
         if e["folded"]:

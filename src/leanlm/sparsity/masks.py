@@ -1,0 +1,182 @@
+"""Masks on sparsified Linears: a ``weight_mask`` bool buffer each, kept through training, reported,
+saved beside a normal Hugging Face folder and re-attached on load.
+
+``weight_mask`` is True where the weight stays. It is a persistent buffer, so ``state_dict()`` and
+``torch.save`` carry it; ``save_sparse`` writes the model as a plain Hugging Face folder (dense
+weights holding exact zeros, readable by transformers alone) plus the masks, bit-packed, in
+``sparsity_masks.safetensors`` and a JSON recipe ``leanlm_sparsity.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.errors import LeanLMError
+from ..core.io import atomic_dir
+
+MASK = "weight_mask"
+MASKS_FILE = "sparsity_masks.safetensors"
+RECIPE = "leanlm_sparsity.json"
+
+
+def attach_mask(linear: nn.Module, keep: torch.Tensor) -> None:
+    """Store ``keep`` as the Linear's ``weight_mask`` buffer and zero the pruned weights."""
+    keep = keep.to(device=linear.weight.device, dtype=torch.bool)
+    if keep.shape != linear.weight.shape:
+        raise LeanLMError(f"mask of shape {list(keep.shape)} does not match weight {list(linear.weight.shape)}")
+    if MASK in linear._buffers:
+        linear._buffers[MASK] = keep
+    else:
+        linear.register_buffer(MASK, keep, persistent=True)
+    with torch.no_grad():
+        linear.weight.mul_(keep)
+
+
+def masked_linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(getattr(m, MASK, None), torch.Tensor)}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> int:
+    """Zero every masked weight (in place); returns how many Linears were masked."""
+    mods = masked_linears(model)
+    for m in mods.values():
+        m.weight.mul_(m.weight_mask)
+    return len(mods)
+
+
+class MaskKeeper:
+    """Keeps a sparsified model sparse while it trains (fine-tuning, distillation).
+
+    Pass it as a trainer callback, ``after_step=[MaskKeeper(model)]``: ``keeper(model, step)`` zeroes
+    the pruned weights after every optimizer step (momentum or weight decay would otherwise revive
+    them). With ``mask_grads`` (default) it also zeroes their gradients through tensor hooks, so
+    optimizer states of pruned weights stay zero too; ``remove()`` takes the hooks off.
+    """
+
+    def __init__(self, model: nn.Module, mask_grads: bool = True):
+        self.linears = masked_linears(model)
+        if not self.linears:
+            raise LeanLMError("the model has no sparsity masks (weight_mask buffers); sparsify it first "
+                              "(leanlm.sparsity.sparsify_) or load it with leanlm.sparsity.load_sparse")
+        self._hooks = []
+        if mask_grads:
+            for m in self.linears.values():
+                self._hooks.append(m.weight.register_hook(lambda g, m=m: g * m.weight_mask))
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module | None = None, step: int | None = None) -> None:
+        for m in self.linears.values():
+            m.weight.mul_(m.weight_mask)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> list[dict]:
+    """One row per nn.Linear: name, shape, whether it is masked, the mask's sparsity and the actual
+    fraction of zero weights, and for masks the n:m pattern it satisfies (if 2:4 or 4:8 hold)."""
+    rows = []
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        w = m.weight
+        mask = getattr(m, MASK, None)
+        row = {"name": n, "shape": list(w.shape), "masked": mask is not None,
+               "zeros": float((w == 0).float().mean()), "mask_sparsity": None, "nm": None}
+        if mask is not None:
+            row["mask_sparsity"] = float(1 - mask.float().mean())
+            row["nm"] = next((f"{k}:{g}" for k, g in ((2, 4), (4, 8)) if w.shape[1] % g == 0
+                              and int(mask.reshape(-1, g).sum(1).max()) <= k), None)
+        rows.append(row)
+    return rows
+
+
+def overall_sparsity(model: nn.Module) -> dict:
+    """Zero fraction over the masked Linears and over every Linear weight (the head counted once)."""
+    masked = total = zm = zt = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.data_ptr() not in seen:
+            seen.add(m.weight.data_ptr())
+            z = int((m.weight == 0).sum())
+            total, zt = total + m.weight.numel(), zt + z
+            if getattr(m, MASK, None) is not None:
+                masked, zm = masked + m.weight.numel(), zm + z
+    return {"masked_params": masked, "masked_zero_fraction": zm / max(masked, 1),
+            "linear_params": total, "linear_zero_fraction": zt / max(total, 1)}
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    b = mask.reshape(-1).to(torch.uint8)
+    pad = (-b.numel()) % 8
+    if pad:
+        b = torch.cat([b, b.new_zeros(pad)])
+    return (b.reshape(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _unpack(p: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    bits = (p[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:n].bool().reshape(shape)
+
+
+def save_sparse(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write a normal Hugging Face folder (dense weights with zeros, no mask tensors) plus the masks
+    and the recipe, atomically."""
+    mods = masked_linears(model)
+    if not mods:
+        raise LeanLMError("the model has no sparsity masks; sparsify it first (leanlm.sparsity.sparsify_)")
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("." + MASK)}
+    masks = {f"{n}.{MASK}": _pack(m.weight_mask.cpu()) for n, m in mods.items()}
+    recipe = {"format_version": 1, **(getattr(model, "leanlm_sparsity", None) or {}), **(extra or {}),
+              "masks": {n: list(m.weight.shape) for n, m in mods.items()}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(masks, str(tmp / MASKS_FILE), metadata={"format": "leanlm-sparsity-masks", "packing": "bits-lsb-first"})
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=1, default=str))
+    return Path(out)
+
+
+def attach_saved_masks(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Re-attach the masks saved by ``save_sparse`` in ``folder`` to ``model`` (loaded from it)."""
+    folder = Path(folder)
+    try:
+        recipe = json.loads((folder / RECIPE).read_text())
+    except FileNotFoundError:
+        raise LeanLMError(f"{folder} has no {RECIPE}; it was not written by leanlm sparsify") from None
+    except ValueError:
+        raise LeanLMError(f"{folder / RECIPE} is not valid JSON; the sparse checkpoint is corrupt, re-save it") from None
+    from ..core.models import check_safetensors
+
+    if not (folder / MASKS_FILE).is_file():
+        raise LeanLMError(f"{folder} has {RECIPE} but no {MASKS_FILE}; the sparse checkpoint is incomplete, re-save it")
+    check_safetensors(folder / MASKS_FILE)
+    packed = load_file(str(folder / MASKS_FILE))
+    mods = dict(model.named_modules())
+    for name, shape in recipe["masks"].items():
+        if name not in mods or list(mods[name].weight.shape) != shape:
+            raise LeanLMError(f"{folder}: the mask for {name} does not match the model; load the model from the same folder")
+        attach_mask(mods[name], _unpack(packed[f"{name}.{MASK}"], shape))
+    model.leanlm_sparsity = {k: v for k, v in recipe.items() if k not in ("masks", "format_version")}
+    return model
+
+
+def load_sparse(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a folder written by ``save_sparse``, masks attached."""
+    from ..core.models import load
+
+    model, tok = load(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+    return attach_saved_masks(model, folder), tok

@@ -86,6 +86,7 @@ class Ctx:
     ct_schemes: tuple = CT_SCHEMES
     onnx_calib_samples: int = 32
     reuse: bool = False
+    calibrated: str | None = CALIBRATED       # the calibrated source exported to GGUF and ONNX (None: skip those rows)
     done: list = field(default_factory=list)   # rows so far, saved after each (a late crash keeps them)
 
     @property
@@ -162,6 +163,11 @@ def leanlm_row(ctx: Ctx, scheme: str) -> Row:
     return _log(ctx, Row("leanlm (in-process)", scheme, engine, "leanlm", None, size, load_s, ctx.ppl(model), ctx.n_windows))
 
 
+def _have(ctx: Ctx, fmt: str, scheme: str) -> bool:
+    """Whether this run (or the run it resumes) already logged that row."""
+    return any(d["format"] == fmt and d["source"] == scheme for d in ctx.done)
+
+
 def _leanlm_rows(ctx: Ctx, rows: list[Row], scheme: str) -> None:
     """Add leanlm's in-process row for `scheme` unless this run already has it."""
     if not any(r.kind == "leanlm" and r.source == scheme for r in rows + [Row(**d) for d in ctx.done]):
@@ -179,6 +185,8 @@ def compressed_tensors_rows(ctx: Ctx) -> list[Row]:
     _leanlm_rows(ctx, rows, "float32")
     for scheme in ctx.ct_schemes:
         _leanlm_rows(ctx, rows, scheme)
+        if _have(ctx, "compressed-tensors", scheme):
+            continue
         out = export(source(ctx, scheme), "compressed-tensors", OUT / f"ct-{scheme}", tokenizer=ctx.tok, overwrite=True)
         gc.collect()
         model, load_s = _timed(lambda: load_compressed_tensors(out))
@@ -194,7 +202,7 @@ def compressed_tensors_rows(ctx: Ctx) -> list[Row]:
 # ---------------------------------------------------------------------------------------------- GGUF
 
 GGUF_FLOAT = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
-GGUF_CALIBRATED = ((CALIBRATED, "Q4_0"), (CALIBRATED, "Q4_K_M"))
+GGUF_CALIBRATED = ("Q4_0", "Q4_K_M")   # written from the calibrated source (ctx.calibrated)
 LLAMA_FTYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15}   # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
@@ -251,7 +259,8 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
         rows.append(_gguf_row(ctx, path, f"gguf {q} (leanlm writer)", "float32", notes))
         if ref is not None:
             rows.append(_gguf_row(ctx, ref, f"gguf {q} (llama.cpp quantize of the F16 file)", "float32"))
-    for scheme, q in GGUF_CALIBRATED:
+    for q in GGUF_CALIBRATED if ctx.calibrated else ():
+        scheme = ctx.calibrated
         _leanlm_rows(ctx, rows, scheme)
         path = export(source(ctx, scheme), "gguf", OUT / f"{scheme}-{q}.gguf", tokenizer=ctx.tok, quant=q, overwrite=True)
         rep = G.last_report
@@ -265,7 +274,7 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
 
 # (row label, leanlm source exported as it is): float, int8 per channel as QDQ, int4 g64 as MatMulNBits
 ONNX_EXPORTS = (("onnx float (leanlm export)", "float32"), ("onnx int8 QDQ (leanlm export)", "w8a16"),
-                ("onnx int4 MatMulNBits (leanlm export)", "w4a16-rtn"), ("onnx int4 MatMulNBits (leanlm export)", CALIBRATED))
+                ("onnx int4 MatMulNBits (leanlm export)", "w4a16-rtn"), ("onnx int4 MatMulNBits (leanlm export)", "calibrated"))
 ONNX_IN = ("int8-dynamic", "int8-static", "int4-weight")
 
 
@@ -295,11 +304,16 @@ def onnx_rows(ctx: Ctx) -> list[Row]:
 
     rows: list[Row] = []
     for label, scheme in ONNX_EXPORTS:
+        scheme = ctx.calibrated if scheme == "calibrated" else scheme
+        if scheme is None or _have(ctx, label, scheme):
+            continue
         _leanlm_rows(ctx, rows, scheme)
         path = export_onnx(source(ctx, scheme), OUT / f"onnx-{scheme}", tokenizer=ctx.tok, overwrite=True)
         rows.append(_onnx_row(ctx, path, label, scheme, source(ctx, scheme)))
     float_onnx = OUT / "onnx-float32" / "model.onnx"
     for scheme in ONNX_IN:
+        if _have(ctx, f"onnx {scheme} (ONNX in: onnxruntime.quantization of the float export)", "float32"):
+            continue
         path = quantize_onnx(float_onnx, OUT / f"onnx-in-{scheme}.onnx", scheme=scheme, tokenizer=ctx.tok, samples=ctx.onnx_calib_samples,
                              seq_len=256, overwrite=True, progress=False)
         rows.append(_onnx_row(ctx, path, f"onnx {scheme} (ONNX in: onnxruntime.quantization of the float export)", "float32"))
@@ -395,7 +409,10 @@ def main() -> None:
     ap.add_argument("--reuse-files", action="store_true", help="reuse float-model GGUF files left in bench/.work/export/out by an earlier run")
     ap.add_argument("--from-partial", default="", help="comma list of partial-*.json files of earlier runs: report their rows "
                     "(perplexity as logged) and time every row's engine in one interleaved run")
+    ap.add_argument("--calibrated", default=CALIBRATED, help="calibrated leanlm source written to GGUF and ONNX ('none': skip those rows)")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed run")
+    ap.add_argument("--resume", default="", help="comma list of partial-*.json of interrupted runs: its rows are kept (leanlm's in-process rows "
+                    "there are not measured again) and this run's rows are added to them")
     ap.add_argument("--only", default="", help="comma list of row functions: " + ",".join(f.__name__ for f in ROW_FUNCTIONS))
     a = ap.parse_args()
     setup_threads()
@@ -405,9 +422,11 @@ def main() -> None:
     _, tok = leanlm.load(a.model)
     ids = join_and_tokenize(tok, evaluation_texts("wiki"))
     ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")),
-              a.onnx_calib_samples, a.reuse_files)
+              a.onnx_calib_samples, a.reuse_files, None if a.calibrated == "none" else a.calibrated)
     if a.only and (bad := set(a.only.split(",")) - {f.__name__ for f in ROW_FUNCTIONS}):
         ap.error(f"--only: unknown row functions {sorted(bad)}; choose from {[f.__name__ for f in ROW_FUNCTIONS]}")
+    if a.resume:
+        ctx.done = [r.__dict__.copy() for r in read_partial(a.resume.split(","))]
     if a.from_partial:
         rows = read_partial(a.from_partial.split(","))
     else:

@@ -275,7 +275,7 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
 # (row label, leanlm source exported as it is): float, int8 per channel as QDQ, int4 g64 as MatMulNBits
 ONNX_EXPORTS = (("onnx float (leanlm export)", "float32"), ("onnx int8 QDQ (leanlm export)", "w8a16"),
                 ("onnx int4 MatMulNBits (leanlm export)", "w4a16-rtn"), ("onnx int4 MatMulNBits (leanlm export)", "calibrated"))
-ONNX_IN = ("int8-dynamic", "int8-static", "int4-weight")
+ONNX_IN = ("int8-dynamic", "int4-weight", "int8-static")
 
 
 def _onnx_bytes(p: Path) -> int:
@@ -303,20 +303,25 @@ def onnx_rows(ctx: Ctx) -> list[Row]:
     from leanlm.export.onnx_in import quantize_onnx
 
     rows: list[Row] = []
-    for label, scheme in ONNX_EXPORTS:
-        scheme = ctx.calibrated if scheme == "calibrated" else scheme
-        if scheme is None or _have(ctx, label, scheme):
-            continue
-        _leanlm_rows(ctx, rows, scheme)
-        path = export_onnx(source(ctx, scheme), OUT / f"onnx-{scheme}", tokenizer=ctx.tok, overwrite=True)
-        rows.append(_onnx_row(ctx, path, label, scheme, source(ctx, scheme)))
     float_onnx = OUT / "onnx-float32" / "model.onnx"
+
+    def exports(which):
+        for label, scheme in which:
+            scheme = ctx.calibrated if scheme == "calibrated" else scheme
+            if scheme is None or _have(ctx, label, scheme):
+                continue
+            _leanlm_rows(ctx, rows, scheme)
+            path = export_onnx(source(ctx, scheme), OUT / f"onnx-{scheme}", tokenizer=ctx.tok, overwrite=True)
+            rows.append(_onnx_row(ctx, path, label, scheme, source(ctx, scheme)))
+
+    exports(ONNX_EXPORTS[:1])   # float first: ONNX in starts from it
     for scheme in ONNX_IN:
         if _have(ctx, f"onnx {scheme} (ONNX in: onnxruntime.quantization of the float export)", "float32"):
             continue
         path = quantize_onnx(float_onnx, OUT / f"onnx-in-{scheme}.onnx", scheme=scheme, tokenizer=ctx.tok, samples=ctx.onnx_calib_samples,
                              seq_len=256, overwrite=True, progress=False)
         rows.append(_onnx_row(ctx, path, f"onnx {scheme} (ONNX in: onnxruntime.quantization of the float export)", "float32"))
+    exports(ONNX_EXPORTS[1:])
     return rows
 
 

@@ -86,6 +86,7 @@ class Ctx:
     ct_schemes: tuple = CT_SCHEMES
     onnx_calib_samples: int = 32
     reuse: bool = False
+    f16_written: bool = False                 # the F16 GGUF (source of llama.cpp's quantize) was written by this run
     calibrated: str | None = CALIBRATED       # the calibrated source exported to GGUF and ONNX (None: skip those rows)
     done: list = field(default_factory=list)   # rows so far, saved after each (a late crash keeps them)
 
@@ -235,8 +236,9 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
 
     def write(q):
         path = OUT / f"float-{q}.gguf"
-        if ctx.reuse and path.is_file():
+        if (ctx.reuse or q == "F16" and ctx.f16_written) and path.is_file():
             return path
+        ctx.f16_written |= q == "F16"
         return export(source(ctx, "float32"), "gguf", path, tokenizer=ctx.tok, quant=q, overwrite=True)
 
     f16 = write("F16")

@@ -58,6 +58,7 @@ OUT = WORK / "out"
 # Schemes that load on CPU in transformers + compressed-tensors (int4 is AWQ-calibrated, symmetric g64).
 CT_SCHEMES = ("w8a16", "w4a16-awq", "w8a8", "fp8")
 CALIBRATED = "w4a16-awq"
+GGUF_FLOAT = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Ctx:
     ct_schemes: tuple = CT_SCHEMES
     onnx_calib_samples: int = 32
     reuse: bool = False
+    gguf_quants: tuple = GGUF_FLOAT           # float-source GGUF types (each next to llama.cpp's quantize of the F16 file)
     f16_written: bool = False                 # the F16 GGUF (source of llama.cpp's quantize) was written by this run
     calibrated: str | None = CALIBRATED       # the calibrated source exported to GGUF and ONNX (None: skip those rows)
     done: list = field(default_factory=list)   # rows so far, saved after each (a late crash keeps them)
@@ -202,7 +204,6 @@ def compressed_tensors_rows(ctx: Ctx) -> list[Row]:
 
 # ---------------------------------------------------------------------------------------------- GGUF
 
-GGUF_FLOAT = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 GGUF_CALIBRATED = ("Q4_0", "Q4_K_M")   # written from the calibrated source (ctx.calibrated)
 LLAMA_FTYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15}   # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
@@ -241,8 +242,7 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
         ctx.f16_written |= q == "F16"
         return export(source(ctx, "float32"), "gguf", path, tokenizer=ctx.tok, quant=q, overwrite=True)
 
-    f16 = write("F16")
-    for q in GGUF_FLOAT:
+    for q in ctx.gguf_quants:
         path = write(q)
         notes = ""
         ref = None
@@ -252,7 +252,7 @@ def gguf_rows(ctx: Ctx) -> list[Row]:
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype = LLAMA_FTYPE[q]
                 params.nthread = ctx.threads
-                rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), params)
+                rc = llama_cpp.llama_model_quantize(str(write("F16")).encode(), str(ref).encode(), params)
                 if rc != 0:
                     raise RuntimeError(f"llama_model_quantize failed ({rc}) for {q}")
             ours, theirs = _types(path), _types(ref)
@@ -416,6 +416,7 @@ def main() -> None:
     ap.add_argument("--reuse-files", action="store_true", help="reuse float-model GGUF files left in bench/.work/export/out by an earlier run")
     ap.add_argument("--from-partial", default="", help="comma list of partial-*.json files of earlier runs: report their rows "
                     "(perplexity as logged) and time every row's engine in one interleaved run")
+    ap.add_argument("--gguf-quants", default=",".join(GGUF_FLOAT), help="GGUF types written from the float model ('' for none)")
     ap.add_argument("--calibrated", default=CALIBRATED, help="calibrated leanlm source written to GGUF and ONNX ('none': skip those rows)")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed run")
     ap.add_argument("--resume", default="", help="comma list of partial-*.json of interrupted runs: its rows are kept (leanlm's in-process rows "
@@ -429,7 +430,8 @@ def main() -> None:
     _, tok = leanlm.load(a.model)
     ids = join_and_tokenize(tok, evaluation_texts("wiki"))
     ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")),
-              a.onnx_calib_samples, a.reuse_files, None if a.calibrated == "none" else a.calibrated)
+              a.onnx_calib_samples, a.reuse_files, None if a.calibrated == "none" else a.calibrated,
+              tuple(q for q in a.gguf_quants.split(",") if q))
     if a.only and (bad := set(a.only.split(",")) - {f.__name__ for f in ROW_FUNCTIONS}):
         ap.error(f"--only: unknown row functions {sorted(bad)}; choose from {[f.__name__ for f in ROW_FUNCTIONS]}")
     if a.resume:

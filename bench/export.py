@@ -430,8 +430,8 @@ def main() -> None:
     _, tok = leanlm.load(a.model)
     ids = join_and_tokenize(tok, evaluation_texts("wiki"))
     ctx = Ctx(a.model, tok, ids[: a.windows * 512].view(a.windows, 512), a.samples, a.threads, tuple(a.ct_schemes.split(",")),
-              a.onnx_calib_samples, a.reuse_files, None if a.calibrated == "none" else a.calibrated,
-              tuple(q for q in a.gguf_quants.split(",") if q))
+              onnx_calib_samples=a.onnx_calib_samples, reuse=a.reuse_files, calibrated=None if a.calibrated == "none" else a.calibrated,
+              gguf_quants=tuple(q for q in a.gguf_quants.split(",") if q))
     if a.only and (bad := set(a.only.split(",")) - {f.__name__ for f in ROW_FUNCTIONS}):
         ap.error(f"--only: unknown row functions {sorted(bad)}; choose from {[f.__name__ for f in ROW_FUNCTIONS]}")
     if a.resume:

@@ -373,8 +373,9 @@ def report(a, rows: list[Row], speed: dict, done_runs: int) -> Path:
         llama_version = llama_cpp.__version__
     except ImportError:
         llama_version = "not installed"
-    for i, r in enumerate(rows):
-        r.decode_tps = speed[str(i)].decode_tps if str(i) in speed else None
+    if speed:
+        for i, r in enumerate(rows):
+            r.decode_tps = speed[str(i)].decode_tps if str(i) in speed else None
     timed_base = next((r for r in rows if r.kind == "leanlm" and r.source == "float32" and r.decode_tps), None)
     float_ppl = {r.windows: r.ppl for r in rows if r.kind == "leanlm" and r.source == "float32"}
     windows = sorted({r.windows for r in rows})
@@ -388,8 +389,10 @@ def report(a, rows: list[Row], speed: dict, done_runs: int) -> Path:
           f"reference perplexities, not timed ('-'). Quantized sources are calibrated on {a.samples} x 512 tokens; ONNX-in int8-static on "
           f"{a.onnx_calib_samples} x 256 tokens. Load: time to construct the engine's model from the file (page cache warm)."]
     if a.from_partial:
-        md.append(f"Perplexities from the runs logged in {a.from_partial}; decode speed measured by this command.")
-    if done_runs < a.runs:
+        md.append(f"Perplexities from the runs logged in {a.from_partial}; "
+                  + (f"decode speed from the interleaved run recorded in {a.speed_from} (its rows only; '-' for rows "
+                     "logged after it started)." if a.speed_from else "decode speed measured by this command."))
+    if done_runs < a.runs and (not a.no_speed or a.speed_from):
         md.append(f"**Speed run incomplete: {done_runs} of {a.runs} interleaved rounds done when this file was written.**")
     cols = ["format", "source", "engine", "file MB", "load s", "windows", "perplexity", "vs float32", "decode tok/s", "decode vs float32", "notes"]
     base_tps = timed_base.decode_tps if timed_base else None
@@ -418,6 +421,8 @@ def main() -> None:
                     "(perplexity as logged) and time every row's engine in one interleaved run")
     ap.add_argument("--gguf-quants", default=",".join(GGUF_FLOAT), help="GGUF types written from the float model ('' for none)")
     ap.add_argument("--calibrated", default=CALIBRATED, help="calibrated leanlm source written to GGUF and ONNX ('none': skip those rows)")
+    ap.add_argument("--speed-from", default="", help="with --no-speed: decode speeds of an earlier results .json (matched by format, "
+                    "source and windows), e.g. a speed run made while other rows' perplexities were still running")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed run")
     ap.add_argument("--resume", default="", help="comma list of partial-*.json of interrupted runs: its rows are kept (leanlm's in-process rows "
                     "there are not measured again) and this run's rows are added to them")
@@ -449,7 +454,15 @@ def main() -> None:
     if not any(r.kind == "leanlm" and r.source == "float32" for r in rows):
         rows.insert(0, leanlm_row(ctx, "float32"))   # the baseline of every ratio
     if a.no_speed:
-        path = report(a, rows, {}, 0)
+        done_runs = 0
+        if a.speed_from:
+            old = json.loads(Path(a.speed_from).read_text())
+            tps = {(d["format"], d["source"], d["windows"]): d["decode_tps"] for d in old["rows"]}
+            for r in rows:
+                r.decode_tps = tps.get((r.format, r.source, r.windows))
+            done_runs = old["speed_rounds_done"]
+            a.new_tokens, a.runs = old["settings"]["new_tokens"], old["settings"]["runs"]
+        path = report(a, rows, {}, done_runs)
     else:
         # one interleaved speed run over every timed row; the results file is rewritten after each round
         gens = {}

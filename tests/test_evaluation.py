@@ -58,9 +58,12 @@ def test_compare_speed_interleaves_and_reports_ratios():
             return torch.cat([ids, torch.zeros(ids.shape[0], n, dtype=ids.dtype)], 1)
         return gen
 
-    res = compare_speed({"a": fake("a", 0), "b": fake("b", 0)}, torch.zeros(1, 4, dtype=torch.long), new_tokens=4, runs=3, warmup=1, progress=False)
+    rounds = []
+    res = compare_speed({"a": fake("a", 0), "b": fake("b", 0)}, torch.zeros(1, 4, dtype=torch.long), new_tokens=4, runs=3, warmup=1, progress=False,
+                        on_round=lambda s: rounds.append({k: v.runs for k, v in s.items()}))
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then A B A B A B
     assert res["a"].runs == 3 and res["b"].runs == 3
+    assert rounds == [{"a": 1, "b": 1}, {"a": 2, "b": 2}, {"a": 3, "b": 3}]  # a checkpoint after each complete round
 
 
 def test_early_stop_is_an_error():

@@ -115,9 +115,12 @@ def measure_speed(gen: Generator, prompts: torch.Tensor, new_tokens: int = 128, 
 
 
 def compare_speed(
-    gens: dict[str, Generator], prompts: torch.Tensor, new_tokens: int = 128, runs: int = 5, warmup: int = 1, progress: bool = True
+    gens: dict[str, Generator], prompts: torch.Tensor, new_tokens: int = 128, runs: int = 5, warmup: int = 1, progress: bool = True,
+    on_round: Callable[[dict[str, SpeedResult]], None] | None = None,
 ) -> dict[str, SpeedResult]:
-    """Time several generators interleaved (A B A B ...) so machine noise hits them alike."""
+    """Time several generators interleaved (A B A B ...) so machine noise hits them alike.
+
+    on_round: called after each complete round with the medians so far (a long run can checkpoint)."""
     if runs < 1 or new_tokens < 2:
         raise LeanLMError(f"need runs >= 1 and new_tokens >= 2, got runs={runs}, new_tokens={new_tokens}")
     for gen in gens.values():
@@ -129,5 +132,7 @@ def compare_speed(
         for name, gen in gens.items():
             raw[name].append(_one_run(gen, prompts, new_tokens))
             bar.update()
+        if on_round is not None:
+            on_round({k: _summarise(v, prompts, new_tokens) for k, v in raw.items()})
     bar.close()
     return {k: _summarise(v, prompts, new_tokens) for k, v in raw.items()}

@@ -15,9 +15,9 @@
     python bench/sparsity.py --no-ppl                     # kernel table only
     python bench/sparsity.py --methods sparsegpt --patterns 2:4 --windows 10 --no-kernels
 
-Sparsify then distill: --distill-tokens N is the hook for the shared trainer (leanlm.distill, not
-on this branch yet): each sparse model would be distilled from the float32 model for N tokens with
-MaskKeeper as an after_step callback, and its perplexity after distillation reported.
+Sparsify then distill: --distill-tokens N distills each sparse model from the float32 model for N
+tokens with the shared trainer (leanlm.distill) and MaskKeeper as an after_step callback, and reports
+its perplexity after distillation (the same pipeline as leanlm.sparsity.sparsify_and_distill).
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ from leanlm.sparsity.algorithms import magnitude_mask
 
 def distill_hook(model, teacher, tok, tokens: int) -> None:
     """Sparsify-then-distill: distil ``model`` from ``teacher`` for ``tokens`` tokens of the protocol's
-    calibration text with ``after_step=[MaskKeeper(model)]`` (pruned weights stay zero). Written
-    against the shared trainer's API on branch ``prune`` (leanlm.distill.distill / TrainConfig); not
-    run on this branch, where leanlm.distill does not exist yet."""
+    calibration text with ``after_step=[MaskKeeper(model)]`` (pruned weights stay zero)."""
     try:
         from leanlm.distill import TrainConfig, distill
     except ImportError:

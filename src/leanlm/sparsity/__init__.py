@@ -7,13 +7,13 @@ training and saving.
 """
 
 from .algorithms import magnitude_mask, sparsegpt, wanda_mask
-from .api import candidates, sparsify_
+from .api import candidates, sparsify_, sparsify_and_distill
 from .config import METHODS, SparsityConfig, Target, parse_pattern
 from .masks import (MaskKeeper, apply_masks, attach_mask, attach_saved_masks, load_sparse, masked_linears,
                     overall_sparsity, save_sparse, sparsity_report)
 
 __all__ = [
-    "SparsityConfig", "Target", "METHODS", "parse_pattern", "sparsify_", "candidates", "MaskKeeper", "apply_masks",
+    "SparsityConfig", "Target", "METHODS", "parse_pattern", "sparsify_", "sparsify_and_distill", "candidates", "MaskKeeper", "apply_masks",
     "attach_mask", "masked_linears", "sparsity_report", "overall_sparsity", "save_sparse", "load_sparse",
     "attach_saved_masks", "magnitude_mask", "wanda_mask", "sparsegpt",
 ]

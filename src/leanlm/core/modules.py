@@ -80,3 +80,22 @@ def facts(model: nn.Module) -> ModelFacts:
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         tied_embeddings=tied,
     )
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the output head (what next-token distributions range over), else config.vocab_size."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return int(head.weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0)) or None
+
+
+def check_same_vocab(ref: nn.Module, other: nn.Module, ref_tokenizer=None, other_tokenizer=None, *,
+                     ref_name: str, other_name: str, fix: str) -> None:
+    """Refuse `other` (a draft, a teacher) whose output vocabulary or tokenizer differs from `ref`'s."""
+    vr, vo = vocab_size(ref), vocab_size(other)
+    if vr and vo and vr != vo:
+        raise LeanLMError(f"the {other_name}'s vocabulary has {vo} tokens, the {ref_name}'s {vr}: the {other_name} must use "
+                          f"the {ref_name}'s tokenizer; {fix}")
+    if ref_tokenizer is not None and other_tokenizer is not None and ref_tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        raise LeanLMError(f"the {other_name}'s tokenizer differs from the {ref_name}'s (same size, different tokens); {fix}")

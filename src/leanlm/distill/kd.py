@@ -151,11 +151,12 @@ def distill(student: nn.Module, teacher: nn.Module, train_data=None, config: Dis
     documents need `tokenizer`. `eval_ids`: held-out ids for perplexity during training (None:
     the evaluation split of the named source, else of wiki, when a tokenizer is given; else none).
     """
-    from ..speculative.drafts import check_vocab
+    from ..core.modules import check_same_vocab
 
     config = config or DistillConfig()
     train_config = train_config or TrainConfig(max_minutes=5)
-    check_vocab(teacher, student)
+    check_same_vocab(student, teacher, ref_name="student", other_name="teacher",
+                     fix="distillation matches next-token distributions: use a teacher of the same model family")
     ids = _train_ids(train_data, tokenizer)
     if eval_ids is None and tokenizer is not None:
         from ..core.data import evaluation_texts, join_and_tokenize

@@ -74,14 +74,19 @@ def activation_importance(model: nn.Module, calib: torch.Tensor, *, batch_size: 
         handles.append(layer.input_layernorm.register_forward_hook(on_norm))
         handles.append(layer.post_attention_layernorm.register_forward_hook(on_norm))
     handles.append(model.model.norm.register_forward_hook(on_norm))
+    _forward_all(model, calib, batch_size, handles, "importance", progress)
+    return Importance(heads, chans, hidden, None, None)
+
+
+
+def _forward_all(model: nn.Module, calib: torch.Tensor, batch_size: int, handles: list, desc: str, progress: bool) -> None:
+    """Run the calibration batches through the model (hooks collect the statistics), then remove the hooks."""
     try:
-        for i in tqdm(range(0, calib.shape[0], batch_size), desc="importance", unit="batch", disable=not progress, leave=False):
+        for i in tqdm(range(0, calib.shape[0], batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
             model(input_ids=calib[i : i + batch_size], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return Importance(heads, chans, hidden, None, None)
-
 
 @torch.inference_mode()
 def layer_importance(model: nn.Module, calib: torch.Tensor, metric: str = "ppl", *, batch_size: int = 4,
@@ -102,12 +107,7 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, metric: str = "ppl",
 
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
-        try:
-            for i in tqdm(range(0, calib.shape[0], batch_size), desc="layer importance", unit="batch", disable=not progress, leave=False):
-                model(input_ids=calib[i : i + batch_size], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        _forward_all(model, calib, batch_size, handles, "layer importance", progress)
         return score / calib.numel()
     base = _nll(model, calib, batch_size)
     score = torch.zeros(n, dtype=torch.float64)

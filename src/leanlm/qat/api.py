@@ -193,19 +193,12 @@ def _mask_hook(model: nn.Module):
     return [reapply]
 
 
-def _vocab(m: nn.Module) -> int | None:
-    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-    return int(head.weight.shape[0]) if head is not None else getattr(getattr(m, "config", None), "vocab_size", None)
-
-
 def check_teacher(student: nn.Module, teacher: nn.Module, student_tokenizer=None, teacher_tokenizer=None) -> None:
-    vs, vt = _vocab(student), _vocab(teacher)
-    if vs and vt and vs != vt:
-        raise LeanLMError(f"the teacher's vocabulary has {vt} tokens, the student's {vs}: QAD matches next-token distributions, "
-                          "so the teacher must use the student's tokenizer (default --teacher self: the float model itself)")
-    if student_tokenizer is not None and teacher_tokenizer is not None and student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise LeanLMError("the teacher's tokenizer differs from the student's (same size, different tokens); use a teacher of the "
-                          "same model family, or --teacher self")
+    from ..core.modules import check_same_vocab
+
+    check_same_vocab(student, teacher, student_tokenizer, teacher_tokenizer, ref_name="student", other_name="teacher",
+                     fix="QAD matches next-token distributions: use a teacher of the same model family, or --teacher self "
+                         "(the float model itself, the default)")
 
 
 # ------------------------------------------------------------------------------- one call

@@ -359,6 +359,21 @@ def _fq_col(x: torch.Tensor, fmt: QFormat, scale, zero, gscale) -> torch.Tensor:
     return q * scale
 
 
+def prepared_hessian(H: torch.Tensor, dev: torch.device, who: str) -> torch.Tensor:
+    """A float64 copy of the Hessian on `dev` (float32 on MPS) with dead inputs (diagonal 0: never
+    active in calibration) made independent unit columns, so the Cholesky factor exists."""
+    hdt = torch.float32 if dev.type == "mps" else torch.float64
+    Hf = H.detach().to(dev, hdt).clone()
+    if not torch.isfinite(Hf).all():
+        raise ValueError(f"{who}: the Hessian contains NaN/inf")
+    dead = Hf.diagonal() == 0
+    if dead.any():
+        Hf[dead, :] = 0
+        Hf[:, dead] = 0
+        Hf[dead, dead] = 1
+    return Hf
+
+
 def _inv_chol_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, raising d tenfold until it succeeds."""
     mean = H.diagonal().abs().mean()
@@ -439,15 +454,7 @@ def gptq(
     def qparams(t: torch.Tensor) -> QParams:
         return weight_qparams(t, fmt, weight_method, **kw, **gkw)
 
-    hdt = torch.float32 if dev.type == "mps" else torch.float64
-    Hf = H.detach().to(dev, hdt).clone()
-    if not torch.isfinite(Hf).all():
-        raise ValueError("GPTQ: the Hessian contains NaN/inf")
-    dead = Hf.diagonal() == 0
-    if dead.any():
-        Hf[dead, :] = 0
-        Hf[:, dead] = 0
-        Hf[dead, dead] = 1
+    Hf = prepared_hessian(H, dev, "GPTQ")
     perm = None
     W = W0.clone()
     keep = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantization.algorithms import _inv_chol_upper
+from ..quantization.algorithms import _inv_chol_upper, prepared_hessian
 from .config import Target
 
 
@@ -78,15 +78,7 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, target: Target, *, block_size: i
     """
     out_f, in_f = w.shape
     dev = w.device
-    hdt = torch.float32 if dev.type == "mps" else torch.float64
-    Hf = H.detach().to(dev, hdt).clone()
-    if not torch.isfinite(Hf).all():
-        raise ValueError("SparseGPT: the Hessian contains NaN/inf")
-    dead = Hf.diagonal() == 0
-    if dead.any():
-        Hf[dead, :] = 0
-        Hf[:, dead] = 0
-        Hf[dead, dead] = 1
+    Hf = prepared_hessian(H, dev, "SparseGPT")
     U = _inv_chol_upper(Hf, damp).float()
     del Hf
     W = w.detach().float().clone()

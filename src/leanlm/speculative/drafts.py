@@ -22,17 +22,10 @@ from ..core.errors import LeanLMError
 
 def check_vocab(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
     """Refuse a draft whose logits or tokenizer differ from the target's."""
-    def size(m):
-        head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-        return int(head.weight.shape[0]) if head is not None else int(getattr(getattr(m, "config", None), "vocab_size", 0)) or None
+    from ..core.modules import check_same_vocab
 
-    vt, vd = size(target), size(draft)
-    if vt and vd and vt != vd:
-        raise LeanLMError(f"the draft's vocabulary has {vd} tokens, the target's {vt}: a draft must use the target's tokenizer; "
-                          "pick a draft of the same model family (or build one with `leanlm draft`), or use --prompt-lookup")
-    if target_tokenizer is not None and draft_tokenizer is not None and target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-        raise LeanLMError("the draft's tokenizer differs from the target's (same size, different tokens): a draft must use the "
-                          "target's tokenizer; pick a draft of the same model family, or use --prompt-lookup")
+    check_same_vocab(target, draft, target_tokenizer, draft_tokenizer, ref_name="target", other_name="draft",
+                     fix="pick a draft of the same model family (or build one with `leanlm draft`), or use --prompt-lookup")
 
 
 def quantized_draft(model, scheme: str = "w4a16-rtn", tokenizer=None, progress: bool = True):

@@ -90,7 +90,7 @@ class GPTQ:
     ``forward_dtype="bfloat16"`` runs the layer forwards that feed the Hessians under bfloat16
     autocast (master weights, Hessians and solves stay float32). The forwards are most of GPTQ's
     time on a CPU, and bfloat16 matmuls are several times faster than float32 ones on CPUs with
-    AVX512-BF16 or AMX (5x at these shapes on the benchmark machine). The Hessians then come from
+    AVX512-BF16 or AMX. The Hessians then come from
     bfloat16-rounded activations, as they do when a model is calibrated in bfloat16 on a GPU; the
     benchmark reports the perplexity of both. Off by default: never less exact unless asked.
     """

@@ -18,7 +18,7 @@ from leanlm.quantization import algorithms as alg
 from leanlm.quantization import preset
 
 PARTS = [(alg, "gptq", "GPTQ solves"), (alg, "quant_error", "error statistics"), (alg.HessianAccumulator, "add", "Hessians"),
-         (cal, "_gptq_groups", "tracing groups"), (cal, "capture_layer_inputs", "capturing inputs"),
+         (cal, "linear_groups", "tracing groups"), (cal, "capture_layer_inputs", "capturing inputs"),
          (cal, "_gptq_in_forward", "layer forwards incl. Hessians, solves, statistics")]
 
 

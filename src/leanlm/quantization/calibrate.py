@@ -97,8 +97,8 @@ def _run(layer: nn.Module, hidden: list[torch.Tensor], kw: dict) -> list[torch.T
 def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> list[torch.Tensor]:
     """One forward of the layer over all calibration rows as one batch; ``solve(name, x)`` runs in a
     pre-hook on each module of ``firsts`` with its whole input ``x``, before that module runs. A
-    solve that changes weights (SparseGPT, Wanda in leanlm.sparsity; GPTQ's one-pass mode,
-    ``_gptq_in_forward``, is the same pattern) is therefore seen by every later module, and the
+    solve that changes weights (GPTQ's one-pass mode, ``_gptq_in_forward``; SparseGPT and Wanda in
+    leanlm.sparsity) is therefore seen by every later module, and the
     returned outputs are the changed layer's (the next layer's inputs)."""
     def hook(n):
         def pre(mod, args):
@@ -286,10 +286,6 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return t[rows] if t is not None and t.dim() else t
 
 
-def _gptq_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
-    return linear_groups(layer, hidden, kw, lins)
-
-
 def linear_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
     """The Linears ``lins`` grouped by the input tensor they read (q/k/v, gate/up), in call order, and
     whether every one of them is called exactly once per forward (used by GPTQ and by leanlm.sparsity)."""
@@ -344,28 +340,20 @@ def _forward_dtype(gptq: GPTQ | None, hidden: list[torch.Tensor]):
     return torch.autocast(hidden[0].device.type, dtype=torch.bfloat16)
 
 
-@torch.no_grad()
 def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
-    """One forward of the layer over all calibration rows as one batch. Each group is solved in a
-    pre-hook on its first Linear, before that Linear runs, so later groups see quantized inputs and
-    the returned outputs are the quantized layer's (the next layer's inputs)."""
+    """One-pass GPTQ: each group is solved (``solve_in_forward``) just before its first Linear runs,
+    so later groups see quantized inputs and the returned outputs are the quantized layer's (the
+    next layer's inputs)."""
     first = {g[0]: g for g in groups}
 
-    def solve(n):
-        def pre(mod, args):
-            acc = alg.HessianAccumulator(mod.in_features)
-            acc.add(args[0])
-            _solve_group(first[n], lins, acc.H, gptq, stats)
-        return pre
+    def solve(n, x):
+        acc = alg.HessianAccumulator(lins[n].in_features)
+        acc.add(x)
+        _solve_group(first[n], lins, acc.H, gptq, stats)
 
-    hooks = [lins[n].register_forward_pre_hook(solve(n)) for n in first]
-    try:
-        with _forward_dtype(gptq, hidden):
-            out = _first(layer(torch.cat(hidden), **kw)).to(hidden[0].dtype)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(out.split([h.shape[0] for h in hidden]))
+    with _forward_dtype(gptq, hidden):
+        out = solve_in_forward(layer, hidden, kw, {n: lins[n] for n in first}, solve)
+    return [o.to(hidden[0].dtype) for o in out]
 
 
 @torch.no_grad()
@@ -386,7 +374,7 @@ def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, sta
     (one-pass GPTQ), else None."""
     lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
     if gptq is not None and lins:
-        groups, once = _gptq_groups(layer, hidden, kw, lins)
+        groups, once = linear_groups(layer, hidden, kw, lins)
         if gptq.one_pass:
             gib = _one_pass_gib(lins, hidden, heads)
             if once and gib <= gptq.one_pass_max_gib:

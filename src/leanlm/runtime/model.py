@@ -1,7 +1,7 @@
 """A lean decoder for Llama-family models (SmolLM2) and Gemma-3, read from a loaded `transformers` model.
 
 Weights are packed per layer (q/k/v fused into one matmul, gate/up fused into one), the KV cache is
-preallocated ([layers, batch, kv_heads, max_seq_len, head_dim]), and one `forward` call runs T new
+preallocated (one [batch, kv_heads, max_seq_len, head_dim] buffer per layer), and one `forward` call runs T new
 tokens at tensor positions `input_pos` with attention over the first `kv_len` cache slots (a
 static size, so a compiled decode step sees fixed shapes). RoPE tables come from the HF model's
 own rotary embedding; norms, activations and attention scaling follow the HF code of each family.

@@ -8,11 +8,13 @@ decode speed of the pruned models against the original, interleaved in one run (
 
 Budget: the issue allows 20 minutes of 2-core training. It is given in tokens so that the result
 does not depend on the machine's load: FULL_BUDGET_TOKENS is what 20 minutes give at the measured
-training throughput (see docs/pruning.md for the conversion); every run also records its own
-wall and CPU seconds.
+training throughput in float32 (see docs/pruning.md for the conversion); every run also records
+its own wall and CPU seconds. On a quiet machine `--minutes 20` gives the best variant exactly 20
+wall minutes and its random-init baseline the tokens those reached.
 
     python bench/prune_distill.py                                   # every variant at the full budget
     python bench/prune_distill.py --budget-tokens 32768 --others-budget-tokens 0   # first variant only, smaller budget
+    python bench/prune_distill.py --minutes 20 --others-budget-tokens 81920   # quiet machine: 20 wall minutes
     python bench/prune_distill.py --quick                           # smoke run: tiny budgets, 4 windows
 """
 
@@ -30,6 +32,7 @@ import torch
 import leanlm
 from leanlm.core.data import calibration_texts, evaluation_texts, join_and_tokenize
 from leanlm.distill import DistillConfig, TrainConfig, distill
+from leanlm.distill.trainer import fast_bf16
 from leanlm.evaluation import perplexity
 from leanlm.evaluation.speed import compare_speed, hf_generator, protocol_prompts
 from leanlm.prune import PruneTarget, dims_of, prune
@@ -49,15 +52,15 @@ def ppl(model, eval_ids, windows) -> float:
     return perplexity(model, ids=eval_ids, max_windows=windows, progress=False).perplexity
 
 
-def train_cfg(a, budget, lr):
-    steps = budget // (a.batch_size * a.seq_len)
-    return TrainConfig(max_tokens=budget, lr=lr, batch_size=a.batch_size, seq_len=a.seq_len, warmup_steps=max(1, min(20, steps // 10)),
+def train_cfg(a, budget, lr, minutes=None):
+    steps = budget // (a.batch_size * a.seq_len) if budget else 200
+    return TrainConfig(max_tokens=budget, max_minutes=minutes, lr=lr, batch_size=a.batch_size, seq_len=a.seq_len, warmup_steps=max(1, min(20, steps // 10)),
                        autocast_bf16=a.bf16, eval_windows=2, progress=True, seed=0)
 
 
-def timed_distill(student, teacher, train_ids, a, budget, lr) -> dict:
+def timed_distill(student, teacher, train_ids, a, budget, lr, minutes=None) -> dict:
     w0, c0 = time.perf_counter(), cpu_seconds()
-    res = distill(student, teacher, train_ids, DistillConfig(), train_cfg(a, budget, lr), eval_ids=None)
+    res = distill(student, teacher, train_ids, DistillConfig(), train_cfg(a, budget, lr, minutes), eval_ids=None)
     wall, cpu = time.perf_counter() - w0, cpu_seconds() - c0
     return {"steps": res.steps, "tokens": res.tokens, "wall_s": wall, "cpu_s": cpu, "lr": lr,
             "tokens_per_2core_second": res.tokens / (cpu / 2), "kl_first": res.history[0]["kl"], "kl_last": res.history[-1]["kl"]}
@@ -70,12 +73,16 @@ def main() -> None:
     ap.add_argument("--variants", default="width,depth,both")
     ap.add_argument("--budget-tokens", type=int, default=FULL_BUDGET_TOKENS,
                     help="distillation budget of the variant with the lowest perplexity after pruning")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="instead of --budget-tokens: the best variant distills for this many wall minutes; its random-init "
+                         "baseline then gets the tokens it reached")
     ap.add_argument("--others-budget-tokens", type=int, default=None, help="budget of the other variants (default: the same)")
     ap.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate (pruned student)")
     ap.add_argument("--random-lr", type=float, default=1e-3, help="learning rate of the randomly initialised baseline")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bfloat16 autocast in training (default: the trainer's choice, on with AVX512-BF16/AMX)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -83,6 +90,7 @@ def main() -> None:
     ap.add_argument("--depth-samples", type=int, default=4, help="of those, how many rank the layers")
     ap.add_argument("--depth-metric", choices=["ppl", "cosine"], default="ppl")
     ap.add_argument("--no-random", action="store_true", help="skip the randomly initialised baseline")
+    ap.add_argument("--random-all", action="store_true", help="random-init baseline for every distilled variant (default: the best one)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2048-token budgets, 4 windows, 2 speed runs of 16 tokens")
     ap.add_argument("--name", default="prune_distill")
     a = ap.parse_args()
@@ -121,11 +129,13 @@ def main() -> None:
         r, budget = out["variants"][axes], budgets[axes]
         if not budget:
             continue
-        r["distill"] = timed_distill(student, teacher, train_ids, a, budget, a.lr)
+        timed = a.minutes is not None and axes == order[0]
+        r["distill"] = timed_distill(student, teacher, train_ids, a, None if timed else budget, a.lr, a.minutes if timed else None)
+        budget = r["budget_tokens"] = budgets[axes] = r["distill"]["tokens"]
         r["ppl_distilled"] = ppl(student, eval_ids, a.windows)
         print(f"[{axes}] distilled {budget} tokens: perplexity {r['ppl_distilled']:.3f}", flush=True)
         write_results(a.name, {**out, "settings": vars(a)}, report(out, a, partial=True))
-        if not a.no_random:
+        if not a.no_random and (axes == order[0] or a.random_all):
             torch.manual_seed(0)
             rnd = type(teacher)(student.config).eval()
             r["random"] = timed_distill(rnd, teacher, train_ids, a, budget, a.random_lr)
@@ -161,9 +171,12 @@ def report(out: dict, a, partial: bool = False) -> str:
           f"Baseline: {base_params / 1e6:.1f}M parameters, held-out perplexity {base_ppl:.3f} (wiki evaluation split, "
           f"{a.windows} x 512 tokens). Training text: the wiki calibration split (40 articles). Distillation: logit KL at T=1 "
           f"from the unpruned model, AdamW lr {a.lr} (random-init baseline: same loss and tokens, lr {a.random_lr}), "
-          f"batch {a.batch_size} x {a.seq_len}, cosine schedule, {'bf16 autocast' if a.bf16 else 'float32'}. Importance from "
+          f"batch {a.batch_size} x {a.seq_len}, cosine schedule, {'bf16 autocast' if (fast_bf16(torch.device('cpu')) if a.bf16 is None else a.bf16) else 'float32'}. Importance from "
           f"{a.samples} x 512 calibration tokens, layers ranked by {a.depth_metric} on {a.depth_samples} of them. "
-          f"Full budget = {FULL_BUDGET_TOKENS:,} tokens (20 min x {TOKENS_PER_2CORE_SECOND} tok/s on 2 cores). Machine: {mach}.\n",
+          + (f"Budget: the best variant distills for {a.minutes:g} wall minutes, its random-init baseline for the tokens that "
+             f"reached, the other variants for {a.others_budget_tokens or 0:,} tokens. " if a.minutes is not None else
+             f"Full budget = {FULL_BUDGET_TOKENS:,} tokens (20 min x {TOKENS_PER_2CORE_SECOND} tok/s on 2 cores, float32 estimate). ")
+          + f"Machine: {mach}.\n",
           md_table(["variant", "layers x hidden / intermediate / heads", "params", "ppl pruned", "budget tokens", "ppl distilled",
                     "vs 135M", "random init, same budget", "decode speed vs 135M"], rows)]
     for axes, r in out["variants"].items():

@@ -25,6 +25,7 @@ from common import md_table, setup_threads, write_results
 import leanlm
 from leanlm.core.data import calibration_batches, calibration_texts, evaluation_texts, join_and_tokenize
 from leanlm.distill import DistillConfig
+from leanlm.distill.trainer import fast_bf16
 from leanlm.evaluation import perplexity
 from leanlm.qat import QATConfig, default_train_config, qat
 
@@ -33,18 +34,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", default="w3a16-gptq,w4a8")
     ap.add_argument("--tokens", type=int, default=None, help="training tokens for QAT and QAD (the 10-minute conversion)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="instead of --tokens: QAD trains for this many wall minutes, then QAT for the tokens QAD reached")
     ap.add_argument("--measure", action="store_true", help="only measure QAD tokens/s (a few steps) and exit")
     ap.add_argument("--measure-steps", type=int, default=3)
     ap.add_argument("--measure-scheme", default="w4a16-rtn", help="scheme for --measure (no calibration algorithm, so it starts at once)")
     ap.add_argument("--samples", type=int, default=32, help="PTQ calibration sequences of 512 tokens (as bench/ptq.py)")
     ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--learn-scales", type=int, default=1, help="1: learn weight scales (LSQ), 0: keep the calibrated ones")
     ap.add_argument("--scale-lr-mult", type=float, default=10.0)
     ap.add_argument("--lm-weight", type=float, default=0.0, help="QAD: LM loss weight next to the KL")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bfloat16 autocast in training (default: the trainer's choice, on with AVX512-BF16/AMX)")
     ap.add_argument("--modes", default="qad,qat")
     ap.add_argument("--name", default="qat")
     a = ap.parse_args()
@@ -58,9 +63,9 @@ def main() -> None:
     qcfg = QATConfig(learn_scales=bool(a.learn_scales), scale_lr_mult=a.scale_lr_mult)
     dcfg = DistillConfig(lm_weight=a.lm_weight)
 
-    def tcfg(tokens):
-        return default_train_config(max_tokens=tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
-                                    warmup_steps=min(5, max(1, tokens // tps // 10)))
+    def tcfg(tokens, minutes=None):
+        return default_train_config(max_tokens=tokens, max_minutes=minutes, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, autocast_bf16=a.bf16,
+                                    warmup_steps=min(5, max(1, (tokens or 10**9) // tps // 10)))
 
     def ppl(m):
         return perplexity(m, ids=eval_ids, max_windows=a.windows, progress=False).perplexity
@@ -88,11 +93,13 @@ def main() -> None:
               f"load {os.getloadavg()[0]:.1f}: {rate_wall:.0f} tok/s by wall time, {rate_cpu:.0f} tok/s by CPU time / threads; "
               f"10 minutes = {per10} tokens ({per10 // tps} steps); peak RSS {peak_gb:.1f} GB")
         return
-    if a.tokens is None:
-        raise SystemExit("give --tokens (run --measure first for the 10-minute conversion)")
+    if (a.tokens is None) == (a.minutes is None):
+        raise SystemExit("give --tokens N or --minutes M (run --measure first for the 10-minute conversion)")
+    if a.minutes is not None and not a.modes.startswith("qad"):
+        raise SystemExit("--minutes times QAD and gives QAT its token count: --modes must start with qad")
     base = ppl(model)
     print(f"float32 {base:.4f}", flush=True)
-    rows, data = [], {"float32": base, "tokens": a.tokens, "tokens_per_step": tps, "lr": a.lr, "learn_scales": bool(a.learn_scales),
+    rows, data = [], {"float32": base, "tokens": a.tokens, "minutes": a.minutes, "tokens_per_step": tps, "lr": a.lr, "learn_scales": bool(a.learn_scales),
                       "scale_lr_mult": a.scale_lr_mult, "lm_weight": a.lm_weight, "samples": a.samples, "windows": a.windows,
                       "threads": threads, "schemes": {}}
 
@@ -102,8 +109,10 @@ def main() -> None:
         md = (f"# QAT and QAD, SmolLM2-135M\n\nHeld-out perplexity, wiki evaluation split, {a.windows} x 512 tokens; float32 "
               f"{base:.4f}. PTQ: the preset's own algorithm on {a.samples} x 512 wiki calibration tokens. QAT (LM loss) and QAD "
               f"(KL to the float32 model{', plus LM loss x ' + str(a.lm_weight) if a.lm_weight else ''}) start from the PTQ model "
-              f"and train on the wiki calibration split for the same {a.tokens:,} tokens ({a.tokens // tps} steps of "
-              f"{a.grad_accum} x {a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
+              f"and train on the wiki calibration split for the same number of tokens: "
+              + (f"{a.tokens:,} ({a.tokens // tps} steps" if a.tokens else f"QAD for {a.minutes:g} wall minutes, QAT for the tokens QAD reached (steps")
+              + f" of {a.grad_accum} x {a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, cosine, "
+              f"{'bf16 autocast' if (fast_bf16(torch.device('cpu')) if a.bf16 is None else a.bf16) else 'float32'}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
               f"all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
               f"'train s' is wall time at the load shown (1-minute load average; other jobs shared the 2 cores); the quiet-machine "
               f"estimate is the process's CPU time over its {threads} threads.\n\n{table}")
@@ -119,12 +128,14 @@ def main() -> None:
         rows.append([scheme, "PTQ", f"{p_ptq:.4f}", f"{p_ptq / base - 1:+.2%}", "0%", 0, f"{ptq_s:.0f} (calibration)", "-",
                      f"{os.getloadavg()[0]:.1f}"])
         write()
+        budget = a.tokens
         for mode in a.modes.split(","):
             m = copy.deepcopy(start)
             teacher = model if mode == "qad" else None
             c0 = time.process_time()
-            res = qat(m, None, tokenizer=tok, teacher=teacher, config=qcfg, distill=dcfg, train_config=tcfg(a.tokens),
+            res = qat(m, None, tokenizer=tok, teacher=teacher, config=qcfg, distill=dcfg, train_config=tcfg(budget, a.minutes if budget is None else None),
                       train_data=train_ids, evaluate=False, progress=False)
+            budget = res.train.tokens   # with --minutes, QAT gets the tokens QAD reached
             cpu = time.process_time() - c0
             p = ppl(m)
             closed = (p_ptq - p) / (p_ptq - base)

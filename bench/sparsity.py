@@ -40,17 +40,18 @@ from leanlm.sparsity import MaskKeeper, SparsityConfig, overall_sparsity, parse_
 from leanlm.sparsity.algorithms import magnitude_mask
 
 
-def distill_hook(model, teacher, tok, tokens: int) -> None:
+def distill_hook(model, teacher, tok, tokens: int, lr: float) -> None:
     """Sparsify-then-distill: distil ``model`` from ``teacher`` for ``tokens`` tokens of the protocol's
-    calibration text with ``after_step=[MaskKeeper(model)]`` (pruned weights stay zero)."""
-    try:
-        from leanlm.distill import TrainConfig, distill
-    except ImportError:
-        raise SystemExit("--distill-tokens needs leanlm.distill (the shared trainer), which is not on this branch yet") from None
+    calibration text with ``after_step=[MaskKeeper(model)]`` (pruned weights stay zero); batches of
+    2 x 512, warm-up a tenth of the steps (at most 20), cosine, the trainer's autocast default."""
+    from leanlm.distill import TrainConfig, distill
+
+    steps = tokens // 1024
     keeper = MaskKeeper(model)
     try:
-        distill(model, teacher, "wiki", train_config=TrainConfig(max_tokens=tokens, progress=False), tokenizer=tok,
-                after_step=[keeper])
+        distill(model, teacher, "wiki", train_config=TrainConfig(max_tokens=tokens, lr=lr, batch_size=2, seq_len=512,
+                                                                 warmup_steps=max(1, min(20, steps // 10)), progress=True),
+                tokenizer=tok, after_step=[keeper])
     finally:
         keeper.remove()
     model.eval()
@@ -85,7 +86,7 @@ def quality(args, on_row=None) -> tuple[list[dict], dict]:
                 row["sum_magnitude_error_same_inputs"] = sum(x["magnitude_error"] for x in e)
             if args.distill_tokens:
                 teacher, _ = leanlm.load("smollm2-135m")
-                distill_hook(model, teacher, tok, args.distill_tokens)
+                distill_hook(model, teacher, tok, args.distill_tokens, args.distill_lr)
                 after = perplexity(model, tok, max_windows=args.windows, progress=False).perplexity
                 row["after_distill"] = {"tokens": args.distill_tokens, "perplexity": after, "increase": after / base - 1,
                                         "masked_zero_fraction": overall_sparsity(model)["masked_zero_fraction"]}
@@ -195,10 +196,10 @@ def _quality_md(args, rows, base) -> list[str]:
     if args.distill_tokens:
         t = [[r["method"], r["pattern"], f"{r['perplexity']:.4f}", f"{r['after_distill']['perplexity']:.4f}",
               f"{r['after_distill']['increase']:+.1%}", f"{r['after_distill']['masked_zero_fraction']:.1%}"] for r in rows]
-        md.append(f"\n### After distillation from the float32 model ({args.distill_tokens} tokens, MaskKeeper)\n")
+        md.append(f"\n### After distillation from the float32 model ({args.distill_tokens:,} tokens, AdamW lr {args.distill_lr}, MaskKeeper)\n")
         md.append(md_table(["method", "pattern", "before", "after", "after vs float32", "zeros kept"], t))
     else:
-        md.append("\nPerplexity after distillation: not measured on this branch (needs the shared trainer; `--distill-tokens N`).\n")
+        md.append("\nPerplexity after distillation: not measured in this run (`--distill-tokens N`).\n")
     return md
 
 
@@ -213,7 +214,8 @@ def main() -> None:
     ap.add_argument("--kernel-threads", default=f"1,{os.cpu_count()}", help="thread counts for the kernel table")
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
-    ap.add_argument("--distill-tokens", type=int, default=0, help="sparsify then distill (needs leanlm.distill; see distill_hook)")
+    ap.add_argument("--distill-tokens", type=int, default=0, help="sparsify then distill for N tokens (see distill_hook)")
+    ap.add_argument("--distill-lr", type=float, default=2e-4, help="learning rate of that distillation")
     ap.add_argument("--float-ppl", type=float, default=None, help="reuse a float32 perplexity measured by an earlier run")
     ap.add_argument("--combine", help="comma-separated result names to merge into --name (rows kept with their own commands)")
     ap.add_argument("--name", default="sparsity")

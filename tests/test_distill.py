@@ -21,7 +21,8 @@ def ids(tiny_tokenizer):
 
 
 def cfg(**kw):
-    base = dict(max_tokens=12 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, eval_windows=2, progress=False)
+    base = dict(max_tokens=12 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, eval_windows=2, progress=False,
+                autocast_bf16=False)  # float32 unless a test asks: exact comparisons below
     base.update(kw)
     return TrainConfig(**base)
 
@@ -166,3 +167,15 @@ def test_grad_accum_matches_bigger_batch_and_bf16_runs(tiny_tokenizer, ids):
     c = make_llama(vocab_size=len(tiny_tokenizer))
     rc = train(c, lm_loss, ids, cfg(max_tokens=10 * 64, autocast_bf16=True))
     assert rc.history[-1]["loss"] < rc.history[0]["loss"]
+    assert rc.autocast_bf16 and not ra.autocast_bf16
+
+
+def test_autocast_default_follows_the_hardware(tiny_tokenizer, ids):
+    """autocast_bf16=None (the default) turns bf16 autocast on exactly where fast_bf16 says the CPU has bf16 matmuls."""
+    from leanlm.distill.trainer import fast_bf16
+
+    r = train(make_llama(vocab_size=len(tiny_tokenizer)), lm_loss, ids, cfg(max_tokens=2 * 64, autocast_bf16=None))
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert fast_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert r.autocast_bf16 == fast_bf16(torch.device("cpu"))
+    assert not fast_bf16(torch.device("meta"))

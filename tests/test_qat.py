@@ -26,7 +26,7 @@ def _ids(tok):
 
 def _tc(tokens, **kw):
     base = dict(max_tokens=tokens, lr=3e-3, warmup_steps=0, batch_size=2, seq_len=32, eval_windows=2, progress=False,
-                schedule="constant")
+                schedule="constant", autocast_bf16=False)
     base.update(kw)
     return TrainConfig(**base)
 

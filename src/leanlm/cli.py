@@ -640,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=4)
         sp.add_argument("--seq-len", type=int, default=512)
         sp.add_argument("--grad-accum", type=int, default=1)
-        sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (default: float32); see docs/pruning.md")
+        sp.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast for training (default: on where the CPU/GPU has bf16 matmuls); see docs/pruning.md")
         sp.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
         sp.add_argument("--lm-weight", type=float, default=0.0, help="weight of cross-entropy on the text (KL weight is 1)")
         sp.add_argument("--text", default="wiki", help="calibration/training text: wiki (default), news or a .txt/.jsonl file; "

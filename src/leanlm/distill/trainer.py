@@ -52,7 +52,7 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum: int = 1
     grad_clip: float | None = 1.0
-    autocast_bf16: bool = False        # measured on this CPU: see docs/pruning.md (training section)
+    autocast_bf16: bool | None = None  # None: on where the hardware has bfloat16 matmuls (fast_bf16); docs/pruning.md
     eval_every: int = 0                # held-out perplexity every N optimizer steps (0 = start and end only)
     eval_windows: int = 10             # windows of 512 tokens (fewer if seq_len is shorter)
     checkpoint_dir: str | None = None
@@ -91,6 +91,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)   # per optimizer step: {"step", "lr", "loss", **metrics}
     resumed_from: int | None = None                     # step of the checkpoint this run continued from
     checkpoint: str | None = None                       # the last checkpoint written
+    autocast_bf16: bool = False                         # whether the steps ran under bfloat16 autocast
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +108,20 @@ def _lr_factor(step: int, cfg: TrainConfig, progress: float) -> float:
     if cfg.schedule == "constant":
         return 1.0
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast speeds training here: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX.
+    Measured: 2.07x per distillation step on a 2-core AVX512-BF16 CPU (docs/pruning.md, training section)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def trainable_params(model: nn.Module, loss_fn) -> list[nn.Parameter]:
@@ -283,7 +298,9 @@ def train(
         bar = tqdm(total=total_steps * tps, initial=tokens, desc="training", unit="tok", unit_scale=True, disable=not cfg.progress)
     else:
         bar = tqdm(total=round(cfg.max_minutes * 60), initial=round(seconds_before), desc="training", unit="s", disable=not cfg.progress)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast_bf16 else None
+    device = params[0].device
+    use_bf16 = fast_bf16(device) if cfg.autocast_bf16 is None else cfg.autocast_bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
     last_tps_t, last_tps_tok = time.perf_counter(), tokens
     updating = False
     try:
@@ -363,7 +380,7 @@ def train(
         last_ckpt = save_checkpoint()
     _restore(frozen, model)
     return TrainResult(steps=step, tokens=tokens, seconds=elapsed(), final_perplexity=final_ppl, start_perplexity=start_ppl,
-                       evals=evals, history=history, resumed_from=resumed_from, checkpoint=last_ckpt)
+                       evals=evals, history=history, resumed_from=resumed_from, checkpoint=last_ckpt, autocast_bf16=use_bf16)
 
 
 def _restore(frozen: list[nn.Parameter], model: nn.Module) -> None:

@@ -205,9 +205,10 @@ def check_teacher(student: nn.Module, teacher: nn.Module, student_tokenizer=None
 
 
 def default_train_config(**overrides) -> TrainConfig:
-    """QAT's defaults for the shared trainer: lr 5e-5 with a 5-step warm-up then cosine, 2048 tokens per step
-    as 2 accumulated batches of 2 x 512 (QAD at 4 x 512 in one batch peaked near 8 GB on SmolLM2-135M, docs/qat.md)."""
-    base = dict(lr=5e-5, warmup_steps=5, batch_size=2, grad_accum=2, seq_len=512, eval_windows=10, checkpoint_every=25)
+    """QAT's defaults for the shared trainer: lr 1e-3 (what bench/qat.py measured, docs/qat.md) with a 5-step warm-up
+    then cosine, 2048 tokens per step as 2 accumulated batches of 2 x 512 (QAD at 4 x 512 in one batch peaked near
+    8 GB on SmolLM2-135M, docs/qat.md)."""
+    base = dict(lr=1e-3, warmup_steps=5, batch_size=2, grad_accum=2, seq_len=512, eval_windows=10, checkpoint_every=25)
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..core.errors import LeanLMError
@@ -21,10 +22,12 @@ def qat_args(sp) -> None:
     sp.add_argument("--kl-weight", type=float, default=1.0, help="QAD: weight of the logit KL (default 1)")
     sp.add_argument("--temperature", type=float, default=1.0, help="QAD: KL temperature")
     sp.add_argument("--hidden-layers", default="", help="QAD: hidden-state pairs 'student:teacher,...' (e.g. 10:10,20:20)")
-    sp.add_argument("--lr", type=float, default=5e-5)
+    sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--batch-size", type=int, default=2)
     sp.add_argument("--seq-len", type=int, default=512)
     sp.add_argument("--grad-accum", type=int, default=2, help="batches accumulated per optimizer step (default 2: 2 x 2 x 512 tokens)")
+    sp.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bfloat16 autocast for training (default: on where the CPU/GPU has bf16 matmuls)")
     sp.add_argument("--text", default="wiki", help="training text: wiki (default; its calibration split), news, or a .txt/.jsonl file")
     sp.add_argument("--samples", type=int, default=128, help="PTQ calibration sequences")
     sp.add_argument("--calib-seq-len", type=int, default=512, help="tokens per PTQ calibration sequence")
@@ -66,7 +69,7 @@ def run_qat(a, load) -> dict:
         dcfg = DistillConfig(temperature=a.temperature, kl_weight=a.kl_weight, lm_weight=a.lm_weight,
                              hidden_layers=_pairs(a.hidden_layers))
         dcfg.check()
-    tcfg = default_train_config(lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
+    tcfg = default_train_config(lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, autocast_bf16=a.bf16,
                                 eval_every=a.eval_every, eval_windows=a.eval_windows, checkpoint_dir=a.checkpoint_dir,
                                 resume=not a.no_resume, seed=a.seed, progress=not a.json, **budget)
     tcfg.check()

@@ -114,7 +114,7 @@ def main() -> None:
               + f" of {a.grad_accum} x {a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, cosine, "
               f"{'bf16 autocast' if (fast_bf16(torch.device('cpu')) if a.bf16 is None else a.bf16) else 'float32'}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
               f"all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
-              f"'train s' is wall time at the load shown (1-minute load average; other jobs shared the 2 cores); the quiet-machine "
+              f"'train s' is wall time at the load shown (1-minute load average; about 2 is this job alone on 2 cores); the quiet-machine "
               f"estimate is the process's CPU time over its {threads} threads.\n\n{table}")
         write_results(a.name, data, md)
 

@@ -31,7 +31,7 @@ import torch
 
 import leanlm
 from leanlm.core.data import calibration_texts, evaluation_texts, join_and_tokenize
-from leanlm.distill import DistillConfig, TrainConfig, distill
+from leanlm.distill import DistillConfig, TrainConfig, distill, matched_hidden_pairs
 from leanlm.distill.trainer import fast_bf16
 from leanlm.evaluation import perplexity
 from leanlm.evaluation.speed import compare_speed, hf_generator, protocol_prompts
@@ -58,11 +58,11 @@ def train_cfg(a, budget, lr, minutes=None):
                        autocast_bf16=a.bf16, eval_windows=2, progress=True, seed=0)
 
 
-def timed_distill(student, teacher, train_ids, a, budget, lr, minutes=None) -> dict:
+def timed_distill(student, teacher, train_ids, a, budget, lr, minutes=None, pairs=()) -> dict:
     w0, c0 = time.perf_counter(), cpu_seconds()
-    res = distill(student, teacher, train_ids, DistillConfig(), train_cfg(a, budget, lr, minutes), eval_ids=None)
+    res = distill(student, teacher, train_ids, DistillConfig(hidden_layers=list(pairs)), train_cfg(a, budget, lr, minutes), eval_ids=None)
     wall, cpu = time.perf_counter() - w0, cpu_seconds() - c0
-    return {"steps": res.steps, "tokens": res.tokens, "wall_s": wall, "cpu_s": cpu, "lr": lr,
+    return {"steps": res.steps, "tokens": res.tokens, "wall_s": wall, "cpu_s": cpu, "lr": lr, "hidden_pairs": list(pairs),
             "tokens_per_2core_second": res.tokens / (cpu / 2), "kl_first": res.history[0]["kl"], "kl_last": res.history[-1]["kl"]}
 
 
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--others-budget-tokens", type=int, default=None, help="budget of the other variants (default: the same)")
     ap.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate (pruned student)")
     ap.add_argument("--random-lr", type=float, default=1e-3, help="learning rate of the randomly initialised baseline")
+    ap.add_argument("--hidden-pairs", type=int, default=0,
+                    help="also match N evenly spaced hidden states to the layers they were cut from (default 0: logit KL only)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -130,7 +132,8 @@ def main() -> None:
         if not budget:
             continue
         timed = a.minutes is not None and axes == order[0]
-        r["distill"] = timed_distill(student, teacher, train_ids, a, None if timed else budget, a.lr, a.minutes if timed else None)
+        pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs) if a.hidden_pairs else []
+        r["distill"] = timed_distill(student, teacher, train_ids, a, None if timed else budget, a.lr, a.minutes if timed else None, pairs)
         budget = r["budget_tokens"] = budgets[axes] = r["distill"]["tokens"]
         r["ppl_distilled"] = ppl(student, eval_ids, a.windows)
         print(f"[{axes}] distilled {budget} tokens: perplexity {r['ppl_distilled']:.3f}", flush=True)
@@ -138,7 +141,7 @@ def main() -> None:
         if not a.no_random and (axes == order[0] or a.random_all):
             torch.manual_seed(0)
             rnd = type(teacher)(student.config).eval()
-            r["random"] = timed_distill(rnd, teacher, train_ids, a, budget, a.random_lr)
+            r["random"] = timed_distill(rnd, teacher, train_ids, a, budget, a.random_lr, pairs=pairs)
             r["ppl_random_trained"] = ppl(rnd, eval_ids, a.windows)
             print(f"[{axes}] random init trained {budget} tokens: perplexity {r['ppl_random_trained']:.3f}", flush=True)
             del rnd
@@ -152,6 +155,14 @@ def main() -> None:
         out["speed"] = {k: {**v.to_dict(), "decode_ratio": v.decode_tps / base} for k, v in sp.items()}
     path = write_results(a.name, {**out, "settings": vars(a)}, report(out, a))
     print(path.read_text())
+
+
+def hidden_note(out: dict) -> str:
+    pairs = {k: r["distill"]["hidden_pairs"] for k, r in out["variants"].items() if r.get("distill", {}).get("hidden_pairs")}
+    if not pairs:
+        return ""
+    return (" plus normalised MSE of hidden states, balanced by running means (student:teacher hidden_states indices: "
+            + "; ".join(f"{k} " + ",".join(f"{s}:{t}" for s, t in p) for k, p in pairs.items()) + ")")
 
 
 def report(out: dict, a, partial: bool = False) -> str:
@@ -170,7 +181,7 @@ def report(out: dict, a, partial: bool = False) -> str:
     md = [f"# Structured pruning + distillation of {a.model} to <= {a.target} parameters\n",
           f"Baseline: {base_params / 1e6:.1f}M parameters, held-out perplexity {base_ppl:.3f} (wiki evaluation split, "
           f"{a.windows} x 512 tokens). Training text: the wiki calibration split (40 articles). Distillation: logit KL at T=1 "
-          f"from the unpruned model, AdamW lr {a.lr} (random-init baseline: same loss and tokens, lr {a.random_lr}), "
+          f"from the unpruned model{hidden_note(out)}, AdamW lr {a.lr} (random-init baseline: same loss and tokens, lr {a.random_lr}), "
           f"batch {a.batch_size} x {a.seq_len}, cosine schedule, {'bf16 autocast' if (fast_bf16(torch.device('cpu')) if a.bf16 is None else a.bf16) else 'float32'}. Importance from "
           f"{a.samples} x 512 calibration tokens, layers ranked by {a.depth_metric} on {a.depth_samples} of them. "
           + (f"Budget: the best variant distills for {a.minutes:g} wall minutes, its random-init baseline for the tokens that "

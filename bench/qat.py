@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--lm-weight", type=float, default=0.0, help="QAD: LM loss weight next to the KL")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bfloat16 autocast in training (default: the trainer's choice, on with AVX512-BF16/AMX)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile'd fake quantization (default: on where torch.compile works; its compile time counts in the budget)")
     ap.add_argument("--modes", default="qad,qat")
     ap.add_argument("--name", default="qat")
     a = ap.parse_args()
@@ -60,7 +62,10 @@ def main() -> None:
     train_ids = join_and_tokenize(tok, calibration_texts("wiki"))
     eval_ids = join_and_tokenize(tok, evaluation_texts("wiki"))
     calib = calibration_batches(tok, a.samples, 512)
-    qcfg = QATConfig(learn_scales=bool(a.learn_scales), scale_lr_mult=a.scale_lr_mult)
+    qcfg = QATConfig(learn_scales=bool(a.learn_scales), scale_lr_mult=a.scale_lr_mult, compile=a.compile)
+    from leanlm.qat.fakequant import compile_works
+
+    compiled = compile_works("cpu") if a.compile is None else a.compile
     dcfg = DistillConfig(lm_weight=a.lm_weight)
 
     def tcfg(tokens, minutes=None):
@@ -100,7 +105,7 @@ def main() -> None:
     base = ppl(model)
     print(f"float32 {base:.4f}", flush=True)
     rows, data = [], {"float32": base, "tokens": a.tokens, "minutes": a.minutes, "tokens_per_step": tps, "lr": a.lr, "learn_scales": bool(a.learn_scales),
-                      "scale_lr_mult": a.scale_lr_mult, "lm_weight": a.lm_weight, "samples": a.samples, "windows": a.windows,
+                      "scale_lr_mult": a.scale_lr_mult, "lm_weight": a.lm_weight, "compiled_fake_quant": compiled, "samples": a.samples, "windows": a.windows,
                       "threads": threads, "schemes": {}}
 
     def write():
@@ -113,7 +118,7 @@ def main() -> None:
               + (f"{a.tokens:,} ({a.tokens // tps} steps" if a.tokens else f"QAD for {a.minutes:g} wall minutes, QAT for the tokens QAD reached (steps")
               + f" of {a.grad_accum} x {a.batch_size} x {a.seq_len}), AdamW lr {a.lr}, cosine, "
               f"{'bf16 autocast' if (fast_bf16(torch.device('cpu')) if a.bf16 is None else a.bf16) else 'float32'}, {'learned (LSQ) scales, x' + str(a.scale_lr_mult) + ' lr' if a.learn_scales else 'calibrated scales kept'}, "
-              f"all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
+              f"{'fused (torch.compile) fake quantization, compile time included' if compiled else 'eager fake quantization'}, all parameters training (lm_head stays float as in the presets). Gap closed = (PTQ - method) / (PTQ - float32). "
               f"'train s' is wall time at the load shown (1-minute load average; about 2 is this job alone on 2 cores); the quiet-machine "
               f"estimate is the process's CPU time over its {threads} threads.\n\n{table}")
         write_results(a.name, data, md)

@@ -97,6 +97,28 @@ def test_depth_drops_the_layer_that_matters_least(tiny_tokenizer, calib):
     assert p.leanlm_prune["kept_layers"] == sorted(set(range(4)) - {int(scores.argmin())})
 
 
+def test_hidden_pairs_follow_the_kept_layers(tiny_tokenizer, calib):
+    from leanlm.distill import DistillConfig, TrainConfig, distill, matched_hidden_pairs
+
+    m = model(tiny_tokenizer)
+    with torch.no_grad():  # layer 1 does nothing: depth pruning drops it and keeps 0, 2, 3
+        m.model.layers[1].self_attn.o_proj.weight.zero_()
+        m.model.layers[1].mlp.down_proj.weight.zero_()
+    p = prune(m, PruneTarget(layers=3), calib=calib, depth_metric="cosine", progress=False)
+    assert p.leanlm_prune["kept_layers"] == [0, 2, 3]
+    pairs = matched_hidden_pairs(p, m, 2)
+    assert pairs == [(1, 1), (2, 3)]   # student layer 1 (output index 2) was the teacher's layer 2 (index 3)
+    with torch.no_grad():   # the matched hidden states are the same tensors before any training
+        hs, ht = p(calib[:1], output_hidden_states=True).hidden_states, m(calib[:1], output_hidden_states=True).hidden_states
+    assert all(torch.allclose(hs[s], ht[t], atol=1e-5) for s, t in pairs)
+    assert matched_hidden_pairs(model(tiny_tokenizer), m, 3) == [(1, 1), (2, 2), (3, 3)]   # unpruned: same depth
+    with pytest.raises(LeanLMError, match="at most 2 hidden-state pairs"):
+        matched_hidden_pairs(p, m, 3)
+    res = distill(p, m, calib.reshape(-1), DistillConfig(hidden_layers=pairs),
+                  TrainConfig(max_tokens=2 * 64 * 3, batch_size=2, seq_len=64, lr=1e-3, progress=False, autocast_bf16=False))
+    assert res.steps == 3 and all("hidden" in h for h in res.history)
+
+
 @pytest.mark.parametrize("axes", ["width", "depth", "both"])
 def test_param_target(tiny_tokenizer, calib, axes):
     m = model(tiny_tokenizer)
@@ -220,6 +242,9 @@ def test_cli_prune_distill_and_errors(capsys, tiny_folder, text_file, tmp_path):
     assert main(["distill", str(out), "--teacher", str(tiny_folder), "--out", str(tmp_path / "d"), "--tokens", "256",
                  "--seq-len", "64", "--batch-size", "2", "--text", str(text_file), "--eval-windows", "2"]) == 0
     assert "steps" in capsys.readouterr().out and (tmp_path / "d" / "config.json").is_file()
+    assert main(["distill", str(out), "--teacher", str(tiny_folder), "--out", str(tmp_path / "h"), "--tokens", "256",
+                 "--hidden-pairs", "1", "--text", str(text_file)]) == 2
+    assert "at most 0 hidden-state pairs" in capsys.readouterr().err
     assert main(["prune", str(tiny_folder), "--heads", "3", "--out", str(tmp_path / "x"), "--text", str(text_file)]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after the loading progress bar: one error line

@@ -59,7 +59,7 @@ def test_weight_gradients_flow_through_qat_model(tiny_tokenizer):
     cfg = QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g32")),
                        ("*input_quantizer", QuantizerConfig("int8_token", dynamic=True)), ("*lm_head*", None)])
     leanlm.quantize(m, cfg, progress=False)
-    params = prepare_qat(m, QATConfig(learn_scales=True))
+    params = prepare_qat(m, QATConfig(learn_scales=True, compile=False))
     lin = m.model.layers[0].self_attn.q_proj
     assert isinstance(lin.weight_quantizer, QATQuantizer) and lin.input_quantizer.ste
     ids = _ids(tiny_tokenizer)[None, :40]
@@ -70,12 +70,37 @@ def test_weight_gradients_flow_through_qat_model(tiny_tokenizer):
     assert any(p is lin.weight for p in params) and any(p is lin.weight_quantizer.log_scale for p in params)
 
 
+def test_compiled_fake_quantization_equals_eager(tiny_tokenizer):
+    """The fused (torch.compile) QAT path computes the same forward values as the eager one, nearly the
+    same gradients, and folds to the same model."""
+    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig("nvfp4")),
+                       ("*input_quantizer", QuantizerConfig("nvfp4", dynamic=True)), ("*lm_head*", None)])
+    base = make_llama(vocab_size=len(tiny_tokenizer))
+    leanlm.quantize(base, cfg, progress=False)
+    ids = _ids(tiny_tokenizer)[None, :40]
+    outs = []
+    for flag in (False, True):
+        m = copy.deepcopy(base)
+        prepare_qat(m, QATConfig(learn_scales=True, compile=flag))
+        lin = m.model.layers[0].mlp.down_proj
+        assert lin.weight_quantizer.compiled is flag and lin.input_quantizer.compiled is flag
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = (lin.weight.grad.clone(), lin.weight_quantizer.log_scale.grad.clone())
+        finalize_qat(m)
+        with torch.no_grad():
+            outs.append((out.logits.detach(), grads, m(ids).logits))
+    (l0, (gw0, gs0), f0), (l1, (gw1, gs1), f1) = outs
+    assert torch.equal(l0, l1) and torch.equal(f0, f1) and torch.equal(f1, l1)
+    assert torch.allclose(gw0, gw1, rtol=1e-4, atol=1e-6) and torch.allclose(gs0, gs1, rtol=1e-3, atol=1e-6)
+
+
 def test_scales_learn_and_fold_consistently(tiny_tokenizer):
     m = make_llama(vocab_size=len(tiny_tokenizer))
     leanlm.quantize(m, "w4a16-rtn", progress=False)
     lin = m.model.layers[1].mlp.down_proj
     before_w, before_s = lin.weight.detach().clone(), lin.weight_quantizer.qparams.scale.clone()
-    res = qat(m, None, tokenizer=tiny_tokenizer, config=QATConfig(learn_scales=True, train="scales"),
+    res = qat(m, None, tokenizer=tiny_tokenizer, config=QATConfig(learn_scales=True, train="scales", compile=False),
               train_config=_tc(640), train_data=_ids(tiny_tokenizer), eval_ids=_ids(tiny_tokenizer))
     after_s = lin.weight_quantizer.qparams.scale
     assert res.train.steps == 10 and not torch.equal(after_s, before_s)       # the scales moved
@@ -88,7 +113,7 @@ def test_scales_learn_and_fold_consistently(tiny_tokenizer):
 def test_qat_lowers_the_loss_and_saves(tmp_path, tiny_tokenizer):
     m = make_llama(vocab_size=len(tiny_tokenizer))
     ids = _ids(tiny_tokenizer)
-    res = qat(m, "w4a16-rtn", tokenizer=tiny_tokenizer, train_config=_tc(64 * 30), train_data=ids, eval_ids=ids, progress=False)
+    res = qat(m, "w4a16-rtn", tokenizer=tiny_tokenizer, config=QATConfig(compile=False), train_config=_tc(64 * 30), train_data=ids, eval_ids=ids, progress=False)
     losses = [h["loss"] for h in res.train.history]
     assert res.mode == "qat" and sum(losses[-5:]) < 0.7 * sum(losses[:5])
     assert res.train.final_perplexity < 0.7 * res.train.start_perplexity
@@ -110,7 +135,7 @@ def test_qad_result_runs_in_runtime_and_exports(tmp_path, tiny_tokenizer):
         m.model.norm.weight.mul_(20)  # clear argmax winners
     ids = _ids(tiny_tokenizer)
     res = qat(m, "w4a16-rtn", tokenizer=tiny_tokenizer, teacher="self", train_config=_tc(64 * 6, lr=1e-3),
-              config=QATConfig(learn_scales=True), train_data=ids, eval_ids=ids, progress=False)
+              config=QATConfig(learn_scales=True, compile=False), train_data=ids, eval_ids=ids, progress=False)
     assert res.mode == "qad" and "kl" in res.train.history[0]
     x = ids[None, :24]
     with torch.no_grad():
@@ -137,7 +162,7 @@ def test_sparsity_masks_and_excluded_head_are_kept(tiny_tokenizer):
     lin.register_buffer("weight_mask", mask)
     head = m.lm_head.weight.detach().clone()
     ids = _ids(tiny_tokenizer)
-    qat(m, "w4a16-rtn", tokenizer=tiny_tokenizer, config=QATConfig(train="quantized"), train_config=_tc(64 * 4),
+    qat(m, "w4a16-rtn", tokenizer=tiny_tokenizer, config=QATConfig(train="quantized", compile=False), train_config=_tc(64 * 4),
         train_data=ids, evaluate=False, progress=False)
     assert torch.all(lin.weight[mask == 0] == 0) and (lin.weight[mask == 1] != 0).any()
     assert not m.lm_head.weight_quantizer.enabled and torch.equal(m.lm_head.weight, head)  # excluded head untouched
@@ -180,7 +205,7 @@ def test_cli_qad(tmp_path, tiny_folder, text_file, capsys):
     out = tmp_path / "qad"
     rc = main(["qat", str(tiny_folder), "--scheme", "w4a16-rtn", "--teacher", "self", "--budget", "256", "--seq-len", "32",
                "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--text", str(text_file), "--out", str(out), "--json",
-               "--eval-windows", "2", "--checkpoint-dir", str(tmp_path / "ck")])
+               "--eval-windows", "2", "--no-compile", "--checkpoint-dir", str(tmp_path / "ck")])
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "qad" and r["steps"] == 4 and r["tokens"] == 256 and (tmp_path / "ck").is_dir()

@@ -449,10 +449,11 @@ def _distill_run(a, student, teacher, tok, minutes, tokens):
     """Distill with checkpoints beside --out (OUT.checkpoints, removed after success) so Ctrl-C can resume."""
     import shutil
 
-    from .distill import DistillConfig, distill
+    from .distill import DistillConfig, distill, matched_hidden_pairs
 
     ckpt = a.checkpoint_dir or f"{str(a.out).rstrip('/')}.checkpoints"
-    dc = DistillConfig(temperature=a.temperature, lm_weight=a.lm_weight)
+    pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs) if a.hidden_pairs else []
+    dc = DistillConfig(temperature=a.temperature, lm_weight=a.lm_weight, hidden_layers=pairs)
     res = distill(student, teacher, a.text, dc, _train_config(a, minutes, tokens, ckpt), tokenizer=tok)
     if not a.checkpoint_dir:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -644,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bfloat16 autocast for training (default: on where the CPU/GPU has bf16 matmuls); see docs/pruning.md")
         sp.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
         sp.add_argument("--lm-weight", type=float, default=0.0, help="weight of cross-entropy on the text (KL weight is 1)")
+        sp.add_argument("--hidden-pairs", type=int, default=0,
+                        help="also match N evenly spaced hidden states to the teacher's (a pruned student: the layers it was "
+                             "cut from); default 0: logits only")
         sp.add_argument("--text", default="wiki", help="calibration/training text: wiki (default), news or a .txt/.jsonl file; "
                         "perplexity uses its evaluation split")
         sp.add_argument("--eval-windows", type=int, default=10, help="held-out perplexity windows at start/end of training")

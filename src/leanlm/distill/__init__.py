@@ -3,8 +3,8 @@
     from leanlm.distill import TrainConfig, train, DistillConfig, distill
 """
 
-from .kd import DistillConfig, DistillLoss, distill, kl_at_temperature
+from .kd import DistillConfig, DistillLoss, distill, kl_at_temperature, matched_hidden_pairs
 from .trainer import TrainConfig, TrainingInterrupted, TrainResult, latest_checkpoint, lm_loss, train, trainable_params
 
-__all__ = ["DistillConfig", "DistillLoss", "distill", "kl_at_temperature", "TrainConfig", "TrainResult", "TrainingInterrupted",
+__all__ = ["DistillConfig", "DistillLoss", "distill", "kl_at_temperature", "matched_hidden_pairs", "TrainConfig", "TrainResult", "TrainingInterrupted",
            "latest_checkpoint", "lm_loss", "train", "trainable_params"]

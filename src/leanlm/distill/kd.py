@@ -127,6 +127,31 @@ class DistillLoss(nn.Module):
         return total, {n: v.item() for n, v in losses.items()}
 
 
+def matched_hidden_pairs(student: nn.Module, teacher: nn.Module, n: int) -> list[tuple[int, int]]:
+    """`n` evenly spaced (student, teacher) `hidden_states` pairs for `DistillConfig.hidden_layers`.
+
+    A student from `leanlm.prune` with dropped layers pairs each chosen student layer with the
+    teacher layer it was cut from (`leanlm_prune["kept_layers"]`); otherwise layers are matched by
+    relative depth. The final hidden state is left out: transformers applies the final norm to it,
+    and the logit loss already covers the end of the network.
+    """
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    if n < 0:
+        raise LeanLMError(f"the number of hidden-state pairs must be >= 0, got {n}")
+    if n > n_s - 1:
+        raise LeanLMError(f"the student has {n_s} layers, so at most {n_s - 1} hidden-state pairs (the last one is "
+                          f"left to the logit loss); asked for {n}")
+    kept = (getattr(student, "leanlm_prune", None) or {}).get("kept_layers")
+    if kept is not None and (len(kept) != n_s or max(kept) >= n_t):
+        kept = None  # not pruned from this teacher: match by relative depth
+    pairs = []
+    for k in range(1, n + 1):
+        s = round(k * n_s / (n + 1))          # output of student layer s-1 (hidden_states index s)
+        t = kept[s - 1] + 1 if kept is not None else round(s * n_t / n_s)
+        pairs.append((s, t))
+    return pairs
+
+
 def _train_ids(data, tokenizer) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.reshape(-1).long()

@@ -6,7 +6,7 @@
 """
 
 from .api import QATConfig, QATResult, check_trainable, default_train_config, finalize_qat, parse_budget, prepare_qat, qat
-from .fakequant import QATQuantizer, fake_quantize_lsq
+from .fakequant import QATActQuantizer, QATQuantizer, fake_quantize_lsq
 
-__all__ = ["QATConfig", "QATResult", "QATQuantizer", "check_trainable", "default_train_config", "fake_quantize_lsq",
+__all__ = ["QATActQuantizer", "QATConfig", "QATResult", "QATQuantizer", "check_trainable", "default_train_config", "fake_quantize_lsq",
            "finalize_qat", "parse_budget", "prepare_qat", "qat"]

@@ -18,6 +18,9 @@ def qat_args(sp) -> None:
     sp.add_argument("--scale-lr-mult", type=float, default=10.0, help="learning rate of the scales relative to --lr (default 10)")
     sp.add_argument("--train", choices=["all", "quantized", "scales"], default="all",
                     help="what trains: all parameters (default), only quantized layers, or only the learned scales")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="fused torch.compile kernels for the fake quantization (same values, up to 1.5x faster steps; "
+                         "default: on where torch.compile works)")
     sp.add_argument("--lm-weight", type=float, default=0.0, help="QAD: weight of the language-modelling loss next to the KL (default 0)")
     sp.add_argument("--kl-weight", type=float, default=1.0, help="QAD: weight of the logit KL (default 1)")
     sp.add_argument("--temperature", type=float, default=1.0, help="QAD: KL temperature")
@@ -62,7 +65,7 @@ def run_qat(a, load) -> dict:
     cfg = check_trainable(a.scheme) if a.scheme else None
     if isinstance(cfg, QuantConfig):
         cfg.calib_samples, cfg.calib_seq_len = a.samples, a.calib_seq_len
-    qcfg = QATConfig(learn_scales=a.learn_scales, scale_lr_mult=a.scale_lr_mult, train=a.train)
+    qcfg = QATConfig(learn_scales=a.learn_scales, scale_lr_mult=a.scale_lr_mult, train=a.train, compile=a.compile)
     qcfg.check()
     dcfg = None
     if a.teacher:

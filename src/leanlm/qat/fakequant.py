@@ -11,15 +11,25 @@ clipping bound outside.
 `QATQuantizer` is the in-place class swap of a weight `TensorQuantizer` used during training: the
 calibrated scales live in buffers (so checkpoints restore them exactly), and with learnable scales
 a parameter ``log_scale`` (one per scale) sets ``scale = scale0 * exp(k * log_scale)``.
+`QATActQuantizer` is the same swap for activation and KV-cache quantizers (straight-through).
+
+Fused kernels: the fake-quantization math is a chain of a dozen elementwise operations per tensor
+(NVFP4: frexp, exp2, round, clamp, where ...), which eager PyTorch runs one pass at a time. With
+``compiled=True`` both quantizers run it through `torch.compile` (inductor fuses the chain into one
+loop, forward and backward); the values are bit-identical to the eager path (tests check it), and an
+NVFP4 training step on SmolLM2-135M runs 1.5x faster on this CPU (bench/qat_speed.py).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import nn
 
-from ..quantization.formats import (QFormat, QParams, _E4M3, _elem, _exp2i, _grouped, _int_range, _nf4_codebook, _nf4_index,
-                                    round_minifloat)
+from ..quantization.formats import (_E4M3, _STE, QFormat, QParams, _clip_bounds, _elem, _exp2i, _grouped, _int_range,
+                                    _nf4_codebook, _nf4_index, compute_qparams, dequantize, quantize, round_minifloat)
 from ..quantization.modules import TensorQuantizer
 
 
@@ -100,6 +110,59 @@ def _nonzero_ste(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
+def _fake_quantize_and_mask(x: torch.Tensor, fmt: QFormat, qp: QParams | None):
+    """`formats.fake_quantize_ste`'s no-grad part: the fake-quantized values and the in-range mask."""
+    if qp is None:
+        qp = compute_qparams(x, fmt)
+    y = dequantize(quantize(x, fmt, qp), fmt, qp).to(x.dtype)
+    lo, hi = _clip_bounds(fmt, qp)
+    xg = _grouped(x, fmt)
+    return y, ((xg >= lo) & (xg <= hi)).reshape(x.shape).to(x.dtype)
+
+
+@functools.cache
+def compiled(name: str):
+    """The torch.compile'd version of one of this module's functions (compiled on first call, per shape)."""
+    import torch._dynamo
+
+    # Static shapes: kernels specialised to each shape, and a model has only a handful of weight and activation
+    # shapes per format (a cache of 64 leaves room for several formats).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile({"lsq": fake_quantize_lsq, "act": _fake_quantize_and_mask}[name], dynamic=False)
+
+
+@functools.cache
+def compile_works(device_type: str = "cpu") -> bool:
+    """Whether torch.compile can build kernels here (on CPU it needs a C++ compiler); tried once."""
+    try:
+        fn = torch.compile(lambda t: torch.round(t * 3.0) + 1.0)
+        dev = torch.device(device_type)
+        return bool(torch.equal(fn(torch.ones(4, device=dev)), torch.full((4,), 4.0, device=dev)))
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
+        warnings.warn(f"torch.compile does not work on this machine ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "QAT runs its fake quantization eagerly, about 2x slower per step (install a C++ compiler, e.g. g++)",
+                      stacklevel=2)
+        return False
+
+
+class QATActQuantizer(TensorQuantizer):
+    """An activation / KV-cache quantizer during QAT: the scheme's fake quantization with a clipped
+    straight-through gradient (`formats.fake_quantize_ste`), optionally through fused kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "compiled", False) or self.fmt is None or self.folded or self.mode != "quant":
+            return super().forward(x)
+        qp = self.qparams
+        if qp is None and not self.cfg.dynamic:
+            amax = self.amax
+            if amax is None:
+                return super().forward(x)  # the eager path's "no calibrated range" error
+            qp = compute_qparams(x.detach(), self.fmt, **({"global_amax": amax} if self.fmt.kind == "nvfp4" else {"amax": amax}))
+        with torch.no_grad():
+            y, mask = compiled("act")(x.detach(), self.fmt, qp)
+        return _STE.apply(x, y, mask)
+
+
 class QATQuantizer(TensorQuantizer):
     """A weight quantizer during QAT: fake-quantizes the latent float weight with fixed or learned scales.
 
@@ -111,7 +174,7 @@ class QATQuantizer(TensorQuantizer):
     the trainer's single parameter group.
     """
 
-    def start_qat(self, learn_scales: bool, scale_mult: float) -> None:
+    def start_qat(self, learn_scales: bool, scale_mult: float, compiled: bool = False) -> None:
         qp = self.qparams
         self.register_buffer("qat_scale", qp.scale.detach().float().clone())
         self.register_buffer("qat_zero", None if qp.zero is None else qp.zero.detach().float().clone())
@@ -120,6 +183,7 @@ class QATQuantizer(TensorQuantizer):
         self.log_scale = nn.Parameter(torch.zeros_like(self.qat_scale)) if learn_scales else None
         self.folded = False
         self.ste = True
+        self.compiled = compiled
 
     def current_qparams(self) -> QParams:
         """The scales the forward uses now (learned ones projected onto the format's scale grid)."""
@@ -132,7 +196,8 @@ class QATQuantizer(TensorQuantizer):
         if self.fmt is None:
             return w
         qp = self.current_qparams()
-        return fake_quantize_lsq(w, self.fmt, qp.scale, qp.zero, qp.global_scale)
+        fn = compiled("lsq") if getattr(self, "compiled", False) else fake_quantize_lsq
+        return fn(w, self.fmt, qp.scale, qp.zero, qp.global_scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", learned scales" if self.log_scale is not None else ", fixed scales") + ", QAT"

@@ -132,7 +132,7 @@ def main() -> None:
         if not budget:
             continue
         timed = a.minutes is not None and axes == order[0]
-        pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs) if a.hidden_pairs else []
+        pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs)
         r["distill"] = timed_distill(student, teacher, train_ids, a, None if timed else budget, a.lr, a.minutes if timed else None, pairs)
         budget = r["budget_tokens"] = budgets[axes] = r["distill"]["tokens"]
         r["ppl_distilled"] = ppl(student, eval_ids, a.windows)

@@ -63,9 +63,7 @@ def main() -> None:
     eval_ids = join_and_tokenize(tok, evaluation_texts("wiki"))
     calib = calibration_batches(tok, a.samples, 512)
     qcfg = QATConfig(learn_scales=bool(a.learn_scales), scale_lr_mult=a.scale_lr_mult, compile=a.compile)
-    from leanlm.qat.fakequant import compile_works
-
-    compiled = compile_works("cpu") if a.compile is None else a.compile
+    compiled = qcfg.use_compile("cpu")
     dcfg = DistillConfig(lm_weight=a.lm_weight)
 
     def tcfg(tokens, minutes=None):

@@ -452,7 +452,7 @@ def _distill_run(a, student, teacher, tok, minutes, tokens):
     from .distill import DistillConfig, distill, matched_hidden_pairs
 
     ckpt = a.checkpoint_dir or f"{str(a.out).rstrip('/')}.checkpoints"
-    pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs) if a.hidden_pairs else []
+    pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs)
     dc = DistillConfig(temperature=a.temperature, lm_weight=a.lm_weight, hidden_layers=pairs)
     res = distill(student, teacher, a.text, dc, _train_config(a, minutes, tokens, ckpt), tokenizer=tok)
     if not a.checkpoint_dir:

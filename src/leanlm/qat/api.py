@@ -45,8 +45,8 @@ class QATConfig:
     learn_scales). learn_scales: LSQ step sizes (Esser et al. 2020); scale_lr_mult: their
     learning rate relative to the weights' (see `QATQuantizer`). compile: run the fake
     quantization through torch.compile's fused kernels (same values; 1.5x faster NVFP4 steps and
-    1.25x faster W4A8 steps on SmolLM2, bench/qat_speed.py); None: on when torch.compile works on this machine (a warning says when
-    it does not and training runs eagerly).
+    1.25x faster W4A8 steps on SmolLM2, bench/qat_speed.py); None: on when torch.compile works on
+    this machine (a warning says when it does not and training runs eagerly).
     """
 
     learn_scales: bool = False
@@ -61,6 +61,10 @@ class QATConfig:
             raise LeanLMError("train='scales' trains only learned scales: also set learn_scales=True (CLI: --learn-scales)")
         if self.scale_lr_mult <= 0:
             raise LeanLMError(f"scale_lr_mult must be positive, got {self.scale_lr_mult}")
+
+    def use_compile(self, device_type: str = "cpu") -> bool:
+        """`compile`, with None resolved: whether torch.compile works for `device_type` here."""
+        return compile_works(device_type) if self.compile is None else self.compile
 
 
 @dataclass
@@ -129,10 +133,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> list[nn.Pa
     qs = quantizers(model)
     if not qs or getattr(model, "leanlm_quant", None) is None:
         raise LeanLMError("QAT needs a model quantized by leanlm.quantize (fake quantization); quantize it first")
-    use_compile = config.compile
-    if use_compile is None:
-        p = next(model.parameters(), None)
-        use_compile = compile_works(p.device.type if p is not None else "cpu")
+    p = next(model.parameters(), None)
+    use_compile = config.use_compile(p.device.type if p is not None else "cpu")
     weight_qs = []
     for name, q in qs.items():
         if not q.enabled:

@@ -28,8 +28,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..quantization.formats import (_E4M3, _STE, QFormat, QParams, _clip_bounds, _elem, _exp2i, _grouped, _int_range,
-                                    _nf4_codebook, _nf4_index, compute_qparams, dequantize, quantize, round_minifloat)
+from ..quantization.formats import (_E4M3, QFormat, QParams, _elem, _exp2i, _grouped, _int_range, _nf4_codebook, _nf4_index,
+                                    fake_quantize_and_mask, fake_quantize_ste, round_minifloat)
 from ..quantization.modules import TensorQuantizer
 
 
@@ -110,16 +110,6 @@ def _nonzero_ste(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
-def _fake_quantize_and_mask(x: torch.Tensor, fmt: QFormat, qp: QParams | None):
-    """`formats.fake_quantize_ste`'s no-grad part: the fake-quantized values and the in-range mask."""
-    if qp is None:
-        qp = compute_qparams(x, fmt)
-    y = dequantize(quantize(x, fmt, qp), fmt, qp).to(x.dtype)
-    lo, hi = _clip_bounds(fmt, qp)
-    xg = _grouped(x, fmt)
-    return y, ((xg >= lo) & (xg <= hi)).reshape(x.shape).to(x.dtype)
-
-
 @functools.cache
 def compiled(name: str):
     """The torch.compile'd version of one of this module's functions (compiled on first call, per shape)."""
@@ -128,7 +118,7 @@ def compiled(name: str):
     # Static shapes: kernels specialised to each shape, and a model has only a handful of weight and activation
     # shapes per format (a cache of 64 leaves room for several formats).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile({"lsq": fake_quantize_lsq, "act": _fake_quantize_and_mask}[name], dynamic=False)
+    return torch.compile({"lsq": fake_quantize_lsq, "act": fake_quantize_and_mask}[name], dynamic=False)
 
 
 @functools.cache
@@ -140,7 +130,7 @@ def compile_works(device_type: str = "cpu") -> bool:
         return bool(torch.equal(fn(torch.ones(4, device=dev)), torch.full((4,), 4.0, device=dev)))
     except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
         warnings.warn(f"torch.compile does not work on this machine ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      "QAT runs its fake quantization eagerly, about 2x slower per step (install a C++ compiler, e.g. g++)",
+                      "QAT runs its fake quantization eagerly, up to 1.5x slower per step (install a C++ compiler, e.g. g++)",
                       stacklevel=2)
         return False
 
@@ -149,18 +139,10 @@ class QATActQuantizer(TensorQuantizer):
     """An activation / KV-cache quantizer during QAT: the scheme's fake quantization with a clipped
     straight-through gradient (`formats.fake_quantize_ste`), optionally through fused kernels."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(self, "compiled", False) or self.fmt is None or self.folded or self.mode != "quant":
-            return super().forward(x)
-        qp = self.qparams
-        if qp is None and not self.cfg.dynamic:
-            amax = self.amax
-            if amax is None:
-                return super().forward(x)  # the eager path's "no calibrated range" error
-            qp = compute_qparams(x.detach(), self.fmt, **({"global_amax": amax} if self.fmt.kind == "nvfp4" else {"amax": amax}))
-        with torch.no_grad():
-            y, mask = compiled("act")(x.detach(), self.fmt, qp)
-        return _STE.apply(x, y, mask)
+    def fake_quantize(self, x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
+        if not self.compiled:
+            return super().fake_quantize(x, qp)
+        return fake_quantize_ste(x, self.fmt, qp, kernel=compiled("act"))
 
 
 class QATQuantizer(TensorQuantizer):

@@ -527,20 +527,28 @@ class _STE(torch.autograd.Function):
         return grad * mask, None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = None) -> torch.Tensor:
+def fake_quantize_and_mask(x: torch.Tensor, fmt: QFormat, qp: QParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fake_quantize(x, fmt, qp)`` and the mask of values inside their group's representable range.
+
+    A pure tensor function (no autograd), so ``torch.compile`` can fuse it (QAT does).
+    """
+    if qp is None:
+        qp = compute_qparams(x, fmt)
+    y = dequantize(quantize(x, fmt, qp), fmt, qp).to(x.dtype)
+    lo, hi = _clip_bounds(fmt, qp)
+    xg = _grouped(x, fmt)
+    return y, ((xg >= lo) & (xg <= hi)).reshape(x.shape).to(x.dtype)
+
+
+def fake_quantize_ste(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = None, *, kernel=None) -> torch.Tensor:
     """Fake quantization with a clipped straight-through estimator.
 
     Forward: exactly ``fake_quantize(x, fmt, qp)``. Backward: d out / d x is 1 where x lies in
     its group's representable range (bounds included) and 0 outside (clipped values). No
-    gradient flows to the scales (``qp`` is treated as a constant).
+    gradient flows to the scales (``qp`` is treated as a constant). ``kernel``: a compiled
+    ``fake_quantize_and_mask`` to use instead of the eager one.
     """
     fmt = parse_format(fmt)
-    xd = x.detach()
-    if qp is None:
-        qp = compute_qparams(xd, fmt)
-    y = fake_quantize(xd, fmt, qp)
     with torch.no_grad():
-        lo, hi = _clip_bounds(fmt, qp)
-        xg = _grouped(xd, fmt)
-        mask = ((xg >= lo) & (xg <= hi)).reshape(x.shape).to(x.dtype)
+        y, mask = (kernel or fake_quantize_and_mask)(x.detach(), fmt, qp)
     return _STE.apply(x, y, mask)

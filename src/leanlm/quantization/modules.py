@@ -65,8 +65,11 @@ class TensorQuantizer(nn.Module):
             if self.amax is None:
                 raise LeanLMError("a static activation quantizer has no calibrated range; run leanlm.quantize with calibration data")
             qp = compute_qparams(x, self.fmt, amax=self.amax) if self.fmt.kind != "nvfp4" else compute_qparams(x, self.fmt, global_amax=self.amax)
-        fq = fake_quantize_ste if self.ste else fake_quantize
-        return fq(x, self.fmt, qp)
+        return self.fake_quantize(x, qp)
+
+    def fake_quantize(self, x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
+        """The fake quantization itself, once the scales are known (QAT's `QATActQuantizer` fuses it)."""
+        return (fake_quantize_ste if self.ste else fake_quantize)(x, self.fmt, qp)
 
     def extra_repr(self) -> str:
         if self.fmt is None:

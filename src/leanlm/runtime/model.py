@@ -1,4 +1,5 @@
-"""A lean decoder for Llama-family models (SmolLM2) and Gemma-3, read from a loaded `transformers` model.
+"""A lean decoder for every family `core.arch` knows (Llama, Mistral, Qwen2, Qwen3, Gemma-3, Phi-3), read
+from a loaded `transformers` model through its architecture adapter.
 
 Weights are packed per layer (q/k/v fused into one matmul, gate/up fused into one), the KV cache is
 preallocated (one [batch, kv_heads, max_seq_len, head_dim] buffer per layer), and one `forward` call runs T new
@@ -10,67 +11,25 @@ own rotary embedding; norms, activations and attention scaling follow the HF cod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.arch import Arch, arch_of
 from ..core.errors import LeanLMError
 from .layouts import DenseWeight, pack_linear, pack_weight
 
 
-@dataclass
-class Spec:
-    family: str              # "llama" or "gemma3"
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    eps: float
-    scale: float             # attention softmax scale
-    act: str                 # "silu" or "gelu_tanh"
-    embed_scale: float       # gemma: sqrt(hidden)
-    windows: list            # per layer: sliding window size or None
-    final_softcap: float | None
-    tied: bool
-
-
-def _spec(model: nn.Module) -> Spec:
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    mt = getattr(cfg, "model_type", "")
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if mt.startswith("gemma3"):
-        if getattr(cfg, "attn_logit_softcapping", None):
-            raise LeanLMError("Gemma attention logit soft-capping is not supported by the leanlm runtime")
-        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-        return Spec("gemma3", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-                    cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, cfg.query_pre_attn_scalar ** -0.5, "gelu_tanh",
-                    cfg.hidden_size ** 0.5, [cfg.sliding_window if t == "sliding_attention" else None for t in types],
-                    getattr(cfg, "final_logit_softcapping", None), tied)
-    if mt in ("llama", "mistral", "qwen2", "smollm3") or hasattr(model, "model") and hasattr(model.model, "layers"):
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise LeanLMError(f"unsupported activation {cfg.hidden_act!r} for the Llama path of the leanlm runtime")
-        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or mt == "qwen2":
-            raise LeanLMError(f"{mt}: linear biases are not supported by the leanlm runtime yet; supported: Llama-family (SmolLM2) and Gemma-3")
-        if getattr(cfg, "sliding_window", None) and mt != "llama":
-            raise LeanLMError(f"{mt}: sliding-window attention is supported for Gemma-3 only")
-        return Spec("llama", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-                    cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, hd ** -0.5, "silu", 1.0,
-                    [None] * cfg.num_hidden_layers, None, tied)
-    raise LeanLMError(f"the leanlm runtime supports Llama-family models (SmolLM2) and Gemma-3, not {type(model).__name__}")
-
-
 def _fused(linears: list, kind, dtype, group_size, allow_fallback):
     """Pack linears that read the same input as one matmul. Quantized layers keep their own codes
-    and scales (row-wise formats concatenate exactly)."""
-    if len(linears) == 1:
-        return pack_linear(linears[0], kind, dtype, group_size, allow_fallback)
+    and scales (row-wise formats concatenate exactly). Returns (layout, bias or None): biases (Qwen2's
+    q/k/v) are added after the matmul, zeros where a layer has none."""
+    biases = [getattr(m, "bias", None) for m in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(linears, biases)])
+    if len(linears) == 1 and bias is None:
+        return pack_linear(linears[0], kind, dtype, group_size, allow_fallback), None
     big = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
     big.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
     qs = [getattr(m, "weight_quantizer", None) for m in linears]
@@ -84,25 +43,24 @@ def _fused(linears: list, kind, dtype, group_size, allow_fallback):
         wq = TensorQuantizer(qs[0].cfg, "weight")
         wq.qparams = QParams(torch.cat([p.scale for p in qps]), None if qps[0].zero is None else torch.cat([p.zero for p in qps]))
         big.weight_quantizer = wq
-        iq = getattr(linears[0], "input_quantizer", None)
-        if iq is not None and iq.enabled:
-            if not iq.cfg.dynamic:
-                amax = torch.stack([m.input_quantizer.amax.reshape(()) for m in linears])
-                if not torch.all(amax == amax[0]):
-                    raise LeanLMError("layers sharing an input have different static activation ranges; cannot fuse them")
-            big.input_quantizer = iq
-    return pack_linear(big, kind, dtype, group_size, allow_fallback)
+    iq = getattr(linears[0], "input_quantizer", None)
+    if iq is not None and iq.enabled:
+        if not iq.cfg.dynamic and len(linears) > 1:
+            amax = torch.stack([m.input_quantizer.amax.reshape(()) for m in linears])
+            if not torch.all(amax == amax[0]):
+                raise LeanLMError("layers sharing an input have different static activation ranges; cannot fuse them")
+        big.input_quantizer = iq
+    return pack_linear(big, kind, dtype, group_size, allow_fallback), bias
 
 
 class Layer(nn.Module):
     pass
 
 
-def _norm_w(norm: nn.Module, family: str, dtype: torch.dtype) -> torch.Tensor:
-    """RMSNorm scale in float32 (the residual stream is float32): Gemma scales by (1 + w), Llama by w."""
-    w = norm.weight.detach().float()
-    # a copy: a view would keep the whole HF checkpoint's storage alive after the HF model is freed
-    return (1.0 + w) if family == "gemma3" else w.clone()
+def _norm_w(norm: nn.Module, arch: Arch) -> torch.Tensor:
+    """RMSNorm scale in float32 (the residual stream is float32): Gemma scales by (1 + w), the others by w."""
+    # a copy (offset + w is one): a view would keep the whole HF checkpoint's storage alive after it is freed
+    return norm.weight.detach().float() + arch.norm_offset
 
 
 class Decoder(nn.Module):
@@ -111,7 +69,10 @@ class Decoder(nn.Module):
     def __init__(self, model: nn.Module, weights: str | None = None, *, group_size: int = 64, head: str | None = None,
                  max_seq_len: int = 2048, max_batch: int = 1, allow_fallback: bool = False):
         super().__init__()
-        spec = self.spec = _spec(model)
+        spec = self.spec = arch_of(model)
+        if spec.rope_type in ("longrope", "dynamic"):
+            raise LeanLMError(f"{spec.model_type}: {spec.rope_type} RoPE scaling changes with the sequence length; the leanlm "
+                              "runtime does not run it (use --engine hf)")
         quantized = any(getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.enabled for m in model.modules())
         if quantized:
             # A leanlm-quantized model is packed in its own formats; float layers stay bfloat16.
@@ -127,34 +88,29 @@ class Decoder(nn.Module):
         # (the int8/int4 weight-only kernels are fast with bfloat16 activations only).
         self.dtype = torch.float32 if weights in ("fp32", "w8a8") else torch.bfloat16
         self.weights, self.group_size = weights, group_size
-        body = model.model if hasattr(model, "model") else model
-        body = getattr(body, "language_model", body)
+        body = spec.body(model)
         self.fallbacks: list[str] = []
         kind = "bf16" if weights == "auto" else weights
 
-        def pk(linears):
-            layout = _fused(linears, kind, self.dtype, group_size, allow_fallback)
+        def pk(linears, L=None, name=None):
+            layout, bias = _fused(linears, kind, self.dtype, group_size, allow_fallback)
             if layout.fallback:
                 self.fallbacks.append(layout.fallback)
+            if L is not None:
+                L.register_buffer(f"{name}_bias", bias)
             return layout
 
         self.layers = nn.ModuleList()
         for hl in body.layers:
             L = Layer()
-            a, m = hl.self_attn, hl.mlp
-            L.qkv = pk([a.q_proj, a.k_proj, a.v_proj])
-            L.o = pk([a.o_proj])
-            L.gate_up = pk([m.gate_proj, m.up_proj])
-            L.down = pk([m.down_proj])
-            L.register_buffer("ln1", _norm_w(hl.input_layernorm, spec.family, self.dtype))
-            L.register_buffer("ln2", _norm_w(hl.post_attention_layernorm, spec.family, self.dtype))
-            if spec.family == "gemma3":
-                L.register_buffer("ln3", _norm_w(hl.pre_feedforward_layernorm, spec.family, self.dtype))
-                L.register_buffer("ln4", _norm_w(hl.post_feedforward_layernorm, spec.family, self.dtype))
-                L.register_buffer("qn", _norm_w(a.q_norm, spec.family, self.dtype))
-                L.register_buffer("kn", _norm_w(a.k_norm, spec.family, self.dtype))
+            for name, group in zip(("qkv", "o", "gate_up", "down"), spec.groups):
+                setattr(L, name, pk([hl.get_submodule(n) for n in group], L, name))
+            for name, norm in zip(("ln1", "ln2", "ln3", "ln4"), spec.layer_norms):
+                L.register_buffer(name, _norm_w(hl.get_submodule(norm), spec))
+            for name, norm in zip(("qn", "kn"), spec.qk_norms):
+                L.register_buffer(name, _norm_w(hl.get_submodule(norm), spec))
             self.layers.append(L)
-        self.register_buffer("norm", _norm_w(body.norm, spec.family, self.dtype))
+        self.register_buffer("norm", _norm_w(body.norm, spec))
 
         # Output head (and the embedding, which shares its storage when tied).
         lm_head = model.get_output_embeddings()
@@ -183,9 +139,9 @@ class Decoder(nn.Module):
         dummy = torch.zeros(1, dtype=torch.float32)
         rot = body.rotary_emb
         kinds = sorted({w is not None for w in spec.windows})
-        half = spec.head_dim // 2
+        half = spec.rotary_dim // 2
         for sliding in kinds:
-            kw = {"layer_type": "sliding_attention" if sliding else "full_attention"} if spec.family == "gemma3" else {}
+            kw = {"layer_type": "sliding_attention" if sliding else "full_attention"} if spec.rope_by_layer_type else {}
             cos, sin = rot(dummy, pos, **kw)
             cos, sin = cos[0].float(), sin[0].float()
             sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
@@ -198,7 +154,7 @@ class Decoder(nn.Module):
         if win:
             self.register_buffer("mask1", causal & (idx[:, None] - idx[None, :] < win))
         # Gemma multiplies embeddings by sqrt(hidden) rounded to the model dtype, as HF does.
-        self.embed_scale = float(torch.tensor(spec.embed_scale, dtype=self.dtype)) if spec.family == "gemma3" else 1.0
+        self.embed_scale = float(torch.tensor(spec.embed_scale, dtype=self.dtype)) if spec.embed_scale != 1.0 else 1.0
         # One float32 cache per layer (PyTorch's bfloat16 batched matmul is far slower than float32 at these
         # tiny shapes); separate buffers let torch.compile update each in place instead of copying a big one.
         shape = (max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
@@ -226,16 +182,19 @@ class Decoder(nn.Module):
         n -= sum(getattr(self, f"{t}{w}").numel() * getattr(self, f"{t}{w}").element_size()
                  for t in ("cos", "sin", "mask") for w in (0, 1) if hasattr(self, f"{t}{w}"))
         s = self.spec
-        return n + 2 * s.layers * s.kv_heads * s.head_dim * context * 4
+        return n + 2 * s.n_layers * s.kv_heads * s.head_dim * context * 4
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """float32 in, float32 out: one fused op (normalize, then scale, as HF does in float32)."""
         return F.rms_norm(x, (x.shape[-1],), weight=w, eps=self.spec.eps)
 
-    @staticmethod
-    def _rope(x, cos, sin):
-        """x [B, T, n, D]; cos/sin [1, T, 1, D] with the rotate_half sign folded into sin."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+    def _rope(self, x, cos, sin):
+        """x [B, T, n, D]; cos/sin [1, T, 1, R] with the rotate_half sign folded into sin; the first R of
+        each head's D dimensions rotate (R < D: Phi-3's partial rotary)."""
+        r = self.spec.rotary_dim
+        if r < x.shape[-1]:
+            return torch.cat([self._rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+        return torch.addcmul(x * cos, x.roll(r // 2, -1), sin)
 
     def _attend(self, q, k, v, bias):
         """Grouped-query attention as two batched matmuls (PyTorch's CPU flash-attention kernel is slow for
@@ -248,7 +207,7 @@ class Decoder(nn.Module):
         else:
             q3 = q.reshape(B, T, s.kv_heads, g, D).permute(0, 2, 3, 1, 4).reshape(B * s.kv_heads, g * T, D)
         S = k.shape[2]
-        att = torch.baddbmm(bias, q3, k.reshape(B * s.kv_heads, S, D).transpose(1, 2), alpha=s.scale)
+        att = torch.baddbmm(bias, q3, k.reshape(B * s.kv_heads, S, D).transpose(1, 2), alpha=s.attn_scale)
         o = torch.bmm(att.softmax(-1), v.reshape(B * s.kv_heads, S, D))
         if T == 1:
             return o.view(B, 1, H * D)
@@ -277,8 +236,10 @@ class Decoder(nn.Module):
             sl = 1 if s.windows[i] else 0
             cos, sin = ropes[sl]
             qkv = L.qkv(self._rms(x, L.ln1).to(dt)).float()
+            if L.qkv_bias is not None:
+                qkv = qkv + L.qkv_bias
             v = qkv[..., q_dim + kv_dim:].view(B, T, Hkv, D)
-            if s.family == "gemma3":
+            if s.qk_norms:
                 q = self._rope(self._rms(qkv[..., :q_dim].view(B, T, H, D), L.qn), cos, sin)
                 k = self._rope(self._rms(qkv[..., q_dim:q_dim + kv_dim].view(B, T, Hkv, D), L.kn), cos, sin)
             else:   # q and k rotate together
@@ -288,16 +249,22 @@ class Decoder(nn.Module):
             kc.index_copy_(2, input_pos, k.transpose(1, 2))
             vc.index_copy_(2, input_pos, v.transpose(1, 2))
             o = L.o(self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], biases[sl]).to(dt))
-            if s.family == "gemma3":
+            if L.o_bias is not None:
+                o = o + L.o_bias
+            if s.ffn_norms:   # Gemma's sandwich norms
                 x = x + self._rms(o.float(), L.ln2)
                 h = self._rms(x, L.ln3)
             else:
                 x = x + o
                 h = self._rms(x, L.ln2)
             gu = L.gate_up(h.to(dt))
+            if L.gate_up_bias is not None:
+                gu = gu + L.gate_up_bias.to(gu.dtype)
             g_, u = gu[..., : s.intermediate], gu[..., s.intermediate:]
             h = L.down((F.silu(g_) if s.act == "silu" else F.gelu(g_, approximate="tanh")) * u)
-            x = x + (self._rms(h.float(), L.ln4) if s.family == "gemma3" else h)
+            if L.down_bias is not None:
+                h = h + L.down_bias
+            x = x + (self._rms(h.float(), L.ln4) if s.ffn_norms else h)
         logits = self.head(self._rms(x, self.norm).to(dt)).float()
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap

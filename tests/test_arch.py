@@ -1,0 +1,154 @@
+"""The architecture adapter (leanlm.core.arch) on a tiny random model of every supported family:
+runtime logits and greedy tokens equal transformers', a PTQ preset calibrates, GGUF runs in llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import leanlm
+from conftest import make_tokenizer
+from leanlm.core.arch import arch_of
+from leanlm.core.errors import LeanLMError
+from leanlm.runtime import Engine
+
+V = 300
+COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, eos_token_id=0, pad_token_id=0, bos_token_id=None)
+
+
+def _config(family: str):
+    import transformers as T
+
+    if family == "llama":
+        return T.LlamaConfig(**COMMON, tie_word_embeddings=True)
+    if family == "mistral":   # a window shorter than the test sequences, so that it matters
+        return T.MistralConfig(**COMMON, sliding_window=8, tie_word_embeddings=False)
+    if family == "qwen2":
+        return T.Qwen2Config(**COMMON, tie_word_embeddings=True)
+    if family == "qwen3":
+        return T.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True)
+    if family == "gemma3":
+        return T.Gemma3TextConfig(**COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    if family == "phi3":
+        return T.Phi3Config(**COMMON, partial_rotary_factor=0.5, tie_word_embeddings=False)
+    raise AssertionError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+
+
+def make_model(family: str, seed: int = 0):
+    """A tiny random model of `family` whose logits have clear winners (random biases and norms, so that
+    Qwen2's q/k/v biases and every norm weight matter; a scaled final norm keeps greedy decisive)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+        model.model.norm.weight.mul_(20 if family != "gemma3" else 1)
+        if family == "gemma3":
+            model.model.norm.weight.add_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, make_model(request.param)
+
+
+def _ids(n: int = 20, rows: int = 1, seed: int = 1):
+    return torch.randint(1, V, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapter_reads_each_family(family_model):
+    family, model = family_model
+    a = arch_of(model)
+    assert a.family == family and a.n_layers == 2 and a.hidden == 64 and a.heads == 4 and a.kv_heads == 2
+    for group in a.groups:   # every named projection exists, and a group's members read the same input width
+        mods = [a.layers(model)[0].get_submodule(n) for n in group]
+        assert len({m.in_features for m in mods}) == 1
+    assert a.fused == (family == "phi3")
+    assert bool(a.qk_norms) == (family in ("qwen3", "gemma3"))
+    assert (a.norm_offset, a.embed_scale != 1.0) == ((1.0, True) if family == "gemma3" else (0.0, False))
+    assert a.rotary_dim == (8 if family == "phi3" else a.head_dim)
+    assert any(a.windows) == (family in ("mistral", "gemma3"))
+    assert (a.layers(model)[0].self_attn.q_proj.bias is not None) == (family == "qwen2") if family != "phi3" else True
+
+
+def test_runtime_matches_transformers(family_model):
+    family, model = family_model
+    ids = _ids(20, rows=2)
+    eng = Engine(model, "fp32", max_seq_len=64, max_batch=2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = eng.forward(ids)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (family, (got - ref).abs().max())
+    # prefill then one-token steps through the KV cache (and past Mistral's / Gemma's sliding window)
+    prompt = ids[:1, :6]
+    with torch.no_grad():
+        hf = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=14, min_new_tokens=14, do_sample=False)
+    assert torch.equal(eng.generate(prompt, 14), hf), family
+
+
+def test_ptq_preset_calibrates(family_model):
+    import copy
+
+    family, model = family_model
+    m = copy.deepcopy(model)
+    leanlm.quantize(m, "w8a16", calib_data=[_ids(32, seed=s)[0] for s in range(4)], progress=False)
+    qlin = [n for n, x in m.named_modules() if getattr(x, "weight_quantizer", None) is not None and x.weight_quantizer.enabled]
+    assert any(arch_of(m).down in n for n in qlin) and any(arch_of(m).qkv[0] in n for n in qlin)
+    ids = _ids(16)
+    with torch.no_grad():
+        ref, got = model(ids).logits, m(ids).logits
+    assert not torch.equal(ref, got) and (got - ref).abs().max() < 0.05 * ref.abs().max()
+    # the runtime packs the quantized model in its own int8 format and reproduces it
+    eng = Engine(m, max_seq_len=32)
+    assert eng.model.weights == "auto" and (eng.forward(ids) - got).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_unknown_family_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V))
+    with pytest.raises(LeanLMError, match=r"model_type 'gpt2'.*supported families: Llama.*Mistral.*Qwen2.*Qwen3.*Gemma-3.*Phi-3"):
+        arch_of(gpt2)
+    with pytest.raises(LeanLMError, match="supported families"):
+        Engine(gpt2)
+
+
+# ----- GGUF in llama.cpp
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(V)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_runs_in_llama_cpp(tmp_path, tok, family):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install -e '.[llamacpp]'")
+    from leanlm.export.consumers import llamacpp_generator, llamacpp_logits, load_llamacpp
+
+    model = make_model(family)
+    if family == "mistral":   # llama.cpp's llama graph has no sliding window
+        model.config.sliding_window = None
+    out = leanlm.export(model, "gguf", tmp_path / f"{family}.gguf", tokenizer=tok, quant="F32")
+    import gguf
+
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == arch_of(model).gguf_arch
+    ids = _ids(24)[0]
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0].numpy()
+    got = llamacpp_logits(load_llamacpp(out, n_ctx=64, logits_all=True), ids)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 2e-3, (family, err)
+    prompt = ids[None, :6]
+    with torch.no_grad():
+        hf = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(llamacpp_generator(load_llamacpp(out, n_ctx=64))(prompt, 10, lambda: None), hf), family

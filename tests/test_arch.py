@@ -11,6 +11,7 @@ import leanlm
 from conftest import make_tokenizer
 from leanlm.core.arch import arch_of
 from leanlm.core.errors import LeanLMError
+from leanlm.export import export
 from leanlm.runtime import Engine
 
 V = 300
@@ -18,8 +19,14 @@ COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_la
               num_key_value_heads=2, max_position_embeddings=256, eos_token_id=0, pad_token_id=0, bos_token_id=None)
 
 
-def _config(family: str):
+def _config(family: str, **over):
     import transformers as T
+
+    if over:
+        cfg = _config(family)
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        return cfg
 
     if family == "llama":
         return T.LlamaConfig(**COMMON, tie_word_embeddings=True)
@@ -40,13 +47,13 @@ def _config(family: str):
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 
 
-def make_model(family: str, seed: int = 0):
+def make_model(family: str, seed: int = 0, **over):
     """A tiny random model of `family` whose logits have clear winners (random biases and norms, so that
     Qwen2's q/k/v biases and every norm weight matter; a scaled final norm keeps greedy decisive)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(family), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(_config(family, **over), torch_dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -135,10 +142,10 @@ def test_gguf_runs_in_llama_cpp(tmp_path, tok, family):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install -e '.[llamacpp]'")
     from leanlm.export.consumers import llamacpp_generator, llamacpp_logits, load_llamacpp
 
-    model = make_model(family)
-    if family == "mistral":   # llama.cpp's llama graph has no sliding window
-        model.config.sliding_window = None
-    out = leanlm.export(model, "gguf", tmp_path / f"{family}.gguf", tokenizer=tok, quant="F32")
+    # llama.cpp's llama graph (Mistral) has no sliding window; its gemma3 graph slides in five layers of six
+    over = {"mistral": {"sliding_window": None}, "gemma3": {"layer_types": ["sliding_attention"] * 2}}.get(family, {})
+    model = make_model(family, **over)
+    out = export(model, "gguf", tmp_path / f"{family}.gguf", tokenizer=tok, quant="F32")
     import gguf
 
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == arch_of(model).gguf_arch

@@ -53,6 +53,7 @@ class Arch:
     act: str                       # "silu" or "gelu_tanh"
     attn_scale: float              # softmax scale
     rope_theta: float
+    rope_local_theta: float | None  # Gemma-3's sliding layers
     rotary_dim: int                # Phi-3 may rotate only part of each head
     rope_by_layer_type: bool       # Gemma-3: the rotary embedding takes layer_type (local / global)
     rope_type: str
@@ -101,10 +102,15 @@ def text_config(model_or_config):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _rope(cfg) -> tuple[float, str, float]:
+def _rope(cfg) -> tuple[float, float | None, str, float]:
+    """(theta of global layers, theta of sliding layers if they differ, rope type, partial rotary factor)."""
     rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    local = None
+    if "full_attention" in rp:   # Gemma-3: one set per layer type
+        local = float(rp.get("sliding_attention", {}).get("rope_theta", 10000.0))
+        rp = rp["full_attention"]
     theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    return float(theta), str(rp.get("rope_type", rp.get("type", "default")) or "default"), \
+    return float(theta), local, str(rp.get("rope_type", rp.get("type", "default")) or "default"), \
         float(rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0)
 
 
@@ -119,7 +125,7 @@ def arch_of(model: nn.Module) -> Arch:
         raise LeanLMError(f"leanlm does not know the architecture of {name} (model_type {mt!r}); supported families: {SUPPORTED}")
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n = cfg.num_hidden_layers
-    theta, rope_type, partial = _rope(cfg)
+    theta, local_theta, rope_type, partial = _rope(cfg)
     types = getattr(cfg, "layer_types", None)
     window = getattr(cfg, "sliding_window", None)
     if types:
@@ -152,7 +158,7 @@ def arch_of(model: nn.Module) -> Arch:
         embed_scale=cfg.hidden_size ** 0.5 if gemma else 1.0,
         act=act,
         attn_scale=cfg.query_pre_attn_scalar ** -0.5 if gemma else hd ** -0.5,
-        rope_theta=theta, rotary_dim=int(hd * partial), rope_by_layer_type=gemma, rope_type=rope_type,
+        rope_theta=theta, rope_local_theta=local_theta, rotary_dim=int(hd * partial), rope_by_layer_type=gemma, rope_type=rope_type,
         windows=windows,
         final_softcap=getattr(cfg, "final_logit_softcapping", None),
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),

@@ -1,8 +1,11 @@
 """GGUF for llama.cpp, written with the `gguf` package.
 
-Llama-architecture models only (what llama.cpp's "llama" graph runs). Tensor names come from
-`gguf.get_tensor_name_map`; q_proj / k_proj rows are permuted from Hugging Face's rotate-half
-RoPE layout to llama.cpp's interleaved one, as llama.cpp's own converter does.
+The families llama.cpp runs, read through the architecture adapter (`core.arch`): Llama and Mistral
+(llama.cpp's "llama" graph), Qwen2, Qwen3, Gemma-3 ("gemma3") and Phi-3 ("phi3"). Tensor names come
+from `gguf.get_tensor_name_map` for the adapter's GGUF architecture. For the "llama" graph, q_proj /
+k_proj rows are permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one;
+the other graphs rotate halves as Hugging Face does. Gemma's norm weights are written as 1 + w, as
+llama.cpp's own converter does.
 
 Quant types (``quant=``): F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K_M. Which tensor gets which
 type follows llama.cpp's `llama-quant` rules (the embedding / output head and, for Q4_K_M, the
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.arch import Arch, arch_of
 from ..core.errors import LeanLMError
 from ..core.io import atomic_file
 from ..quantization.formats import QFormat
@@ -36,7 +40,6 @@ from . import ggml_blocks as B
 from .common import QuantLinear, check_config_matches, is_leanlm_quantized, plain_state_dict, quantized_linears
 
 QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0", "Q4_1", "Q4_K_M")
-ARCHS = ("llama",)
 SUPPORTED = ("GGUF export takes float models and leanlm weight-only int quantization (int2..int8, symmetric or asymmetric, "
              "per channel or groups of a multiple of 32: presets w8a16, w4a16-*, w3a16-gptq), written as " + ", ".join(QUANTS))
 
@@ -210,13 +213,21 @@ def _add_tokenizer(w, tokenizer, n_vocab: int, pretokenizer: str | None) -> None
 # ------------------------------------------------------------------------------------ export
 
 
-def _check(model: nn.Module) -> dict[str, QuantLinear]:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in ARCHS:
-        raise LeanLMError(f"GGUF export supports Llama-architecture models (model_type {', '.join(ARCHS)}), not {mt!r}")
-    rp = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
-    if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
-        raise LeanLMError(f"GGUF export supports plain RoPE, not rope_type {rp.get('rope_type', rp.get('type'))!r}")
+def _check(model: nn.Module, arch: Arch) -> dict[str, QuantLinear]:
+    mt = arch.model_type
+    if arch.rope_type != "default":
+        raise LeanLMError(f"GGUF export supports plain RoPE, not rope_type {arch.rope_type!r}")
+    if any(arch.windows) and arch.family not in ("gemma3", "phi3"):
+        raise LeanLMError(f"{mt}: llama.cpp's {arch.gguf_arch} graph has no sliding-window attention; this model uses a window "
+                          f"of {next(w for w in arch.windows if w)} tokens, so GGUF export refuses it")
+    if arch.family == "gemma3":
+        pattern = tuple(bool(w) for w in arch.windows)
+        if pattern != tuple((i + 1) % 6 != 0 for i in range(arch.n_layers)) or arch.rope_local_theta not in (None, 10000.0):
+            raise LeanLMError("llama.cpp's gemma3 graph runs five sliding-window layers then one global layer, local RoPE base "
+                              "10000; this model's layer layout differs, so GGUF export refuses it")
+        if abs(arch.attn_scale - arch.head_dim ** -0.5) > 1e-9 or arch.final_softcap:
+            raise LeanLMError("llama.cpp's gemma3 graph scales attention by 1/sqrt(head_dim) without a final soft-cap; "
+                              "this model's query_pre_attn_scalar or final_logit_softcapping differs")
     check_config_matches(model)
     if not is_leanlm_quantized(model):
         return {}
@@ -250,54 +261,56 @@ def export_gguf(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
     import gguf
 
     global last_report
-    qls = _check(model)
+    arch = arch_of(model)
+    qls = _check(model, arch)
     quant = (quant or default_quant(qls)).upper()
     if quant not in QUANTS:
         raise LeanLMError(f"unknown GGUF quant {quant!r}; choose one of: {', '.join(QUANTS)}")
     cfg = model.config
-    n_layer, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    rp = getattr(cfg, "rope_parameters", None) or {}
-    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    n_layer, n_head, n_kv, head_dim = arch.n_layers, arch.heads, arch.kv_heads, arch.head_dim
     sd = plain_state_dict(model)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if tied:
+    if arch.tied and arch.family != "phi3":   # llama.cpp's phi3 graph needs its own output tensor
         sd.pop("lm_head.weight", None)
     has_output = "lm_head.weight" in sd
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    tmap = arch.gguf_tensor_map()
+    permute = arch.gguf_arch == "llama"   # the llama graph rotates interleaved pairs
     report = {"quant": quant, "reused_exact": [], "requantized": [], "types": {}}
 
     with atomic_file(out, overwrite=overwrite) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
         w.add_name(name or getattr(cfg, "_name_or_path", "") or "leanlm-export")
-        w.add_context_length(getattr(cfg, "max_position_embeddings", 2048))
-        w.add_embedding_length(cfg.hidden_size)
+        w.add_context_length(arch.max_positions)
+        w.add_embedding_length(arch.hidden)
         w.add_block_count(n_layer)
-        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_feed_forward_length(arch.intermediate)
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(float(theta))
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        if head_dim != cfg.hidden_size // n_head:
+        w.add_rope_dimension_count(arch.rotary_dim)
+        w.add_rope_freq_base(arch.rope_theta)
+        w.add_layer_norm_rms_eps(arch.eps)
+        if head_dim != arch.hidden // n_head or arch.family == "gemma3":
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        w.add_vocab_size(cfg.vocab_size)
+        if any(arch.windows):
+            w.add_sliding_window(next(x for x in arch.windows if x))
+        w.add_vocab_size(arch.vocab)
         w.add_file_type(_ftype(quant))
         if quant not in ("F32", "F16", "BF16"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(w, tokenizer, cfg.vocab_size, pretokenizer)
+        _add_tokenizer(w, tokenizer, arch.vocab, pretokenizer)
 
         for hf_name, t in sd.items():
             gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise LeanLMError(f"no llama.cpp tensor name for {hf_name}; this model has parts GGUF's llama graph does not run")
+                raise LeanLMError(f"no llama.cpp tensor name for {hf_name}; this model has parts llama.cpp's "
+                                  f"{arch.gguf_arch} graph does not run")
             arr = t.detach().float().cpu().numpy()
+            if arch.norm_offset and hf_name.endswith("norm.weight"):
+                arr = arr + arch.norm_offset
             perm = None
-            if hf_name.endswith("q_proj.weight"):
+            if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 perm = _qk_perm(arr.shape[0], n_head)
-            elif hf_name.endswith("k_proj.weight"):
+            elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 perm = _qk_perm(arr.shape[0], n_kv)
             typ = tensor_type(gname, arr.shape, quant, n_layer, has_output)
             report["types"][gname] = typ

@@ -159,3 +159,33 @@ def test_gguf_runs_in_llama_cpp(tmp_path, tok, family):
     with torch.no_grad():
         hf = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
     assert torch.equal(llamacpp_generator(load_llamacpp(out, n_ctx=64))(prompt, 10, lambda: None), hf), family
+
+
+# ----- leanlm eval --speed: the runtime by default where it runs the family
+
+def _speed(capsys, folder, *extra):
+    from leanlm.cli import main
+
+    code = main(["eval", str(folder), "--speed", "--prompt-tokens", "4", "--new-tokens", "2", "--runs", "1", "--json", *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    import json
+
+    return list(json.loads(out.out)["models"]), out.err
+
+
+def test_eval_speed_engine_default(tmp_path, tok, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    qwen = tmp_path / "qwen3"
+    make_model("qwen3").save_pretrained(qwen)
+    tok.save_pretrained(qwen)
+    labels, _ = _speed(capsys, qwen)
+    assert len(labels) == 1 and "leanlm" in labels[0]
+    labels, _ = _speed(capsys, qwen, "--engine", "hf")
+    assert len(labels) == 1 and "leanlm" not in labels[0]
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, n_positions=64)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    labels, err = _speed(capsys, gpt2)
+    assert "leanlm" not in labels[0] and "note: timing transformers" in err and "model_type 'gpt2'" in err

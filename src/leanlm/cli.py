@@ -72,15 +72,24 @@ def cmd_eval(a) -> dict:
             raise LeanLMError("--compare names the same model and dtype as the baseline; change --compare or --compare-dtype")
         models[label] = _load(other, odt, a.trust_remote_code)
     generators = None
-    if a.engine != "hf":
-        if not a.speed:
-            raise LeanLMError("--engine applies to --speed; add --speed")
+    if a.engine in ("leanlm", "both") and not a.speed:
+        raise LeanLMError("--engine applies to --speed; add --speed")
+    if a.engine != "hf" and a.speed:
         from .runtime import Engine
 
-        generators = {}
-        for label in list(models):
-            eng = Engine(models[label][0], a.weights, max_seq_len=a.prompt_tokens + a.new_tokens, max_batch=a.batch,
-                         compile=a.compile, allow_fallback=a.allow_fallback)
+        engines = {}
+        try:
+            for label in models:
+                engines[label] = Engine(models[label][0], a.weights, max_seq_len=a.prompt_tokens + a.new_tokens,
+                                        max_batch=a.batch, compile=a.compile, allow_fallback=a.allow_fallback)
+        except LeanLMError as e:
+            if a.engine != "auto":
+                raise
+            # auto: time transformers when the runtime cannot run a model (an unknown family, a format without a kernel)
+            print(f"leanlm: note: timing transformers' generate, since the leanlm runtime cannot run {label}: {e}", file=sys.stderr)
+            engines = {}
+        generators = {} if engines else None
+        for label, eng in engines.items():
             name = f"{label} leanlm {eng.model.weights}"
             if a.engine == "both":
                 models[name] = models[label]
@@ -557,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", type=int, default=5)
     sp.add_argument("--warmup", type=int, default=1)
     sp.add_argument("--price-per-hour", type=float, default=None, help="machine price in $/hour, for cost per 1M tokens")
-    sp.add_argument("--engine", choices=["hf", "leanlm", "both"], default="hf",
-                    help="time transformers' generate (hf, default), the leanlm runtime, or both side by side")
+    sp.add_argument("--engine", choices=["auto", "hf", "leanlm", "both"], default="auto",
+                    help="what --speed times: auto (default: the leanlm runtime for the families it runs, else transformers, "
+                         "with a note), hf (transformers' generate), leanlm, or both side by side")
     sp.add_argument("--weights", default=None, help="leanlm engine weights: fp32, bf16 (default), int8, int4, w8a8")
     sp.add_argument("--compile", action="store_true", help="leanlm engine: torch.compile the decode step")
     sp.add_argument("--allow-fallback", action="store_true", help="leanlm engine: run formats without a fast kernel as dense weights")

@@ -189,3 +189,24 @@ def test_eval_speed_engine_default(tmp_path, tok, capsys):
     tok.save_pretrained(gpt2)
     labels, err = _speed(capsys, gpt2)
     assert "leanlm" not in labels[0] and "note: timing transformers" in err and "model_type 'gpt2'" in err
+
+
+# ----- structured pruning through the adapter (separate q/k/v and gate/up, no sliding windows)
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_prune_families(family):
+    from leanlm.prune import PruneTarget, dims_of, prune
+
+    model = make_model(family)
+    calib = torch.randint(1, V, (4, 32), generator=torch.Generator().manual_seed(0))
+    same = prune(model, PruneTarget(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2), calib=calib, progress=False)
+    with torch.no_grad():
+        assert torch.equal(same(calib[:2]).logits, model(calib[:2]).logits)   # a no-op keep is exact (biases, q/k norms)
+    small = prune(model, PruneTarget(layers=1, hidden=48, intermediate=64, heads=2, kv_heads=1), calib=calib, progress=False)
+    assert dims_of(small).to_dict() == dict(hidden=48, intermediate=64, heads=2, kv_heads=1, layers=1)
+    ids = calib[:1, :12]
+    with torch.no_grad():
+        ref = small(ids).logits
+    assert torch.allclose(Engine(small, "fp32", max_seq_len=16).forward(ids), ref, atol=1e-4)
+    with pytest.raises(LeanLMError, match="Gemma-3 is not supported"):
+        prune(make_model("gemma3"), PruneTarget(layers=1), calib=calib, progress=False)

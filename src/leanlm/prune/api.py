@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.arch import arch_of
 from ..core.errors import LeanLMError
 from .importance import activation_importance, layer_importance
-from .structure import Dims, Keep, check_supported, count_params, dims_of, head_dim, slice_model
+from .structure import Dims, Keep, check_supported, count_params, dims_of, slice_model
 
 ALIGN = 32   # searched intermediate sizes are multiples of this (kernel-friendly)
 HIDDEN_ALIGN = 8   # searched hidden sizes are multiples of lcm(8, heads): transformers requires hidden % heads == 0
@@ -234,7 +235,7 @@ def prune(model: nn.Module, target: PruneTarget | int | str, *, tokenizer=None, 
         "from": orig.to_dict(), "to": d.to_dict(), "params_before": before, "params_after": after,
         "target": asdict(target), "calibration_tokens": int(calib.numel()), "depth_metric": imp.layer_metric,
         "kept_layers": keep.layers, "layer_scores": imp.layers.tolist() if imp.layers is not None else None,
-        "head_dim": head_dim(model.config), "seconds": time.perf_counter() - t0,
+        "head_dim": arch_of(model).head_dim, "seconds": time.perf_counter() - t0,
     }
     return pruned
 

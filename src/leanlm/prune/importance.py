@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.arch import arch_of
+
 
 @dataclass
 class Importance:
@@ -46,12 +48,12 @@ def _nll(model, batches: torch.Tensor, batch_size: int) -> float:
 @torch.inference_mode()
 def activation_importance(model: nn.Module, calib: torch.Tensor, *, batch_size: int = 4, progress: bool = True) -> Importance:
     """Heads, MLP channels and hidden channels from one pass over `calib` ([N, T] token ids)."""
-    cfg = model.config
-    layers = model.model.layers
-    nh, hd = cfg.num_attention_heads, cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // cfg.num_attention_heads
+    arch = arch_of(model)
+    layers = arch.layers(model)
+    nh, hd = arch.heads, arch.head_dim
     heads = [torch.zeros(nh, dtype=torch.float64) for _ in layers]
-    chans = [torch.zeros(cfg.intermediate_size, dtype=torch.float64) for _ in layers]
-    hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+    chans = [torch.zeros(arch.intermediate, dtype=torch.float64) for _ in layers]
+    hidden = torch.zeros(arch.hidden, dtype=torch.float64)
     handles = []
 
     def on_o(i):
@@ -69,11 +71,11 @@ def activation_importance(model: nn.Module, calib: torch.Tensor, *, batch_size: 
         hidden.add_(out.float().reshape(-1, out.shape[-1]).pow(2).sum(0).double())
 
     for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o(i)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_down(i)))
-        handles.append(layer.input_layernorm.register_forward_hook(on_norm))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(on_norm))
-    handles.append(model.model.norm.register_forward_hook(on_norm))
+        handles.append(layer.get_submodule(arch.o).register_forward_pre_hook(on_o(i)))
+        handles.append(layer.get_submodule(arch.down).register_forward_pre_hook(on_down(i)))
+        for norm in arch.layer_norms:
+            handles.append(layer.get_submodule(norm).register_forward_hook(on_norm))
+    handles.append(arch.body(model).norm.register_forward_hook(on_norm))
     _forward_all(model, calib, batch_size, handles, "importance", progress)
     return Importance(heads, chans, hidden, None, None)
 
@@ -92,7 +94,8 @@ def _forward_all(model: nn.Module, calib: torch.Tensor, batch_size: int, handles
 def layer_importance(model: nn.Module, calib: torch.Tensor, metric: str = "ppl", *, batch_size: int = 4,
                      progress: bool = True) -> torch.Tensor:
     """Cost of skipping each decoder layer alone: NLL increase ("ppl") or 1 - cos(in, out) ("cosine")."""
-    layers = model.model.layers
+    body = arch_of(model).body(model)
+    layers = body.layers
     n = len(layers)
     if metric == "cosine":
         score = torch.zeros(n, dtype=torch.float64)
@@ -111,11 +114,11 @@ def layer_importance(model: nn.Module, calib: torch.Tensor, metric: str = "ppl",
         return score / calib.numel()
     base = _nll(model, calib, batch_size)
     score = torch.zeros(n, dtype=torch.float64)
-    full = model.model.layers
+    full = body.layers
     try:
         for i in tqdm(range(n), desc="layer importance (skip each)", unit="layer", disable=not progress, leave=False):
-            model.model.layers = nn.ModuleList([m for j, m in enumerate(full) if j != i])
+            body.layers = nn.ModuleList([m for j, m in enumerate(full) if j != i])
             score[i] = _nll(model, calib, batch_size) - base
     finally:
-        model.model.layers = full
+        body.layers = full
     return score

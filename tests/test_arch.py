@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import leanlm
 from conftest import make_tokenizer
@@ -103,21 +104,56 @@ def test_runtime_matches_transformers(family_model):
     assert torch.equal(eng.generate(prompt, 14), hf), family
 
 
+def _on_int4_grid(m, lin_names) -> bool:
+    """Every quantized weight holds at most 16 distinct values per group of 64 inputs."""
+    for n in lin_names:
+        w = m.get_submodule(n).weight.detach()
+        if max(len(torch.unique(g)) for g in w.reshape(-1, 64)) > 16:
+            return False
+    return True
+
+
+def _check_quantized(model, m):
+    a = arch_of(m)
+    qlin = [n for n, x in m.named_modules() if getattr(x, "weight_quantizer", None) is not None and x.weight_quantizer.enabled]
+    assert any(n.endswith(a.down) for n in qlin) and any(n.endswith(a.qkv[0]) for n in qlin)
+    assert _on_int4_grid(m, qlin)
+    ids = _ids(16)
+    with torch.no_grad():
+        ref, got = model(ids).logits[0], m(ids).logits[0]
+    assert not torch.equal(ref, got) and F.cosine_similarity(ref, got, dim=-1).min() > 0.9
+    return ids, got
+
+
 def test_ptq_preset_calibrates(family_model):
+    """AWQ + GPTQ calibrate on random token batches; the runtime packs the int4 model and reproduces it."""
     import copy
 
     family, model = family_model
     m = copy.deepcopy(model)
-    leanlm.quantize(m, "w8a16", calib_data=[_ids(32, seed=s)[0] for s in range(4)], progress=False)
-    qlin = [n for n, x in m.named_modules() if getattr(x, "weight_quantizer", None) is not None and x.weight_quantizer.enabled]
-    assert any(arch_of(m).down in n for n in qlin) and any(arch_of(m).qkv[0] in n for n in qlin)
-    ids = _ids(16)
-    with torch.no_grad():
-        ref, got = model(ids).logits, m(ids).logits
-    assert not torch.equal(ref, got) and (got - ref).abs().max() < 0.05 * ref.abs().max()
-    # the runtime packs the quantized model in its own int8 format and reproduces it
+    leanlm.quantize(m, "w4a16-awq-gptq", calib_data=_ids(32, rows=4, seed=5), progress=False)
+    ids, got = _check_quantized(model, m)
     eng = Engine(m, max_seq_len=32)
-    assert eng.model.weights == "auto" and (eng.forward(ids) - got).abs().max() < 0.05 * ref.abs().max()
+    assert eng.model.weights == "auto" and type(eng.model.layers[0].qkv).__name__ == "Int4Weight"
+    assert F.cosine_similarity(eng.forward(ids)[0], got, dim=-1).min() > 0.999
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen2"])
+def test_gptq_groups_from_adapter(family, monkeypatch):
+    """GPTQ solves the adapter's groups (Phi-3's fused qkv_proj alone, Qwen2's q/k/v together) without tracing."""
+    import copy
+
+    from leanlm.quantization import calibrate as cal
+
+    model = make_model(family)
+    m = copy.deepcopy(model)
+
+    def no_trace(*a, **k):
+        raise AssertionError("linear_groups traced a family the adapter knows")
+
+    monkeypatch.setattr(cal, "linear_groups", no_trace)
+    leanlm.quantize(m, "w4a16-gptq", calib_data=_ids(32, rows=4, seed=5), progress=False)
+    _check_quantized(model, m)
 
 
 def test_unknown_family_is_refused():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.arch import FAMILIES, arch_of, text_config
 from ..core.errors import LeanLMError
 from ..core.modules import decoder_layers
 from . import algorithms as alg
@@ -369,12 +370,18 @@ def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], groups: list[li
 
 @torch.no_grad()
 def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, stats: dict,
-                      heads: int = 1, notes: set | None = None) -> list[torch.Tensor] | None:
+                      heads: int = 1, notes: set | None = None, arch_groups: tuple | None = None) -> list[torch.Tensor] | None:
     """Quantize the layer's weights. Returns the quantized layer's outputs when they came for free
-    (one-pass GPTQ), else None."""
+    (one-pass GPTQ), else None. `arch_groups`: the adapter's projection groups (core.arch), each Linear
+    called once per forward; without them (a family the adapter does not know) the groups are traced."""
     lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
     if gptq is not None and lins:
-        groups, once = linear_groups(layer, hidden, kw, lins)
+        if arch_groups is not None:
+            named = {n for g in arch_groups for n in g}
+            groups = [[n for n in g if n in lins] for g in arch_groups] + [[n] for n in lins if n not in named]
+            groups, once = [g for g in groups if g], True
+        else:
+            groups, once = linear_groups(layer, hidden, kw, lins)
         if gptq.one_pass:
             gib = _one_pass_gib(lins, hidden, heads)
             if once and gib <= gptq.one_pass_max_gib:
@@ -445,6 +452,7 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
         hidden, kws = capture_layer_inputs(model, layers, ids, batch)
         bar = tqdm(list(enumerate(layers)), desc="calibrating layers", unit="layer", disable=not progress)
         heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
+        arch_groups = arch_of(model).groups if FAMILIES.get(getattr(text_config(model), "model_type", None)) else None
         notes: set = set()
         for i, layer in bar:
             kw = kws[i]
@@ -455,7 +463,7 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
                     _smooth(layer, hidden, kw, maps, algos[SmoothQuant])
                 if AWQ in algos:
                     _awq(layer, hidden, kw, maps, algos[AWQ], clip_amax)
-            out = _quantize_weights(layer, hidden, kw, algos.get(GPTQ), clip_amax, stats, heads, notes)
+            out = _quantize_weights(layer, hidden, kw, algos.get(GPTQ), clip_amax, stats, heads, notes, arch_groups)
             static = _static_act_quantizers(layer)
             _calibrate_static(static, lambda: _run(layer, hidden, kw))
             if out is None or static:

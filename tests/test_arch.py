@@ -246,3 +246,16 @@ def test_prune_families(family):
     assert torch.allclose(Engine(small, "fp32", max_seq_len=16).forward(ids), ref, atol=1e-4)
     with pytest.raises(LeanLMError, match="Gemma-3 is not supported"):
         prune(make_model("gemma3"), PruneTarget(layers=1), calib=calib, progress=False)
+
+
+def test_profile_and_facts_read_the_adapter():
+    from leanlm.core.modules import decoder_layers, facts
+    from leanlm.evaluation import decode_costs
+
+    gemma = make_model("gemma3")   # layer 0 slides over 8 tokens, layer 1 is global
+    a = arch_of(gemma)
+    assert decoder_layers(gemma) is a.layers(gemma)
+    f = facts(gemma)
+    assert (f.layers, f.heads, f.kv_heads, f.head_dim) == (2, 4, 2, 16)
+    c = decode_costs(gemma, context=20)
+    assert c["kv_bytes"] == 2 * 2 * 16 * (8 + 20) * 4

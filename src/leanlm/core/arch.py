@@ -114,6 +114,12 @@ def _rope(cfg) -> tuple[float, float | None, str, float]:
         float(rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0)
 
 
+def arch_or_none(model: nn.Module) -> Arch | None:
+    """The adapter, or None for a model type outside `FAMILIES` (for generic code such as block-by-block
+    calibration and `leanlm info`, which also handle other transformer stacks)."""
+    return arch_of(model) if FAMILIES.get(getattr(text_config(model), "model_type", None)) else None
+
+
 def arch_of(model: nn.Module) -> Arch:
     """The adapter of a transformers causal LM (or of its config: then `body_path` assumes "model").
     Raises LeanLMError for a model type outside `FAMILIES`."""

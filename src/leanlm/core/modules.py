@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .arch import arch_or_none, text_config
 from .errors import LeanLMError
 
 
@@ -17,7 +18,11 @@ def named_linears(model: nn.Module, pattern: str = "*") -> dict[str, nn.Linear]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks: the largest nn.ModuleList whose items are identical in type."""
+    """The stack of transformer blocks: the adapter's (core.arch) for a family it knows; for another
+    transformer stack, the largest nn.ModuleList whose items are identical in type."""
+    arch = arch_or_none(model)
+    if arch is not None:
+        return arch.layers(model)
     best = None
     for _, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1:
@@ -57,29 +62,18 @@ def unique_params(model: nn.Module) -> int:
 
 
 def facts(model: nn.Module) -> ModelFacts:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", cfg)
-    get = lambda k, d=0: getattr(cfg, k, d) if cfg is not None else d  # noqa: E731
-    heads = get("num_attention_heads")
-    hidden = get("hidden_size")
-    head_dim = get("head_dim", None) or (hidden // heads if heads else 0)
+    """Size facts for reports: from the adapter for a family it knows, else read off the config as is."""
+    a = arch_or_none(model)
+    cfg = text_config(model) if hasattr(model, "config") else None
+    get = lambda k, d=0: getattr(cfg, k, d) or d if cfg is not None else d  # noqa: E731
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and emb.weight.data_ptr() == out.weight.data_ptr()
-    return ModelFacts(
-        architecture=type(model).__name__,
-        model_type=get("model_type", "unknown"),
-        params=unique_params(model),
-        layers=get("num_hidden_layers") or len(decoder_layers(model)),
-        hidden_size=hidden,
-        heads=heads,
-        kv_heads=get("num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        intermediate_size=get("intermediate_size"),
-        vocab_size=get("vocab_size"),
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        tied_embeddings=tied,
-    )
+    shape = (a.n_layers, a.hidden, a.heads, a.kv_heads, a.head_dim, a.intermediate, a.vocab) if a is not None else (
+        get("num_hidden_layers") or len(decoder_layers(model)), get("hidden_size"), get("num_attention_heads"),
+        get("num_key_value_heads") or get("num_attention_heads"), get("head_dim"), get("intermediate_size"), get("vocab_size"))
+    return ModelFacts(type(model).__name__, get("model_type", "unknown"), unique_params(model), *shape,
+                      dtype=str(next(model.parameters()).dtype).replace("torch.", ""), tied_embeddings=tied)
 
 
 def vocab_size(model: nn.Module) -> int | None:

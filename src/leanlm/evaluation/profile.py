@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..core.modules import facts
+from ..core.arch import arch_of
 
 
 def machine_info() -> dict:
@@ -60,7 +60,7 @@ def decode_costs(model: nn.Module, context: int) -> dict:
     Weights: every parameter and buffer is read once per token, except embedding tables that are
     only looked up (one row); a table tied to the output head is read whole by the head.
     """
-    f = facts(model)
+    arch = arch_of(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ptr = head.weight.data_ptr() if head is not None else None
     lookup_only = {
@@ -76,8 +76,9 @@ def decode_costs(model: nn.Module, context: int) -> dict:
         weight_bytes += lookup_only.get(ptr, t.numel() * t.element_size())
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     kv_elem = next(model.parameters()).element_size()
-    kv_bytes = 2 * f.layers * f.kv_heads * f.head_dim * context * kv_elem
-    attn_flops = 4 * f.layers * f.heads * f.head_dim * context  # q.k and p.v
+    attended = sum(min(context, w) if w else context for w in arch.windows)   # sliding layers read their window only
+    kv_bytes = 2 * arch.kv_heads * arch.head_dim * attended * kv_elem
+    attn_flops = 4 * arch.heads * arch.head_dim * attended  # q.k and p.v
     return {
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,

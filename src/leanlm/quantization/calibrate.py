@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.arch import FAMILIES, arch_of, text_config
+from ..core.arch import arch_or_none
 from ..core.errors import LeanLMError
 from ..core.modules import decoder_layers
 from . import algorithms as alg
@@ -452,7 +452,8 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
         hidden, kws = capture_layer_inputs(model, layers, ids, batch)
         bar = tqdm(list(enumerate(layers)), desc="calibrating layers", unit="layer", disable=not progress)
         heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
-        arch_groups = arch_of(model).groups if FAMILIES.get(getattr(text_config(model), "model_type", None)) else None
+        arch = arch_or_none(model)
+        arch_groups = arch.groups if arch is not None else None
         notes: set = set()
         for i, layer in bar:
             kw = kws[i]

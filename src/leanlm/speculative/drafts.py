@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.arch import arch_of
 from ..core.errors import LeanLMError
 
 
@@ -50,11 +51,8 @@ def parse_budget(budget: str | float | int) -> float:
 
 def truncate_layers(model, n_layers: int):
     """A copy of a Hugging Face decoder-only model keeping its first `n_layers` decoder layers (+ final norm and head)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise LeanLMError(f"{type(model).__name__} has no model.layers list; shallow drafts support Llama-style decoder models")
-    total = len(layers)
+    arch = arch_of(model)
+    total = arch.n_layers
     if not 1 <= n_layers < total:
         raise LeanLMError(f"--layers {n_layers} is out of range: the model has {total} decoder layers, use 1..{total - 1}")
     cfg = copy.deepcopy(model.config)
@@ -62,7 +60,8 @@ def truncate_layers(model, n_layers: int):
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:n_layers]
     draft = type(model)(cfg)
-    sd = {k: v for k, v in model.state_dict().items() if not re.match(r"model\.layers\.(\d+)\.", k) or int(k.split(".")[2]) < n_layers}
+    pre = arch.layers_prefix()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(pre) or int(k[len(pre):].split(".")[0]) < n_layers}
     missing, unexpected = draft.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise LeanLMError(f"cannot copy the first {n_layers} layers of {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -85,6 +84,7 @@ def make_shallow_draft(model, n_layers: int, budget: str | float = "5m", *, toke
     if max_tokens is not None and max_tokens < seq_len:
         raise LeanLMError(f"token budget {max_tokens} is below one sequence of {seq_len} tokens; raise it or lower seq_len")
     draft = truncate_layers(model, n_layers)
+    arch = arch_of(draft)
     if calib_ids is None:
         if tokenizer is None:
             raise LeanLMError("make_shallow_draft needs calibration text: pass tokenizer= (protocol calibration text) or calib_ids=")
@@ -96,7 +96,7 @@ def make_shallow_draft(model, n_layers: int, budget: str | float = "5m", *, toke
         raise LeanLMError(f"the calibration text has {calib_ids.numel()} tokens, fewer than one batch of {batch} x {seq_len}")
     seqs = calib_ids[: n_seq * seq_len].view(n_seq, seq_len)
     for name, p in draft.named_parameters():
-        p.requires_grad_(name.startswith("model.layers.") or name.startswith("model.norm."))
+        p.requires_grad_(name.startswith((arch.layers_prefix(), f"{arch.body_path}.norm.")))
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)

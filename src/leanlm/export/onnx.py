@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.arch import Arch, arch_of, text_config
 from ..core.errors import LeanLMError
 from ..core.io import atomic_dir
 
@@ -123,13 +124,9 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
             ["logits"] + [f"present.{i}.{k}" for i, k in kv])
 
 
-def _shape_facts(model: nn.Module) -> dict:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    eos = cfg.eos_token_id
-    return {"layers": cfg.num_hidden_layers, "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": head_dim, "vocab": cfg.vocab_size, "eos_token_id": eos, "model_type": cfg.model_type}
+def _shape_facts(model: nn.Module, arch: Arch) -> dict:
+    return {"layers": arch.n_layers, "kv_heads": arch.kv_heads, "head_dim": arch.head_dim, "vocab": arch.vocab,
+            "eos_token_id": text_config(model).eos_token_id, "model_type": arch.model_type}
 
 
 def _trace(model: nn.Module, facts: dict, exporter: str):
@@ -357,10 +354,10 @@ def export_onnx(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
     if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
         raise LeanLMError(f"{type(model).__name__} is not a Hugging Face causal LM; the ONNX export takes decoder-only "
                           "transformers models (Llama family: SmolLM2, Llama, Mistral, Qwen2, ...)")
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if any("sliding" in str(t) for t in (getattr(text_cfg, "layer_types", None) or [])):
-        raise LeanLMError(f"{text_cfg.model_type} mixes sliding-window and global attention layers, which the ONNX export "
-                          "does not handle yet; it takes models with global attention in every layer (Llama, SmolLM2, Mistral, Qwen2)")
+    arch = arch_of(model)
+    if any(arch.windows) and arch.family not in ("mistral", "phi3"):   # those two slide alike in every layer
+        raise LeanLMError(f"{arch.model_type} has per-layer sliding-window attention, which the ONNX export does not handle "
+                          "yet; it takes models with the same attention in every layer (Llama, SmolLM2, Mistral, Qwen2)")
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     if n_bytes > 1.9e9:
         raise LeanLMError(f"the model holds {n_bytes / 1e9:.1f} GB of float32 weights; the ONNX export currently handles models "
@@ -378,7 +375,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
         qweights = _weight_formats(model)
     elif group_size is not None:
         raise LeanLMError("group_size applies to weights='int4' or 'int8' exported from a float model")
-    facts = _shape_facts(model)
+    facts = _shape_facts(model, arch)
     if getattr(model.config, "_attn_implementation", None) not in (None, "sdpa", "eager"):
         model.set_attn_implementation("sdpa")
     was_training = model.training

@@ -259,3 +259,11 @@ def test_profile_and_facts_read_the_adapter():
     assert (f.layers, f.heads, f.kv_heads, f.head_dim) == (2, 4, 2, 16)
     c = decode_costs(gemma, context=20)
     assert c["kv_bytes"] == 2 * 2 * 16 * (8 + 20) * 4
+
+
+def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path, tok):
+    with pytest.raises(LeanLMError, match="llama graph has no sliding-window attention"):
+        export(make_model("mistral"), "gguf", tmp_path / "m.gguf", tokenizer=tok)
+    with pytest.raises(LeanLMError, match="five sliding-window layers then one global"):
+        export(make_model("gemma3"), "gguf", tmp_path / "g.gguf", tokenizer=tok)   # sliding, then global
+    assert not any(tmp_path.iterdir())

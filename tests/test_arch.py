@@ -267,3 +267,19 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path, tok):
     with pytest.raises(LeanLMError, match="five sliding-window layers then one global"):
         export(make_model("gemma3"), "gguf", tmp_path / "g.gguf", tokenizer=tok)   # sliding, then global
     assert not any(tmp_path.iterdir())
+
+
+def test_runtime_llama_with_every_bias():
+    """attention_bias / mlp_bias put a bias on every projection (o and down too): added after each matmul."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    ids = _ids(12)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert torch.allclose(Engine(model, "fp32", max_seq_len=16).forward(ids), ref, atol=1e-4)

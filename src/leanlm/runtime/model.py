@@ -10,7 +10,6 @@ own rotary embedding; norms, activations and attention scaling follow the HF cod
 
 from __future__ import annotations
 
-import math
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -283,3 +283,19 @@ def test_runtime_llama_with_every_bias():
     with torch.no_grad():
         ref = model(ids).logits
     assert torch.allclose(Engine(model, "fp32", max_seq_len=16).forward(ids), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3"])
+def test_shallow_draft_keeps_the_first_layers(family):
+    from leanlm.speculative import truncate_layers
+
+    model = make_model(family)
+    draft = truncate_layers(model, 1)
+    a = arch_of(draft)
+    assert a.n_layers == 1 and a.windows == arch_of(model).windows[:1]
+    sd, full = draft.state_dict(), model.state_dict()
+    assert all(torch.equal(v, full[k]) for k, v in sd.items())
+    with pytest.raises(LeanLMError, match="supported families"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        truncate_layers(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V)), 1)

@@ -198,6 +198,14 @@ class QFormat:
         return FORMATS[self.kind]
 
     @property
+    def qmax(self) -> float:
+        """Largest element of the symmetric grid: ``amax / qmax`` is the scale (int: 2**(n-1) - 1,
+        float formats: their element maximum, nf4: 1)."""
+        if self.kind == "int":
+            return float(2 ** (self.bits - 1) - 1)
+        return 1.0 if self.kind == "nf4" else self.spec.elem[2]
+
+    @property
     def name(self) -> str:
         """Canonical short name; ``parse_format(fmt.name) == fmt``."""
         if self.kind == "int":
@@ -461,12 +469,8 @@ def compute_qparams(
     else:
         a = observed
 
-    if fmt.kind == "int":
-        return QParams(scale=_nonzero(a / _int_range(fmt)[1]))
-    if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
-        return QParams(scale=_nonzero(a / fmt.spec.elem[2]))
-    if fmt.kind == "nf4":
-        return QParams(scale=_nonzero(a))
+    if fmt.spec.scale in ("f16", "f32"):  # int, fp8, nf4: scale = amax / qmax
+        return QParams(scale=_nonzero(a / fmt.qmax))
     if fmt.kind == "nvfp4":
         g_amax = a.amax() if global_amax is None else torch.as_tensor(
             global_amax, dtype=torch.float32, device=a.device).reshape(())
@@ -546,11 +550,6 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = None
         return dequantize(quantize(x, fmt, qp), fmt, qp).to(x.dtype)
 
 
-def _top(fmt: QFormat) -> float:
-    """Largest element magnitude of a float format (1 for the NF4 codebook)."""
-    return 1.0 if fmt.kind == "nf4" else fmt.spec.elem[2]
-
-
 def _clip_bounds(fmt: QFormat, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Representable [lo, hi] per group, in the grouped statistics shape."""
     if fmt.kind == "int":
@@ -559,7 +558,7 @@ def _clip_bounds(fmt: QFormat, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]
             return lo * qp.scale, hi * qp.scale
         return (lo - qp.zero) * qp.scale, (hi - qp.zero) * qp.scale
     s = _eff_scale(fmt, qp)
-    return -_top(fmt) * s, _top(fmt) * s
+    return -fmt.qmax * s, fmt.qmax * s
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -592,7 +591,7 @@ def fake_quantize_with(x: torch.Tensor, fmt: QFormat, scale: torch.Tensor, zero:
         if zero is not None:  # asymmetric codes round(v) + zero in [0, 2^n - 1]
             lo, hi = -zero, hi - zero
         return rnd(torch.clamp(x / scale, lo, hi), torch.round) * scale
-    top = _top(fmt)
+    top = fmt.qmax
     if fmt.kind == "nf4":
         return rnd(torch.clamp(x / scale, -top, top), lambda v: round_to_grid(v, fmt)) * scale
     s = scale * global_scale if fmt.kind == "nvfp4" else scale

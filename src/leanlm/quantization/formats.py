@@ -1,8 +1,10 @@
 """Exact definitions of the quantization number formats leanlm supports.
 
-Every format is defined once here: how its scales are derived from a range, how values are
-rounded onto its grid (round half to even, saturating), and how codes are decoded. Calibration
-algorithms (GPTQ, AWQ, SmoothQuant) and fake-quant modules build on these functions.
+Every format is defined once here, one row per kind in the table ``FORMATS`` (like ggml's type
+traits): how its scales are derived from a range, how values are rounded onto its grid (round half
+to even, saturating), how codes are decoded and packed, and its fake quantizer (differentiable for
+QAT: ``fake_quantize_with(..., ste=True)``). PTQ (GPTQ, AWQ, SmoothQuant), QAT, the runtime layouts
+and the exporters build on these functions; no other module repeats the math.
 
 Formats (``QFormat.kind``):
 
@@ -91,6 +93,7 @@ NF4_CODEBOOK: tuple[float, ...] = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 
+
 @dataclass(frozen=True)
 class FormatSpec:
     """One row of the format table: everything fixed about a format kind (``FORMATS[kind]``).
@@ -115,13 +118,12 @@ class FormatSpec:
 
     @property
     def blockwise(self) -> bool:
-        return self.granularities == ("group",) and (self.block or self.default_block) is not None
+        """Always in blocks along the last dim (nvfp4, MX, nf4)."""
+        return self.granularities == ("group",)
 
 
 _GRANULARITIES = ("tensor", "channel", "group", "token")
 _NOT_GROUP = ("tensor", "channel", "token")
-_NF4_DEFAULT_BLOCK = 64
-
 # The format table: add a format by adding its row here (and its branch in compute_qparams if its
 # scales are derived in a new way). Scale bits: int scales are stored as fp16, fp8 scales as fp32.
 FORMATS: dict[str, FormatSpec] = {
@@ -131,7 +133,7 @@ FORMATS: dict[str, FormatSpec] = {
     "nvfp4": FormatSpec(4, _E2M1, ("group",), "e4m3", 8, "e2m1x2", block=16),
     "mxfp4": FormatSpec(4, _E2M1, ("group",), "e8m0", 8, "e2m1x2", block=32, emax=2),
     "mxfp8": FormatSpec(8, _E4M3, ("group",), "e8m0", 8, "float8", block=32, emax=8),
-    "nf4": FormatSpec(4, None, ("group",), "f32", 32, "u4x2", default_block=_NF4_DEFAULT_BLOCK),
+    "nf4": FormatSpec(4, None, ("group",), "f32", 32, "u4x2", default_block=64),
 }
 KINDS = tuple(FORMATS)
 

@@ -86,8 +86,6 @@ class Engine:
         a row's tokens after its eos are eos). Runs `leanlm.speculative.decode.generate` on this engine."""
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        if max_new_tokens < 1:
-            raise LeanLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = Sampling(temperature, top_k, top_p, seed)
         need = ids.shape[1] + max_new_tokens - 1
         if need > self.model.max_seq_len:

@@ -12,13 +12,14 @@ import torch
 from common import md_table, write_results
 
 import leanlm
+import leanlm.core.calibrate as engine
 import leanlm.quantization.calibrate as cal
 from leanlm.core.data import calibration_batches
 from leanlm.quantization import algorithms as alg
 from leanlm.quantization import preset
 
 PARTS = [(alg, "gptq", "GPTQ solves"), (alg, "quant_error", "error statistics"), (alg.HessianAccumulator, "add", "Hessians"),
-         (cal, "linear_groups", "tracing groups"), (cal, "capture_layer_inputs", "capturing inputs"),
+         (cal, "linear_groups", "tracing groups"), (engine, "capture_layer_inputs", "capturing inputs"),
          (cal, "_gptq_in_forward", "layer forwards incl. Hessians, solves, statistics")]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leanlm.quantization import algorithms as alg
-from leanlm.quantization.formats import compute_qparams, fake_quantize, parse_format
+from leanlm.quantization.formats import compute_qparams, fake_quantize, fake_quantize_with, parse_format
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -102,7 +102,7 @@ def test_gptq_every_format_exact_grid(fmt):
 
 @pytest.mark.parametrize("fmt", ["int4_g32", "int4_g32_asym", "int3", "int8_tensor", "fp8_e4m3", "nvfp4", "mxfp4",
                                  "nf4"])
-def test_fq_col_matches_formats_bitwise(fmt):
+def test_fake_quantize_with_column_scales_matches_formats_bitwise(fmt):
     f = parse_format(fmt)
     w = _weight() * torch.logspace(-3, 1, 128)  # wide dynamic range, incl. tiny nvfp4 blocks
     qp = compute_qparams(w, f)
@@ -115,7 +115,7 @@ def test_fq_col_matches_formats_bitwise(fmt):
             s, z = qp.scale, qp.zero
         else:
             s, z = qp.scale.reshape(-1), None if qp.zero is None else qp.zero.reshape(-1)
-        assert torch.equal(alg._fq_col(w[:, c], f, s, z, qp.global_scale), ref[:, c]), c
+        assert torch.equal(fake_quantize_with(w[:, c], f, s, z, qp.global_scale), ref[:, c]), c
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32", "int4_g32_asym", "int3", "int8_tensor", "fp8_e4m3", "nvfp4", "mxfp4",

@@ -437,3 +437,28 @@ def test_parse_specifics_and_errors():
         QFormat("int", 4, granularity="group")
     with pytest.raises(ValueError, match="nvfp4 needs QParams.global_scale"):
         quantize(torch.randn(2, 16), "nvfp4", QParams(scale=torch.ones(2, 1, 1)))
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_table_row_packing_and_differentiable_quantizer(name):
+    """Every format's row drives packing (codes survive pack/unpack exactly, two per byte up to 4
+    bits) and the differentiable quantizer (bit-identical to fake_quantize, straight-through
+    gradient inside the representable range)."""
+    from leanlm.quantization.formats import FORMATS, _grouped, fake_quantize_lsq, fake_quantize_with, pack_codes, unpack_codes
+
+    f = parse_format(name)
+    assert f.spec is FORMATS[f.kind] and (f.spec.bits is None or f.spec.bits == f.bits)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 1, 128)
+    qp = compute_qparams(x, f)
+    codes = quantize(x, f, qp)
+    stored, packing = pack_codes(codes, f)
+    assert stored.numel() * stored.element_size() * 8 == codes.numel() * (4 if f.bits <= 4 else 8)  # 4 bits: two per byte
+    back = unpack_codes(stored, packing, f, list(codes.shape))
+    assert back.dtype == codes.dtype and torch.equal(back, codes)
+    ref = fake_quantize(x, f, qp)
+    assert torch.equal(fake_quantize_with(_grouped(x, f), f, qp.scale, qp.zero, qp.global_scale).reshape(x.shape), ref)
+    xr = x.clone().requires_grad_(True)
+    out = fake_quantize_lsq(xr, f, qp.scale, qp.zero, qp.global_scale)
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert set(xr.grad.unique().tolist()) <= {0.0, 1.0} and xr.grad.sum() > 0

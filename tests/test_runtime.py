@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_llama
 from leanlm.core.errors import LeanLMError
-from leanlm.runtime import Engine, SamplingConfig
+from leanlm.runtime import Engine, Sampling
 from leanlm.runtime.sampling import filter_logits
 
 V = 300
@@ -148,13 +148,13 @@ def test_sampling_settings(llama, ids):
     hot = eng.generate(ids[:1], 20, temperature=50.0, seed=6)
     assert not torch.equal(hot, eng.generate(ids[:1], 20))        # a hot temperature leaves the greedy path
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    kept = torch.isfinite(filter_logits(logits, SamplingConfig(1.0, top_k=2)))
+    kept = torch.isfinite(filter_logits(logits, Sampling(1.0, top_k=2)))
     assert kept.tolist() == [[True, True, False, False, False]]
     p = logits.softmax(-1)[0]  # [0.636, 0.234, 0.086, ...]
-    kept = torch.isfinite(filter_logits(logits, SamplingConfig(1.0, top_p=0.8)))
+    kept = torch.isfinite(filter_logits(logits, Sampling(1.0, top_p=0.8)))
     assert kept.tolist() == [[True, True, False, False, False]] and p[0] < 0.8 < p[0] + p[1]
     with pytest.raises(LeanLMError, match="top_p"):
-        SamplingConfig(1.0, top_p=1.5)
+        Sampling(1.0, top_p=1.5)
 
 
 def test_bad_input_errors(llama):

@@ -88,6 +88,25 @@ def test_eos_stops(target):
     assert torch.equal(generate(target, ids, 20, eos_token_id=eos), out)
 
 
+def test_eos_in_a_batch_pads_finished_rows_and_stops_when_all_are_done(target):
+    ids = prompts(batch=2, seed=11)
+    L = ids.shape[1]
+    ref = generate(target, ids, 16)
+    for eos in {int(ref[0, L + 2]), int(ref[1, L + 6])}:
+        want = ref.clone()
+        firsts = []
+        for r in range(2):
+            hit = (ref[r, L:] == eos).nonzero()
+            if len(hit):
+                firsts.append(int(hit[0]))
+                want[r, L + firsts[-1] + 1:] = eos
+        if len(firsts) == 2:  # every row reached eos: cut after the last row's first eos
+            want = want[:, : L + max(firsts) + 1]
+        assert torch.equal(generate(target, ids, 16, eos_token_id=eos), want)
+        out, _ = speculative_generate(target, target, ids, 16, k=3, eos_token_id=eos)
+        assert torch.equal(out, want)
+
+
 # ---- sampling: exactly the target's distribution (chi-square on a tiny vocabulary) ----
 
 class TableModel:
@@ -239,7 +258,7 @@ def test_adaptive_k_rule():
 
 def test_shallow_draft_distills_and_saves(tmp_path, tiny_tokenizer, target):
     big = make_llama(vocab_size=len(tiny_tokenizer), layers=3, seed=5)
-    d = make_shallow_draft(big, 1, budget=60, max_tokens=6 * 64 * 4, tokenizer=tiny_tokenizer,
+    d = make_shallow_draft(big, 1, budget="60s", max_tokens=6 * 64 * 4, tokenizer=tiny_tokenizer,
                            calib_ids=tiny_tokenizer(" ".join(["The quick brown fox jumps."] * 200), return_tensors="pt")["input_ids"][0],
                            seq_len=64, batch=4, lr=3e-3, progress=False)
     log = d.leanlm_draft
@@ -271,7 +290,8 @@ def test_bad_input(target, tiny_tokenizer):
         truncate_layers(target, 2)
     with pytest.raises(LeanLMError, match="budget"):
         parse_budget("soon")
-    assert parse_budget("5m") == 300 and parse_budget("1.5h") == 5400 and parse_budget(20) == 20
+    assert parse_budget("5m")["max_minutes"] == 5 and parse_budget("1.5h")["max_minutes"] == 90
+    assert parse_budget(20) == {"max_tokens": 20, "max_minutes": None}  # the one syntax: a bare number counts tokens
     with pytest.raises(LeanLMError, match="temperature"):
         Sampling(temperature=-1)
 

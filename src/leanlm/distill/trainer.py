@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -78,6 +79,30 @@ class TrainConfig:
             raise LeanLMError(f"unknown schedule {self.schedule!r}; use 'cosine' or 'constant'")
         if self.lr <= 0:
             raise LeanLMError(f"lr must be positive, got {self.lr}")
+
+
+def parse_budget(budget: str | int | float) -> dict:
+    """The one training-budget parser (QAT/QAD, draft models): '10m' / '90s' / '1h' (wall time) or
+    '2M' / '500k' / '100000' or a number (tokens) -> the TrainConfig fields ``max_tokens`` / ``max_minutes``.
+
+    Lower-case m means minutes and upper-case M millions of tokens, as in the CLI's `--budget 10m`
+    and `--budget 2M`; a bare number counts tokens.
+    """
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        tokens = int(budget)
+        if tokens <= 0:
+            raise LeanLMError(f"the training budget must be positive, got {budget}")
+        return {"max_tokens": tokens, "max_minutes": None}
+    s = str(budget).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(min|m|s|h|M|k|K|G)?", s)
+    if not m:
+        raise LeanLMError(f"cannot read the budget {budget!r}; give minutes/seconds/hours (10m, 90s, 1h) or tokens (2M, 500k, 100000)")
+    value, unit = float(m.group(1)), m.group(2)
+    if value <= 0:
+        raise LeanLMError(f"the training budget must be positive, got {budget!r}")
+    if unit in ("m", "min", "s", "h"):
+        return {"max_tokens": None, "max_minutes": value * {"m": 1, "min": 1, "s": 1 / 60, "h": 60}[unit]}
+    return {"max_tokens": int(value * {None: 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}[unit]), "max_minutes": None}
 
 
 @dataclass
@@ -366,7 +391,9 @@ def train(
         else:
             where = "; no checkpoint_dir was set, so the progress is lost (set checkpoint_dir to make training resumable)"
         _restore(frozen, model)
-        raise TrainingInterrupted(f"training interrupted at step {step} ({tokens} tokens){where}") from None
+        err = TrainingInterrupted(f"training interrupted at step {step} ({tokens} tokens){where}")
+        err.steps, err.tokens = step, tokens
+        raise err from None
     except BaseException:
         bar.close()
         _restore(frozen, model)

@@ -118,8 +118,7 @@ def _set_qparams(module: nn.Module, ql: QuantLinear) -> None:
         else:
             zp.data.zero_()
     if ql.act_fmt is not None and not ql.act_dynamic:
-        top = 127.0 if ql.act_fmt.kind == "int" else 448.0
-        s = (ql.act_amax / top).clamp(min=torch.finfo(torch.float32).tiny)  # leanlm: scale = amax / qmax
+        s = (ql.act_amax / ql.act_fmt.qmax).clamp(min=torch.finfo(torch.float32).tiny)  # leanlm: scale = amax / qmax
         module.input_scale.data = s.to(module.input_scale.dtype).reshape(module.input_scale.shape)
         if getattr(module, "input_zero_point", None) is not None:
             module.input_zero_point.data.zero_()

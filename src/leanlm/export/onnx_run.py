@@ -122,24 +122,16 @@ class OnnxCausalLM:
         """A CPU tensor, so helpers that ask a model for its device (perplexity) work."""
         yield torch.empty(0)
 
-    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[[], None] | None = None,
                  eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding through the KV cache; stops early only at `eos_token_id` (if given)."""
-        self.reset()
-        ids = torch.as_tensor(input_ids)
-        logits = self.forward(ids)
-        out = [ids]
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            if on_token:
-                on_token()
-            out.append(nxt)
-            if eos_token_id is not None and bool((nxt == eos_token_id).all()) or i == max_new_tokens - 1:
-                break
-            logits = self.forward(nxt)
-        self.reset()
-        return torch.cat(out, 1)
+        """Greedy decoding through the KV cache (the one decode loop, `leanlm.speculative.decode.generate`);
+        stops early only at `eos_token_id` (if given)."""
+        from ..speculative.decode import generate
+
+        try:
+            return generate(self, torch.as_tensor(input_ids), max_new_tokens, eos_token_id=eos_token_id, on_token=on_token)
+        finally:
+            self.reset()
 
 
 def onnx_generator(lm: OnnxCausalLM):

@@ -1,7 +1,8 @@
 """Activation-based importance of every prunable structure, measured on calibration text.
 
 Following Minitron (Muralidharan et al. 2024, "Compact language models via pruning and knowledge
-distillation"), importance comes from forward activations only (no gradients):
+distillation"), importance comes from forward activations only (no gradients), measured block by
+block on the core's calibration engine (``leanlm.core.calibrate``):
 
 - attention head h of a layer: squared L2 norm, over all calibration tokens, of that head's output
   (its slice of the input of `o_proj`); a KV group's importance is the sum over its query heads;
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.arch import arch_of
+from ..core.calibrate import LayerStep, calibrate_blocks, register
 
 
 @dataclass
@@ -47,70 +49,60 @@ def _nll(model, batches: torch.Tensor, batch_size: int) -> float:
 
 @torch.inference_mode()
 def activation_importance(model: nn.Module, calib: torch.Tensor, *, batch_size: int = 4, progress: bool = True) -> Importance:
-    """Heads, MLP channels and hidden channels from one pass over `calib` ([N, T] token ids)."""
+    """Heads, MLP channels and hidden channels from one block-by-block pass over `calib` ([N, T] token ids)."""
     arch = arch_of(model)
-    layers = arch.layers(model)
-    nh, hd = arch.heads, arch.head_dim
-    heads = [torch.zeros(nh, dtype=torch.float64) for _ in layers]
-    chans = [torch.zeros(arch.intermediate, dtype=torch.float64) for _ in layers]
-    hidden = torch.zeros(arch.hidden, dtype=torch.float64)
-    handles = []
+    heads = [torch.zeros(arch.heads, dtype=torch.float64) for _ in range(arch.n_layers)]
+    chans = [torch.zeros(arch.intermediate, dtype=torch.float64) for _ in range(arch.n_layers)]
+    imp = Importance(heads, chans, torch.zeros(arch.hidden, dtype=torch.float64), None, None)
+    calibrate_blocks(model, calib, [("activation_importance", imp)], batch=batch_size, progress=progress, desc="importance")
+    return imp
 
-    def on_o(i):
-        def hook(mod, args):
-            x = args[0].float()
-            heads[i].add_(x.reshape(-1, nh, hd).pow(2).sum((0, 2)).double())
-        return hook
 
-    def on_down(i):
-        def hook(mod, args):
-            chans[i].add_(args[0].float().reshape(-1, args[0].shape[-1]).pow(2).sum(0).double())
-        return hook
+@register("activation_importance")
+def importance_step(step: LayerStep, imp: Importance) -> None:
+    """One layer's share of `activation_importance`: hooks on o_proj's and down_proj's inputs and on
+    the norms' outputs during the layer's forward (and the final norm after the last layer)."""
+    layer, i, arch = step.layer, step.index, arch_of(step.model)
+    nh = imp.heads[i].numel()
+
+    def on_o(mod, args):
+        imp.heads[i].add_(args[0].float().reshape(-1, nh, args[0].shape[-1] // nh).pow(2).sum((0, 2)).double())
+
+    def on_down(mod, args):
+        imp.channels[i].add_(args[0].float().reshape(-1, args[0].shape[-1]).pow(2).sum(0).double())
 
     def on_norm(mod, args, out):
-        hidden.add_(out.float().reshape(-1, out.shape[-1]).pow(2).sum(0).double())
+        imp.hidden.add_(out.float().reshape(-1, out.shape[-1]).pow(2).sum(0).double())
 
-    for i, layer in enumerate(layers):
-        handles.append(layer.get_submodule(arch.o).register_forward_pre_hook(on_o(i)))
-        handles.append(layer.get_submodule(arch.down).register_forward_pre_hook(on_down(i)))
-        for norm in arch.layer_norms:
-            handles.append(layer.get_submodule(norm).register_forward_hook(on_norm))
-    handles.append(arch.body(model).norm.register_forward_hook(on_norm))
-    _forward_all(model, calib, batch_size, handles, "importance", progress)
-    return Importance(heads, chans, hidden, None, None)
-
-
-
-def _forward_all(model: nn.Module, calib: torch.Tensor, batch_size: int, handles: list, desc: str, progress: bool) -> None:
-    """Run the calibration batches through the model (hooks collect the statistics), then remove the hooks."""
+    handles = [layer.get_submodule(arch.o).register_forward_pre_hook(on_o), layer.get_submodule(arch.down).register_forward_pre_hook(on_down)]
+    handles += [layer.get_submodule(norm).register_forward_hook(on_norm) for norm in arch.layer_norms]
     try:
-        for i in tqdm(range(0, calib.shape[0], batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            model(input_ids=calib[i : i + batch_size], use_cache=False)
+        step.out = step.run()
     finally:
         for h in handles:
             h.remove()
+    if i == len(imp.heads) - 1:
+        for h in step.out:
+            on_norm(None, None, arch.body(step.model).norm(h))
+
+
+@register("block_influence")
+def block_influence_step(step: LayerStep, score: torch.Tensor) -> None:
+    """ShortGPT's Block Influence of one layer: sum over tokens of 1 - cos(input, output)."""
+    step.out = step.run()
+    for x, y in zip(step.hidden, step.out):
+        score[step.index] += (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().double()
+
 
 @torch.inference_mode()
 def layer_importance(model: nn.Module, calib: torch.Tensor, metric: str = "ppl", *, batch_size: int = 4,
                      progress: bool = True) -> torch.Tensor:
     """Cost of skipping each decoder layer alone: NLL increase ("ppl") or 1 - cos(in, out) ("cosine")."""
     body = arch_of(model).body(model)
-    layers = body.layers
-    n = len(layers)
+    n = len(body.layers)
     if metric == "cosine":
         score = torch.zeros(n, dtype=torch.float64)
-        handles = []
-
-        def on_layer(i):
-            def hook(mod, args, kwargs, out):
-                x = args[0] if args else kwargs["hidden_states"]
-                y = out[0] if isinstance(out, tuple) else out
-                score[i] += (1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().double()
-            return hook
-
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
-        _forward_all(model, calib, batch_size, handles, "layer importance", progress)
+        calibrate_blocks(model, calib, [("block_influence", score)], batch=batch_size, progress=progress, desc="layer importance")
         return score / calib.numel()
     base = _nll(model, calib, batch_size)
     score = torch.zeros(n, dtype=torch.float64)

@@ -5,8 +5,9 @@
     leanlm.quantization.save_quantized(model, "out/", tokenizer=tok)
 """
 
+from ..quantization.formats import fake_quantize_lsq
 from .api import QATConfig, QATResult, check_trainable, default_train_config, finalize_qat, parse_budget, prepare_qat, qat
-from .fakequant import QATActQuantizer, QATQuantizer, fake_quantize_lsq
+from .fakequant import QATActQuantizer, QATQuantizer
 
 __all__ = ["QATActQuantizer", "QATConfig", "QATResult", "QATQuantizer", "check_trainable", "default_train_config", "fake_quantize_lsq",
            "finalize_qat", "parse_budget", "prepare_qat", "qat"]

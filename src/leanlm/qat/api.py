@@ -17,7 +17,6 @@ an ordinary leanlm-quantized model that `save_quantized`, the runtime and the ex
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..core.errors import LeanLMError
 from ..distill.kd import DistillConfig, DistillLoss, _train_ids
-from ..distill.trainer import TrainConfig, TrainResult, lm_loss, train
+from ..distill.trainer import TrainConfig, TrainResult, lm_loss, parse_budget, train
 from ..quantization.config import PRESETS, QuantConfig, preset
 from ..quantization.formats import fake_quantize
 from ..quantization.modules import TensorQuantizer, quantizers
@@ -82,29 +81,6 @@ class QATResult:
 
 
 # ------------------------------------------------------------------------------- budget
-
-
-def parse_budget(budget: str | int | float) -> dict:
-    """'10m' / '90s' / '1h' (wall time) or '2M' / '500k' / '100000' (tokens) -> TrainConfig fields.
-
-    Lower-case m means minutes and upper-case M millions of tokens, as in the CLI's `--budget 10m`
-    and `--budget 2M`.
-    """
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        tokens = int(budget)
-        if tokens <= 0:
-            raise LeanLMError(f"the training budget must be positive, got {budget}")
-        return {"max_tokens": tokens, "max_minutes": None}
-    s = str(budget).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(min|m|s|h|M|k|K|G)?", s)
-    if not m:
-        raise LeanLMError(f"cannot read the budget {budget!r}; give minutes/seconds/hours (10m, 90s, 1h) or tokens (2M, 500k, 100000)")
-    value, unit = float(m.group(1)), m.group(2)
-    if value <= 0:
-        raise LeanLMError(f"the training budget must be positive, got {budget!r}")
-    if unit in ("m", "min", "s", "h"):
-        return {"max_tokens": None, "max_minutes": value * {"m": 1, "min": 1, "s": 1 / 60, "h": 60}[unit]}
-    return {"max_tokens": int(value * {None: 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}[unit]), "max_minutes": None}
 
 
 # ------------------------------------------------------------------------------- prepare / finalize

@@ -1,12 +1,8 @@
-"""Trainable fake quantization: straight-through rounding and learnable scales (LSQ).
+"""Trainable fake quantization: the quantizer modules QAT swaps in.
 
-`fake_quantize_lsq(x, fmt, scale, zero, global_scale)` computes exactly the values of
-`formats.fake_quantize(x, fmt, QParams(scale, zero, global_scale))` (same operations in the same
-order, so a folded weight equals what training saw), but is differentiable in both `x` and `scale`:
-rounding onto the element grid passes gradients straight through (Bengio et al. 2013), clipping
-passes none for values outside the representable range, and the scale gets the LSQ gradient
-(Esser et al. 2020, "Learned Step Size Quantization"): ``round(v) - v`` inside the range, the
-clipping bound outside.
+The math is the format table's (`formats.fake_quantize_lsq`: exactly the values of
+`formats.fake_quantize`, so a folded weight equals what training saw, but differentiable in the
+weight and the scales, with the LSQ scale gradient of Esser et al. 2020).
 
 `QATQuantizer` is the in-place class swap of a weight `TensorQuantizer` used during training: the
 calibrated scales live in buffers (so checkpoints restore them exactly), and with learnable scales
@@ -28,86 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..quantization.formats import (_E4M3, QFormat, QParams, _elem, _exp2i, _grouped, _int_range, _nf4_codebook, _nf4_index,
-                                    fake_quantize_and_mask, fake_quantize_ste, round_minifloat)
+from ..quantization.formats import QParams, fake_quantize_and_mask, fake_quantize_lsq, fake_quantize_ste, project_scale
 from ..quantization.modules import TensorQuantizer
-
-
-class _RoundSTE(torch.autograd.Function):
-    """Forward: `fn(v)` exactly. Backward: identity (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, v, fn):  # noqa: D102
-        return fn(v)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad, None
-
-
-def _round_int(v):
-    return torch.round(v)
-
-
-def _nf4_values(v):
-    return _nf4_codebook(v.device)[_nf4_index(v)]
-
-
-def _element_grid(fmt: QFormat):
-    """(rounding function on scaled values, representable bound) of a format's elements."""
-    if fmt.kind == "nf4":
-        return _nf4_values, 1.0
-    ebits, mbits, fmax = _elem(fmt)
-    return (lambda v: round_minifloat(v, ebits, mbits, fmax)), fmax
-
-
-def effective_scale(fmt: QFormat, scale: torch.Tensor) -> torch.Tensor:
-    """Project a (learned) scale onto the values the format can store, straight-through.
-
-    NVFP4 block scales are E4M3 numbers and MX scales powers of two (E8M0); int, fp8 and nf4 scales
-    are stored as float32 and need no projection.
-    """
-    if fmt.kind == "nvfp4":
-        return _RoundSTE.apply(scale, lambda s: round_minifloat(s, *_E4M3))
-    if fmt.kind in ("mxfp4", "mxfp8"):
-        def pow2(s):
-            _, ex = torch.frexp(s)
-            return torch.where(s > 0, _exp2i((ex - 1).clamp(-127, 127)), s)
-        return _RoundSTE.apply(scale, pow2)
-    return scale
-
-
-def fake_quantize_lsq(x: torch.Tensor, fmt: QFormat, scale: torch.Tensor, zero: torch.Tensor | None = None,
-                      global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable fake quantization of `x` with the given scales (see the module docstring)."""
-    xg = _grouped(x, fmt)
-    if fmt.kind == "int":
-        lo, hi = _int_range(fmt)
-        s = scale
-        if zero is not None:  # asymmetric: codes round(v) + zero in [0, 2^n - 1], i.e. round(v) in [-zero, 2^n - 1 - zero]
-            lo, hi = -zero, hi - zero
-        v = torch.clamp(xg / s, lo, hi)
-        out = _RoundSTE.apply(v, _round_int) * s
-    elif fmt.kind == "nf4":
-        rnd, top = _element_grid(fmt)
-        v = torch.clamp(xg / scale, -top, top)
-        out = _RoundSTE.apply(v, rnd) * scale
-    else:
-        rnd, top = _element_grid(fmt)
-        s = scale * global_scale if fmt.kind == "nvfp4" else scale
-        v = torch.clamp(xg / _nonzero_ste(s), -top, top)
-        q = _RoundSTE.apply(v, rnd)
-        if fmt.kind == "nvfp4":
-            q = torch.where(s == 0, torch.zeros_like(q), q)
-            out = (q * scale) * global_scale
-        else:
-            out = q * s
-    return out.reshape(x.shape).to(x.dtype)
-
-
-def _nonzero_ste(s: torch.Tensor) -> torch.Tensor:
-    """`formats._nonzero` (a zero scale divides as 1) keeping the gradient of non-zero scales."""
-    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 @functools.cache
@@ -171,7 +89,7 @@ class QATQuantizer(TensorQuantizer):
         """The scales the forward uses now (learned ones projected onto the format's scale grid)."""
         s = self.qat_scale
         if self.log_scale is not None:
-            s = effective_scale(self.fmt, s * torch.exp(self.scale_mult * self.log_scale))
+            s = project_scale(self.fmt, s * torch.exp(self.scale_mult * self.log_scale))
         return QParams(s, self.qat_zero, self.qat_global_scale)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:

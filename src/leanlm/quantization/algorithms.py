@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .formats import QFormat, QParams, _grouped, compute_qparams, fake_quantize, parse_format, round_to_grid
+from .formats import QFormat, QParams, _grouped, compute_qparams, fake_quantize, fake_quantize_with, parse_format
 
 __all__ = [
     "METHODS",
@@ -342,23 +342,6 @@ class HessianAccumulator:
         return self._full
 
 
-def _fq_col(x: torch.Tensor, fmt: QFormat, scale, zero, gscale) -> torch.Tensor:
-    """Fake-quantize values with given (broadcast) scales: the same float operations as
-    ``dequantize(quantize(...))`` in formats.py, element by element."""
-    if fmt.kind == "int":
-        if fmt.symmetric:
-            return round_to_grid(x / scale, fmt) * scale
-        return (round_to_grid(torch.round(x / scale) + zero, fmt) - zero) * scale
-    if fmt.kind == "nf4":
-        return round_to_grid(x / scale, fmt) * scale
-    s = scale * gscale if fmt.kind == "nvfp4" else scale
-    q = round_to_grid(x / torch.where(s == 0, torch.ones_like(s), s), fmt)
-    if fmt.kind == "nvfp4":
-        q = torch.where(s == 0, torch.zeros_like(q), q)
-        return (q * scale) * gscale
-    return q * scale
-
-
 def prepared_hessian(H: torch.Tensor, dev: torch.device, who: str) -> torch.Tensor:
     """A float64 copy of the Hessian on `dev` (float32 on MPS) with dead inputs (diagonal 0: never
     active in calibration) made independent unit columns, so the Cholesky factor exists."""
@@ -519,7 +502,7 @@ def gptq(
                 gscale = gq.global_scale
             s, z = col_params(c)
             wc = W1[i]
-            q = _fq_col(wc, fmt, s, z, gscale)
+            q = fake_quantize_with(wc, fmt, s, z, gscale)
             if K1 is not None:
                 q = q * K1[i]
             Q1[i] = q

@@ -1,210 +1,27 @@
-"""Block-by-block calibration: one decoder layer's inputs captured, processed, released.
+"""The quantization algorithms of the block-by-block calibration engine (``leanlm.core.calibrate``).
 
-For each decoder layer, in order: capture what it needs (input statistics, Hessians, samples) by
-running the layer alone on the outputs of the already-quantized layers before it; apply the
-configured algorithms (SmoothQuant, AWQ, then GPTQ or round-to-nearest weights); calibrate static
-activation ranges; compute the layer's quantized outputs, which become the next layer's inputs.
-Peak memory stays near one layer plus the calibration activations.
+Registered steps, run in this order on each decoder layer (``calibrate`` builds the list from the
+QuantConfig): ``smoothquant`` and ``awq`` (scales folded into the previous norm or Linear),
+``gptq`` or ``rtn`` (the weights), ``activation_ranges`` (static activation / KV ranges, and the
+quantized layer's outputs that feed the next layer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.arch import arch_or_none
+from ..core.calibrate import (LayerStep, SharedInput, calibrate_blocks, find_mappings, input_hooks, linear_groups,
+                              one_pass_gib, register, run_layer, solve_in_forward)
 from ..core.errors import LeanLMError
-from ..core.modules import decoder_layers
 from . import algorithms as alg
 from .config import AWQ, GPTQ, QuantConfig, SmoothQuant
 from .formats import fake_quantize
 from .modules import TensorQuantizer
-
-
-class _Stop(Exception):
-    pass
-
-
-@dataclass
-class _Mapping:
-    """Linears that read the same input, and the module whose output that input is."""
-
-    prev: nn.Module
-    prev_is_norm: bool
-    norm_offset: float
-    linears: list[nn.Module]
-
-
-def _first(o):
-    return o[0] if isinstance(o, (tuple, list)) else o
-
-
-def _check_finite(t: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(t).all():
-        raise LeanLMError(f"NaN/inf in the activations {where}; the model or its calibration text is broken (check the dtype and weights)")
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch: int):
-    """Hidden states entering layer 0 for each mini-batch, and each layer's keyword arguments.
-
-    Keyword arguments (masks, rotary embeddings) are recorded once per layer from a full forward of
-    one calibration row: every row has the same length and no padding, so they are shared by all
-    mini-batches (a batch dimension of 1 broadcasts).
-    """
-    kwargs: list[dict | None] = [None] * len(layers)
-    hooks = []
-    for i, layer in enumerate(layers):
-        def rec(mod, args, kw, i=i):
-            if kwargs[i] is None:
-                kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
-        hooks.append(layer.register_forward_pre_hook(rec, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        model(ids[:1].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    hidden: list[torch.Tensor] = []
-
-    def stop(mod, args, kw):
-        hidden.append(args[0] if args else kw["hidden_states"])
-        raise _Stop
-
-    h = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        for i in range(0, ids.shape[0], batch):
-            with contextlib.suppress(_Stop):
-                model(ids[i : i + batch].to(device), use_cache=False)
-    finally:
-        h.remove()
-    for x in hidden:
-        _check_finite(x, "entering the first layer")
-    return hidden, kwargs
-
-
-def _run(layer: nn.Module, hidden: list[torch.Tensor], kw: dict) -> list[torch.Tensor]:
-    return [_first(layer(x, **kw)) for x in hidden]
-
-
-@torch.no_grad()
-def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> list[torch.Tensor]:
-    """One forward of the layer over all calibration rows as one batch; ``solve(name, x)`` runs in a
-    pre-hook on each module of ``firsts`` with its whole input ``x``, before that module runs. A
-    solve that changes weights (GPTQ's one-pass mode, ``_gptq_in_forward``; SparseGPT and Wanda in
-    leanlm.sparsity) is therefore seen by every later module, and the
-    returned outputs are the changed layer's (the next layer's inputs)."""
-    def hook(n):
-        def pre(mod, args):
-            solve(n, args[0])
-        return pre
-
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in firsts.items()]
-    try:
-        out = _first(layer(torch.cat(hidden), **kw))
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(out.split([h.shape[0] for h in hidden]))
-
-
-@contextlib.contextmanager
-def _input_hooks(modules: dict[str, nn.Module], fn):
-    """Call fn(name, input_tensor) for each module's input during the block."""
-    def hook(n):
-        def pre(mod, args):
-            fn(n, args[0])  # returns None: the input is left as it is
-        return pre
-
-    hs = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
-        yield
-    finally:
-        for h in hs:
-            h.remove()
-
-
-def _norm_offset(norm: nn.Module) -> float:
-    """0 for x * w norms, 1 for Gemma-style x * (1 + w) norms, found by zeroing the weight."""
-    w = norm.weight.data.clone()
-    norm.weight.data.zero_()
-    try:
-        y = norm(torch.randn(2, w.numel(), dtype=w.dtype, device=w.device))
-    finally:
-        norm.weight.data.copy_(w)
-    return 0.0 if y.abs().max() == 0 else 1.0
-
-
-@torch.no_grad()
-def _trace_inputs(layer: nn.Module, x: torch.Tensor, kw: dict, outputs_of: list[nn.Module] = ()):
-    """One forward of a single row: which Linears read the same input tensor (by identity), and
-    which of ``outputs_of`` produced it. Returns ``(feeds, made_by)``: input id -> [Linear names],
-    input id -> producing module."""
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    made_by: dict[int, nn.Module] = {}
-    feeds: dict[int, list[str]] = {}
-    alive: list[torch.Tensor] = []  # holding every seen tensor keeps ids from being reused mid-forward
-    hooks = []
-
-    def _record_output(mod, args, out):
-        alive.append(out)
-        made_by[id(out)] = mod
-
-    def _record_input(n):
-        def pre(mod, args):
-            alive.append(args[0])
-            feeds.setdefault(id(args[0]), []).append(n)
-        return pre
-
-    for m in outputs_of:
-        hooks.append(m.register_forward_hook(_record_output))
-    for n, m in linears.items():
-        hooks.append(m.register_forward_pre_hook(_record_input(n)))
-    try:
-        layer(x[:1], **_slice_kw(kw, 1))
-    finally:
-        for h in hooks:
-            h.remove()
-    return feeds, made_by
-
-
-@torch.no_grad()
-def find_mappings(layer: nn.Module, x: torch.Tensor, kw: dict) -> list[_Mapping]:
-    """Which norm feeds which linears (found by tensor identity in one forward), plus up_proj -> down_proj."""
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    norms = [m for m in layer.modules() if m is not layer and not isinstance(m, nn.Linear)
-             and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1]
-    feeds, made_by = _trace_inputs(layer, x, kw, norms)
-    maps = []
-    for tid, names in feeds.items():
-        if tid in made_by:
-            norm = made_by[tid]
-            maps.append(_Mapping(norm, True, _norm_offset(norm), [linears[n] for n in names]))
-    for n, m in linears.items():
-        if n.endswith("up_proj"):
-            down = linears.get(n[: -len("up_proj")] + "down_proj")
-            if down is not None and down.in_features == m.out_features:
-                maps.append(_Mapping(m, False, 0.0, [down]))
-    return maps
-
-
-def _slice_kw(kw: dict, n: int) -> dict:
-    """Keyword arguments cut to the first n rows of the batch where they carry a batch dimension."""
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
-            v = v[:n]
-        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
-            v = tuple(t[:n] if t.dim() >= 1 and t.shape[0] > 1 else t for t in v)
-        out[k] = v
-    return out
 
 
 def _weight_quantizer(m: nn.Module) -> TensorQuantizer | None:
@@ -212,7 +29,7 @@ def _weight_quantizer(m: nn.Module) -> TensorQuantizer | None:
     return q if q is not None and q.enabled and not q.folded else None
 
 
-def _apply_scales(mp: _Mapping, s: torch.Tensor) -> None:
+def _apply_scales(mp: SharedInput, s: torch.Tensor) -> None:
     prev = mp.prev
     bias = getattr(prev, "bias", None)
     alg.apply_smoothing(prev.weight.data, bias.data if bias is not None else None,
@@ -226,8 +43,8 @@ def _smooth(layer, hidden, kw, maps, a: SmoothQuant) -> None:
     if a.search:
         xs = _collect_samples(layer, hidden, kw, mods, max_rows=1024, observers=obs)
     else:
-        with _input_hooks(mods, lambda n, x: obs[n].update(x)):
-            _run(layer, hidden, kw)
+        with input_hooks(mods, lambda n, x: obs[n].update(x)):
+            run_layer(layer, hidden, kw)
     for n, mp in zip(mods, maps):
         ws = [m.weight.data for m in mp.linears]
         if a.search:
@@ -256,8 +73,8 @@ def _collect_samples(layer, hidden, kw, mods: dict[str, nn.Module], max_rows: in
         step = max(1, x.shape[0] // per_batch)
         got[n].append(x[::step][:per_batch].float())
 
-    with _input_hooks(mods, keep):
-        _run(layer, hidden, kw)
+    with input_hooks(mods, keep):
+        run_layer(layer, hidden, kw)
     return {n: torch.cat(v) for n, v in got.items()}
 
 
@@ -287,18 +104,6 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return t[rows] if t is not None and t.dim() else t
 
 
-def linear_groups(layer, hidden, kw, lins: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
-    """The Linears ``lins`` grouped by the input tensor they read (q/k/v, gate/up), in call order, and
-    whether every one of them is called exactly once per forward (used by GPTQ and by leanlm.sparsity)."""
-    feeds, _ = _trace_inputs(layer, hidden[0], kw)
-    calls = Counter(n for names in feeds.values() for n in names)
-    # A Linear called more than once (or not at all in the traced row, e.g. an unrouted expert)
-    # keeps a Hessian of its own over every call.
-    groups = [[n for n in names if n in lins and calls[n] == 1] for names in feeds.values()]
-    groups = [g for g in groups if g] + [[n] for n in lins if calls[n] != 1]
-    return groups, all(calls[n] == 1 for n in lins)
-
-
 def _solve_group(g: list[str], lins: dict[str, nn.Module], H: torch.Tensor, gptq: GPTQ, stats: dict) -> None:
     """GPTQ for Linears sharing one Hessian: one stacked solve when their formats match and rows are
     independent, else one solve each."""
@@ -323,15 +128,6 @@ def _solve_group(g: list[str], lins: dict[str, nn.Module], H: torch.Tensor, gptq
             qpm = alg.QParams(_rows(qp.scale, rows), _rows(qp.zero, rows), qp.global_scale)
             stats[id(m)] = alg.quant_error(w[rows], wq[rows], H)
             finish_weight(m, wq[rows], qpm)
-
-
-def _one_pass_gib(lins: dict[str, nn.Module], hidden: list[torch.Tensor], heads: int) -> float:
-    """Rough peak activation memory of one layer's forward over all rows at once: every Linear's
-    output plus a few hidden-sized tensors and one attention score matrix."""
-    rows = sum(h.shape[0] for h in hidden)
-    seq, width = hidden[0].shape[1], hidden[0].shape[-1]
-    per_token = sum(m.out_features for m in lins.values()) + 4 * width
-    return 4 * (rows * seq * per_token + rows * heads * seq * seq) / 2**30
 
 
 def _forward_dtype(gptq: GPTQ | None, hidden: list[torch.Tensor]):
@@ -362,28 +158,23 @@ def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], groups: list[li
     """Two-pass GPTQ: one forward accumulates every group's Hessian (float weights throughout),
     then each group is solved."""
     acc = {g[0]: alg.HessianAccumulator(lins[g[0]].in_features) for g in groups}
-    with _input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)), _forward_dtype(gptq, hidden):
-        _run(layer, hidden, kw)
+    with input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)), _forward_dtype(gptq, hidden):
+        run_layer(layer, hidden, kw)
     for g in groups:
         _solve_group(g, lins, acc[g[0]].H, gptq, stats)
 
 
 @torch.no_grad()
 def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, stats: dict,
-                      heads: int = 1, notes: set | None = None, arch_groups: tuple | None = None) -> list[torch.Tensor] | None:
+                      heads: int = 1, notes: set | None = None, arch=None) -> list[torch.Tensor] | None:
     """Quantize the layer's weights. Returns the quantized layer's outputs when they came for free
-    (one-pass GPTQ), else None. `arch_groups`: the adapter's projection groups (core.arch), each Linear
-    called once per forward; without them (a family the adapter does not know) the groups are traced."""
+    (one-pass GPTQ), else None. `arch`: the model's adapter (core.arch), whose projection groups GPTQ
+    shares Hessians over; without it the groups are traced."""
     lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
     if gptq is not None and lins:
-        if arch_groups is not None:
-            named = {n for g in arch_groups for n in g}
-            groups = [[n for n in g if n in lins] for g in arch_groups] + [[n] for n in lins if n not in named]
-            groups, once = [g for g in groups if g], True
-        else:
-            groups, once = linear_groups(layer, hidden, kw, lins)
+        groups, once = linear_groups(layer, hidden, kw, lins, arch)
         if gptq.one_pass:
-            gib = _one_pass_gib(lins, hidden, heads)
+            gib = one_pass_gib(lins, hidden, heads)
             if once and gib <= gptq.one_pass_max_gib:
                 return _gptq_in_forward(layer, hidden, kw, lins, groups, gptq, stats)
             why = (f"its activations over all calibration rows need ~{gib:.1f} GiB > one_pass_max_gib={gptq.one_pass_max_gib}"
@@ -429,6 +220,45 @@ def _calibrate_static(qs: list[TensorQuantizer], run) -> None:
             q.mode = "quant"
 
 
+# ----------------------------------------------------------------------------- registered steps
+
+
+def _maps(step: LayerStep) -> list[SharedInput]:
+    """The layer's shared-input mappings, traced once per layer for SmoothQuant and AWQ."""
+    if "maps" not in step.state:
+        step.state["maps"] = find_mappings(step.layer, step.hidden[0], step.kw)
+    return step.state["maps"]
+
+
+@register("smoothquant")
+def smoothquant_step(step: LayerStep, a: SmoothQuant) -> None:
+    _smooth(step.layer, step.hidden, step.kw, _maps(step), a)
+
+
+@register("awq")
+def awq_step(step: LayerStep, a: AWQ) -> None:
+    _awq(step.layer, step.hidden, step.kw, _maps(step), a, step.state.setdefault("clip_amax", {}))
+
+
+@register("rtn")
+@register("gptq")
+def weights_step(step: LayerStep, gptq: GPTQ | None) -> None:
+    """GPTQ weights (round to nearest, within AWQ's clipping ranges if any, when ``gptq`` is None)."""
+    step.state["gptq"] = gptq
+    step.out = _quantize_weights(step.layer, step.hidden, step.kw, gptq, step.state.get("clip_amax", {}),
+                                 step.stats.setdefault("gptq_error", {}), step.heads, step.notes, step.arch)
+
+
+@register("activation_ranges")
+def activation_ranges_step(step: LayerStep, _=None) -> None:
+    """Static activation / KV ranges of the layer, then its quantized outputs (the next layer's inputs)."""
+    static = _static_act_quantizers(step.layer)
+    _calibrate_static(static, step.run)
+    if step.out is None or static:
+        with _forward_dtype(None if static else step.state.get("gptq"), step.hidden):
+            step.out = [x.to(step.hidden[0].dtype) for x in step.run()]
+
+
 def needs_data(resolved: dict, config: QuantConfig) -> bool:
     """True when the config has algorithms or static (calibrated) activation / KV ranges."""
     static = any(not n.endswith(".weight_quantizer") and not qc.dynamic for n, qc in resolved.items())
@@ -437,7 +267,8 @@ def needs_data(resolved: dict, config: QuantConfig) -> bool:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, progress: bool = True) -> dict:
-    """Quantize every enabled weight and calibrate every static activation range, layer by layer."""
+    """Quantize every enabled weight and calibrate every static activation range, layer by layer
+    (the steps registered above, on the core's block-by-block engine)."""
     stats: dict = {}
     t0 = time.perf_counter()
     # Weights and static activation quantizers pass through until their layer is processed.
@@ -445,35 +276,11 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
     for q in model.modules():
         if isinstance(q, TensorQuantizer) and q.enabled and (q.role == "weight" or q in waiting):
             q.mode = "off"
-    layers = decoder_layers(model)
-    algos = {type(a): a for a in config.algorithms}
     if ids is not None:
-        batch = max(d for d in range(1, min(config.calib_batch, ids.shape[0]) + 1) if ids.shape[0] % d == 0)
-        hidden, kws = capture_layer_inputs(model, layers, ids, batch)
-        bar = tqdm(list(enumerate(layers)), desc="calibrating layers", unit="layer", disable=not progress)
-        heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
-        arch = arch_or_none(model)
-        arch_groups = arch.groups if arch is not None else None
-        notes: set = set()
-        for i, layer in bar:
-            kw = kws[i]
-            clip_amax: dict = {}
-            if SmoothQuant in algos or AWQ in algos:
-                maps = find_mappings(layer, hidden[0], kw)
-                if SmoothQuant in algos:
-                    _smooth(layer, hidden, kw, maps, algos[SmoothQuant])
-                if AWQ in algos:
-                    _awq(layer, hidden, kw, maps, algos[AWQ], clip_amax)
-            out = _quantize_weights(layer, hidden, kw, algos.get(GPTQ), clip_amax, stats, heads, notes, arch_groups)
-            static = _static_act_quantizers(layer)
-            _calibrate_static(static, lambda: _run(layer, hidden, kw))
-            if out is None or static:
-                with _forward_dtype(None if static else algos.get(GPTQ), hidden):
-                    out = [x.to(hidden[0].dtype) for x in _run(layer, hidden, kw)]
-            hidden = out  # quantized outputs feed the next layer
-            for x in hidden:
-                _check_finite(x, f"after layer {i}")
-        del hidden
+        algos = {type(a): a for a in config.algorithms}
+        steps = [(name, algos[t]) for t, name in ((SmoothQuant, "smoothquant"), (AWQ, "awq")) if t in algos]
+        steps += [("gptq", algos[GPTQ]) if GPTQ in algos else ("rtn", None), ("activation_ranges", None)]
+        stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress).get("gptq_error", {})
     # Modules outside the decoder stack (e.g. a quantized lm_head): round-to-nearest weights, and static
     # activation ranges from a forward pass.
     for m in model.modules():

@@ -1,8 +1,10 @@
 """Exact definitions of the quantization number formats leanlm supports.
 
-Every format is defined once here: how its scales are derived from a range, how values are
-rounded onto its grid (round half to even, saturating), and how codes are decoded. Calibration
-algorithms (GPTQ, AWQ, SmoothQuant) and fake-quant modules build on these functions.
+Every format is defined once here, one row per kind in the table ``FORMATS`` (like ggml's type
+traits): how its scales are derived from a range, how values are rounded onto its grid (round half
+to even, saturating), how codes are decoded and packed, and its fake quantizer (differentiable for
+QAT: ``fake_quantize_with(..., ste=True)``). PTQ (GPTQ, AWQ, SmoothQuant), QAT, the runtime layouts
+and the exporters build on these functions; no other module repeats the math.
 
 Formats (``QFormat.kind``):
 
@@ -58,6 +60,13 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_ste",
+    "fake_quantize_with",
+    "fake_quantize_lsq",
+    "project_scale",
+    "pack_codes",
+    "unpack_codes",
+    "FormatSpec",
+    "FORMATS",
     "round_to_grid",
     "round_minifloat",
     "NF4_CODEBOOK",
@@ -84,13 +93,49 @@ NF4_CODEBOOK: tuple[float, ...] = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 
-KINDS = ("int", "fp8_e4m3", "fp8_e5m2", "nvfp4", "mxfp4", "mxfp8", "nf4")
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One row of the format table: everything fixed about a format kind (``FORMATS[kind]``).
+
+    bits: element bits (None: chosen per format, ints 2..8). elem: the element grid as a
+    minifloat ``(exponent bits, mantissa bits, largest value)``, None for ints and the NF4
+    codebook. block: fixed block size along the last dim (nvfp4, MX); default_block: default for
+    a variable one (nf4). scale: how one scale is stored ("f16", "f32", "e4m3", "e8m0"), and
+    scale_bits its size for ``bits_per_weight``. emax: largest element exponent (MX shared
+    scales). granularities: the ones the kind accepts. packing: how ``pack_codes`` stores codes.
+    """
+
+    bits: int | None
+    elem: tuple[int, int, float] | None
+    granularities: tuple[str, ...]
+    scale: str
+    scale_bits: int
+    packing: str
+    block: int | None = None
+    default_block: int | None = None
+    emax: int | None = None
+
+    @property
+    def blockwise(self) -> bool:
+        """Always in blocks along the last dim (nvfp4, MX, nf4)."""
+        return self.granularities == ("group",)
+
+
 _GRANULARITIES = ("tensor", "channel", "group", "token")
-_BLOCK_KINDS = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32, "nf4": None}
-_FIXED_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "nvfp4": 4, "mxfp4": 4, "mxfp8": 8, "nf4": 4}
-_NF4_DEFAULT_BLOCK = 64
-_INT_SCALE_BITS = 16  # int scales are stored as fp16
-_FP8_SCALE_BITS = 32  # fp8 scales are stored as fp32
+_NOT_GROUP = ("tensor", "channel", "token")
+# The format table: add a format by adding its row here (and its branch in compute_qparams if its
+# scales are derived in a new way). Scale bits: int scales are stored as fp16, fp8 scales as fp32.
+FORMATS: dict[str, FormatSpec] = {
+    "int": FormatSpec(None, None, _GRANULARITIES, "f16", 16, "int"),
+    "fp8_e4m3": FormatSpec(8, _E4M3, _NOT_GROUP, "f32", 32, "float8"),
+    "fp8_e5m2": FormatSpec(8, _E5M2, _NOT_GROUP, "f32", 32, "float8"),
+    "nvfp4": FormatSpec(4, _E2M1, ("group",), "e4m3", 8, "e2m1x2", block=16),
+    "mxfp4": FormatSpec(4, _E2M1, ("group",), "e8m0", 8, "e2m1x2", block=32, emax=2),
+    "mxfp8": FormatSpec(8, _E4M3, ("group",), "e8m0", 8, "float8", block=32, emax=8),
+    "nf4": FormatSpec(4, None, ("group",), "f32", 32, "u4x2", default_block=64),
+}
+KINDS = tuple(FORMATS)
 
 
 @dataclass(frozen=True)
@@ -117,29 +162,30 @@ class QFormat:
             if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
                 raise ValueError(f"int formats need 2..8 bits, got {self.bits!r}")
         else:
-            if self.bits != _FIXED_BITS[self.kind]:
-                raise ValueError(f"{self.kind} has {_FIXED_BITS[self.kind]} bits, got {self.bits!r}")
+            if self.bits != self.spec.bits:
+                raise ValueError(f"{self.kind} has {self.spec.bits} bits, got {self.bits!r}")
             if not self.symmetric:
                 raise ValueError(f"{self.kind} is symmetric only; symmetric=False applies to int formats")
-        if self.kind in _BLOCK_KINDS:
+        spec = self.spec
+        if spec.blockwise:
             if self.granularity not in ("channel", "group"):  # "channel" is the dataclass default
                 raise ValueError(f"{self.kind} is always blockwise along the last dim; granularity "
                                  f"{self.granularity!r} is not available")
-            fixed = _BLOCK_KINDS[self.kind]
+            fixed = spec.block
             size = self.group_size
             if fixed is not None:
                 if size not in (None, fixed):
                     raise ValueError(f"{self.kind} uses blocks of {fixed}, got group_size={size}")
                 size = fixed
             elif size is None:
-                size = _NF4_DEFAULT_BLOCK
+                size = spec.default_block
             object.__setattr__(self, "granularity", "group")
             object.__setattr__(self, "group_size", size)
         else:
             if self.granularity not in _GRANULARITIES:
                 raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(_GRANULARITIES)}")
-            if self.kind != "int" and self.granularity == "group":
-                raise ValueError(f"{self.kind} supports granularity tensor, channel or token, not group")
+            if self.granularity not in spec.granularities:
+                raise ValueError(f"{self.kind} supports granularity {', '.join(spec.granularities)}, not {self.granularity}")
             if self.granularity == "group" and self.group_size is None:
                 raise ValueError("granularity 'group' needs group_size (e.g. 32, 64 or 128)")
             if self.granularity != "group" and self.group_size is not None:
@@ -147,6 +193,19 @@ class QFormat:
                                  "use granularity='group'")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+
+    @property
+    def spec(self) -> FormatSpec:
+        """This format's row of the format table."""
+        return FORMATS[self.kind]
+
+    @property
+    def qmax(self) -> float:
+        """Largest element of the symmetric grid: ``amax / qmax`` is the scale (int: 2**(n-1) - 1,
+        float formats: their element maximum, nf4: 1)."""
+        if self.kind == "int":
+            return float(2 ** (self.bits - 1) - 1)
+        return 1.0 if self.kind == "nf4" else self.spec.elem[2]
 
     @property
     def name(self) -> str:
@@ -160,7 +219,7 @@ class QFormat:
             return s if self.symmetric else s + "_asym"
         if self.kind.startswith("fp8"):
             return self.kind if self.granularity == "tensor" else f"{self.kind}_{self.granularity}"
-        if self.kind == "nf4" and self.group_size != _NF4_DEFAULT_BLOCK:
+        if self.kind == "nf4" and self.group_size != self.spec.default_block:
             return f"nf4_g{self.group_size}"
         return self.kind
 
@@ -177,11 +236,9 @@ class QFormat:
         Examples: int4_g64 -> 4.25, int4_g128_asym -> 4.15625, nvfp4 -> 4.5, mxfp4 -> 4.25,
         mxfp8 -> 8.25, nf4 (block 64) -> 4.5.
         """
-        per_group = {"nvfp4": 8, "mxfp4": 8, "mxfp8": 8, "nf4": 32}
-        if self.kind in per_group:
-            return self.bits + per_group[self.kind] / self.group_size
-        scale_bits = _INT_SCALE_BITS if self.kind == "int" else _FP8_SCALE_BITS
-        overhead = scale_bits + (0 if self.symmetric else self.bits)
+        if self.spec.blockwise:
+            return self.bits + self.spec.scale_bits / self.group_size
+        overhead = self.spec.scale_bits + (0 if self.symmetric else self.bits)
         if self.granularity == "group":
             return self.bits + overhead / self.group_size
         if self.granularity in ("channel", "token") and in_features:
@@ -241,7 +298,7 @@ def parse_format(s: str | QFormat) -> QFormat:
         if m := _NF4_RE.fullmatch(t):
             return QFormat("nf4", 4, group_size=int(m.group(1)) if m.group(1) else None)
         if t in ("nvfp4", "mxfp4", "mxfp8"):
-            return QFormat(t, _FIXED_BITS[t])
+            return QFormat(t, FORMATS[t].bits)
     except ValueError as e:
         raise ValueError(f"invalid format {s!r}: {e}") from None
     raise ValueError(f"unknown format {s!r}; valid forms: {_VALID_FORMS}")
@@ -290,10 +347,6 @@ def _int_range(fmt: QFormat) -> tuple[int, int]:
     return 0, 2**fmt.bits - 1
 
 
-def _elem(fmt: QFormat) -> tuple[int, int, float]:
-    return {"fp8_e4m3": _E4M3, "fp8_e5m2": _E5M2, "nvfp4": _E2M1, "mxfp4": _E2M1, "mxfp8": _E4M3}[fmt.kind]
-
-
 def round_to_grid(v: torch.Tensor, fmt: QFormat | str) -> torch.Tensor:
     """Round already-scaled values onto the format's element grid (float32 result).
 
@@ -307,7 +360,7 @@ def round_to_grid(v: torch.Tensor, fmt: QFormat | str) -> torch.Tensor:
         return torch.round(v).clamp(lo, hi)
     if fmt.kind == "nf4":
         return _nf4_codebook(v.device)[_nf4_index(v)]
-    return round_minifloat(v, *_elem(fmt))
+    return round_minifloat(v, *fmt.spec.elem)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -418,12 +471,8 @@ def compute_qparams(
     else:
         a = observed
 
-    if fmt.kind == "int":
-        return QParams(scale=_nonzero(a / _int_range(fmt)[1]))
-    if fmt.kind in ("fp8_e4m3", "fp8_e5m2"):
-        return QParams(scale=_nonzero(a / _elem(fmt)[2]))
-    if fmt.kind == "nf4":
-        return QParams(scale=_nonzero(a))
+    if fmt.spec.scale in ("f16", "f32"):  # int, fp8, nf4: scale = amax / qmax
+        return QParams(scale=_nonzero(a / fmt.qmax))
     if fmt.kind == "nvfp4":
         g_amax = a.amax() if global_amax is None else torch.as_tensor(
             global_amax, dtype=torch.float32, device=a.device).reshape(())
@@ -431,7 +480,7 @@ def compute_qparams(
         block = round_minifloat(a / FP4_E2M1_MAX / global_scale, *_E4M3)
         return QParams(scale=block, global_scale=global_scale)
     # MX: shared power-of-two scale, OCP MX v1.0 section 6.3.
-    emax_elem = {"mxfp4": 2, "mxfp8": 8}[fmt.kind]
+    emax_elem = fmt.spec.emax
     _, ex = torch.frexp(a)
     shared = torch.where(a > 0, ex - 1 - emax_elem, torch.full_like(ex, -127)).clamp(-127, 127)
     return QParams(scale=_exp2i(shared))
@@ -510,9 +559,71 @@ def _clip_bounds(fmt: QFormat, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]
         if fmt.symmetric:
             return lo * qp.scale, hi * qp.scale
         return (lo - qp.zero) * qp.scale, (hi - qp.zero) * qp.scale
-    top = 1.0 if fmt.kind == "nf4" else _elem(fmt)[2]
     s = _eff_scale(fmt, qp)
-    return -top * s, top * s
+    return -fmt.qmax * s, fmt.qmax * s
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Forward: ``fn(v)`` exactly. Backward: identity (straight-through, Bengio et al. 2013)."""
+
+    @staticmethod
+    def forward(ctx, v, fn):  # noqa: D102
+        return fn(v)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None
+
+
+def fake_quantize_with(x: torch.Tensor, fmt: QFormat, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                       global_scale: torch.Tensor | None = None, *, ste: bool = False) -> torch.Tensor:
+    """Fake-quantize ``x`` with given scales that broadcast to it (a grouped view, or one column
+    with its rows' scales): the values of ``dequantize(quantize(x))``, float32.
+
+    ``ste=True`` makes it differentiable in ``x`` and the scales: rounding passes gradients
+    straight through, clipping passes none for values outside the representable range, and a
+    scale gets the LSQ gradient (Esser et al. 2020): ``round(v) - v`` inside the range, the
+    clipping bound outside. GPTQ (no ste) and QAT (ste) both use this one definition.
+    """
+    def rnd(v, fn):
+        return _RoundSTE.apply(v, fn) if ste else fn(v)
+
+    if fmt.kind == "int":
+        lo, hi = _int_range(fmt)
+        if zero is not None:  # asymmetric codes round(v) + zero in [0, 2^n - 1]
+            lo, hi = -zero, hi - zero
+        return rnd(torch.clamp(x / scale, lo, hi), torch.round) * scale
+    top = fmt.qmax
+    if fmt.kind == "nf4":
+        return rnd(torch.clamp(x / scale, -top, top), lambda v: round_to_grid(v, fmt)) * scale
+    s = scale * global_scale if fmt.kind == "nvfp4" else scale
+    q = rnd(torch.clamp(x / _nonzero(s), -top, top), lambda v: round_to_grid(v, fmt))
+    if fmt.kind == "nvfp4":  # a block scale that is 0 in E4M3 decodes to 0
+        return (torch.where(s == 0, torch.zeros_like(q), q) * scale) * global_scale
+    return q * s
+
+
+def fake_quantize_lsq(x: torch.Tensor, fmt: QFormat, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                      global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable ``fake_quantize(x, fmt, QParams(scale, zero, global_scale))`` (bit-identical
+    forward; see ``fake_quantize_with(ste=True)``), in x's dtype and shape."""
+    out = fake_quantize_with(_grouped(x, fmt), fmt, scale, zero, global_scale, ste=True)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def _pow2_floor(s: torch.Tensor) -> torch.Tensor:
+    _, ex = torch.frexp(s)
+    return torch.where(s > 0, _exp2i((ex - 1).clamp(-127, 127)), s)
+
+
+def project_scale(fmt: QFormat, scale: torch.Tensor) -> torch.Tensor:
+    """Project a (learned) scale onto the values the format stores, straight-through: E4M3 for
+    NVFP4 block scales, a power of two (E8M0) for MX; float scales are returned unchanged."""
+    if fmt.spec.scale == "e4m3":
+        return _RoundSTE.apply(scale, lambda t: round_minifloat(t, *_E4M3))
+    if fmt.spec.scale == "e8m0":
+        return _RoundSTE.apply(scale, _pow2_floor)
+    return scale
 
 
 class _STE(torch.autograd.Function):
@@ -552,3 +663,58 @@ def fake_quantize_ste(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = 
     with torch.no_grad():
         y, mask = (kernel or fake_quantize_and_mask)(x.detach(), fmt, qp)
     return _STE.apply(x, y, mask)
+
+
+# ----------------------------------------------------------------------------- packing
+
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _pack4(u: torch.Tensor) -> torch.Tensor:
+    u = u.to(torch.uint8).reshape(-1)
+    if u.numel() % 2:
+        u = torch.cat([u, u.new_zeros(1)])
+    return (u[0::2] | (u[1::2] << 4)).contiguous()
+
+
+def _unpack4(p: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)[:n]
+
+
+def pack_codes(codes: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, str]:
+    """Storage tensor and packing name for the codes returned by ``quantize``: 8-bit ints as
+    int8/uint8; ints of 4 bits or fewer and NF4 indices as two 4-bit codes per byte (``u4x2``);
+    E2M1 values as sign + 3-bit magnitude index, two per byte (``e2m1x2``); FP8 elements as float8."""
+    packing = fmt.spec.packing
+    if packing == "int":
+        if fmt.bits <= 4:
+            off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
+            return _pack4(codes.to(torch.int16) + off), "u4x2"
+        return codes.contiguous(), "int8" if fmt.symmetric else "uint8"
+    if packing == "u4x2":
+        return _pack4(codes), "u4x2"
+    if packing == "e2m1x2":
+        mag = (codes.abs().reshape(-1, 1) == torch.tensor(_E2M1_VALUES, device=codes.device)).float().argmax(1)
+        sign = (codes.reshape(-1) < 0).to(torch.uint8) << 3
+        return _pack4(mag.to(torch.uint8) | sign), "e2m1x2"
+    dt = torch.float8_e5m2 if fmt.kind == "fp8_e5m2" else torch.float8_e4m3fn
+    return codes.to(dt).contiguous(), "float8"
+
+
+def unpack_codes(stored: torch.Tensor, packing: str, fmt: QFormat, shape: list[int]) -> torch.Tensor:
+    """Inverse of ``pack_codes``: the codes ``quantize`` returned, in ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    if packing == "u4x2":
+        u = _unpack4(stored, n).to(torch.int16)
+        if fmt.kind == "int":
+            return (u - (2 ** (fmt.bits - 1) if fmt.symmetric else 0)).to(torch.int8 if fmt.symmetric else torch.uint8).reshape(shape)
+        return u.to(torch.uint8).reshape(shape)
+    if packing == "e2m1x2":
+        u = _unpack4(stored, n)
+        val = torch.tensor(_E2M1_VALUES, device=stored.device)[(u & 7).long()]
+        return torch.where((u & 8) > 0, -val, val).reshape(shape)
+    if packing == "float8":
+        return stored.float().reshape(shape)
+    return stored.reshape(shape)

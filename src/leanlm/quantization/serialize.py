@@ -8,8 +8,9 @@ Layout of a saved folder::
                                         where the format has them; static activation ranges as <quantizer>.amax
     leanlm_quant.json                   the QuantConfig, every quantizer's format and state, the packing
 
-Codes are packed by format: 8-bit ints as int8/uint8; ints of 4 bits or fewer, NF4 indices and
-E2M1 (NVFP4/MXFP4) values as two 4-bit codes per byte; FP8 and MXFP8 elements as float8 tensors.
+Codes are packed as the format table says (`formats.pack_codes`): 8-bit ints as int8/uint8; ints of
+4 bits or fewer, NF4 indices and E2M1 (NVFP4/MXFP4) values as two 4-bit codes per byte; FP8 and
+MXFP8 elements as float8 tensors.
 """
 
 from __future__ import annotations
@@ -24,58 +25,10 @@ from torch import nn
 from ..core.errors import LeanLMError
 from ..core.io import atomic_dir
 from .config import QuantConfig, QuantizerConfig
-from .formats import QFormat, QParams, dequantize, parse_format, quantize
+from .formats import QParams, dequantize, pack_codes, parse_format, quantize, unpack_codes
 from .modules import insert_quantizers, quantizers
 
 RECIPE = "leanlm_quant.json"
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
-def _pack4(u: torch.Tensor) -> torch.Tensor:
-    u = u.to(torch.uint8).reshape(-1)
-    if u.numel() % 2:
-        u = torch.cat([u, u.new_zeros(1)])
-    return (u[0::2] | (u[1::2] << 4)).contiguous()
-
-
-def _unpack4(p: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)
-    return out[:n]
-
-
-def encode(codes: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, str]:
-    """Storage tensor and packing name for the codes returned by `formats.quantize`."""
-    if fmt.kind == "int":
-        if fmt.bits <= 4:
-            off = 2 ** (fmt.bits - 1) if fmt.symmetric else 0
-            return _pack4(codes.to(torch.int16) + off), "u4x2"
-        return codes.contiguous(), "int8" if fmt.symmetric else "uint8"
-    if fmt.kind == "nf4":
-        return _pack4(codes), "u4x2"
-    if fmt.kind in ("nvfp4", "mxfp4"):
-        mag = (codes.abs().reshape(-1, 1) == E2M1.to(codes.device)).float().argmax(1)
-        sign = (codes.reshape(-1) < 0).to(torch.uint8) << 3
-        return _pack4(mag.to(torch.uint8) | sign), "e2m1x2"
-    dt = torch.float8_e5m2 if fmt.kind == "fp8_e5m2" else torch.float8_e4m3fn
-    return codes.to(dt).contiguous(), "float8"
-
-
-def decode(stored: torch.Tensor, packing: str, fmt: QFormat, shape: list[int]) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    if packing == "u4x2":
-        u = _unpack4(stored, n).to(torch.int16)
-        if fmt.kind == "int":
-            return (u - (2 ** (fmt.bits - 1) if fmt.symmetric else 0)).to(torch.int8 if fmt.symmetric else torch.uint8).reshape(shape)
-        return u.to(torch.uint8).reshape(shape)
-    if packing == "e2m1x2":
-        u = _unpack4(stored, n)
-        val = E2M1[(u & 7).long()]
-        return torch.where((u & 8) > 0, -val, val).reshape(shape)
-    if packing == "float8":
-        return stored.float().reshape(shape)
-    return stored.reshape(shape)
 
 
 def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
@@ -98,7 +51,7 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, overwrite:
             owner = name[: -len(".weight_quantizer")]
             w = mods[owner].weight.detach().float().cpu()
             qp = QParams(*(t.cpu() if t is not None else None for t in (q.qparams.scale, q.qparams.zero, q.qparams.global_scale)))
-            stored, packing = encode(quantize(w, q.fmt, qp), q.fmt)
+            stored, packing = pack_codes(quantize(w, q.fmt, qp), q.fmt)
             tensors[f"{owner}.weight.codes"] = stored
             tensors[f"{owner}.weight.scale"] = qp.scale.contiguous()
             if qp.zero is not None:
@@ -169,7 +122,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, trust
             fmt = parse_format(e["config"]["format"])
             qp = QParams(tensors[f"{owner}.weight.scale"], tensors.get(f"{owner}.weight.zero"),
                          tensors[f"{owner}.weight.global_scale"].reshape(()) if f"{owner}.weight.global_scale" in tensors else None)
-            codes = decode(tensors[f"{owner}.weight.codes"], e["packing"], fmt, e["shape"])
+            codes = unpack_codes(tensors[f"{owner}.weight.codes"], e["packing"], fmt, e["shape"])
             mods[owner].weight.data.copy_(dequantize(codes, fmt, qp).to(dtype))
             q.qparams, q.folded = qp, True
         elif f"{name}.amax" in tensors:

@@ -3,6 +3,6 @@ static KV cache (see docs/runtime.md)."""
 
 from .engine import Engine
 from .layouts import WEIGHT_KINDS
-from .sampling import SamplingConfig
+from .sampling import Sampling
 
-__all__ = ["Engine", "SamplingConfig", "WEIGHT_KINDS"]
+__all__ = ["Engine", "Sampling", "WEIGHT_KINDS"]

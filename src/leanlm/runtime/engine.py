@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.errors import LeanLMError
 from .model import Decoder
-from .sampling import SamplingConfig, next_token
+from .sampling import Sampling
 
 
 class Engine:
@@ -82,36 +82,19 @@ class Engine:
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  on_token: Callable[[], None] | None = None) -> torch.Tensor:
-        """Prompt rows of equal length [B, T] -> [B, T + new] (stops early only when every row hit `eos_token_id`)."""
+        """Prompt rows of equal length [B, T] -> [B, T + new] (stops early only when every row hit `eos_token_id`;
+        a row's tokens after its eos are eos). Runs `leanlm.speculative.decode.generate` on this engine."""
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        if max_new_tokens < 1:
-            raise LeanLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        cfg = SamplingConfig(temperature, top_k, top_p, seed)
-        gen = None
-        if not cfg.greedy:
-            gen = torch.Generator()
-            gen.manual_seed(seed if seed is not None else torch.seed())
+        sampling = Sampling(temperature, top_k, top_p, seed)
         need = ids.shape[1] + max_new_tokens - 1
         if need > self.model.max_seq_len:
             raise LeanLMError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens needs a cache of {need} tokens, "
                               f"this engine holds {self.model.max_seq_len}; create it with max_seq_len >= {need}")
-        self.reset()
-        out = [ids]
-        logits = self.forward(ids)[:, -1]
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for i in range(max_new_tokens):
-            tok = next_token(logits, cfg, gen)
-            if on_token is not None:
-                on_token()
-            if eos_token_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-                done |= tok == eos_token_id
-            out.append(tok[:, None])
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-                break
-            logits = self.forward(tok[:, None])[:, -1]
-        return torch.cat(out, dim=1)
+        from ..speculative.decode import generate  # the one decode loop over StepModels (this engine is one)
+
+        return generate(self, ids, max_new_tokens, sampling, generator=sampling.generator(), eos_token_id=eos_token_id,
+                        on_token=on_token)
 
     def generator(self):
         """A `leanlm.evaluation.speed` generator (greedy, no early stop)."""

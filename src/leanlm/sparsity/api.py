@@ -1,7 +1,8 @@
 """``sparsify_(model, config)``: prune a model's decoder Linears in place, layer by layer.
 
 Magnitude needs no data. Wanda and SparseGPT read calibration activations, captured block by block
-with leanlm.quantization's machinery: the hidden states entering layer 0 are captured once, then
+by the core's calibration engine (``leanlm.core.calibrate``, where both register): the hidden states
+entering layer 0 are captured once, then
 each decoder layer runs on the outputs of the already-sparsified layer before it (sequential).
 Inside a layer, the Linears that read the same input (q/k/v, gate/up) are pruned together in a
 pre-hook when the forward reaches them (``solve_in_forward``), so o_proj and down_proj see the
@@ -18,12 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.calibrate import (LayerStep, calibrate_blocks, input_hooks, linear_groups, one_pass_gib, register,
+                              run_layer, solve_in_forward)
 from ..core.data import calibration_batches
 from ..core.errors import LeanLMError
 from ..core.modules import decoder_layers
 from ..quantization import algorithms as qalg
-from ..quantization.calibrate import (_check_finite, _input_hooks, _one_pass_gib, _run, capture_layer_inputs,
-                                      linear_groups, solve_in_forward)
 from . import algorithms as alg
 from .config import SparsityConfig, Target
 from .masks import MASK, attach_mask, overall_sparsity, sparsity_report
@@ -91,13 +92,17 @@ class _NormAccumulator:
         return self.sq.sqrt()
 
 
+@register("sparsegpt")
+@register("wanda")
 @torch.no_grad()
-def _sparsify_layer(layer, hidden, kw, lins: dict[str, nn.Linear], pruner: _Pruner, heads: int, notes: set):
-    """Prune the given Linears of one decoder layer; returns the pruned layer's outputs."""
+def prune_step(step: LayerStep, pruner: _Pruner) -> None:
+    """Prune the layer's target Linears (SparseGPT or Wanda, as ``pruner.cfg.method`` says)."""
+    layer, hidden, kw = step.layer, step.hidden, step.kw
+    lins = {ln: m for ln, m in layer.named_modules() if id(m) in pruner.names and pruner.names[id(m)] in pruner.targets}
     if not lins:
-        return _run(layer, hidden, kw)
+        return
     groups, once = linear_groups(layer, hidden, kw, lins)
-    gib = _one_pass_gib(lins, hidden, heads)
+    gib = one_pass_gib(lins, hidden, step.heads)
     if once and gib <= pruner.cfg.one_pass_max_gib:
         first = {g[0]: g for g in groups}
 
@@ -106,18 +111,16 @@ def _sparsify_layer(layer, hidden, kw, lins: dict[str, nn.Linear], pruner: _Prun
             st.add(x)
             pruner.prune([lins[k] for k in first[n]], st)
 
-        return solve_in_forward(layer, hidden, kw, {n: lins[n] for n in first}, solve)
+        step.out = solve_in_forward(layer, hidden, kw, {n: lins[n] for n in first}, solve)
+        return
     why = (f"its activations over all calibration rows need ~{gib:.1f} GiB > one_pass_max_gib={pruner.cfg.one_pass_max_gib}"
            if once else "a Linear is called other than once per forward")
-    if why not in notes:
-        notes.add(why)
-        tqdm.write(f"leanlm: sparsify runs two passes per layer (statistics of the dense layer) because {why}")
+    step.note(f"sparsify runs two passes per layer (statistics of the dense layer) because {why}")
     st = {g[0]: pruner.new_stat(lins[g[0]].in_features) for g in groups}
-    with _input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: st[n].add(x)):
-        _run(layer, hidden, kw)
+    with input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: st[n].add(x)):
+        run_layer(layer, hidden, kw)
     for g in groups:
         pruner.prune([lins[k] for k in g], st[g[0]])
-    return _run(layer, hidden, kw)
 
 
 @torch.no_grad()
@@ -159,20 +162,10 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, calibratio
                 m = mods[n]
                 attach_mask(m, alg.magnitude_mask(m.weight, targets[n]))
         else:
-            layers = decoder_layers(model)
             names = {id(m): n for n, m in mods.items()}
             pruner = _Pruner(config, targets, names, stats)
-            batch = max(d for d in range(1, min(config.calib_batch, ids.shape[0]) + 1) if ids.shape[0] % d == 0)
-            hidden, kws = capture_layer_inputs(model, layers, ids, batch)
-            heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
-            notes: set = set()
-            bar = tqdm(list(enumerate(layers)), desc=f"{config.method} pruning", unit="layer", disable=not progress)
-            for i, layer in bar:
-                lins = {ln: m for ln, m in layer.named_modules() if id(m) in names and names[id(m)] in targets}
-                hidden = _sparsify_layer(layer, hidden, kws[i], lins, pruner, heads, notes)
-                for x in hidden:
-                    _check_finite(x, f"after sparsifying layer {i}")
-            del hidden
+            calibrate_blocks(model, ids, [(config.method, pruner)], batch=config.calib_batch, progress=progress,
+                             desc=f"{config.method} pruning")
     finally:
         model.train(was_training)
     secs = time.perf_counter() - t0

@@ -5,16 +5,19 @@
     out, stats = speculative_generate(model, PromptLookupDrafter(), ids, 128, k=8)
     draft = make_shallow_draft(model, 6, budget="5m", tokenizer=tok)
 
-Files: step.py (StepModel interface, Hugging Face adapter), drafters.py (draft model, prompt lookup,
-sampling settings), decode.py (plain and speculative loops), adaptive.py (choice of k), drafts.py
-(vocabulary check, quantized and shallow distilled drafts), cli.py (the `generate` / `draft` options).
+Files: step.py (StepModel interface, Hugging Face adapter), drafters.py (draft model, prompt lookup),
+decode.py (the one decode loop: speculative, and plain as its special case), adaptive.py (choice of
+k), drafts.py (vocabulary check, quantized and shallow distilled drafts), cli.py (the `generate` /
+`draft` options). Sampling settings: `leanlm.runtime.sampling`; budgets: `leanlm.distill.parse_budget`.
 See docs/speculative.md.
 """
 
+from ..distill.trainer import parse_budget
+from ..runtime.sampling import Sampling
 from .adaptive import AdaptiveK
 from .decode import K_MAX, SpecStats, generate, speculative_generate
-from .drafters import ModelDrafter, PromptLookupDrafter, Sampling
-from .drafts import check_vocab, make_shallow_draft, parse_budget, quantized_draft, save_draft, truncate_layers
+from .drafters import ModelDrafter, PromptLookupDrafter
+from .drafts import check_vocab, make_shallow_draft, quantized_draft, save_draft, truncate_layers
 from .step import HFStepModel, StepModel, as_step_model
 
 __all__ = [

@@ -24,9 +24,10 @@ def speculation_args(sp) -> None:
 
 def run_generate(a, load, make_target=None) -> dict:
     """`leanlm generate`: plain decoding, or speculative decoding with --draft / --prompt-lookup."""
+    from ..runtime.sampling import Sampling
     from .adaptive import AdaptiveK
     from .decode import generate, speculative_generate
-    from .drafters import PromptLookupDrafter, Sampling
+    from .drafters import PromptLookupDrafter
     from .drafts import check_vocab, quantized_draft
     from .step import HFStepModel
 
@@ -90,7 +91,7 @@ def show_generate(r: dict, console) -> None:
 
 def draft_args(sp) -> None:
     sp.add_argument("--layers", type=int, required=True, help="decoder layers the draft keeps (the first N)")
-    sp.add_argument("--budget", default="5m", help="training time: seconds, or 30s / 5m / 1h (default 5m)")
+    sp.add_argument("--budget", default="5m", help="training budget: time (30s, 5m, 1h) or tokens (500k, 2M, 100000); default 5m")
     sp.add_argument("--tokens", type=int, default=None, help="token budget (training stops at whichever budget ends first)")
     sp.add_argument("--seq-len", type=int, default=128)
     sp.add_argument("--batch", type=int, default=4)
@@ -105,7 +106,8 @@ def run_draft(a, load) -> dict:
     from pathlib import Path
 
     from ..core.data import calibration_texts, join_and_tokenize
-    from .drafts import make_shallow_draft, parse_budget, save_draft
+    from ..distill.trainer import parse_budget
+    from .drafts import make_shallow_draft, save_draft
 
     parse_budget(a.budget)
     if Path(a.out).exists() and not a.overwrite:

@@ -1,4 +1,6 @@
-"""Plain and speculative decoding over `StepModel`s.
+"""The one decode loop over `StepModel`s: speculative decoding, and plain decoding as its special
+case (no drafter: one target forward per token). `leanlm.runtime.Engine.generate`
+runs this loop too.
 
 Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
 Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling"): a drafter
@@ -33,7 +35,8 @@ import torch
 
 from ..core.errors import LeanLMError
 from .adaptive import AdaptiveK
-from .drafters import ModelDrafter, Sampling, sample
+from ..runtime.sampling import Sampling, next_token, sample
+from .drafters import ModelDrafter
 from .step import as_step_model, vocab_size
 
 K_MAX = 64  # largest speculation length accepted
@@ -76,38 +79,29 @@ def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int) -> None:
         raise LeanLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
-    return logits.argmax(-1) if sampling.greedy else sample(sampling.probs(logits), generator)
-
-
 def _stop_at_eos(out: torch.Tensor, start: int, eos: int | None) -> tuple[torch.Tensor, bool]:
-    if eos is None or out.shape[0] != 1:
+    """In the tokens generated from ``start`` (the prompt length) on, a row's tokens after its first
+    ``eos`` become ``eos``; once every row has one, the output is cut after the last row's first
+    ``eos`` and the loop stops (one row: cut right after its first ``eos``)."""
+    if eos is None:
         return out, False
-    hit = (out[0, start:] == eos).nonzero()
-    return (out[:, : start + int(hit[0]) + 1], True) if len(hit) else (out, False)
+    hit = out == eos
+    hit[:, :start] = False
+    seen = hit.cumsum(1) > 0                       # from a row's first eos on
+    out = out.masked_fill(torch.nn.functional.pad(seen[:, :-1], (1, 0)), eos)
+    if not bool(seen[:, -1].all()):
+        return out, False
+    return out[:, : int(seen.long().argmax(1).max()) + 1], True
 
 
 @torch.inference_mode()
 def generate(target, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None, *,
              generator: torch.Generator | None = None, eos_token_id: int | None = None,
              on_token: Callable[[], None] | None = None) -> torch.Tensor:
-    """Plain decoding, one target forward per token: the baseline speculative decoding is measured against."""
-    _check_prompt(input_ids, max_new_tokens)
-    sampling = sampling or Sampling()
-    target = as_step_model(target)
-    target.reset()
-    logits = target.forward(input_ids)[:, -1]
-    out = input_ids
-    for i in range(max_new_tokens):
-        y = _pick(logits, sampling, generator)
-        out = torch.cat([out, y[:, None]], 1)
-        if on_token:
-            on_token()
-        out, stop = _stop_at_eos(out, out.shape[1] - 1, eos_token_id)
-        if stop or i == max_new_tokens - 1:
-            break
-        logits = target.forward(y[:, None])[:, -1]
-    return out
+    """Plain decoding, one target forward per token (the baseline speculative decoding is measured
+    against): ``speculative_generate`` without a drafter."""
+    return speculative_generate(target, None, input_ids, max_new_tokens, 1, sampling, generator=generator,
+                                eos_token_id=eos_token_id, on_token=on_token)[0]
 
 
 def _check_k(k) -> None:
@@ -156,7 +150,8 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
     """Generate `max_new_tokens` tokens after `input_ids` [B, L] with `drafter` proposing and `target` verifying.
 
     `target`: a StepModel or a Hugging Face causal LM. `drafter`: a `ModelDrafter`,
-    `PromptLookupDrafter` or a Hugging Face model (wrapped in a ModelDrafter). `k`: drafts per round
+    `PromptLookupDrafter` or a Hugging Face model (wrapped in a ModelDrafter); None drafts nothing
+    (plain decoding, one target forward per token). `k`: drafts per round
     (1..64), or "adaptive" / an `AdaptiveK` to choose it each round. Returns (ids [B, L + new], stats).
     """
     _check_prompt(input_ids, max_new_tokens)
@@ -164,7 +159,7 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
     target = as_step_model(target)
     if isinstance(drafter, torch.nn.Module) or hasattr(drafter, "rewind"):
         drafter = ModelDrafter(drafter)
-    if not hasattr(drafter, "propose"):
+    if drafter is not None and not hasattr(drafter, "propose"):
         raise LeanLMError(f"{type(drafter).__name__} is not a drafter; pass a draft model, ModelDrafter or PromptLookupDrafter")
     if isinstance(drafter, ModelDrafter):
         vt, vd = vocab_size(target), vocab_size(drafter.step)
@@ -175,10 +170,11 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
     _check_k(adaptive)
     stats = SpecStats()
     target.reset()
-    drafter.start(input_ids)
+    if drafter is not None:
+        drafter.start(input_ids)
 
     t0 = time.perf_counter()
-    y = _pick(target.forward(input_ids)[:, -1], sampling, generator)
+    y = next_token(target.forward(input_ids)[:, -1], sampling, generator)
     stats.target_seconds += time.perf_counter() - t0
     out = torch.cat([input_ids, y[:, None]], 1)
     emitted = 1
@@ -189,7 +185,7 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
         want = adaptive.choose() if isinstance(adaptive, AdaptiveK) else adaptive
         want = min(want, max_new_tokens - emitted - 1)
         t0 = time.perf_counter()
-        if want > 0:
+        if want > 0 and drafter is not None:
             d, q = drafter.propose(out, want, sampling, generator)
         else:
             d, q = out[:, :0], None
@@ -197,16 +193,17 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
         base = target.length
         logits = target.forward(torch.cat([out[:, -1:], d], 1))
         kd = d.shape[1]
-        if sampling.greedy:
+        if kd == 0:  # nothing drafted: a plain decoding step
+            n, y = 0, next_token(logits[:, 0], sampling, generator)
+        elif sampling.greedy:
             tgt = logits.argmax(-1)
-            n = int((d == tgt[:, :kd]).long().cumprod(1).sum(1).min()) if kd else 0
+            n = int((d == tgt[:, :kd]).long().cumprod(1).sum(1).min())
             y = tgt[:, n]
         else:
             n, y = _accept_sampled(sampling.probs(logits), d, q, generator)
         target.rewind(base + 1 + n)
         t2 = time.perf_counter()
         new = torch.cat([d[:, :n], y[:, None]], 1)
-        start = out.shape[1]
         out = torch.cat([out, new], 1)
         emitted += n + 1
         stats.rounds += 1
@@ -220,6 +217,6 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
         if on_token:
             for _ in range(n + 1):
                 on_token()
-        out, stop = _stop_at_eos(out, start, eos_token_id)
+        out, stop = _stop_at_eos(out, input_ids.shape[1], eos_token_id)
     stats.new_tokens = out.shape[1] - input_ids.shape[1]
     return out, stats

@@ -14,50 +14,11 @@ where ``ctx`` is every committed token so far ([B, L], the last one not yet seen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..core.errors import LeanLMError
+from ..runtime.sampling import Sampling, sample
 from .step import as_step_model
-
-
-@dataclass
-class Sampling:
-    """Target distribution: greedy when temperature == 0, else softmax(logits / T) cut to top_k / top_p."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise LeanLMError(f"bad sampling settings: temperature {self.temperature} (>= 0), top_k {self.top_k} (>= 0), "
-                              f"top_p {self.top_p} (in (0, 1])")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities over the last dim (float32)."""
-        x = logits.float() / self.temperature
-        if self.top_k and self.top_k < x.shape[-1]:
-            kth = torch.topk(x, self.top_k, dim=-1).values[..., -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        p = torch.softmax(x, dim=-1)
-        if self.top_p < 1:
-            sp, idx = torch.sort(p, dim=-1, descending=True)
-            drop = (sp.cumsum(-1) - sp) >= self.top_p  # keep the smallest prefix whose mass reaches top_p
-            sp = sp.masked_fill(drop, 0.0)
-            p = torch.zeros_like(p).scatter(-1, idx, sp)
-            p = p / p.sum(-1, keepdim=True)
-        return p
-
-
-def sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from probabilities [B, V] -> [B]."""
-    return torch.multinomial(p, 1, generator=generator).squeeze(-1)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -2,8 +2,8 @@
 
 `make_shallow_draft` keeps the target's embedding, first `n_layers` decoder layers, final norm and
 head, then trains the kept decoder layers and norm (embedding and head frozen, so a tied head stays
-tied) to match the full target's next-token distribution: KL(p_target || q_draft) averaged over the
-tokens of the calibration text (logit distillation, Hinton et al. 2015; the same idea as the early-
+tied) with the shared trainer to match the full target's next-token distribution: KL(p_target ||
+q_draft) averaged over the tokens of the calibration text (logit distillation, Hinton et al. 2015; the same idea as the early-
 exit drafts of LayerSkip, Elhoushi et al. 2024, without retraining the target).
 """
 
@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.arch import arch_of
 from ..core.errors import LeanLMError
@@ -39,14 +36,6 @@ def quantized_draft(model, scheme: str = "w4a16-rtn", tokenizer=None, progress: 
 
     q = copy.deepcopy(model)
     return quantize(q, scheme, tokenizer=tokenizer, progress=progress)
-
-
-def parse_budget(budget: str | float | int) -> float:
-    """Seconds from 300, "300", "300s", "5m", "1.5h"."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(budget))
-    if not m or float(m.group(1)) <= 0:
-        raise LeanLMError(f"bad time budget {budget!r}; use seconds or a number with s, m or h, e.g. 5m")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def truncate_layers(model, n_layers: int):
@@ -75,14 +64,18 @@ def make_shallow_draft(model, n_layers: int, budget: str | float = "5m", *, toke
                        progress: bool = True, seed: int = 0):
     """The target's first `n_layers` decoder layers + final norm + head, distilled on the calibration text.
 
-    Trains for `budget` wall-clock time (seconds or "5m") or `max_tokens` tokens, whichever ends
+    Trains with the shared trainer (`leanlm.distill.train`, loss `DistillLoss`: KL to the target at
+    temperature 1; constant learning rate) for `budget` (the one budget syntax, `parse_budget`:
+    "5m" / "90s" wall time or "2M" / a number of tokens) or `max_tokens` tokens, whichever ends
     first; Ctrl-C ends training early and returns the draft as trained so far. `calib_ids`: a 1-D
     LongTensor of token ids (default: the protocol's calibration text through `tokenizer`).
     Returns the draft (a model of the target's class) with `draft.leanlm_draft` holding the training log.
     """
-    seconds = parse_budget(budget)
-    if max_tokens is not None and max_tokens < seq_len:
-        raise LeanLMError(f"token budget {max_tokens} is below one sequence of {seq_len} tokens; raise it or lower seq_len")
+    from ..distill import DistillConfig, DistillLoss, TrainConfig, TrainingInterrupted, parse_budget, train
+
+    limits = parse_budget(budget)
+    if max_tokens is not None:
+        limits["max_tokens"] = min(max_tokens, limits["max_tokens"] or max_tokens)
     draft = truncate_layers(model, n_layers)
     arch = arch_of(draft)
     if calib_ids is None:
@@ -91,52 +84,21 @@ def make_shallow_draft(model, n_layers: int, budget: str | float = "5m", *, toke
         from ..core.data import calibration_texts, join_and_tokenize
 
         calib_ids = join_and_tokenize(tokenizer, calibration_texts("wiki"))
-    n_seq = calib_ids.numel() // seq_len
-    if n_seq < batch:
-        raise LeanLMError(f"the calibration text has {calib_ids.numel()} tokens, fewer than one batch of {batch} x {seq_len}")
-    seqs = calib_ids[: n_seq * seq_len].view(n_seq, seq_len)
-    for name, p in draft.named_parameters():
-        p.requires_grad_(name.startswith((arch.layers_prefix(), f"{arch.body_path}.norm.")))
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    model.eval()
-    draft.train()
+    cfg = TrainConfig(**limits, lr=lr, warmup_steps=0, schedule="constant", batch_size=batch, seq_len=seq_len, seed=seed,
+                      progress=progress)
+    params = [p for name, p in draft.named_parameters() if name.startswith((arch.layers_prefix(), f"{arch.body_path}.norm."))]
+    target_grads = [p.requires_grad for p in model.parameters()]
     log = {"n_layers": n_layers, "steps": 0, "tokens": 0, "seconds": 0.0, "loss_first": None, "loss_last": None, "interrupted": False}
-    t0 = time.perf_counter()
-    bar = tqdm(total=round(seconds), desc=f"distilling {n_layers}-layer draft", unit="s", disable=not progress)
-    order = torch.randperm(n_seq, generator=g)
-    pos = 0
     try:
-        while True:
-            elapsed = time.perf_counter() - t0
-            if elapsed >= seconds or (max_tokens is not None and log["tokens"] + batch * seq_len > max_tokens):
-                break
-            if pos + batch > n_seq:
-                order, pos = torch.randperm(n_seq, generator=g), 0
-            x = seqs[order[pos : pos + batch]]
-            pos += batch
-            with torch.no_grad():
-                p_log = F.log_softmax(model(input_ids=x).logits.float(), -1)
-            q_log = F.log_softmax(draft(input_ids=x).logits.float(), -1)
-            loss = F.kl_div(q_log.flatten(0, 1), p_log.flatten(0, 1), log_target=True, reduction="batchmean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            log["steps"] += 1
-            log["tokens"] += x.numel()
-            log["loss_last"] = loss.item()
-            if log["loss_first"] is None:
-                log["loss_first"] = loss.item()
-            bar.n = min(round(time.perf_counter() - t0), round(seconds))
-            bar.set_postfix(kl=f"{log['loss_last']:.3f}", tokens=log["tokens"])
-            bar.refresh()
-    except KeyboardInterrupt:
-        log["interrupted"] = True
+        res = train(draft, DistillLoss(model, draft, DistillConfig()), calib_ids, cfg, params=params)
+        log.update(steps=res.steps, tokens=res.tokens, seconds=res.seconds)
+        if res.history:
+            log.update(loss_first=res.history[0]["loss"], loss_last=res.history[-1]["loss"])
+    except TrainingInterrupted as e:
+        log.update(interrupted=True, steps=e.steps, tokens=e.tokens)
     finally:
-        bar.close()
-    log["seconds"] = time.perf_counter() - t0
+        for p, g in zip(model.parameters(), target_grads):  # DistillLoss froze the target
+            p.requires_grad_(g)
     for p in draft.parameters():
         p.requires_grad_(False)
     draft.eval()

@@ -1,12 +1,17 @@
 """W8A8: int8 per-output-channel weights and int8 activations (symmetric, per token and dynamic, or
 one static per-tensor scale). `torch._int_mm(x_int8 [M, in], w_int8.T [in, out])` accumulates in
-int32 (exact), then `* x_scale * w_scale` in float32. Activation codes are computed as
-`leanlm.quantization.formats` defines them (round half to even, clamp to [-128, 127])."""
+int32 (exact), then `* x_scale * w_scale` in float32. Activation scales and codes come from the
+format table (`leanlm.quantization.formats`, ``int8_token`` / ``int8_tensor``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ...quantization.formats import QParams, compute_qparams, parse_format, quantize
+
+_PER_TOKEN = parse_format("int8_token")
+_PER_TENSOR = parse_format("int8_tensor")
 
 
 class W8A8Weight(nn.Module):
@@ -16,7 +21,8 @@ class W8A8Weight(nn.Module):
         super().__init__()
         self.register_buffer("qweight", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.reshape(1, -1).float().contiguous())
-        self.register_buffer("x_scale", None if static_amax is None else _nonzero(static_amax.float().reshape(()) / 127))
+        self.register_buffer("x_scale", None if static_amax is None else
+                             compute_qparams(static_amax.float().reshape(1), _PER_TENSOR).scale)
         self.out_features, self.in_features = self.qweight.shape
 
     @classmethod
@@ -27,8 +33,9 @@ class W8A8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
-        s = _nonzero(x2.abs().amax(-1, keepdim=True) / 127) if self.x_scale is None else self.x_scale
-        q = torch.round(x2 / s).clamp_(-128, 127).to(torch.int8)
+        fmt, qp = (_PER_TOKEN, compute_qparams(x2, _PER_TOKEN)) if self.x_scale is None else (_PER_TENSOR, QParams(self.x_scale))
+        s = qp.scale
+        q = quantize(x2, fmt, qp)
         y = torch._int_mm(q, self.qweight.t()).float() * s * self.scale
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -37,7 +44,3 @@ class W8A8Weight(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight[ids].float() * self.scale.reshape(-1)[ids].unsqueeze(-1)
-
-
-def _nonzero(s: torch.Tensor) -> torch.Tensor:
-    return torch.where(s == 0, torch.ones_like(s), s)

@@ -79,10 +79,19 @@ class TensorQuantizer(nn.Module):
 
 
 class QuantLinearMixin:
-    """Forward of a quantized linear layer: quantize the input, the weight, then the usual matmul."""
+    """Forward of a quantized linear layer: quantize the input, the weight, then the usual matmul.
+
+    A sparsified layer (``weight_mask`` buffer, leanlm.sparsity) multiplies its fake-quantized
+    weight by the mask, so pruned weights stay exactly zero (and get no gradient) whatever the
+    latent weight or the scales do during quantization-aware training.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        w = self.weight_quantizer(self.weight)
+        mask = getattr(self, "weight_mask", None)
+        if mask is not None:
+            w = w * mask
+        return F.linear(self.input_quantizer(x), w, self.bias)
 
 
 _SWAPPED: dict[type, type] = {}

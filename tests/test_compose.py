@@ -182,6 +182,25 @@ def test_masks_stay_zero_through_qat_and_qad(pattern, teacher, vocab, tiny_token
     _assert_on_grid(model, res.mode)
 
 
+def test_qat_forward_masks_the_latent_weight(vocab):
+    """During QAT a quantized Linear's forward multiplies by its mask: a pruned latent weight that moved
+    changes neither the output nor gets a gradient."""
+    from leanlm.qat import prepare_qat
+
+    model, masks = _sparse(vocab, "2:4")
+    quantize(model, "w4a16-rtn", progress=False)
+    prepare_qat(model, QATConfig(compile=False))
+    lin = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, lin.in_features)
+    y = lin(x).detach()
+    with torch.no_grad():
+        lin.weight[~lin.weight_mask] = 0.5
+    out = lin(x)
+    assert torch.equal(out, y)
+    out.pow(2).sum().backward()
+    assert bool((lin.weight.grad[~lin.weight_mask] == 0).all()) and bool((lin.weight.grad[lin.weight_mask] != 0).any())
+
+
 @pytest.mark.parametrize("scheme", ["w4a16-gptq", "int4_g32_asym", "nvfp4", "w8a8-smoothquant"])
 def test_a_quantized_model_stays_on_its_grid_through_distillation(scheme, vocab, train_ids):
     """Distillation of an already-quantized (and sparse) model trains through its fake quantization and

@@ -81,15 +81,16 @@ class TensorQuantizer(nn.Module):
 class QuantLinearMixin:
     """Forward of a quantized linear layer: quantize the input, the weight, then the usual matmul.
 
-    A sparsified layer (``weight_mask`` buffer, leanlm.sparsity) multiplies its fake-quantized
-    weight by the mask, so pruned weights stay exactly zero (and get no gradient) whatever the
-    latent weight or the scales do during quantization-aware training.
+    A sparsified layer (``weight_mask`` buffer, leanlm.sparsity) whose weight is not folded (during
+    quantization-aware training) multiplies its fake-quantized weight by the mask, so pruned weights
+    stay exactly zero (and get no gradient) whatever the latent weight or the scales do. A folded
+    weight already holds its zeros (the forward stays a plain linear, as the exporters trace it).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_quantizer(self.weight)
         mask = getattr(self, "weight_mask", None)
-        if mask is not None:
+        if mask is not None and not self.weight_quantizer.folded:
             w = w * mask
         return F.linear(self.input_quantizer(x), w, self.bias)
 

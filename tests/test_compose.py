@@ -233,6 +233,16 @@ def test_trainer_keeps_the_grid_after_an_error(vocab, train_ids):
     _assert_on_grid(model, "failed training")
 
 
+def test_training_refuses_quantizers_without_their_record(vocab, train_ids):
+    from leanlm.core.errors import LeanLMError
+
+    model = make_llama(vocab_size=vocab)
+    quantize(model, "w4a16-rtn", progress=False)
+    del model.leanlm_quant
+    with pytest.raises(LeanLMError, match="cannot keep it on its grid"):
+        train(model, lm_loss, train_ids, _tc(64 * 4))
+
+
 @pytest.mark.parametrize("fmt", ["int4_g32", "int4_g64", "int4_g32_asym", "int8"])
 def test_runtime_packing_keeps_exact_zeros(fmt, vocab):
     from leanlm.runtime.layouts import pack_linear

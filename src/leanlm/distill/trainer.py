@@ -188,6 +188,9 @@ def keep_established(model: nn.Module) -> tuple[list[AfterStep], Callable[[], No
     undo: list[Callable[[], None]] = []
     qs = [q for q in quantizers(model).values() if q.enabled]
     if qs and not any(isinstance(q, (QATQuantizer, QATActQuantizer)) for q in qs):  # quantized, not prepared for QAT
+        if getattr(model, "leanlm_quant", None) is None:
+            raise LeanLMError("this model carries quantizers but no leanlm quantization record, so training cannot keep it on "
+                              "its grid; load it from a folder written by leanlm quantize, or train the float model and quantize after")
         prepare_qat(model, QATConfig(compile=False))
         undo.append(lambda: finalize_qat(model))
     if masked_linears(model):

@@ -194,6 +194,42 @@ class _Signals:
             signal.signal(s, h)
 
 
+def keep_established(model: nn.Module) -> tuple[list[AfterStep], Callable[[], None]]:
+    """What earlier steps established, kept through training: ``(after_step callables, finish)``.
+
+    Sparsity masks (``weight_mask`` buffers): a `MaskKeeper` masks the gradients of pruned weights
+    and zeroes them after every optimizer step. A leanlm-quantized model not yet prepared for QAT
+    (e.g. `distill` of a model written by `leanlm quantize`) trains through its own fake
+    quantization with straight-through gradients and the calibrated scales (`prepare_qat`), and
+    ``finish()`` folds every weight back onto its grid (`finalize_qat`), so it leaves training
+    exactly on the grid it came with. Call ``finish()`` in a ``finally``.
+    """
+    from ..qat.api import QATConfig, finalize_qat, prepare_qat
+    from ..qat.fakequant import QATActQuantizer, QATQuantizer
+    from ..quantization.modules import quantizers
+    from ..sparsity.masks import MaskKeeper, masked_linears
+
+    hooks: list[AfterStep] = []
+    undo: list[Callable[[], None]] = []
+    qs = [q for q in quantizers(model).values() if q.enabled]
+    if qs and not any(isinstance(q, (QATQuantizer, QATActQuantizer)) for q in qs):  # quantized, not prepared for QAT
+        if getattr(model, "leanlm_quant", None) is None:
+            raise LeanLMError("this model carries quantizers but no leanlm quantization record, so training cannot keep it on "
+                              "its grid; load it from a folder written by leanlm quantize, or train the float model and quantize after")
+        prepare_qat(model, QATConfig(compile=False))
+        undo.append(lambda: finalize_qat(model))
+    if masked_linears(model):
+        keeper = MaskKeeper(model)
+        hooks.append(keeper)
+        undo.append(keeper.remove)
+
+    def finish() -> None:
+        for f in undo:
+            f()
+
+    return hooks, finish
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -210,9 +246,18 @@ def train(
     the history. If `loss_fn` is an nn.Module its parameters train too and its state is
     checkpointed. `params`: which parameters train (default: every requires_grad parameter); the
     others get requires_grad=False during training and are restored afterwards. `after_step`:
-    callables `f(model, step)` run after every optimizer step (e.g. re-applying sparsity masks).
-    `eval_ids`: 1-D held-out token ids for perplexity (None = no evaluation).
+    callables `f(model, step)` run after every optimizer step. `eval_ids`: 1-D held-out token ids
+    for perplexity (None = no evaluation). Sparsity masks and a quantized model's grid are kept
+    without being asked (`keep_established`).
     """
+    keep, finish = keep_established(model)
+    try:
+        return _train(model, loss_fn, train_ids, config, eval_ids=eval_ids, params=params, after_step=[*keep, *after_step])
+    finally:
+        finish()
+
+
+def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -> TrainResult:
     cfg = config
     cfg.check()
     train_ids = torch.as_tensor(train_ids).reshape(-1).long()

@@ -170,20 +170,6 @@ def finalize_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def _mask_hook(model: nn.Module):
-    """Re-apply `weight_mask` buffers (sparsity) after every optimizer step, if the model has any."""
-    masked = [m for m in model.modules() if isinstance(getattr(m, "weight_mask", None), torch.Tensor)]
-    if not masked:
-        return []
-
-    @torch.no_grad()
-    def reapply(model, step):
-        for m in masked:
-            m.weight.mul_(m.weight_mask.to(m.weight.dtype))
-
-    return [reapply]
-
-
 def check_teacher(student: nn.Module, teacher: nn.Module, student_tokenizer=None, teacher_tokenizer=None) -> None:
     from ..core.modules import check_same_vocab
 
@@ -280,7 +266,7 @@ def qat(
         loss_fn, mode = DistillLoss(teacher, model, distill or DistillConfig()), "qad"
     train_config.progress = train_config.progress and progress
     try:
-        res = train(model, loss_fn, ids, train_config, eval_ids=eval_ids, params=params, after_step=_mask_hook(model))
+        res = train(model, loss_fn, ids, train_config, eval_ids=eval_ids, params=params)  # keeps sparsity masks
     finally:
         finalize_qat(model)  # always leave an ordinary quantized model behind (also after Ctrl-C)
     info = {"mode": mode, "qat": asdict(config), "train": {k: v for k, v in asdict(train_config).items()},

@@ -413,9 +413,11 @@ def gptq(
     Every format in formats.py is supported.
 
     ``mask`` (bool [out, in], e.g. a leanlm.sparsity ``weight_mask``): weights where it is False
-    are quantized to exactly 0 (pruning is quantization to zero; their error is spread like any
-    other), so a sparse model stays sparse. 0 must be on the format's grid (it is for every format
-    in formats.py: symmetric grids contain 0, asymmetric ints have an integer zero point).
+    are quantized to exactly 0 (pruning is quantization to zero; their error is spread over the
+    columns not yet quantized like any other, as in SparseGPT's joint prune + quantize), so a
+    sparse model stays sparse; scales are computed from the kept weights only. 0 is on the grid of
+    every format in formats.py (symmetric grids contain 0, asymmetric ints have an integer zero
+    point inside their range, nvfp4 / MX / nf4 elements include 0).
 
     Returns ``(w_q, qp)``: ``w_q`` float32 [out, in] in the original column order, on ``w``'s
     device, with ``fake_quantize(w_q, fmt, qp) == w_q`` exactly.
@@ -431,8 +433,14 @@ def gptq(
     dev = w.device
     W0 = w.detach().float()
     _cells(W0, fmt)  # validates the group size against in_features
+    keep = None
+    if mask is not None:
+        if tuple(mask.shape) != (out_f, in_f):
+            raise ValueError(f"mask of shape {list(mask.shape)} does not match weight {list(w.shape)}")
+        keep = mask.to(dev, torch.float32)
+    kept0 = W0 if keep is None else W0 * keep  # ranges come from the weights that stay
     kw = dict(weight_kwargs or {})
-    gkw = {"global_amax": W0.abs().amax()} if fmt.kind == "nvfp4" else {}
+    gkw = {"global_amax": kept0.abs().amax()} if fmt.kind == "nvfp4" else {}
 
     def qparams(t: torch.Tensor) -> QParams:
         return weight_qparams(t, fmt, weight_method, **kw, **gkw)
@@ -440,11 +448,6 @@ def gptq(
     Hf = prepared_hessian(H, dev, "GPTQ")
     perm = None
     W = W0.clone()
-    keep = None
-    if mask is not None:
-        if tuple(mask.shape) != (out_f, in_f):
-            raise ValueError(f"mask of shape {list(mask.shape)} does not match weight {list(w.shape)}")
-        keep = mask.to(dev, torch.float32)
     if act_order:
         perm = torch.argsort(Hf.diagonal(), descending=True, stable=True)
         W = W[:, perm]
@@ -463,7 +466,7 @@ def gptq(
         scale = torch.ones(out_f, n_groups, 1, device=dev)
         zero = torch.zeros(out_f, n_groups, 1, device=dev) if _is_asym(fmt) else None
     else:
-        qp0 = qparams(W0)
+        qp0 = qparams(kept0)
         scale, zero, gscale = qp0.scale, qp0.zero, qp0.global_scale
 
     def col_params(c: int):
@@ -495,6 +498,8 @@ def gptq(
                 if p + g > i2:  # the group runs past this block: add the pending in-block updates
                     rest = W[:, i2 : p + g] - E1[:i].T @ U[i1:p, i2 : p + g]
                     cur = torch.cat([cur, rest], dim=1)
+                if keep is not None:  # pruned weights (headed for 0) do not widen the group's range
+                    cur = cur * keep[:, p : p + g]
                 gq = qparams(cur)
                 scale[:, c // g] = gq.scale[:, 0]
                 if zero is not None:

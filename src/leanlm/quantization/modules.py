@@ -79,10 +79,20 @@ class TensorQuantizer(nn.Module):
 
 
 class QuantLinearMixin:
-    """Forward of a quantized linear layer: quantize the input, the weight, then the usual matmul."""
+    """Forward of a quantized linear layer: quantize the input, the weight, then the usual matmul.
+
+    A sparsified layer (``weight_mask`` buffer, leanlm.sparsity) whose weight is not folded (during
+    quantization-aware training) multiplies its fake-quantized weight by the mask, so pruned weights
+    stay exactly zero (and get no gradient) whatever the latent weight or the scales do. A folded
+    weight already holds its zeros (the forward stays a plain linear, as the exporters trace it).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        w = self.weight_quantizer(self.weight)
+        mask = getattr(self, "weight_mask", None)
+        if mask is not None and not self.weight_quantizer.folded:
+            w = w * mask
+        return F.linear(self.input_quantizer(x), w, self.bias)
 
 
 _SWAPPED: dict[type, type] = {}

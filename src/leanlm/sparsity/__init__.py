@@ -3,7 +3,7 @@ training and saving.
 
     from leanlm.sparsity import SparsityConfig, sparsify_, MaskKeeper, sparsity_report, save_sparse
     report = sparsify_(model, SparsityConfig("sparsegpt", pattern="2:4"), tokenizer=tok)
-    trainer.fit(..., after_step=[MaskKeeper(model)])   # fine-tune / distill, zeros stay zero
+    leanlm.distill.distill(model, teacher, ...)        # the shared trainer keeps the zeros (MaskKeeper)
 """
 
 from .algorithms import magnitude_mask, sparsegpt, wanda_mask

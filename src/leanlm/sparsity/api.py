@@ -178,22 +178,17 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, calibratio
 def sparsify_and_distill(model: nn.Module, config: SparsityConfig | None = None, *, tokenizer=None,
                          calibration_ids: torch.Tensor | None = None, distill_config=None, train_config=None,
                          train_data=None, eval_ids=None, progress: bool = True):
-    """Sparsify `model` in place, then distill it from a frozen copy of the dense original while
-    `MaskKeeper` keeps the pruned weights at zero (the issue's "sparsify then distill" pipeline).
+    """Sparsify `model` in place, then distill it from a frozen copy of the dense original (the
+    shared trainer keeps the pruned weights at zero: the issue's "sparsify then distill" pipeline).
 
     Returns `(sparsify report, TrainResult)`."""
     import copy
 
     from ..distill import DistillConfig, TrainConfig, distill
-    from .masks import MaskKeeper
 
     teacher = copy.deepcopy(model).eval()
     report = sparsify_(model, config, calibration_ids, progress=progress, tokenizer=tokenizer)
-    keeper = MaskKeeper(model)
-    try:
-        res = distill(model, teacher, train_data, distill_config or DistillConfig(), train_config or TrainConfig(max_minutes=10),
-                      tokenizer=tokenizer, eval_ids=eval_ids, after_step=[keeper])
-    finally:
-        keeper.remove()
+    res = distill(model, teacher, train_data, distill_config or DistillConfig(), train_config or TrainConfig(max_minutes=10),
+                  tokenizer=tokenizer, eval_ids=eval_ids)
     model.eval()
     return report, res

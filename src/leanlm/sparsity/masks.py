@@ -53,8 +53,9 @@ def apply_masks(model: nn.Module) -> int:
 class MaskKeeper:
     """Keeps a sparsified model sparse while it trains (fine-tuning, distillation).
 
-    Pass it as a trainer callback, ``after_step=[MaskKeeper(model)]``: ``keeper(model, step)`` zeroes
-    the pruned weights after every optimizer step (momentum or weight decay would otherwise revive
+    The shared trainer (``leanlm.distill.train``) attaches one by itself whenever the model has
+    masks; in a loop of your own, call ``keeper(model, step)`` after every optimizer step: it zeroes
+    the pruned weights (momentum or weight decay would otherwise revive
     them). With ``mask_grads`` (default) it also zeroes their gradients through tensor hooks, so
     optimizer states of pruned weights stay zero too; ``remove()`` takes the hooks off.
     """

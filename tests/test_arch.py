@@ -143,15 +143,15 @@ def test_gptq_groups_from_adapter(family, monkeypatch):
     """GPTQ solves the adapter's groups (Phi-3's fused qkv_proj alone, Qwen2's q/k/v together) without tracing."""
     import copy
 
-    from leanlm.quantization import calibrate as cal
+    from leanlm.core import calibrate as cal
 
     model = make_model(family)
     m = copy.deepcopy(model)
 
     def no_trace(*a, **k):
-        raise AssertionError("linear_groups traced a family the adapter knows")
+        raise AssertionError("GPTQ traced the inputs of a family the adapter knows")
 
-    monkeypatch.setattr(cal, "linear_groups", no_trace)
+    monkeypatch.setattr(cal, "_trace_inputs", no_trace)
     leanlm.quantize(m, "w4a16-gptq", calib_data=_ids(32, rows=4, seed=5), progress=False)
     _check_quantized(model, m)
 

@@ -285,6 +285,7 @@ def cmd_export(a) -> dict:
 
         rep = _g.last_report
         r.update(quant=rep["quant"], reused_exact=len(rep["reused_exact"]), requantized=len(rep["requantized"]),
+                 kept_float=len(rep["kept_float"]), notes=_g.report_lines(rep),
                  tensor_types=dict(__import__("collections").Counter(rep["types"].values())))
     return r
 
@@ -293,7 +294,7 @@ def show_export(r: dict, console) -> None:
     line = f"leanlm export {r['model']} --to {r['format']} -> {r['out']} ({_gb(r['bytes'])})"
     if r["format"] == "gguf":
         types = ", ".join(f"{k}: {v}" for k, v in sorted(r["tensor_types"].items()))
-        line += f"\n{r['quant']}: tensors {types}; leanlm codes reused exactly for {r['reused_exact']}, re-quantized {r['requantized']}"
+        line += "".join(f"\n{x}" for x in [f"{r['quant']}: tensors {types}"] + r["notes"])
     console.print(line)
 
 
@@ -481,7 +482,7 @@ def cmd_prune(a) -> dict:
     if Path(a.out).exists() and not a.overwrite:
         raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
     target = PruneTarget(params=a.target_params, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
-                         kv_heads=a.kv_heads, layers=a.layers, axes=a.axes)
+                         kv_heads=a.kv_heads, layers=a.layers, axes=a.axes, multiple_of=a.multiple_of)
     model, tok = _load(a.model, a.dtype, a.trust_remote_code)
     r = {"model": a.model, "out": a.out}
     if a.eval:

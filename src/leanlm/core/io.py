@@ -48,8 +48,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final output should not be
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final output should not be
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old")

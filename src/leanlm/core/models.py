@@ -229,7 +229,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, toke
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            folder, config=config, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+            weights_only=True,   # a folder with only .bin (pickle) weights loads tensors only, never runs its code
         )
     except Exception as e:
         raise LeanLMError(f"cannot load model from {folder}: {_error_text(e)}") from None

@@ -56,14 +56,14 @@ def size(text: str) -> int:
 
     try:
         v = parse_count(text)
-    except LeanLMError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except LeanLMError:
+        v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive count such as 90M, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {size.range}, got {text!r}")
     return v
 
 
-size.range = "a count such as 90M, 0.09B or 90000000"
+size.range = "a positive count such as 90M, 0.09B or 90000000"
 
 
 def state_ranges(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

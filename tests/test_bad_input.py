@@ -281,6 +281,20 @@ def test_lengths_beyond_the_context(capsys, tmp_path, tiny_folder, argv, option)
     assert not (tmp_path / "out").exists()
 
 
+def test_context_checks_only_what_the_command_measures(capsys, tiny_folder):
+    """eval --speed uses no perplexity window, eval --ppl no speed prompt: their defaults are not refused."""
+    from leanlm.cli_args import check_context
+    from leanlm.core.models import load
+
+    model, tok = load(str(tiny_folder))
+    a = build_parser().parse_args(["eval", "m", "--speed", "--window", "4096"])
+    check_context(a, model, tok)
+    a = build_parser().parse_args(["eval", "m", "--ppl", "--prompt-tokens", "4096"])
+    check_context(a, model, tok)
+    with pytest.raises(LeanLMError, match="--window 4096"):
+        check_context(build_parser().parse_args(["eval", "m", "--window", "4096"]), model, tok)
+
+
 def test_chunked_prefill_matches_one_shot():
     from leanlm.runtime import Engine
 

@@ -89,12 +89,15 @@ def check_context(a: argparse.Namespace, model, tokenizer=None) -> None:
     if not isinstance(ctx, int) or ctx < 1:
         return
     fix = "lower it, or use a model with a longer context"
+    ppl, speed = getattr(a, "ppl", False), getattr(a, "speed", False)   # eval measures both when neither is given
     for name in _CONTEXT_OPTIONS:
         v = getattr(a, name, None)
+        if name == "window" and speed and not ppl:
+            continue
         if isinstance(v, int) and v > ctx:
             raise LeanLMError(f"--{name.replace('_', '-')} {v} exceeds the model's context of {ctx} tokens "
                               f"(max_position_embeddings); {fix}")
-    if isinstance(getattr(a, "prompt_tokens", None), int) and isinstance(getattr(a, "new_tokens", None), int):
+    if isinstance(getattr(a, "prompt_tokens", None), int) and isinstance(getattr(a, "new_tokens", None), int) and not (ppl and not speed):
         if a.prompt_tokens + a.new_tokens > ctx:
             raise LeanLMError(f"--prompt-tokens {a.prompt_tokens} + --new-tokens {a.new_tokens} exceed the model's context "
                               f"of {ctx} tokens (max_position_embeddings); {fix}")

@@ -1,8 +1,9 @@
-"""Checks of command-line input, in one place: numeric option types (range shown in --help), the output
-location before any work, and option lengths against the model's context once it is loaded.
+"""Checks of command-line input, in one place: numeric option types (range shown in --help) and option
+lengths against the model's context once it is loaded (`cli.main` also checks the output location,
+`core.io.check_output`, before any model is loaded).
 
-A bad number is argparse's usage error (exit 2, `argument --windows: must be >= 0, got -2`); the other
-checks raise `LeanLMError` (one line, exit 2) before any model is loaded or any long step starts.
+A bad number is argparse's usage error (exit 2, `argument --windows: must be >= 0, got -2`); the context
+check raises `LeanLMError` (one line, exit 2) before any long step starts.
 """
 
 from __future__ import annotations

@@ -230,10 +230,17 @@ def test_missing_model(capsys, tmp_path, cmd):
     assert _left(tmp_path) == []
 
 
-def test_binary_file_as_model(capsys, tmp_path):
+@pytest.mark.parametrize("cmd", list(BASE))
+def test_binary_file_empty_file_and_empty_folder_as_model(capsys, tmp_path, cmd):
     (tmp_path / "model.bin").write_bytes(bytes(range(256)))
-    code, err = _run(capsys, ["info", str(tmp_path / "model.bin")])
-    assert code == 2 and "is not a model" in _one_line_error(err)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    before = _left(tmp_path)
+    for model, msg in [("model.bin", "is not a model"), ("empty.gguf", "not a GGUF file"), ("folder", "has no config.json")]:
+        argv = [str(tmp_path / "OUT") if a == "OUT" else str(tmp_path / model) if a == "m" else a for a in BASE[cmd]]
+        code, err = _run(capsys, argv)
+        assert code == 2 and msg in _one_line_error(err), err
+    assert _left(tmp_path) == before
 
 
 # ------------------------------------------------------------------------------ library errors (defect 6)

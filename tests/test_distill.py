@@ -99,7 +99,7 @@ def test_checkpoint_write_is_atomic(tiny_tokenizer, ids, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert latest_checkpoint(d) == good  # the half-written one never appeared under a checkpoint name
     assert sorted(p.name for p in d.iterdir()) == ["step-0000001", "step-0000002"]  # the newest two, no temporary left
-    torch.load(good / "state.pt", weights_only=False)
+    torch.load(good / "state.pt", weights_only=True)
 
 
 def test_bad_configs(tiny_tokenizer, ids):

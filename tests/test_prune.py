@@ -123,7 +123,7 @@ def test_hidden_pairs_follow_the_kept_layers(tiny_tokenizer, calib):
 def test_param_target(tiny_tokenizer, calib, axes):
     m = model(tiny_tokenizer)
     want = int(n_params(m) * 0.7)
-    p = prune(m, PruneTarget(params=want, axes=axes), calib=calib, progress=False)
+    p = prune(m, PruneTarget(params=want, axes=axes, multiple_of=16), calib=calib, progress=False)
     got = n_params(p)
     assert got <= want and got > 0.5 * n_params(m)
     assert p.leanlm_prune["params_after"] == got == count_params(m, dims_of(p))
@@ -131,7 +131,7 @@ def test_param_target(tiny_tokenizer, calib, axes):
     if axes == "depth":
         assert (d.hidden, d.intermediate, d.layers) == (64, 128, d.layers) and d.layers < 4
     elif axes == "width":
-        assert d.layers == 4 and d.hidden % 8 == 0 and d.intermediate % 32 == 0 and d.hidden < 64 and d.intermediate < 128
+        assert d.layers == 4 and d.hidden % 16 == 0 and d.intermediate % 16 == 0 and d.hidden < 64 and d.intermediate < 128
     else:
         assert d.layers < 4 and (d.hidden < 64 or d.intermediate < 128)
 

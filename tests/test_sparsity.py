@@ -271,7 +271,10 @@ def test_cli_sparsify(capsys, tmp_path, tiny_folder, text_file):
     # table output and one-line errors with exit status 2
     code = main(["sparsify", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "m")])
     assert code == 0 and "sparsified" in capsys.readouterr().out
-    for args, msg in [(["--out", str(out)], "already exists"), (["--out", str(tmp_path / "x"), "--sparsity", "1.2"], "outside (0, 1)"),
+    with pytest.raises(SystemExit):   # argparse's usage error (tests/test_bad_input.py checks every numeric option)
+        main(["sparsify", str(tiny_folder), "--out", str(tmp_path / "x"), "--sparsity", "1.2"])
+    assert "argument --sparsity: must be in (0, 1), got 1.2" in capsys.readouterr().err
+    for args, msg in [(["--out", str(out)], "already exists"),
                       (["--out", str(tmp_path / "y"), "--rule", "nonsense"], "GLOB=VALUE"),
                       (["--out", str(tmp_path / "z"), "--pattern", "3:2"], "n > m")]:
         code = main(["sparsify", str(tiny_folder), "--method", "magnitude", *args])

@@ -311,7 +311,9 @@ def test_cli_generate_and_draft(capsys, tiny_folder, tmp_path, text_file):
         outs[len(extra)] = json.loads(capsys.readouterr().out)
     assert outs[0]["text"] == outs[4]["text"] == outs[2]["text"]  # greedy: identical with or without speculation
     assert "mode" not in outs[0] and outs[4]["mode"].startswith("draft")  # plain: the runtime engine, no speculation and outs[4]["stats"]["drafted"] > 0
-    assert main(["generate", str(tiny_folder), "--prompt", "x", "--prompt-lookup", "--num-draft", "0"]) == 2
-    assert "out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # argparse's usage error: --num-draft must be >= 1
+        main(["generate", str(tiny_folder), "--prompt", "x", "--prompt-lookup", "--num-draft", "0"])
+    assert e.value.code == 2
+    assert "argument --num-draft: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --draft and --prompt-lookup exclude each other
         main(["generate", str(tiny_folder), "--prompt", "x", "--draft", str(tiny_folder), "--prompt-lookup"])

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from .cli_args import BITS, COUNT, COUNT0, FRACTION, NONNEG, POSITIVE, PROBABILITY, SEED, SEQ_LEN, size, state_ranges
 from .core.errors import LeanLMError
 
 
@@ -27,10 +28,17 @@ def _table(title: str, columns: list[str], rows: list[list]):
     return t
 
 
+_ARGS: argparse.Namespace | None = None   # the parsed command line, set by main() for the context check
+
+
 def _load(spec: str, dtype: str, trust_remote_code: bool):
+    from .cli_args import check_context
     from .core.models import load
 
-    return load(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tok = load(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    if _ARGS is not None:
+        check_context(_ARGS, model, tok)
+    return model, tok
 
 
 def cmd_info(a) -> dict:
@@ -193,7 +201,9 @@ def cmd_quantize(a) -> dict:
         raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
     if a.config:
         try:
-            cfg = QuantConfig.from_dict(_json.loads(Path(a.config).read_text()))
+            from .core.data import read_text_file
+
+            cfg = QuantConfig.from_dict(_json.loads(read_text_file(a.config, "config")))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LeanLMError(f"cannot read the config {a.config}: {e}") from None
     elif a.scheme:
@@ -284,6 +294,7 @@ def cmd_export(a) -> dict:
 
         rep = _g.last_report
         r.update(quant=rep["quant"], reused_exact=len(rep["reused_exact"]), requantized=len(rep["requantized"]),
+                 kept_float=len(rep["kept_float"]), notes=_g.report_lines(rep),
                  tensor_types=dict(__import__("collections").Counter(rep["types"].values())))
     return r
 
@@ -292,7 +303,7 @@ def show_export(r: dict, console) -> None:
     line = f"leanlm export {r['model']} --to {r['format']} -> {r['out']} ({_gb(r['bytes'])})"
     if r["format"] == "gguf":
         types = ", ".join(f"{k}: {v}" for k, v in sorted(r["tensor_types"].items()))
-        line += f"\n{r['quant']}: tensors {types}; leanlm codes reused exactly for {r['reused_exact']}, re-quantized {r['requantized']}"
+        line += "".join(f"\n{x}" for x in [f"{r['quant']}: tensors {types}"] + r["notes"])
     console.print(line)
 
 
@@ -480,7 +491,7 @@ def cmd_prune(a) -> dict:
     if Path(a.out).exists() and not a.overwrite:
         raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
     target = PruneTarget(params=a.target_params, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
-                         kv_heads=a.kv_heads, layers=a.layers, axes=a.axes)
+                         kv_heads=a.kv_heads, layers=a.layers, axes=a.axes, multiple_of=a.multiple_of)
     model, tok = _load(a.model, a.dtype, a.trust_remote_code)
     r = {"model": a.model, "out": a.out}
     if a.eval:
@@ -546,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), Hugging Face folder or .gguf file")
         sp.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
         sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
-        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        sp.add_argument("--threads", type=COUNT, default=None, help="torch threads (default: all cores)")
         sp.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's own model code to run")
 
     sp = sub.add_parser("info", help="architecture, size and dtype of a model")
@@ -558,14 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compare", help="a second model to measure side by side (ratios vs the first)")
     sp.add_argument("--compare-dtype", help="dtype of the second model (default: --dtype)")
     sp.add_argument("--source", default="wiki", help="wiki (default), news, or a .txt/.jsonl file")
-    sp.add_argument("--window", type=int, default=512)
-    sp.add_argument("--windows", type=int, default=40, help="number of windows (0 = all)")
-    sp.add_argument("--batch", type=int, default=1)
-    sp.add_argument("--prompt-tokens", type=int, default=128)
-    sp.add_argument("--new-tokens", type=int, default=128)
-    sp.add_argument("--runs", type=int, default=5)
-    sp.add_argument("--warmup", type=int, default=1)
-    sp.add_argument("--price-per-hour", type=float, default=None, help="machine price in $/hour, for cost per 1M tokens")
+    sp.add_argument("--window", type=SEQ_LEN, default=512, help="tokens per perplexity window")
+    sp.add_argument("--windows", type=COUNT0, default=40, help="number of windows (0 = all)")
+    sp.add_argument("--batch", type=COUNT, default=1, help="sequences generated at once")
+    sp.add_argument("--prompt-tokens", type=COUNT, default=128, help="prompt length of the speed test")
+    sp.add_argument("--new-tokens", type=COUNT, default=128, help="tokens generated per run")
+    sp.add_argument("--runs", type=COUNT, default=5, help="timed runs (the median is reported)")
+    sp.add_argument("--warmup", type=COUNT0, default=1, help="untimed warm-up runs")
+    sp.add_argument("--price-per-hour", type=POSITIVE, default=None, help="machine price in $/hour, for cost per 1M tokens")
     sp.add_argument("--engine", choices=["auto", "hf", "leanlm", "both"], default="auto",
                     help="what --speed times: auto (default: the leanlm runtime for the families it runs, else transformers, "
                          "with a note), hf (transformers' generate), leanlm, or both side by side")
@@ -578,43 +589,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "--prompt-lookup for lossless speculative decoding")
     sp.add_argument("model", help="built-in name, Hugging Face folder, .gguf file, or a folder written by leanlm quantize")
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--max-new-tokens", type=COUNT, default=64, help="tokens to generate")
     sp.add_argument("--weights", default=None, help="fp32, bf16 (default), int8, int4 or w8a8; a leanlm-quantized model packs its own formats")
-    sp.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128 or 256)")
+    sp.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64, help="int4 group size")
     sp.add_argument("--head", default=None, help="output head format: auto (compute dtype, default), bf16, int8 or int4")
-    sp.add_argument("--max-seq-len", type=int, default=None, help="KV-cache size (default: prompt + new tokens)")
-    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    sp.add_argument("--top-k", type=int, default=None)
-    sp.add_argument("--top-p", type=float, default=None)
-    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--max-seq-len", type=COUNT, default=None, help="KV-cache size (default: prompt + new tokens)")
+    sp.add_argument("--temperature", type=NONNEG, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-k", type=COUNT, default=None, help="sample from the k most likely tokens")
+    sp.add_argument("--top-p", type=PROBABILITY, default=None, help="sample from the smallest set of tokens with this probability")
+    sp.add_argument("--seed", type=SEED, default=None, help="sampling seed")
     sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     sp.add_argument("--allow-fallback", action="store_true", help="run formats without a fast kernel as dense weights (reported)")
     sp.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    sp.add_argument("--threads", type=COUNT, default=None, help="torch threads (default: all cores)")
     sp.add_argument("--trust-remote-code", action="store_true")
     speculation_args(sp)
     sp = sub.add_parser("quantize", help="post-training quantization with a preset or a JSON config")
     common(sp)
     sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
     sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
-    sp.add_argument("--mixed", type=float, metavar="BITS", help="mixed precision: average bits per weight budget (then GPTQ)")
+    sp.add_argument("--mixed", type=BITS, metavar="BITS", help="mixed precision: average bits per weight budget (then GPTQ)")
     sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")
     sp.add_argument("--out", required=True, help="output folder (written atomically)")
     sp.add_argument("--kv-cache", choices=["int8", "fp8"], help="also quantize the KV cache")
     sp.add_argument("--gptq-bf16", action="store_true", help="GPTQ: run the calibration forwards in bfloat16 (faster on CPUs "
                     "with AVX512-BF16/AMX, slightly worse result; see docs/quantization.md)")
-    sp.add_argument("--samples", type=int, default=128, help="calibration sequences")
-    sp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    sp.add_argument("--samples", type=COUNT, default=128, help="calibration sequences")
+    sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence")
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
     sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--tokenizer", help="ONNX input, int8-static: model whose tokenizer cuts the calibration text (default: the .onnx file's folder)")
     sp = sub.add_parser("profile", help="roofline analysis of batch-1 decode on this machine")
     common(sp)
-    sp.add_argument("--prompt-tokens", type=int, default=128)
-    sp.add_argument("--new-tokens", type=int, default=128)
-    sp.add_argument("--runs", type=int, default=5)
+    sp.add_argument("--prompt-tokens", type=COUNT, default=128, help="prompt length of the speed test")
+    sp.add_argument("--new-tokens", type=COUNT, default=128, help="tokens generated per run")
+    sp.add_argument("--runs", type=COUNT, default=5, help="timed runs (the median is reported)")
     sp = sub.add_parser("export", help="export to a deployment format: compressed-tensors, gguf, hf, onnx")
     common(sp)
     sp.add_argument("--to", required=True, help="compressed-tensors | gguf | hf | onnx")
@@ -625,13 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sparsify", help="prune weights in place: unstructured or n:m (2:4) with magnitude, wanda or sparsegpt")
     common(sp)
     sp.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    sp.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero (unstructured; default 0.5)")
+    sp.add_argument("--sparsity", type=FRACTION, default=None, help="fraction of weights to zero (unstructured; default 0.5)")
     sp.add_argument("--pattern", default="unstructured", help="unstructured (default) or n:m, e.g. 2:4 (n kept of every m)")
     sp.add_argument("--rule", action="append", metavar="GLOB=VALUE",
                     help="per-layer override, later wins: a fraction, a pattern (2:4) or dense, e.g. '*.layers.0.*=dense'")
     sp.add_argument("--out", required=True, help="output folder: a Hugging Face folder plus masks and recipe (written atomically)")
-    sp.add_argument("--samples", type=int, default=128, help="calibration sequences (wanda, sparsegpt)")
-    sp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    sp.add_argument("--samples", type=COUNT, default=128, help="calibration sequences (wanda, sparsegpt)")
+    sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence")
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
     sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
     sp.add_argument("--overwrite", action="store_true")
@@ -647,39 +658,41 @@ def build_parser() -> argparse.ArgumentParser:
     qat_args(sp)
 
     def training(sp):
-        sp.add_argument("--lr", type=float, default=1e-4)
-        sp.add_argument("--batch-size", type=int, default=4)
-        sp.add_argument("--seq-len", type=int, default=512)
-        sp.add_argument("--grad-accum", type=int, default=1)
+        sp.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate")
+        sp.add_argument("--batch-size", type=COUNT, default=4, help="sequences per batch")
+        sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per training sequence")
+        sp.add_argument("--grad-accum", type=COUNT, default=1, help="batches per optimizer step")
         sp.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast for training (default: on where the CPU/GPU has bf16 matmuls); see docs/pruning.md")
-        sp.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-        sp.add_argument("--lm-weight", type=float, default=0.0, help="weight of cross-entropy on the text (KL weight is 1)")
-        sp.add_argument("--hidden-pairs", type=int, default=0,
+        sp.add_argument("--temperature", type=POSITIVE, default=1.0, help="distillation temperature")
+        sp.add_argument("--lm-weight", type=NONNEG, default=0.0, help="weight of cross-entropy on the text (KL weight is 1)")
+        sp.add_argument("--hidden-pairs", type=COUNT0, default=0,
                         help="also match N evenly spaced hidden states to the teacher's (a pruned student: the layers it was "
                              "cut from); default 0: logits only")
         sp.add_argument("--text", default="wiki", help="calibration/training text: wiki (default), news or a .txt/.jsonl file; "
                         "perplexity uses its evaluation split")
-        sp.add_argument("--eval-windows", type=int, default=10, help="held-out perplexity windows at start/end of training")
-        sp.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+        sp.add_argument("--eval-windows", type=COUNT0, default=10, help="held-out perplexity windows at start/end of training")
+        sp.add_argument("--eval-every", type=COUNT0, default=0, help="also evaluate every N steps")
         sp.add_argument("--checkpoint-dir", help="keep resumable checkpoints here (default: OUT.checkpoints, removed after success)")
         sp.add_argument("--overwrite", action="store_true")
 
     sp = sub.add_parser("prune", help="structured pruning to a smaller Hugging Face model (Minitron-style), optionally distilled")
     common(sp)
     sp.add_argument("--out", required=True, help="output folder (a plain transformers checkpoint, written atomically)")
-    sp.add_argument("--target-params", help="parameter budget, e.g. 90M")
+    sp.add_argument("--target-params", type=size, help="parameter budget")
+    sp.add_argument("--multiple-of", type=COUNT, default=64, help="chosen hidden/intermediate sizes are multiples of this, so "
+                    "quantization groups and kernels fit (default 64; the hidden size also a multiple of the heads)")
     sp.add_argument("--axes", choices=["width", "depth", "both"], default="width", help="what --target-params may shrink")
-    sp.add_argument("--layers", type=int)
-    sp.add_argument("--hidden", type=int)
-    sp.add_argument("--intermediate", type=int)
-    sp.add_argument("--heads", type=int)
-    sp.add_argument("--kv-heads", type=int)
-    sp.add_argument("--samples", type=int, default=32, help="calibration sequences (of --seq-len tokens) for the importance")
+    sp.add_argument("--layers", type=COUNT, help="decoder layers to keep")
+    sp.add_argument("--hidden", type=COUNT, help="hidden size")
+    sp.add_argument("--intermediate", type=COUNT, help="MLP intermediate size")
+    sp.add_argument("--heads", type=COUNT, help="attention heads")
+    sp.add_argument("--kv-heads", type=COUNT, help="key/value heads")
+    sp.add_argument("--samples", type=COUNT, default=32, help="calibration sequences (of --seq-len tokens) for the importance")
     sp.add_argument("--depth-metric", choices=["ppl", "cosine"], default="ppl")
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--distill-minutes", type=float, help="then distill from the original model for this many minutes")
-    g.add_argument("--distill-tokens", type=int, help="then distill from the original model for this many tokens")
+    g.add_argument("--distill-minutes", type=POSITIVE, help="then distill from the original model for this many minutes")
+    g.add_argument("--distill-tokens", type=COUNT, help="then distill from the original model for this many tokens")
     sp.add_argument("--eval", action="store_true", help="held-out perplexity (40 x 512) of the original, pruned and distilled model")
     training(sp)
     sp = sub.add_parser("distill", help="distill a student model from a teacher (logit KL)")
@@ -687,10 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--teacher", required=True, help="teacher model (same tokenizer)")
     sp.add_argument("--out", required=True, help="output folder (written atomically)")
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--minutes", type=float)
-    g.add_argument("--tokens", type=int)
+    g.add_argument("--minutes", type=POSITIVE, help="training budget in minutes")
+    g.add_argument("--tokens", type=COUNT, help="training budget in tokens")
     training(sp)
-    return p
+    return state_ranges(p)
 
 
 COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profile": (cmd_profile, show_profile),
@@ -700,21 +713,43 @@ COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profi
             "sparsify": (_cmd_sparsify, _show_sparsify)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    import torch
-    from rich.console import Console
+def _terminate(signum, frame):
+    raise KeyboardInterrupt("stopped by SIGTERM")
 
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+
+def main(argv: list[str] | None = None) -> int:
+    global _ARGS
+    import signal
+    import threading
+
+    a = build_parser().parse_args(argv)
     run, show = COMMANDS[a.command]
+    # SIGTERM behaves like Ctrl-C: a KeyboardInterrupt, so every atomic write removes its temporary folder.
+    old_term = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
+        from .core.io import check_output
+
+        if getattr(a, "out", None):   # before any model is loaded
+            check_output(a.out, getattr(a, "overwrite", False))
+        if getattr(a, "checkpoint_dir", None):
+            check_output(a.checkpoint_dir, True, "--checkpoint-dir")
+        import torch
+
+        torch.set_num_threads(a.threads or os.cpu_count() or 1)
+        _ARGS = a
         result = run(a)
     except LeanLMError as e:
-        print(f"leanlm: error: {e}", file=sys.stderr)
+        print("leanlm: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"leanlm: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    finally:
+        _ARGS = None
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    from rich.console import Console
+
     result["command"] = "leanlm " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.json:
         print(json.dumps(result, indent=2, default=str))

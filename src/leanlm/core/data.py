@@ -77,6 +77,23 @@ def _builtin_articles(source: str) -> tuple[str, ...]:
     return tuple(arts)
 
 
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """A user's file as UTF-8 text, or a LeanLMError that names the file and the fix (missing, binary, not UTF-8)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LeanLMError(f"{what} {p} does not exist or is not a file; check the path")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise LeanLMError(f"cannot read {what} {p} ({e.strerror}); check its permissions") from None
+    if b"\x00" in raw[:8192]:
+        raise LeanLMError(f"{what} {p} is a binary file, not text; pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LeanLMError(f"{what} {p} is not UTF-8 text (undecodable byte at offset {e.start}); save it as UTF-8") from None
+
+
 def read_user_texts(path: str | Path) -> list[str]:
     """Documents from a .txt (blank-line separated) or .jsonl file."""
     p = Path(path).expanduser()
@@ -84,7 +101,7 @@ def read_user_texts(path: str | Path) -> list[str]:
         raise LeanLMError(f"text file {p} does not exist; pass 'wiki', 'news' or a .txt/.jsonl path")
     if p.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_text_file(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -96,7 +113,7 @@ def read_user_texts(path: str | Path) -> list[str]:
                 raise LeanLMError(f"{p}:{i} has no string 'text' field; each line must be {{\"text\": ...}} or a JSON string")
             docs.append(text)
     elif p.suffix in (".txt", ".md", ""):
-        raw = p.read_text(encoding="utf-8")
+        raw = read_text_file(p)
         docs = [d.strip() for d in raw.replace("\r\n", "\n").split("\n\n")]
     else:
         raise LeanLMError(f"unknown text format {p.suffix!r} for {p}; use a .txt or .jsonl file")

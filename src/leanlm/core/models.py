@@ -185,7 +185,7 @@ def convert_gguf(gguf_path: Path, trust_remote_code: bool = False) -> Path:
     except LeanLMError:
         raise
     except Exception as e:
-        raise LeanLMError(f"transformers cannot load {gguf_path} ({_first_line(e)}); this GGUF architecture may be unsupported") from None
+        raise LeanLMError(f"transformers cannot load {gguf_path} ({_error_text(e)}); this GGUF architecture may be unsupported") from None
     # The weights are now plain floats: drop the GGUF quantization marker so reloads are ordinary.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -197,9 +197,13 @@ def convert_gguf(gguf_path: Path, trust_remote_code: bool = False) -> Path:
     return folder
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
+def _error_text(e: BaseException, max_lines: int = 4, max_chars: int = 600) -> str:
+    """The library's own message on one line: its first meaningful lines (a validation error's reason is often
+    on line 2 or 3), without blank lines and "for further information" links."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.lower().startswith(("for further information", "see https://", "https://"))]
+    text = " ".join(lines[:max_lines]) or type(e).__name__
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, tokenizer: Any = None):
@@ -225,15 +229,16 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, toke
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            folder, config=config, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+            weights_only=True,   # a folder with only .bin (pickle) weights loads tensors only, never runs its code
         )
     except Exception as e:
-        raise LeanLMError(f"cannot load model from {folder}: {_first_line(e)}") from None
+        raise LeanLMError(f"cannot load model from {folder}: {_error_text(e)}") from None
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as e:
-            raise LeanLMError(f"{folder} has no usable tokenizer ({_first_line(e)}); add tokenizer files or pass tokenizer=") from None
+            raise LeanLMError(f"{folder} has no usable tokenizer ({_error_text(e)}); add tokenizer files or pass tokenizer=") from None
     return model, tokenizer
 
 
@@ -258,7 +263,7 @@ def load(
         try:
             tokenizer = AutoTokenizer.from_pretrained(tpath, local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as e:
-            raise LeanLMError(f"cannot load a tokenizer from {tpath}: {_first_line(e)}") from None
+            raise LeanLMError(f"cannot load a tokenizer from {tpath}: {_error_text(e)}") from None
     if isinstance(model, torch.nn.Module):
         return model.to(dt).eval(), tokenizer
 

@@ -8,7 +8,8 @@ held-out perplexity at the start, every `eval_every` steps and at the end, and s
 wall-time budget.
 
 Checkpoints hold the model and loss-module state, the optimizer, the step, the data generator's
-RNG state and the history; they are written atomically (`leanlm.core.io.atomic_dir`), so an
+RNG state and the history (tensors and plain Python values only: resuming loads them with
+``torch.load(weights_only=True)``, which runs no pickled code); they are written atomically (`leanlm.core.io.atomic_dir`), so an
 interrupt never leaves a corrupt one. Ctrl-C / SIGTERM are deferred to the end of the current
 optimizer step: the trainer then writes a checkpoint and raises `TrainingInterrupted` (a
 KeyboardInterrupt) saying how to resume; a second Ctrl-C stops at once, keeping the last periodic
@@ -295,7 +296,8 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
 
     if ckpt_dir is not None and cfg.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
         try:
-            st = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
+            # weights_only: tensors and plain containers only, so a planted checkpoint cannot run code
+            st = torch.load(found / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged file is a user problem, say which
             raise LeanLMError(f"cannot read checkpoint {found}: {e}; delete it to restart from the one before") from None
         if st.get("tokens_per_step") != tps:

@@ -19,7 +19,8 @@ type has at least as many bits (int4 -> Q4_0 / Q5_0 / Q8_0; int8 -> Q8_0; asymme
 Q4_1): calibration (AWQ scales folded into norms, clipped ranges, GPTQ rounding) carries over
 exactly, except that GGUF stores the scale as fp16. Other weights are quantized by the target
 type's quantizer from leanlm's calibrated weights (`gguf.quants`, or `ggml_blocks` for Q4_K /
-Q6_K). `export_gguf` returns the path; `last_report` says which tensors were reused exactly.
+Q6_K). `export_gguf` returns the path; `last_report` says which tensors were reused exactly, which were
+re-quantized and which kept in float, and why (`report_lines` puts it in sentences).
 """
 
 from __future__ import annotations
@@ -210,6 +211,35 @@ def _add_tokenizer(w, tokenizer, n_vocab: int, pretokenizer: str | None) -> None
     w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
 
 
+# ------------------------------------------------------------------------------------ report
+
+
+def _why(ql: QuantLinear, typ: str, quant: str) -> str:
+    """Why a leanlm-quantized linear layer is not stored with its own codes, in the words of the summary."""
+    fmt, cols = ql.fmt.name, ql.weight.shape[1]
+    if typ in ("F32", "F16", "BF16") and quant in ("F32", "F16", "BF16"):
+        return f"kept {typ}: --quant {quant} is a float type, so their leanlm format ({fmt}) is dequantized"
+    if typ in ("F32", "F16", "BF16"):
+        return (f"kept {typ}: their rows of {cols} values are not a multiple of GGUF's {B.QK}-value blocks, so no {quant} "
+                f"block holds them (llama.cpp keeps such rows in float too); prune to multiples of 64 (leanlm prune "
+                f"--multiple-of) to quantize them")
+    return (f"re-quantized to {typ} from the calibrated weights: their leanlm format ({fmt}) has no exact {typ} layout "
+            f"(exact: symmetric int in groups of a multiple of {B.QK} or per channel -> Q4_0/Q5_0/Q8_0, asymmetric int4 -> Q4_1)")
+
+
+def report_lines(report: dict) -> list[str]:
+    """The export summary: what was stored in which type and why, one sentence per kind of layer."""
+    from collections import Counter
+
+    lines = []
+    if report["reused_exact"]:
+        lines.append(f"{len(report['reused_exact'])} linear layers stored exactly with leanlm's own codes and scales "
+                     f"({report['quant']} blocks)")
+    for why, n in Counter(report["why"].values()).items():
+        lines.append(f"{n} linear layers {why}")
+    return lines
+
+
 # ------------------------------------------------------------------------------------ export
 
 
@@ -274,7 +304,7 @@ def export_gguf(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
     has_output = "lm_head.weight" in sd
     tmap = arch.gguf_tensor_map()
     permute = arch.gguf_arch == "llama"   # the llama graph rotates interleaved pairs
-    report = {"quant": quant, "reused_exact": [], "requantized": [], "types": {}}
+    report = {"quant": quant, "reused_exact": [], "requantized": [], "kept_float": [], "why": {}, "types": {}}
 
     with atomic_file(out, overwrite=overwrite) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
@@ -320,7 +350,8 @@ def export_gguf(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
                 report["reused_exact"].append(gname)
             else:
                 if ql is not None:
-                    report["requantized"].append(gname)
+                    report["kept_float" if typ in ("F32", "F16", "BF16") else "requantized"].append(gname)
+                    report["why"][gname] = _why(ql, typ, quant)
                 src = arr[perm] if perm is not None else arr
                 data = _quantize_float(src, typ)
             raw = None if typ in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, typ)

@@ -85,8 +85,9 @@ class OnnxCausalLM:
             self.cache = [c[:, :, :length] for c in self.cache]
         self.length = length
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] of the new tokens `ids` [B, T]; extends the cache by T."""
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] of the new tokens `ids` [B, T] ([B, vocab] of the last with `last_only`);
+        extends the cache by T."""
         ids = torch.as_tensor(ids)
         if ids.dim() != 2:
             raise LeanLMError(f"ids must be [batch, tokens], got shape {tuple(ids.shape)}")
@@ -107,7 +108,8 @@ class OnnxCausalLM:
         outs = self.sess.run(None, feeds)
         self.cache = outs[1:]
         self.length = P + T
-        return torch.from_numpy(outs[0])
+        logits = torch.from_numpy(outs[0])
+        return logits[:, -1] if last_only else logits
 
     # model-like use ---------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, use_cache: bool = False, **_) -> torch.Tensor:

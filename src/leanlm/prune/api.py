@@ -23,8 +23,6 @@ from ..core.errors import LeanLMError
 from .importance import activation_importance, layer_importance
 from .structure import Dims, Keep, check_supported, count_params, dims_of, slice_model
 
-ALIGN = 32   # searched intermediate sizes are multiples of this (kernel-friendly)
-HIDDEN_ALIGN = 8   # searched hidden sizes are multiples of lcm(8, heads): transformers requires hidden % heads == 0
 AXES = ("width", "depth", "both")
 
 
@@ -32,10 +30,12 @@ AXES = ("width", "depth", "both")
 class PruneTarget:
     """What the pruned model should be. Dimensions given are fixed; `params` shrinks the others along `axes`.
 
-    axes: "width" shrinks hidden and intermediate by one common factor (intermediate a multiple of 32,
-    hidden a multiple of lcm(8, heads) since transformers needs hidden % heads == 0), "depth"
+    axes: "width" shrinks hidden and intermediate by one common factor (intermediate a multiple of
+    `multiple_of`, hidden a multiple of lcm(multiple_of, heads) since transformers needs hidden % heads == 0;
+    a width that cannot shrink to such a multiple stays as it is), "depth"
     removes whole layers, "both" takes half of the needed reduction from depth, the rest from width.
-    Attention heads change only when `heads`/`kv_heads` are given.
+    Attention heads change only when `heads`/`kv_heads` are given. `multiple_of` (default 64) makes the chosen
+    sizes ones that quantization groups (32, 64) and packed kernels accept; sizes given explicitly are kept.
     """
     params: int | str | None = None
     hidden: int | None = None
@@ -44,6 +44,7 @@ class PruneTarget:
     kv_heads: int | None = None
     layers: int | None = None
     axes: str = "width"
+    multiple_of: int = 64
 
 
 def parse_count(x: int | str) -> int:
@@ -82,6 +83,8 @@ def solve_dims(model: nn.Module, target: PruneTarget) -> Dims:
     """The dimensions to prune to: fixed ones as given, the rest chosen to meet `target.params`."""
     if target.axes not in AXES:
         raise LeanLMError(f"unknown axes {target.axes!r}; use one of {', '.join(AXES)}")
+    if target.multiple_of < 1:
+        raise LeanLMError(f"multiple_of must be >= 1, got {target.multiple_of} (--multiple-of)")
     orig = dims_of(model)
     heads = target.heads if target.heads is not None else orig.heads
     kv = target.kv_heads
@@ -119,7 +122,7 @@ def solve_dims(model: nn.Module, target: PruneTarget) -> Dims:
     if not free_w:
         raise LeanLMError("target --target-params needs a narrower model but --hidden and --intermediate are both fixed; "
                           "drop one of them, or use --axes depth")
-    return _fit_width(model, d, free_w, want)
+    return _fit_width(model, d, free_w, want, target.multiple_of)
 
 
 def _fit_depth(model, d: Dims, goal: int, want: int) -> Dims:
@@ -131,24 +134,25 @@ def _fit_depth(model, d: Dims, goal: int, want: int) -> Dims:
                       "or narrower sizes")
 
 
-def _fit_width(model, d: Dims, free: list[str], want: int) -> Dims:
-    """Largest common scale of the free widths (rounded down to multiples of ALIGN) that fits `want`."""
+def _fit_width(model, d: Dims, free: list[str], want: int, multiple: int) -> Dims:
+    """Largest common scale of the free widths (rounded down to their multiples) that fits `want`."""
+    free = [n for n in free if _step(d, n, multiple) < getattr(d, n)]   # the others cannot shrink to a multiple
     lo, hi = 0.0, 1.0
     best = None
     for _ in range(30):
         s = (lo + hi) / 2
-        c = _scaled(d, free, s)
+        c = _scaled(d, free, s, multiple) if free else None
         if c is not None and count_params(model, c) <= want:
             best, lo = c, s
         else:
             hi = s
     if best is None:
-        raise LeanLMError(f"no width fits {want:,} parameters (the embedding alone may be too large); give a larger "
-                          "--target-params or remove layers too (--axes both, --layers)")
+        raise LeanLMError(f"no width fits {want:,} parameters with sizes that are multiples of {multiple} (the embedding alone "
+                          "may be too large); give a larger --target-params, remove layers too (--axes both, --layers), or a smaller --multiple-of")
     # the binary search stops near the boundary; step each free width up while it still fits
     for n in free:
         while True:
-            v = getattr(best, n) + _step(best, n)
+            v = getattr(best, n) + _step(best, n, multiple)
             if v > getattr(d, n):
                 break
             c = Dims(**{**best.to_dict(), n: v})
@@ -158,14 +162,14 @@ def _fit_width(model, d: Dims, free: list[str], want: int) -> Dims:
     return best
 
 
-def _step(d: Dims, name: str) -> int:
-    return math.lcm(HIDDEN_ALIGN, d.heads) if name == "hidden" else ALIGN
+def _step(d: Dims, name: str, multiple: int) -> int:
+    return math.lcm(multiple, d.heads) if name == "hidden" else multiple
 
 
-def _scaled(d: Dims, free: list[str], s: float) -> Dims | None:
+def _scaled(d: Dims, free: list[str], s: float, multiple: int) -> Dims | None:
     vals = d.to_dict()
     for n in free:
-        a = _step(d, n)
+        a = _step(d, n, multiple)
         v = int(vals[n] * s) // a * a
         if v < a:
             return None

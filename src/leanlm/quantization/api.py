@@ -25,14 +25,15 @@ def _check_shapes(model: nn.Module, resolved: dict) -> None:
     for qname, qc in resolved.items():
         if not qname.endswith(".weight_quantizer"):
             continue
-        from .formats import parse_format
+        from .formats import _divisor_hint, parse_format
 
         fmt = parse_format(qc.format)
         m = mods[qname[: -len(".weight_quantizer")]]
         if fmt.group_size and m.in_features % fmt.group_size:
             raise LeanLMError(
                 f"{qname}: {fmt.name} needs the input dimension {m.in_features} to be a multiple of {fmt.group_size}; "
-                f"use a group size that divides it (e.g. 64 or 32) or add a rule that keeps this layer in another format"
+                f"{_divisor_hint(m.in_features, fmt.group_size) or 'use a group size that divides it, or '}"
+                f"add a rule that keeps this layer in another format"
             )
 
 

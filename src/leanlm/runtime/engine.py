@@ -4,6 +4,9 @@
     out = eng.generate(ids, max_new_tokens=64)     # greedy; temperature/top_k/top_p/seed to sample
     eng.reset(); logits = eng.forward(ids); eng.rewind(n)   # StepModel (speculative decoding)
 
+A long prompt is prefilled in chunks of `prefill_chunk` tokens, each attending to the cache so far, so the
+attention scores held at once are [chunk, context] rather than [prompt, prompt] (same logits).
+
 With ``compile=True`` the one-token decode step is compiled by torch.compile (inductor, fixed shapes:
 the attention reads a bucket of `kv_block` cache slots, so a new bucket compiles once); prefill and
 multi-token verification steps run eagerly.
@@ -24,15 +27,16 @@ from .sampling import Sampling
 class Engine:
     def __init__(self, model: nn.Module, weights: str | None = None, *, group_size: int = 64, head: str | None = None,
                  max_seq_len: int = 1024, max_batch: int = 1, compile: bool = False, kv_block: int = 256,
-                 allow_fallback: bool = False):
-        if max_seq_len < 1 or max_batch < 1:
-            raise LeanLMError(f"max_seq_len and max_batch must be >= 1, got {max_seq_len} and {max_batch}")
+                 allow_fallback: bool = False, prefill_chunk: int = 512):
+        if max_seq_len < 1 or max_batch < 1 or prefill_chunk < 1:
+            raise LeanLMError(f"max_seq_len, max_batch and prefill_chunk must be >= 1, got {max_seq_len}, {max_batch} and {prefill_chunk}")
         with torch.no_grad():
             self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_seq_len,
                                  max_batch=max_batch, allow_fallback=allow_fallback).eval()
         self.config = getattr(model, "config", None)
         self.fallbacks = self.model.fallbacks
         self.kv_block = kv_block
+        self.prefill_chunk = prefill_chunk
         self.length = 0
         self.batch = None
         self.compiled = compile
@@ -51,8 +55,9 @@ class Engine:
         self.length = length
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Append `ids` [B, T] after the cached tokens; float32 logits [B, T, vocab]."""
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Append `ids` [B, T] after the cached tokens; float32 logits [B, T, vocab] ([B, vocab] of the last
+        token with `last_only`, which keeps a long prefill's memory bounded)."""
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
             raise LeanLMError(f"ids must be a 2-D LongTensor [batch, tokens], got {tuple(ids.shape)} {ids.dtype}")
         B, T = ids.shape
@@ -68,14 +73,25 @@ class Engine:
                               f"create the Engine with max_seq_len >= {end} (or a shorter prompt / fewer new tokens)")
         if int(ids.min()) < 0 or int(ids.max()) >= self.model.spec.vocab:
             raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {int(ids.min())}..{int(ids.max())}")
+        if T > self.prefill_chunk:   # chunked prefill: each chunk attends to the cache filled so far
+            outs = []
+            for i in range(0, T, self.prefill_chunk):
+                logits = self._run(ids[:, i:i + self.prefill_chunk], B)
+                outs = [logits[:, -1]] if last_only else outs + [logits]
+            return outs[0] if last_only else torch.cat(outs, dim=1)
+        logits = self._run(ids, B)
+        return logits[:, -1] if last_only else logits
+
+    def _run(self, ids: torch.Tensor, B: int) -> torch.Tensor:
+        end = self.length + ids.shape[1]
         pos = torch.arange(self.length, end)
-        if T == 1 and self.compiled:   # fixed shapes for the compiled step: a bucket of kv_block cache slots
+        if ids.shape[1] == 1 and self.compiled:   # fixed shapes for the compiled step: a bucket of kv_block cache slots
             fn, kv_len = self._step, min(self.model.max_seq_len, -(-end // self.kv_block) * self.kv_block)
         else:                          # eager: attend over exactly the filled slots
             fn, kv_len = self.model.forward, end
         logits = fn(ids, pos, kv_len)
         self.length, self.batch = end, B
-        return logits.clone() if T == 1 and self.compiled else logits
+        return logits.clone() if ids.shape[1] == 1 and self.compiled else logits
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

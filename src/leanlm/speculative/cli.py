@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..cli_args import COUNT, POSITIVE, SEQ_LEN
 from ..core.errors import LeanLMError
 
 
@@ -16,9 +17,9 @@ def speculation_args(sp) -> None:
     g.add_argument("--draft", help="draft model (same tokenizer): built-in name, folder, or quant:PRESET for a quantized copy of MODEL")
     g.add_argument("--prompt-lookup", action="store_true", help="draft-free speculation: copy n-grams from the prompt and the output")
     k = sp.add_mutually_exclusive_group()
-    k.add_argument("--num-draft", type=int, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
+    k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
     k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
-    sp.add_argument("--max-draft", type=int, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
+    sp.add_argument("--max-draft", type=COUNT, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
     sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
 
 
@@ -90,12 +91,12 @@ def show_generate(r: dict, console) -> None:
 
 
 def draft_args(sp) -> None:
-    sp.add_argument("--layers", type=int, required=True, help="decoder layers the draft keeps (the first N)")
+    sp.add_argument("--layers", type=COUNT, required=True, help="decoder layers the draft keeps (the first N)")
     sp.add_argument("--budget", default="5m", help="training budget: time (30s, 5m, 1h) or tokens (500k, 2M, 100000); default 5m")
-    sp.add_argument("--tokens", type=int, default=None, help="token budget (training stops at whichever budget ends first)")
-    sp.add_argument("--seq-len", type=int, default=128)
-    sp.add_argument("--batch", type=int, default=4)
-    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--tokens", type=COUNT, default=None, help="token budget (training stops at whichever budget ends first)")
+    sp.add_argument("--seq-len", type=SEQ_LEN, default=128, help="tokens per training sequence")
+    sp.add_argument("--batch", type=COUNT, default=4, help="sequences per batch")
+    sp.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate")
     sp.add_argument("--calib", default="wiki", help="training text: wiki (calibration split, default), news or a .txt/.jsonl file")
     sp.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint, written atomically)")
     sp.add_argument("--overwrite", action="store_true")

@@ -22,7 +22,9 @@ class StepModel(Protocol):
 
     def reset(self) -> None: ...
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] of the new tokens; [B, vocab] of the last one with `last_only` (a prefill)."""
+        ...
 
     def rewind(self, length: int) -> None: ...
 
@@ -56,15 +58,17 @@ class HFStepModel:
         self.length = 0
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         if self.cache is None:
             self.reset()
         t = ids.shape[1]
         pos = torch.arange(self.length, self.length + t).unsqueeze(0).expand(ids.shape[0], -1)
         kw = {"cache" if self._new_api else "past_key_values": self.cache}  # transformers 5 renamed the argument
+        if last_only:
+            kw["logits_to_keep"] = 1
         out = self.model(input_ids=ids, use_cache=True, position_ids=pos, **kw)  # the cache grows in place
         self.length += t
-        return out.logits.float()
+        return out.logits[:, -1].float() if last_only else out.logits.float()
 
     def rewind(self, length: int) -> None:
         if not 0 <= length <= self.length:

@@ -123,12 +123,12 @@ class TableModel:
     def reset(self):
         self.length = 0
 
-    def forward(self, ids):
+    def forward(self, ids, last_only=False):
         t = ids.shape[1]
         out = self.table[ids] + self.bias[self.length : self.length + t]
         self.length += t
         self.calls += 1
-        return out
+        return out[:, -1] if last_only else out
 
     def rewind(self, length):
         assert 0 <= length <= self.length

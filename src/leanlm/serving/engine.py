@@ -1,0 +1,206 @@
+"""`LLMEngine`: continuous batching on a paged KV cache, over the runtime's packed decoder.
+
+    eng = LLMEngine(model, tok, weights="int4", kv_cache_mb=256)
+    eng.add_request("a", tok("Hello")["input_ids"], SamplingParams(max_tokens=32))
+    while eng.has_unfinished():
+        for out in eng.step(): ...        # RequestOutput: new tokens / text of one request
+
+Each step runs ONE forward of the runtime `Decoder` over the scheduled tokens of all sequences, flattened
+into a single row (prefill chunks and decodes alike; each token carries its own position for RoPE). The
+decoder's attention is replaced by `_PagedAttention`: the new K/V are written into per-layer block pools
+[num_blocks, kv_heads, block_size, head_dim] at each token's slot, and each sequence attends over the
+blocks of its block table (gathered with index_select) under a causal mask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.errors import LeanLMError
+from ..runtime.model import Decoder
+from ..runtime.sampling import next_token
+from .block_manager import BlockManager
+from .metrics import Stats
+from .scheduler import SamplingParams, Scheduled, Scheduler, Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]          # tokens generated this step
+    text: str                     # text released this step (held back while it may be part of a stop string)
+    finished: bool
+    finish_reason: str | None     # "stop" (EOS or a stop string), "length" or "abort"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _PagedAttention:
+    """The `attend` callback of `Decoder.forward` for one engine step."""
+
+    def __init__(self, dec: Decoder, k_pool: list, v_pool: list, sched: list[Scheduled], tables: dict, block_size: int):
+        self.dec, self.k_pool, self.v_pool = dec, k_pool, v_pool
+        s = dec.spec
+        g = s.heads // s.kv_heads
+        pos, self.seqs = [], []
+        for sc in sched:
+            p = torch.arange(sc.start, sc.start + sc.length)
+            pos.append(p)
+            ctx = sc.start + sc.length
+            table = torch.tensor(tables[sc.seq.request_id][: -(-ctx // block_size)])
+            keys = torch.arange(ctx)
+            allowed = keys[None, :] <= p[:, None]
+            biases = {}
+            for w in {w for w in s.windows}:
+                m = allowed if w is None else allowed & (p[:, None] - keys[None, :] < w)
+                biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
+            self.seqs.append((sc.length, table, ctx, biases))
+        self.pos = torch.cat(pos)
+        tab = torch.cat([torch.tensor(tables[sc.seq.request_id]) for sc in sched])
+        offs = torch.tensor([0] + [len(tables[sc.seq.request_id]) for sc in sched[:-1]]).cumsum(0)
+        seq_of = torch.repeat_interleave(torch.arange(len(sched)), torch.tensor([sc.length for sc in sched]))
+        self.block = tab[offs[seq_of] + self.pos // block_size]
+        self.offset = self.pos % block_size
+
+    def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kp, vp = self.k_pool[i], self.v_pool[i]
+        kp[self.block, :, self.offset] = k[0].to(kp.dtype)
+        vp[self.block, :, self.offset] = v[0].to(vp.dtype)
+        Hkv, D = kp.shape[1], kp.shape[3]
+        window = self.dec.spec.windows[i]
+        outs, t0 = [], 0
+        for T, table, ctx, biases in self.seqs:
+            K = kp.index_select(0, table).transpose(0, 1).reshape(1, Hkv, -1, D)[:, :, :ctx]
+            V = vp.index_select(0, table).transpose(0, 1).reshape(1, Hkv, -1, D)[:, :, :ctx]
+            outs.append(self.dec._attend(q[:, t0:t0 + T], K.float(), V.float(), biases[window]))
+            t0 += T
+        return torch.cat(outs, dim=1)
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, tokenizer=None, weights: str | None = None, *, group_size: int = 64,
+                 head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
+                 allow_fallback: bool = False):
+        if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
+                              f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
+        with torch.no_grad():
+            self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_model_len,
+                                 max_batch=1, allow_fallback=allow_fallback).eval()
+        for L in self.model.layers:   # the paged pools below replace the decoder's dense cache
+            L.k_cache = L.v_cache = torch.empty(0)
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        s = self.model.spec
+        per_block = s.layers * 2 * s.kv_heads * block_size * s.head_dim * 4
+        num_blocks = int(kv_cache_mb * 2**20) // per_block
+        if num_blocks < 1:
+            raise LeanLMError(f"--kv-cache-mb {kv_cache_mb} holds no block of {block_size} tokens "
+                              f"({per_block / 2**20:.2f} MB each); raise it")
+        self.k_pool = [torch.zeros(num_blocks, s.kv_heads, block_size, s.head_dim) for _ in range(s.layers)]
+        self.v_pool = [torch.zeros(num_blocks, s.kv_heads, block_size, s.head_dim) for _ in range(s.layers)]
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if eos is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = Stats()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        params.config()   # validates temperature / top_k / top_p
+        if request_id in self.seqs:
+            raise LeanLMError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise LeanLMError("the prompt is empty; give at least one token")
+        if params.max_tokens < 1:
+            raise LeanLMError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        if any(not 0 <= t < self.model.spec.vocab for t in prompt):
+            raise LeanLMError(f"prompt token ids must lie in [0, {self.model.spec.vocab})")
+        need = len(prompt) + params.max_tokens
+        if need > self.max_model_len:
+            raise LeanLMError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the context of "
+                              f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if self.blocks.blocks_for(need) > self.blocks.num_blocks:
+            raise LeanLMError(f"{need} tokens need more KV blocks than the whole cache holds ({self.blocks.num_blocks} x "
+                              f"{self.blocks.block_size}); lower max_tokens or raise --kv-cache-mb")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        seq = Sequence(request_id, list(prompt), params, time.perf_counter(), generator=gen)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks at once; False when it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def num_unfinished(self) -> int:
+        return len(self.seqs)
+
+    # ------------------------------------------------------------------ one iteration
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        ids = torch.tensor([t for sc in sched for t in sc.seq.tokens[sc.start:sc.start + sc.length]])
+        attend = _PagedAttention(self.model, self.k_pool, self.v_pool, sched, self.blocks.tables, self.blocks.block_size)
+        logits = self.model(ids[None], attend.pos, 0, attend=attend)[0]
+        outs, t0, now = [], 0, time.perf_counter()
+        for sc in sched:
+            seq = sc.seq
+            t0 += sc.length
+            seq.computed += sc.length
+            self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
+            if sc.samples:
+                tok = int(next_token(logits[t0 - 1][None], seq.params.config(), seq.generator)[0])
+                outs.append(self._append(seq, tok, now))
+        return outs
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+        seq.output.append(tok)
+        self.stats.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.prompt_tokens += len(seq.prompt)
+            self.stats.ttft.observe(now - seq.arrival)
+        else:
+            self.stats.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        p = seq.params
+        if tok in self.eos and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_tokens:
+            seq.finish_reason = "length"
+        held = 0
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, seq.finish_reason = text[:cut], "stop"
+            seq.text = text
+            if seq.finish_reason is None:   # hold back a possible start of a stop string or a partial UTF-8 character
+                held = max([len(s) - 1 for s in p.stop] + [1 if text.endswith("\ufffd") else 0])
+        end = max(seq.sent, len(seq.text) - held)
+        delta, seq.sent = seq.text[seq.sent:end], end
+        finished = seq.finish_reason is not None
+        if finished:
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+            self.stats.e2e.observe(now - seq.arrival)
+        return RequestOutput(seq.request_id, [tok], delta, finished, seq.finish_reason, len(seq.prompt), len(seq.output))

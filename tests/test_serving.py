@@ -231,6 +231,8 @@ def test_sampling_seed_stop_and_validation(model, tok):
 # ---------------------------------------------------------------------------- the HTTP server
 @pytest.fixture(scope="module")
 def server(model, tok):
+    pytest.importorskip("fastapi")   # the `serve` extra
+    pytest.importorskip("openai")
     import uvicorn
 
     from leanlm.serving.api import create_app
@@ -364,3 +366,10 @@ def test_disconnect_aborts_and_frees_blocks(server):
             break
         time.sleep(0.05)
     assert not eng.has_unfinished() and all_free(eng)
+
+
+def test_cli_serve_rejects_a_kv_budget_without_a_block(tiny_folder, capsys):
+    from leanlm.cli import main
+
+    assert main(["serve", str(tiny_folder), "--kv-cache-mb", "0.0001", "--threads", "1"]) == 2
+    assert "--kv-cache-mb" in capsys.readouterr().err

@@ -373,3 +373,15 @@ def test_cli_serve_rejects_a_kv_budget_without_a_block(tiny_folder, capsys):
 
     assert main(["serve", str(tiny_folder), "--kv-cache-mb", "0.0001", "--threads", "1"]) == 2
     assert "--kv-cache-mb" in capsys.readouterr().err
+
+
+def test_int8_kv_blocks_hold_more_tokens_and_keep_greedy_outputs(model, tok):
+    prompts = [ids(tok, p) for p in PROMPTS]
+    reqs = lambda: [(str(i), p, SamplingParams(max_tokens=6, ignore_eos=True)) for i, p in enumerate(prompts)]
+    f32 = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4)
+    i8 = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, kv_dtype="int8")
+    D = model.config.hidden_size // model.config.num_attention_heads
+    assert i8.blocks.num_blocks == f32.blocks.num_blocks * (4 * D) // (D + 4)
+    assert i8.pool.k[0].dtype == torch.int8
+    assert run(i8, reqs()) == run(f32, reqs())
+    assert all_free(i8)

@@ -17,6 +17,8 @@ def serve_args(sp) -> None:
     sp.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk budget)")
     sp.add_argument("--max-model-len", type=int, default=2048, help="most tokens (prompt + output) of one request")
     sp.add_argument("--kv-cache-mb", type=float, default=256, help="memory of the paged KV cache in MB")
+    sp.add_argument("--kv-dtype", choices=["float32", "int8"], default="float32",
+                    help="KV block storage: float32, or int8 with a scale per token and head (about 3.5x the tokens per MB)")
     sp.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sp.add_argument("--no-prefix-caching", action="store_true", help="do not share the KV blocks of common prompt prefixes")
     sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -33,7 +35,7 @@ def run_serve(a, load) -> dict:
     if tok is None:
         raise LeanLMError(f"{a.model} has no tokenizer; the server needs one to read prompts")
     engine = LLMEngine(model, tok, a.weights, group_size=a.group_size, kv_cache_mb=a.kv_cache_mb, block_size=a.block_size,
-                       max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                       kv_dtype=a.kv_dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                        max_model_len=a.max_model_len, prefix_caching=not a.no_prefix_caching)
     del model
     name = a.served_model_name or a.model

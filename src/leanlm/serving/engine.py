@@ -8,8 +8,8 @@
 Each step runs ONE forward of the runtime `Decoder` over the scheduled tokens of all sequences, flattened
 into a single row (prefill chunks and decodes alike; each token carries its own position for RoPE). The
 decoder's attention is replaced by `_PagedAttention`: the new K/V are written into per-layer block pools
-[num_blocks, kv_heads, block_size, head_dim] at each token's slot, and each sequence attends over the
-blocks of its block table (gathered with index_select) under a causal mask.
+(`KVPool`: [num_blocks, kv_heads, block_size, head_dim], float32 or int8) at each token's slot, and each
+sequence attends over the blocks of its block table (gathered with index_select) under a causal mask.
 """
 
 from __future__ import annotations
@@ -39,11 +39,49 @@ class RequestOutput:
     completion_tokens: int
 
 
+class KVPool:
+    """Per-layer K and V block pools [num_blocks, kv_heads, block_size, head_dim]: float32, or int8 with one
+    float32 scale per (block, head, slot) (symmetric per token and head: about a quarter of the bytes)."""
+
+    def __init__(self, layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype: str):
+        shape = (num_blocks, kv_heads, block_size, head_dim)
+        self.int8 = dtype == "int8"
+        t = torch.int8 if self.int8 else torch.float32
+        self.k = [torch.zeros(shape, dtype=t) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=t) for _ in range(layers)]
+        self.ks = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
+        self.vs = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
+
+    @staticmethod
+    def block_bytes(layers: int, kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:
+        per = head_dim + 4 if dtype == "int8" else head_dim * 4
+        return layers * 2 * kv_heads * block_size * per
+
+    def write(self, i: int, block: torch.Tensor, offset: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [N, kv_heads, head_dim] float32 into the slots (block[n], offset[n])."""
+        for pool, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
+            if self.int8:
+                sc = x.abs().amax(-1).clamp_min(1e-8) / 127
+                scales[i][block, :, offset] = sc
+                x = (x / sc[..., None]).round_().to(torch.int8)
+            pool[i][block, :, offset] = x
+
+    def read(self, i: int, table: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `ctx` tokens of the blocks in `table` as float32 [1, kv_heads, ctx, head_dim] K and V."""
+        out = []
+        for pool, scales in ((self.k, self.ks), (self.v, self.vs)):
+            x = pool[i].index_select(0, table)
+            if self.int8:
+                x = x.float() * scales[i].index_select(0, table)[..., None]
+            out.append(x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :ctx])
+        return out[0], out[1]
+
+
 class _PagedAttention:
     """The `attend` callback of `Decoder.forward` for one engine step."""
 
-    def __init__(self, dec: Decoder, k_pool: list, v_pool: list, sched: list[Scheduled], tables: dict, block_size: int):
-        self.dec, self.k_pool, self.v_pool = dec, k_pool, v_pool
+    def __init__(self, dec: Decoder, pool: KVPool, sched: list[Scheduled], tables: dict, block_size: int):
+        self.dec, self.pool = dec, pool
         s = dec.spec
         g = s.heads // s.kv_heads
         pos, self.seqs = [], []
@@ -67,16 +105,12 @@ class _PagedAttention:
         self.offset = self.pos % block_size
 
     def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kp, vp = self.k_pool[i], self.v_pool[i]
-        kp[self.block, :, self.offset] = k[0].to(kp.dtype)
-        vp[self.block, :, self.offset] = v[0].to(vp.dtype)
-        Hkv, D = kp.shape[1], kp.shape[3]
+        self.pool.write(i, self.block, self.offset, k[0], v[0])
         window = self.dec.spec.windows[i]
         outs, t0 = [], 0
         for T, table, ctx, biases in self.seqs:
-            K = kp.index_select(0, table).transpose(0, 1).reshape(1, Hkv, -1, D)[:, :, :ctx]
-            V = vp.index_select(0, table).transpose(0, 1).reshape(1, Hkv, -1, D)[:, :, :ctx]
-            outs.append(self.dec._attend(q[:, t0:t0 + T], K.float(), V.float(), biases[window]))
+            K, V = self.pool.read(i, table, ctx)
+            outs.append(self.dec._attend(q[:, t0:t0 + T], K, V, biases[window]))
             t0 += T
         return torch.cat(outs, dim=1)
 
@@ -85,7 +119,7 @@ class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, weights: str | None = None, *, group_size: int = 64,
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
-                 allow_fallback: bool = False):
+                 kv_dtype: str = "float32", allow_fallback: bool = False):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
@@ -96,13 +130,14 @@ class LLMEngine:
             L.k_cache = L.v_cache = torch.empty(0)
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         s = self.model.spec
-        per_block = s.layers * 2 * s.kv_heads * block_size * s.head_dim * 4
+        if kv_dtype not in ("float32", "int8"):
+            raise LeanLMError(f"unknown KV-cache dtype {kv_dtype!r}; choose float32 or int8")
+        per_block = KVPool.block_bytes(s.layers, s.kv_heads, block_size, s.head_dim, kv_dtype)
         num_blocks = int(kv_cache_mb * 2**20) // per_block
         if num_blocks < 1:
             raise LeanLMError(f"--kv-cache-mb {kv_cache_mb} holds no block of {block_size} tokens "
                               f"({per_block / 2**20:.2f} MB each); raise it")
-        self.k_pool = [torch.zeros(num_blocks, s.kv_heads, block_size, s.head_dim) for _ in range(s.layers)]
-        self.v_pool = [torch.zeros(num_blocks, s.kv_heads, block_size, s.head_dim) for _ in range(s.layers)]
+        self.pool = KVPool(s.layers, num_blocks, s.kv_heads, block_size, s.head_dim, kv_dtype)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -159,7 +194,7 @@ class LLMEngine:
         if not sched:
             return []
         ids = torch.tensor([t for sc in sched for t in sc.seq.tokens[sc.start:sc.start + sc.length]])
-        attend = _PagedAttention(self.model, self.k_pool, self.v_pool, sched, self.blocks.tables, self.blocks.block_size)
+        attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
         logits = self.model(ids[None], attend.pos, 0, attend=attend)[0]
         outs, t0, now = [], 0, time.perf_counter()
         for sc in sched:

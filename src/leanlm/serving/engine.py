@@ -195,15 +195,17 @@ class LLMEngine:
             return []
         ids = torch.tensor([t for sc in sched for t in sc.seq.tokens[sc.start:sc.start + sc.length]])
         attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
-        logits = self.model(ids[None], attend.pos, 0, attend=attend)[0]
-        outs, t0, now = [], 0, time.perf_counter()
+        ends = torch.tensor([sc.length for sc in sched]).cumsum(0) - 1
+        sampling = [sc.samples for sc in sched]
+        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=ends[sampling])[0]   # only rows that sample
+        outs, r, now = [], 0, time.perf_counter()
         for sc in sched:
             seq = sc.seq
-            t0 += sc.length
             seq.computed += sc.length
             self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
             if sc.samples:
-                tok = int(next_token(logits[t0 - 1][None], seq.params.config(), seq.generator)[0])
+                tok = int(next_token(logits[r][None], seq.params.config(), seq.generator)[0])
+                r += 1
                 outs.append(self._append(seq, tok, now))
         return outs
 

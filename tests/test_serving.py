@@ -115,6 +115,20 @@ def test_allocator_random_mix_of_finish_abort_preemption_frees_every_block():
     assert all_free(b)
 
 
+def test_scheduler_runs_decodes_before_an_older_prefill():
+    b = BlockManager(num_blocks=64, block_size=4)
+    s = Scheduler(b, max_num_seqs=4, max_num_batched_tokens=8)
+    old, new = Sequence("old", list(range(40)), SamplingParams(), 0.0), Sequence("new", [1, 2], SamplingParams(), 1.0)
+    s.add(old)
+    s.schedule()                 # old's first chunk of 8
+    old.computed += 8
+    s.running.append(new)        # a decoding request that arrived later (e.g. readmitted after preemption)
+    b.grow("new", 2)
+    new.computed = 1
+    sched = s.schedule()
+    assert [(x.seq.request_id, x.length) for x in sched] == [("new", 1), ("old", 7)]
+
+
 def test_scheduler_fcfs_and_preempts_newest():
     b = BlockManager(num_blocks=4, block_size=2)
     s = Scheduler(b, max_num_seqs=8, max_num_batched_tokens=100)

@@ -1,15 +1,17 @@
 """Iteration-level scheduling (Orca) with chunked prefill and preemption by recompute (vLLM).
 
 Every engine step the scheduler picks, within a budget of `max_num_batched_tokens`, the next tokens of
-each running sequence (one for a decode, a chunk for a prompt still being prefilled), then admits waiting
-requests first-come-first-served while KV blocks and `max_num_seqs` allow. Fairness: the running list
-is in arrival order and is served first; when blocks run out the newest running sequence is preempted
+each running sequence (decodes first, one token each, then chunks of prompts still being prefilled, so a
+long prompt never freezes the decodes), then admits waiting requests first-come-first-served while KV
+blocks and `max_num_seqs` allow. Fairness: running sequences are served before waiting ones, in arrival
+order within decodes and within prefills; when blocks run out the newest running sequence is preempted
 (its blocks freed, its tokens recomputed later) and goes back to the FRONT of the waiting queue; the head
 of the waiting queue is never skipped. So the oldest request always makes progress and none starves.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -98,12 +100,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out: list[Scheduled] = []
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # decodes first (one token each), then prompt chunks, each group in arrival order
+        for seq in sorted(self.running, key=lambda q: len(q.tokens) - q.computed > 1):
+            if budget == 0:
+                break
+            if seq not in self.running:   # preempted earlier in this loop
+                continue
             n = min(len(seq.tokens) - seq.computed, budget)
             while not self.blocks.can_grow(seq.request_id, seq.computed + n):
                 victim = self.running[-1]
+                budget += sum(x.length for x in out if x.seq is victim)
+                out = [x for x in out if x.seq is not victim]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -112,7 +119,6 @@ class Scheduler:
                 self.blocks.grow(seq.request_id, seq.computed + n)
                 out.append(Scheduled(seq, seq.computed, n))
                 budget -= n
-                i += 1
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq.request_id, seq.tokens)
@@ -126,7 +132,7 @@ class Scheduler:
                 self.blocks.prefix_hits += cached
             self.blocks.grow(seq.request_id, cached + n)
             self.waiting.popleft()
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=lambda q: q.arrival)   # a readmitted old request keeps its rank
             out.append(Scheduled(seq, cached, n))
             budget -= n
         return out

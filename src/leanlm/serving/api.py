@@ -244,7 +244,10 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
                       else {"index": 0, "text": body, "logprobs": None})
             choice["finish_reason"] = last.finish_reason
             return {**head, "choices": [choice], "usage": usage(last)}
-        first = await anext(gen)   # errors (queue full, bad prompt) still become a JSON error, not a broken stream
+        try:   # errors (queue full, bad prompt) still become a JSON error, not a broken stream
+            first = await anext(gen)
+        except StopAsyncIteration:   # the client left before the first token
+            return _error(499, "client closed the request", None)
         include_usage = bool((r.stream_options or {}).get("include_usage"))
 
         async def sse():

@@ -1,5 +1,5 @@
 """Command line: a thin skin over the Python API
-(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat`)."""
+(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat | serve`)."""
 
 from __future__ import annotations
 
@@ -389,6 +389,18 @@ def show_qat(r: dict, console) -> None:
     show(r, console)
 
 
+def cmd_serve(a) -> dict:
+    from .serving.cli import run_serve
+
+    return run_serve(a, _load)
+
+
+def _show_serve(r: dict, console) -> None:
+    from .serving.cli import show_serve
+
+    show_serve(r, console)
+
+
 def _show_speculative(name):
     def show(r, console):
         from .speculative import cli as spec_cli
@@ -651,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
     common(sp)
     draft_args(sp)
+    from .serving.cli import serve_args
+
+    sp = sub.add_parser("serve", help="OpenAI-compatible server: continuous batching on a paged KV cache")
+    common(sp)
+    serve_args(sp)
     from .qat.cli import qat_args
 
     sp = sub.add_parser("qat", help="quantization-aware training (QAT) or distillation (QAD, --teacher) after PTQ")
@@ -710,7 +727,7 @@ COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profi
             "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
             "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft")),
             "prune": (cmd_prune, show_prune), "distill": (cmd_distill, show_distill), "qat": (cmd_qat, show_qat),
-            "sparsify": (_cmd_sparsify, _show_sparsify)}
+            "sparsify": (_cmd_sparsify, _show_sparsify), "serve": (cmd_serve, _show_serve)}
 
 
 def _terminate(signum, frame):

@@ -212,10 +212,13 @@ class Decoder(nn.Module):
             return o.view(B, 1, H * D)
         return o.view(B, s.kv_heads, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
-    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int, attend=None, rows=None) -> torch.Tensor:
         """The residual stream and attention run in float32; matmul inputs are cast to the weights'
         activation dtype (bfloat16 for the bf16/int8/int4 layouts). Written for few PyTorch calls per
-        layer: at batch 1 a 135M model's decode step is bound by per-op overhead as much as by weights."""
+        layer: at batch 1 a 135M model's decode step is bound by per-op overhead as much as by weights.
+        `attend(layer, q [B,T,H,D], k, v [B,T,Hkv,D]) -> [B, T, H*D]` replaces the static cache and its
+        attention (the serving engine's paged KV cache); `rows` [R] limits the output head to those token rows
+        (logits [B, R, V])."""
         s = self.spec
         B, T = ids.shape
         dt = self.dtype
@@ -229,6 +232,8 @@ class Decoder(nn.Module):
         for w in (0, 1):
             if hasattr(self, f"cos{w}"):
                 ropes[w] = (getattr(self, f"cos{w}")[input_pos][None, :, None], getattr(self, f"sin{w}")[input_pos][None, :, None])
+                if attend is not None:
+                    continue
                 m = getattr(self, f"mask{w}")[input_pos, :kv_len]
                 biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
         for i, L in enumerate(self.layers):
@@ -244,10 +249,13 @@ class Decoder(nn.Module):
             else:   # q and k rotate together
                 qk = self._rope(qkv[..., :q_dim + kv_dim].view(B, T, H + Hkv, D), cos, sin)
                 q, k = qk[:, :, :H], qk[:, :, H:]
-            kc, vc = (L.k_cache, L.v_cache) if B == self.max_batch else (L.k_cache[:B], L.v_cache[:B])
-            kc.index_copy_(2, input_pos, k.transpose(1, 2))
-            vc.index_copy_(2, input_pos, v.transpose(1, 2))
-            o = L.o(self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], biases[sl]).to(dt))
+            if attend is not None:
+                o = L.o(attend(i, q, k, v).to(dt))
+            else:
+                kc, vc = (L.k_cache, L.v_cache) if B == self.max_batch else (L.k_cache[:B], L.v_cache[:B])
+                kc.index_copy_(2, input_pos, k.transpose(1, 2))
+                vc.index_copy_(2, input_pos, v.transpose(1, 2))
+                o = L.o(self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], biases[sl]).to(dt))
             if L.o_bias is not None:
                 o = o + L.o_bias
             if s.ffn_norms:   # Gemma's sandwich norms
@@ -264,6 +272,8 @@ class Decoder(nn.Module):
             if L.down_bias is not None:
                 h = h + L.down_bias
             x = x + (self._rms(h.float(), L.ln4) if s.ffn_norms else h)
+        if rows is not None:
+            x = x[:, rows]
         logits = self.head(self._rms(x, self.norm).to(dt)).float()
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap

@@ -1,0 +1,311 @@
+"""OpenAI-compatible HTTP server (FastAPI on uvicorn) over an `LLMEngine`.
+
+`create_app(engine, name)` returns the ASGI app: /v1/completions, /v1/chat/completions (the tokenizer's chat
+template), /v1/models, server-sent-event streaming, /health and /metrics (Prometheus text, vLLM's names).
+The engine steps in ONE background thread (`AsyncLLM`) while requests exist; each request waits on its own
+asyncio queue. A client that disconnects (or closes its stream) aborts its sequence, which frees its blocks.
+uvicorn's SIGTERM handling stops accepting connections and waits for open requests (drain) before the
+app's shutdown stops the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.errors import LeanLMError
+from .engine import LLMEngine, RequestOutput
+from .metrics import render
+from .scheduler import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)   # None: greedy (leanlm's default)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict]
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class AsyncLLM:
+    """The engine in one background thread; requests talk to it through per-request asyncio queues."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 64):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.lock = threading.Lock()
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="leanlm-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        with self.lock:
+            if self.engine.num_unfinished() >= self.engine.scheduler.max_num_seqs + self.max_waiting:
+                raise APIError(429, "the server's request queue is full; retry later", None, "rate_limit_exceeded")
+            self.engine.add_request(request_id, prompt, params)
+            self.queues[request_id] = (asyncio.get_running_loop(), q)
+        self.wake.set()
+        return q
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.queues.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            with self.lock:
+                busy = self.engine.has_unfinished()
+                try:
+                    outs = self.engine.step() if busy else []
+                except Exception as e:   # a bug must not hang every client: fail them all, keep serving
+                    outs = [(rid, e) for rid in list(self.queues)]
+                    for rid, _ in outs:
+                        self.engine.abort(rid)
+                else:
+                    outs = [(o.request_id, o) for o in outs]
+                sends = [(self.queues[rid], o) for rid, o in outs if rid in self.queues]
+                for rid, o in outs:
+                    if not isinstance(o, RequestOutput) or o.finished:
+                        self.queues.pop(rid, None)
+            for (loop, q), o in sends:
+                loop.call_soon_threadsafe(q.put_nowait, o)
+            if not busy:
+                self.wake.wait(0.5)
+                self.wake.clear()
+
+
+def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_waiting: int = 64) -> FastAPI:
+    llm = AsyncLLM(engine, max_waiting)
+    tok = engine.tokenizer
+
+    @asynccontextmanager
+    async def lifespan(app):
+        llm.start()
+        yield
+        llm.stop()
+
+    app = FastAPI(title="leanlm", lifespan=lifespan)
+    app.state.llm = llm
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        e = exc.errors()[0]
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body: {e.get('msg')}", "body")
+        param = ".".join(loc) or "body"
+        if e.get("type") == "extra_forbidden":
+            return _error(400, f"unsupported parameter '{param}'", param)
+        return _error(400, f"'{param}': {e.get('msg')}", param)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None, "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        with llm.lock:
+            text = render(engine, model_name)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "leanlm",
+                                            "max_model_len": engine.max_model_len}]}
+
+    def params(r: _Sampling, max_tokens: int | None, prompt: list[int]) -> SamplingParams:
+        if r.model != model_name:
+            raise APIError(400, f"unknown model '{r.model}'; this server serves '{model_name}'", "model")
+        if not prompt:
+            raise APIError(400, "the prompt is empty", "prompt" if isinstance(r, CompletionRequest) else "messages")
+        if len(prompt) >= engine.max_model_len:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; the context holds {engine.max_model_len}",
+                           "prompt" if isinstance(r, CompletionRequest) else "messages")
+        room = engine.max_model_len - len(prompt)
+        if max_tokens is None:
+            max_tokens = min(16, room) if isinstance(r, CompletionRequest) else room
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens {max_tokens} + {len(prompt)} prompt tokens exceed the context of "
+                                f"{engine.max_model_len} tokens", "max_tokens")
+        if r.top_k is not None and r.top_k > engine.model.spec.vocab:
+            raise APIError(400, f"top_k must be <= the vocabulary size {engine.model.spec.vocab}", "top_k")
+        stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must not be empty", "stop")
+        return SamplingParams(max_tokens, r.temperature or 0.0, r.top_k, r.top_p, r.seed, stop, r.ignore_eos)
+
+    async def results(request: Request, rid: str, prompt: list[int], sp: SamplingParams):
+        """Yield the request's outputs; abort it (freeing its blocks) if the client leaves first."""
+        try:
+            q = llm.add(rid, prompt, sp)
+        except LeanLMError as e:
+            raise APIError(400, str(e), None) from e
+        done = False
+        try:
+            while not done:
+                try:
+                    out = await asyncio.wait_for(q.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(out, Exception):
+                    raise APIError(500, f"engine error: {out}", None, "server_error")
+                done = out.finished
+                yield out
+        finally:
+            if not done:
+                llm.abort(rid)
+
+    def usage(out: RequestOutput) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+    async def respond(request: Request, r: _Sampling, prompt: list[int], max_tokens: int | None, chat: bool):
+        sp = params(r, max_tokens, prompt)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model_name}
+        gen = results(request, rid, prompt, sp)
+        if not r.stream:
+            text, last = [], None
+            async for out in gen:
+                text.append(out.text)
+                last = out
+            if last is None:   # the client left
+                return _error(499, "client closed the request", None)
+            body = "".join(text)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": body}} if chat
+                      else {"index": 0, "text": body, "logprobs": None})
+            choice["finish_reason"] = last.finish_reason
+            return {**head, "choices": [choice], "usage": usage(last)}
+        try:   # errors (queue full, bad prompt) still become a JSON error, not a broken stream
+            first = await anext(gen)
+        except StopAsyncIteration:   # the client left before the first token
+            return _error(499, "client closed the request", None)
+        include_usage = bool((r.stream_options or {}).get("include_usage"))
+
+        async def sse():
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            out, started = first, False
+            while True:
+                if chat:
+                    delta = {"content": out.text}
+                    if not started:
+                        delta["role"] = "assistant"
+                    choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason}
+                else:
+                    choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                started = True
+                yield f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
+                if out.finished:
+                    break
+                out = await anext(gen)
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage(out)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        async def stream():
+            try:
+                async for chunk in sse():
+                    yield chunk
+            finally:
+                await gen.aclose()   # a closed stream aborts the sequence
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(r: CompletionRequest, request: Request):
+        if isinstance(r.prompt, str):
+            prompt = tok(r.prompt)["input_ids"] if r.prompt else []
+        else:
+            prompt = r.prompt
+            if any(not 0 <= t < engine.model.spec.vocab for t in prompt):
+                raise APIError(400, f"prompt token ids must lie in [0, {engine.model.spec.vocab})", "prompt")
+        return await respond(request, r, prompt, r.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(r: ChatRequest, request: Request):
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"model '{model_name}' has no chat template; use /v1/completions", "messages")
+        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                 else "".join(p.get("text", "") for p in m.content if p.get("type") == "text")} for m in r.messages]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        return await respond(request, r, prompt, r.max_completion_tokens or r.max_tokens, chat=True)
+
+    return app
+
+
+def serve(engine: LLMEngine, model_name: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_waiting: int = 64) -> None:
+    """Run the server until SIGINT/SIGTERM (which drains open requests first)."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine, model_name, api_key=api_key, max_waiting=max_waiting), host=host, port=port,
+                log_level="info")

@@ -1,0 +1,243 @@
+"""`LLMEngine`: continuous batching on a paged KV cache, over the runtime's packed decoder.
+
+    eng = LLMEngine(model, tok, weights="int4", kv_cache_mb=256)
+    eng.add_request("a", tok("Hello")["input_ids"], SamplingParams(max_tokens=32))
+    while eng.has_unfinished():
+        for out in eng.step(): ...        # RequestOutput: new tokens / text of one request
+
+Each step runs ONE forward of the runtime `Decoder` over the scheduled tokens of all sequences, flattened
+into a single row (prefill chunks and decodes alike; each token carries its own position for RoPE). The
+decoder's attention is replaced by `_PagedAttention`: the new K/V are written into per-layer block pools
+(`KVPool`: [num_blocks, kv_heads, block_size, head_dim], float32 or int8) at each token's slot, and each
+sequence attends over the blocks of its block table (gathered with index_select) under a causal mask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.errors import LeanLMError
+from ..runtime.model import Decoder
+from ..runtime.sampling import next_token
+from .block_manager import BlockManager
+from .metrics import Stats
+from .scheduler import SamplingParams, Scheduled, Scheduler, Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]          # tokens generated this step
+    text: str                     # text released this step (held back while it may be part of a stop string)
+    finished: bool
+    finish_reason: str | None     # "stop" (EOS or a stop string), "length" or "abort"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class KVPool:
+    """Per-layer K and V block pools [num_blocks, kv_heads, block_size, head_dim]: float32, or int8 with one
+    float32 scale per (block, head, slot) (symmetric per token and head: about a quarter of the bytes)."""
+
+    def __init__(self, layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype: str):
+        shape = (num_blocks, kv_heads, block_size, head_dim)
+        self.int8 = dtype == "int8"
+        t = torch.int8 if self.int8 else torch.float32
+        self.k = [torch.zeros(shape, dtype=t) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=t) for _ in range(layers)]
+        self.ks = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
+        self.vs = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
+
+    @staticmethod
+    def block_bytes(layers: int, kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:
+        per = head_dim + 4 if dtype == "int8" else head_dim * 4
+        return layers * 2 * kv_heads * block_size * per
+
+    def write(self, i: int, block: torch.Tensor, offset: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [N, kv_heads, head_dim] float32 into the slots (block[n], offset[n])."""
+        for pool, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
+            if self.int8:
+                sc = x.abs().amax(-1).clamp_min(1e-8) / 127
+                scales[i][block, :, offset] = sc
+                x = (x / sc[..., None]).round_().to(torch.int8)
+            pool[i][block, :, offset] = x
+
+    def read(self, i: int, table: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `ctx` tokens of the blocks in `table` as float32 [1, kv_heads, ctx, head_dim] K and V."""
+        out = []
+        for pool, scales in ((self.k, self.ks), (self.v, self.vs)):
+            x = pool[i].index_select(0, table)
+            if self.int8:
+                x = x.float() * scales[i].index_select(0, table)[..., None]
+            out.append(x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :ctx])
+        return out[0], out[1]
+
+
+class _PagedAttention:
+    """The `attend` callback of `Decoder.forward` for one engine step."""
+
+    def __init__(self, dec: Decoder, pool: KVPool, sched: list[Scheduled], tables: dict, block_size: int):
+        self.dec, self.pool = dec, pool
+        s = dec.spec
+        g = s.heads // s.kv_heads
+        pos, self.seqs = [], []
+        for sc in sched:
+            p = torch.arange(sc.start, sc.start + sc.length)
+            pos.append(p)
+            ctx = sc.start + sc.length
+            table = torch.tensor(tables[sc.seq.request_id][: -(-ctx // block_size)])
+            keys = torch.arange(ctx)
+            allowed = keys[None, :] <= p[:, None]
+            biases = {}
+            for w in {w for w in s.windows}:
+                m = allowed if w is None else allowed & (p[:, None] - keys[None, :] < w)
+                biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
+            self.seqs.append((sc.length, table, ctx, biases))
+        self.pos = torch.cat(pos)
+        tab = torch.cat([torch.tensor(tables[sc.seq.request_id]) for sc in sched])
+        offs = torch.tensor([0] + [len(tables[sc.seq.request_id]) for sc in sched[:-1]]).cumsum(0)
+        seq_of = torch.repeat_interleave(torch.arange(len(sched)), torch.tensor([sc.length for sc in sched]))
+        self.block = tab[offs[seq_of] + self.pos // block_size]
+        self.offset = self.pos % block_size
+
+    def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.pool.write(i, self.block, self.offset, k[0], v[0])
+        window = self.dec.spec.windows[i]
+        outs, t0 = [], 0
+        for T, table, ctx, biases in self.seqs:
+            K, V = self.pool.read(i, table, ctx)
+            outs.append(self.dec._attend(q[:, t0:t0 + T], K, V, biases[window]))
+            t0 += T
+        return torch.cat(outs, dim=1)
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, tokenizer=None, weights: str | None = None, *, group_size: int = 64,
+                 head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
+                 kv_dtype: str = "float32", allow_fallback: bool = False):
+        if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
+                              f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
+        with torch.no_grad():
+            self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_model_len,
+                                 max_batch=1, allow_fallback=allow_fallback).eval()
+        for L in self.model.layers:   # the paged pools below replace the decoder's dense cache
+            L.k_cache = L.v_cache = torch.empty(0)
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        s = self.model.spec
+        if kv_dtype not in ("float32", "int8"):
+            raise LeanLMError(f"unknown KV-cache dtype {kv_dtype!r}; choose float32 or int8")
+        per_block = KVPool.block_bytes(s.n_layers, s.kv_heads, block_size, s.head_dim, kv_dtype)
+        num_blocks = int(kv_cache_mb * 2**20) // per_block
+        if num_blocks < 1:
+            raise LeanLMError(f"--kv-cache-mb {kv_cache_mb} holds no block of {block_size} tokens "
+                              f"({per_block / 2**20:.2f} MB each); raise it")
+        self.pool = KVPool(s.n_layers, num_blocks, s.kv_heads, block_size, s.head_dim, kv_dtype)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if eos is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = Stats()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        params.config()   # validates temperature / top_k / top_p
+        if request_id in self.seqs:
+            raise LeanLMError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise LeanLMError("the prompt is empty; give at least one token")
+        if params.max_tokens < 1:
+            raise LeanLMError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        if any(not 0 <= t < self.model.spec.vocab for t in prompt):
+            raise LeanLMError(f"prompt token ids must lie in [0, {self.model.spec.vocab})")
+        need = len(prompt) + params.max_tokens
+        if need > self.max_model_len:
+            raise LeanLMError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the context of "
+                              f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if self.blocks.blocks_for(need) > self.blocks.num_blocks:
+            raise LeanLMError(f"{need} tokens need more KV blocks than the whole cache holds ({self.blocks.num_blocks} x "
+                              f"{self.blocks.block_size}); lower max_tokens or raise --kv-cache-mb")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        seq = Sequence(request_id, list(prompt), params, time.perf_counter(), generator=gen)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks at once; False when it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def num_unfinished(self) -> int:
+        return len(self.seqs)
+
+    # ------------------------------------------------------------------ one iteration
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        ids = torch.tensor([t for sc in sched for t in sc.seq.tokens[sc.start:sc.start + sc.length]])
+        attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
+        ends = torch.tensor([sc.length for sc in sched]).cumsum(0) - 1
+        sampling = [sc.samples for sc in sched]
+        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=ends[sampling])[0]   # only rows that sample
+        outs, r, now = [], 0, time.perf_counter()
+        for sc in sched:
+            seq = sc.seq
+            seq.computed += sc.length
+            self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
+            if sc.samples:
+                tok = int(next_token(logits[r][None], seq.params.config(), seq.generator)[0])
+                r += 1
+                outs.append(self._append(seq, tok, now))
+        return outs
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+        seq.output.append(tok)
+        self.stats.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.prompt_tokens += len(seq.prompt)
+            self.stats.ttft.observe(now - seq.arrival)
+        else:
+            self.stats.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        p = seq.params
+        if tok in self.eos and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_tokens:
+            seq.finish_reason = "length"
+        held = 0
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, seq.finish_reason = text[:cut], "stop"
+            seq.text = text
+            if seq.finish_reason is None:   # hold back a possible start of a stop string or a partial UTF-8 character
+                held = max([len(s) - 1 for s in p.stop] + [1 if text.endswith("\ufffd") else 0])
+        end = max(seq.sent, len(seq.text) - held)
+        delta, seq.sent = seq.text[seq.sent:end], end
+        finished = seq.finish_reason is not None
+        if finished:
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+            self.stats.e2e.observe(now - seq.arrival)
+        return RequestOutput(seq.request_id, [tok], delta, finished, seq.finish_reason, len(seq.prompt), len(seq.output))

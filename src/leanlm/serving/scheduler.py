@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.sampling import SamplingConfig
+from ..runtime.sampling import Sampling
 from .block_manager import BlockManager
 
 
@@ -31,8 +31,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
-    def config(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_k, self.top_p, self.seed)
+    def config(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 @dataclass

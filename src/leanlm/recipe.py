@@ -155,7 +155,7 @@ class QuantizeStep(Step):
         if self.scheme is not None or self.config is not None:
             cfg = self.quant_config()
             if self.gptq_bf16 and not any(type(x).__name__ == "GPTQ" for x in cfg.algorithms):
-                raise LeanLMError("--gptq-bf16 (gptq_bf16) applies to schemes that use GPTQ (e.g. w4a16-gptq); this one does not")
+                raise LeanLMError("--gptq-bf16 applies to schemes that use GPTQ (e.g. w4a16-gptq); this one does not")
 
     def quant_config(self):
         from .quantization import QuantConfig, preset

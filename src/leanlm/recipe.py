@@ -765,9 +765,9 @@ class Recipe:
         model_dirs = [d / "model" for d in done_dirs if (d / "model").is_dir()]
         s = open_state(str(model_dirs[-1]) if model_dirs else self.model, self.dtype, self.trust_remote_code)
         s.source = self.model
-        if done_dirs:
-            s.model.leanlm_steps = json.loads((done_dirs[-1] / "leanlm.json").read_text())["steps"]
-            s.model.leanlm_source = json.loads((done_dirs[-1] / "leanlm.json").read_text())["source"]
+        if done_dirs:  # the history up to the last finished step (which may not have changed the model)
+            man = json.loads((done_dirs[-1] / "leanlm.json").read_text())
+            s.model.leanlm_steps, s.model.leanlm_source = man["steps"], man["source"]
             say(f"resuming after step {len(done_dirs)} ({self.steps[len(done_dirs) - 1].name}); finished steps are kept in {work}")
         n = len(self.steps)
         for i in range(len(done_dirs), n):

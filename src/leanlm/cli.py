@@ -446,9 +446,9 @@ def cmd_run(a) -> dict:
 
 
 def show_run(r: dict, console) -> None:
-    from .recipe import _brief_figures
+    from .recipe import brief_figures
 
-    rows = [[f"{i}. {x['step']}", f"{x['seconds']:.1f}", _brief_figures(x["figures"])] for i, x in enumerate(r["steps"], 1)]
+    rows = [[f"{i}. {x['step']}", f"{x['seconds']:.1f}", brief_figures(x["figures"])] for i, x in enumerate(r["steps"], 1)]
     console.print(_table(f"leanlm run {r['recipe']} ({r['model']}) -> {r['out']}", ["step", "seconds", "figures"], rows))
 
 

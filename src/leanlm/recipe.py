@@ -458,8 +458,8 @@ class QATStep(Step):
         if not self.scheme and not f.quantized:
             raise LeanLMError("the model is not quantized; give a scheme (e.g. w4a16-gptq) or quantize it in an earlier step")
         if self.teacher == "self" and f.quantized:
-            raise LeanLMError("teacher 'self' is the float model before quantizing, and this model is already quantized; "
-                              "use teacher 'source' or a model path")
+            raise LeanLMError("teacher 'self' needs the float model, but this model is already quantized; pass the float model "
+                              "as the teacher (its path, or 'source' in a recipe that started from it)")
         _check_teacher_vocab(self.name, self.teacher, f)
 
     def after(self, f: Facts) -> None:
@@ -788,7 +788,7 @@ class Recipe:
             os.replace(tmp, d)
             shutil.rmtree(ctx.scratch, ignore_errors=True)
             results.append(res)
-            say(f"  done in {res.seconds:.1f} s: {_brief_figures(res.figures)}")
+            say(f"  done in {res.seconds:.1f} s: {brief_figures(res.figures)}")
         from .core.io import atomic_dir
 
         with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -812,6 +812,6 @@ def _brief(step: Step) -> str:
     return ", ".join(f"{k}={v}" for k, v in step.to_dict().items() if v != keys.get(k) and v not in (None, [], ""))
 
 
-def _brief_figures(fig: dict) -> str:
+def brief_figures(fig: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fig.items()
                      if isinstance(v, (int, float, str)) and not isinstance(v, bool))[:300]

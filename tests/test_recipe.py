@@ -161,3 +161,15 @@ def test_cli_run_reports_bad_recipe_file(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{")
     assert main(["run", str(tmp_path / "broken.json"), "--out", str(tmp_path / "o")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_run_table_and_eval_step(tmp_path, tiny_folder, text_path, capsys):
+    rf = tmp_path / "r.json"
+    rf.write_text(json.dumps({"model": str(tiny_folder), "steps": [{"eval": {"source": str(text_path), "windows": 1, "window": 16}}]}))
+    assert main(["run", str(rf), "--out", str(tmp_path / "E")]) == 0
+    out = capsys.readouterr().out
+    assert "1. eval" in out
+    man = json.loads((tmp_path / "E" / "leanlm.json").read_text())
+    ppl = man["steps"][0]["figures"]["perplexity"]
+    assert man["steps"][0]["step"] == "eval" and ppl["windows"] == 1 and ppl["perplexity"] > 1
+    assert leanlm.load(tmp_path / "E")[0].leanlm_steps == man["steps"]

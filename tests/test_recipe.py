@@ -173,3 +173,13 @@ def test_cli_run_table_and_eval_step(tmp_path, tiny_folder, text_path, capsys):
     ppl = man["steps"][0]["figures"]["perplexity"]
     assert man["steps"][0]["step"] == "eval" and ppl["windows"] == 1 and ppl["perplexity"] > 1
     assert leanlm.load(tmp_path / "E")[0].leanlm_steps == man["steps"]
+
+
+def test_cli_quantize_mixed_goes_through_the_quantization_api(tmp_path, tiny_folder, text_path, capsys):
+    assert main(["quantize", str(tiny_folder), "--mixed", "6", "--menu", "int4_g64,int8", "--calib", str(text_path), "--samples", "4",
+                 "--seq-len", "32", "--out", str(tmp_path / "M"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mixed"]["budget"] == 6 and r["mixed"]["average_bits"] <= 6 + 1e-6
+    assert set(r["mixed"]["choice"].values()) <= {"int4_g64", "int8"}
+    step = json.loads((tmp_path / "M" / "leanlm.json").read_text())["steps"][0]
+    assert step["step"] == "quantize" and step["config"]["mixed"] == 6 and step["figures"]["mixed"] == r["mixed"]

@@ -168,9 +168,9 @@ def load(model: str | os.PathLike | nn.Module, *, dtype: str | torch.dtype = "fl
     A folder written by leanlm (a manifest ``leanlm.json``, or the sidecars of older versions) comes back with
     its quantizers, ``weight_mask`` buffers, pruned layer map and step history.
     """
-    from .core.models import load as load_plain, resolve_dtype
+    from .core.models import BUILTINS, load as load_plain, resolve_dtype
 
-    if isinstance(model, nn.Module) or not is_leanlm_folder(Path(str(model)).expanduser()):
+    if isinstance(model, nn.Module) or str(model) in BUILTINS or not is_leanlm_folder(Path(str(model)).expanduser()):
         m, tok = load_plain(model, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
         if not isinstance(model, nn.Module) and getattr(m, "leanlm_source", None) is None:
             m.leanlm_source = {"model": str(model), "sha256": source_hash(model)}

@@ -22,7 +22,7 @@ commands: `--no-speed --only gguf_rows` (one format, any window count) writes a 
 `--from-partial A.json,B.json` rebuilds every row's engine from its file and times them all in
 one interleaved run. "vs float32" compares with leanlm's float32 model on the same windows.
 
-Quantized source models are calibrated once and cached with save_quantized in
+Quantized source models are calibrated once and cached with leanlm.save in
 bench/.work/export/ (delete it to recalibrate).
 
     python bench/export.py                                      # everything, one process
@@ -138,13 +138,12 @@ def source(ctx: Ctx, scheme: str):
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not folder.is_dir():
                 from leanlm.core.data import calibration_batches
-                from leanlm.quantization import save_quantized
 
                 model, tok = leanlm.load(ctx.model_name)
                 t0 = time.perf_counter()
                 leanlm.quantize(model, scheme, calibration_batches(tok, ctx.samples, 512), tokenizer=tok)
                 print(f"calibrated {scheme} in {time.perf_counter() - t0:.0f} s", flush=True)
-                save_quantized(model, folder, tokenizer=tok)
+                leanlm.save(model, folder, tokenizer=tok)
         model, _ = leanlm.load(str(folder))
     _SOURCES[scheme] = model
     return model

@@ -32,7 +32,7 @@ from leanlm.core.data import evaluation_texts
 from leanlm.core.models import cache_dir
 from leanlm.evaluation.profile import machine_info
 from leanlm.speculative import (
-    AdaptiveK, HFStepModel, PromptLookupDrafter, generate, make_shallow_draft, quantized_draft, save_draft, speculative_generate,
+    AdaptiveK, HFStepModel, PromptLookupDrafter, generate, make_shallow_draft, quantized_draft, speculative_generate,
 )
 
 INSTRUCTIONS = [
@@ -134,7 +134,7 @@ def main() -> None:
         draft_info = f"loaded from {draft_dir}"
     except leanlm.LeanLMError:
         draft = make_shallow_draft(model, a.draft_layers, a.draft_budget, tokenizer=tok)
-        save_draft(draft, draft_dir, tokenizer=tok)
+        leanlm.save(draft, draft_dir, tokenizer=tok)
         draft_info = f"built now: {draft.leanlm_draft}"
     from pathlib import Path
 

@@ -82,7 +82,6 @@ def test_gemma3_loads():
 
 def test_quantize_smollm_save_reload(tmp_path):
     from leanlm.core.data import calibration_batches
-    from leanlm.quantization import save_quantized
 
     model, tok = leanlm.load("smollm2-135m")
     base = perplexity(model, tok, max_windows=3, progress=False).perplexity
@@ -94,7 +93,7 @@ def test_quantize_smollm_save_reload(tmp_path):
     leanlm.quantize(model, "w4a16-gptq", ids, progress=False)
     q4 = perplexity(model, tok, max_windows=3, progress=False).perplexity
     assert base < q4 < base * 1.8
-    out = save_quantized(model, tmp_path / "q4", tokenizer=tok)
+    out = leanlm.save(model, tmp_path / "q4", tokenizer=tok)
     assert (out / "model.safetensors").stat().st_size < 0.5 * 538_090_408  # int4 codes, float embedding
     back, tok2 = leanlm.load(out)
     x = tok("The capital of France is", return_tensors="pt").input_ids

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import leanlm
+
 from conftest import TRAIN_TEXT, make_llama
 from leanlm import LeanLMError
-from leanlm.prune import PruneTarget, count_params, dims_of, parse_count, prune, prune_and_distill, save_pruned, solve_dims
+from leanlm.prune import PruneTarget, count_params, dims_of, parse_count, prune, prune_and_distill, solve_dims
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +145,14 @@ def test_saved_folder_loads_with_plain_transformers(tiny_tokenizer, calib, tmp_p
 
     m = model(tiny_tokenizer)
     p = prune(m, PruneTarget(hidden=32, intermediate=64, heads=4, layers=3), calib=calib, progress=False)
-    out = save_pruned(p, tmp_path / "pruned", tokenizer=tiny_tokenizer)
-    assert (out / "leanlm_prune.json").is_file() and (out / "model.safetensors").is_file()
+    out = leanlm.save(p, tmp_path / "pruned", tokenizer=tiny_tokenizer)
+    assert json.loads((out / "leanlm.json").read_text())["prune"]["to"]["hidden"] == 32 and (out / "model.safetensors").is_file()
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(plain).__name__ == "LlamaForCausalLM"
     assert torch.equal(logits(plain, calib[:2]), logits(p, calib[:2]))
     assert AutoTokenizer.from_pretrained(out)("fox")["input_ids"] == tiny_tokenizer("fox")["input_ids"]
     with pytest.raises(LeanLMError, match="already exists"):
-        save_pruned(p, out)
+        leanlm.save(p, out)
 
 
 def test_untied_head_is_sliced(tiny_tokenizer, calib):
@@ -265,6 +269,6 @@ def test_smollm2_pruned_to_90m_loads_in_plain_transformers(tmp_path):
     calib = calibration_batches(tok, 4, 256)
     p = prune(m, PruneTarget(params="90M", axes="both"), calib=calib, depth_samples=1, progress=False)
     assert n_params(p) <= 90_000_000 and p.config.num_attention_heads % p.config.num_key_value_heads == 0
-    out = save_pruned(p, tmp_path / "smol90", tokenizer=tok)
+    out = leanlm.save(p, tmp_path / "smol90", tokenizer=tok)
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.equal(logits(plain, calib[:1, :64]), logits(p, calib[:1, :64]))

@@ -14,7 +14,7 @@ from conftest import TRAIN_TEXT, make_llama
 from leanlm.core.errors import LeanLMError
 from leanlm.distill import TrainConfig
 from leanlm.qat import QATConfig, QATQuantizer, fake_quantize_lsq, finalize_qat, parse_budget, prepare_qat, qat
-from leanlm.quantization import QuantConfig, QuantizerConfig, load_quantized, save_quantized, summary
+from leanlm.quantization import QuantConfig, QuantizerConfig, summary
 from leanlm.quantization.formats import compute_qparams, fake_quantize, parse_format
 
 FORMATS = ["int4_g32", "int3_g32", "int4_g32_asym", "int8", "fp8_e4m3_channel", "nvfp4", "mxfp4", "nf4_g32"]
@@ -119,10 +119,10 @@ def test_qat_lowers_the_loss_and_saves(tmp_path, tiny_tokenizer):
     assert res.train.final_perplexity < 0.7 * res.train.start_perplexity
     with torch.no_grad():
         want = m(ids[None, :50]).logits
-    save_quantized(m, tmp_path / "q", tokenizer=tiny_tokenizer)
-    recipe = json.loads((tmp_path / "q" / "leanlm_quant.json").read_text())
+    leanlm.save(m, tmp_path / "q", tokenizer=tiny_tokenizer)
+    recipe = json.loads((tmp_path / "q" / "leanlm.json").read_text())["quantization"]
     assert recipe["qat"]["mode"] == "qat" and recipe["qat"]["steps"] == 30
-    back = load_quantized(tmp_path / "q")
+    back = leanlm.load(tmp_path / "q")[0]
     with torch.no_grad():
         assert torch.equal(back(ids[None, :50]).logits, want)
 
@@ -209,7 +209,7 @@ def test_cli_qad(tmp_path, tiny_folder, text_file, capsys):
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "qad" and r["steps"] == 4 and r["tokens"] == 256 and (tmp_path / "ck").is_dir()
-    back = load_quantized(out)
+    back = leanlm.load(out)[0]
     assert any(isinstance(q, leanlm.quantization.modules.TensorQuantizer) and q.folded for q in back.modules())
 
 
@@ -225,8 +225,8 @@ def test_real_smollm2_qad_steps_then_runtime(tmp_path):
     res = qat(model, "w4a16-rtn", tokenizer=tok, teacher="self", config=QATConfig(learn_scales=True),
               train_config=_tc(3 * 2 * 128, lr=1e-4, seq_len=128), train_data=ids, evaluate=False, progress=False)
     assert res.train.steps == 3 and all(torch.isfinite(torch.tensor(h["kl"])) for h in res.train.history)
-    save_quantized(model, tmp_path / "q", tokenizer=tok)
-    back = load_quantized(tmp_path / "q")
+    leanlm.save(model, tmp_path / "q", tokenizer=tok)
+    back = leanlm.load(tmp_path / "q")[0]
     x = ids[None, :32]
     with torch.no_grad():
         want = back(x).logits

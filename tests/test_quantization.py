@@ -11,7 +11,7 @@ import leanlm
 from leanlm import LeanLMError
 from leanlm.cli import main
 from leanlm.quantization import (
-    GPTQ, PRESETS, QuantConfig, QuantizerConfig, load_quantized, quantize, save_quantized, summary,
+    GPTQ, PRESETS, QuantConfig, QuantizerConfig, quantize, summary,
 )
 from leanlm.quantization.modules import TensorQuantizer, quantizer_names
 
@@ -74,8 +74,8 @@ def test_every_preset_on_a_tiny_model(scheme, tmp_path, tiny_tokenizer):
     assert 0 < rel < 0.6, f"{scheme}: relative logit change {rel}"
     rows = summary(model)
     assert rows and all(r["on_grid"] for r in rows if r["role"] == "weight")
-    path = save_quantized(model, tmp_path / scheme, tokenizer=tiny_tokenizer)
-    back = load_quantized(path)
+    path = leanlm.save(model, tmp_path / scheme, tokenizer=tiny_tokenizer)
+    back = leanlm.load(path)[0]
     assert torch.equal(logits(back, ids), out)  # reload reproduces the quantized model exactly
     m2, tok2 = leanlm.load(path)  # and leanlm.load recognizes the folder
     assert torch.equal(logits(m2, ids), out) and tok2 is not None
@@ -85,7 +85,7 @@ def test_int4_checkpoint_is_smaller(tmp_path, tiny_tokenizer):
     model = make_llama(vocab_size=len(tiny_tokenizer), hidden=128, intermediate=256, tie=False)
     model.save_pretrained(tmp_path / "float")
     quantize(model, QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g64"))]), progress=False)
-    save_quantized(model, tmp_path / "q")
+    leanlm.save(model, tmp_path / "q")
     lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     f = (tmp_path / "float" / "model.safetensors").stat().st_size
     q = (tmp_path / "q" / "model.safetensors").stat().st_size
@@ -128,8 +128,8 @@ def test_static_activation_ranges_are_calibrated_and_saved(tiny_model, tmp_path)
     quantize(tiny_model, "w8a8-static", calib(), progress=False)
     q = tiny_model.model.layers[1].mlp.down_proj.input_quantizer
     assert q.amax is not None and q.amax > 0
-    save_quantized(tiny_model, tmp_path / "s")
-    back = load_quantized(tmp_path / "s")
+    leanlm.save(tiny_model, tmp_path / "s")
+    back = leanlm.load(tmp_path / "s")[0]
     assert torch.equal(back.model.layers[1].mlp.down_proj.input_quantizer.amax, q.amax)
 
 
@@ -144,11 +144,9 @@ def test_bad_inputs(tiny_model, tmp_path):
     quantize(tiny_model, "w4a16-rtn", progress=False)
     with pytest.raises(LeanLMError, match="already quantized"):
         quantize(tiny_model, "w4a16-rtn")
-    save_quantized(tiny_model, tmp_path / "o")
+    leanlm.save(tiny_model, tmp_path / "o")
     with pytest.raises(LeanLMError, match="already exists"):
-        save_quantized(tiny_model, tmp_path / "o")
-    with pytest.raises(LeanLMError, match="not quantized by leanlm"):
-        save_quantized(make_llama(), tmp_path / "p")
+        leanlm.save(tiny_model, tmp_path / "o")
 
 
 def test_config_json_round_trip():
@@ -162,7 +160,7 @@ def test_cli_quantize(capsys, tiny_folder, tmp_path, text_file):
     code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--out", str(out), "--samples", "4",
                  "--seq-len", "32", "--calib", str(text_file), "--json"])
     r = json.loads(capsys.readouterr().out)
-    assert code == 0 and (out / "leanlm_quant.json").is_file()
+    assert code == 0 and json.loads((out / "leanlm.json").read_text())["quantization"] is not None
     assert r["scheme"] == "w4a16-gptq" and r["checkpoint_bytes"] > 0
     assert {row["format"] for row in r["layers"]} == {"int4_g64"}
     code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--out", str(out)])
@@ -170,7 +168,7 @@ def test_cli_quantize(capsys, tiny_folder, tmp_path, text_file):
     out2 = tmp_path / "q_bf16"
     code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-gptq", "--gptq-bf16", "--out", str(out2), "--samples", "4",
                  "--seq-len", "32", "--calib", str(text_file), "--json"])
-    assert code == 0 and '"forward_dtype": "bfloat16"' in (out2 / "leanlm_quant.json").read_text()
+    assert code == 0 and '"forward_dtype": "bfloat16"' in (out2 / "leanlm.json").read_text()
     capsys.readouterr()
     code = main(["quantize", str(tiny_folder), "--scheme", "w4a16-rtn", "--gptq-bf16", "--out", str(tmp_path / "r")])
     assert code == 2 and "--gptq-bf16 applies to schemes that use GPTQ" in capsys.readouterr().err

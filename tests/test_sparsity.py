@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
+import leanlm
+
 from conftest import make_llama
 from leanlm import LeanLMError
 from leanlm.quantization.algorithms import HessianAccumulator
-from leanlm.sparsity import (MaskKeeper, SparsityConfig, load_sparse, magnitude_mask, parse_pattern, save_sparse,
+from leanlm.sparsity import (MaskKeeper, SparsityConfig, magnitude_mask, parse_pattern,
                              sparsegpt, sparsify_, sparsity_report, wanda_mask)
 from leanlm.sparsity.algorithms import channel_norms
 
@@ -155,12 +157,12 @@ def test_save_reload(tmp_path, vocab, tiny_tokenizer):
     # masks are persistent buffers: state_dict carries them
     sd = model.state_dict()
     assert sd["model.layers.0.mlp.down_proj.weight_mask"].dtype == torch.bool
-    out = save_sparse(model, tmp_path / "sparse", tokenizer=tiny_tokenizer)
+    out = leanlm.save(model, tmp_path / "sparse", tokenizer=tiny_tokenizer)
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "sparsity_masks.safetensors", "leanlm_sparsity.json"} <= files
-    recipe = json.loads((out / "leanlm_sparsity.json").read_text())
+    assert {"config.json", "model.safetensors", "sparsity_masks.safetensors", "leanlm.json"} <= files
+    recipe = json.loads((out / "leanlm.json").read_text())["sparsity"]
     assert recipe["config"]["method"] == "sparsegpt" and recipe["config"]["pattern"] == "2:4"
-    back, tok = load_sparse(out)
+    back, tok = leanlm.load(out)
     for n, m in _masked(model).items():
         b = dict(back.named_modules())[n]
         assert torch.equal(b.weight_mask, m.weight_mask) and torch.equal(b.weight, m.weight)
@@ -177,7 +179,7 @@ def test_save_reload(tmp_path, vocab, tiny_tokenizer):
 
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16-gptq", "int4_g32_asym"])
 def test_sparsify_then_quantize_keeps_zeros(scheme, vocab, tmp_path):
-    from leanlm.quantization import QuantConfig, QuantizerConfig, load_quantized, quantize, save_quantized
+    from leanlm.quantization import QuantConfig, QuantizerConfig, quantize
 
     model = make_llama(vocab_size=vocab)
     ids = _ids(vocab)
@@ -191,8 +193,8 @@ def test_sparsify_then_quantize_keeps_zeros(scheme, vocab, tmp_path):
         assert bool((w[~keep] == 0).all()), f"{scheme}: {n} lost zeros"
         assert float((w[keep] == 0).float().mean()) < 0.2  # the kept weights are not all rounded away
     # the quantized checkpoint keeps the masks too
-    save_quantized(model, tmp_path / "q")
-    back = load_quantized(tmp_path / "q")
+    leanlm.save(model, tmp_path / "q")
+    back = leanlm.load(tmp_path / "q")[0]
     bm = dict(back.named_modules())
     for n, keep in masks.items():
         assert torch.equal(bm[n].weight_mask, keep) and bool((bm[n].weight[~keep] == 0).all())
@@ -263,7 +265,7 @@ def test_cli_sparsify(capsys, tmp_path, tiny_folder, text_file):
     assert code == 0, cap.err
     r = json.loads(cap.out)
     assert r["overall"]["masked_params"] > 0 and r["command"].startswith("leanlm sparsify")
-    model, _ = load_sparse(out)
+    model, _ = leanlm.load(out)
     masked = _masked(model)
     assert len(masked) == 7 and not any(".layers.0." in n for n in masked)
     assert ((~masked["model.layers.1.mlp.down_proj"].weight_mask).sum(1) == 32).all()

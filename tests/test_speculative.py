@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+
+import leanlm
 from conftest import make_llama
 
 from leanlm import LeanLMError
 from leanlm.speculative import (
     AdaptiveK, HFStepModel, ModelDrafter, PromptLookupDrafter, Sampling, check_vocab, generate, make_shallow_draft,
-    parse_budget, save_draft, speculative_generate, truncate_layers,
+    parse_budget, speculative_generate, truncate_layers,
 )
 
 V = 64
@@ -264,8 +266,7 @@ def test_shallow_draft_distills_and_saves(tmp_path, tiny_tokenizer, target):
     log = d.leanlm_draft
     assert d.config.num_hidden_layers == 1 and log["steps"] == 6 and log["loss_last"] < log["loss_first"]
     assert d.lm_head.weight.data_ptr() == d.model.embed_tokens.weight.data_ptr()  # head still tied
-    out = save_draft(d, tmp_path / "draft", tokenizer=tiny_tokenizer)
-    import leanlm
+    out = leanlm.save(d, tmp_path / "draft", tokenizer=tiny_tokenizer)
 
     again, _ = leanlm.load(out)
     ids = tiny_tokenizer("The quick brown", return_tensors="pt")["input_ids"]

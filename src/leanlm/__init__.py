@@ -1,7 +1,8 @@
 """leanlm: make language models smaller, faster and cheaper to run, on a CPU or a GPU."""
 
 from .core.errors import LeanLMError
-from .core.models import BUILTINS, cache_dir, load
+from .core.models import BUILTINS, cache_dir
+from .state import load, save
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,12 @@ def quantize(model, config, calib_data=None, **kwargs):
     return _quantize(model, config, calib_data, **kwargs)
 
 
-__all__ = ["LeanLMError", "BUILTINS", "cache_dir", "load", "quantize", "__version__"]
+def __getattr__(name):  # leanlm.Recipe without importing the step machinery on `import leanlm`
+    if name in ("Recipe", "StepResult"):
+        from . import recipe
+
+        return getattr(recipe, name)
+    raise AttributeError(f"module 'leanlm' has no attribute {name!r}")
+
+
+__all__ = ["LeanLMError", "BUILTINS", "Recipe", "StepResult", "cache_dir", "load", "save", "quantize", "__version__"]

@@ -1,5 +1,8 @@
 """Command line: a thin skin over the Python API
-(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat | serve`)."""
+(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat | serve | run`).
+
+Each command that changes or exports a model parses its options into a step config (leanlm/recipe.py)
+and runs it through the same step runner as `leanlm run RECIPE`: a command is a one-step recipe."""
 
 from __future__ import annotations
 
@@ -33,12 +36,37 @@ _ARGS: argparse.Namespace | None = None   # the parsed command line, set by main
 
 def _load(spec: str, dtype: str, trust_remote_code: bool):
     from .cli_args import check_context
-    from .core.models import load
+    from .state import load
 
     model, tok = load(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if _ARGS is not None:
         check_context(_ARGS, model, tok)
     return model, tok
+
+
+def _one_step(a, step, out: str | None = None):
+    """Run one step config the way a recipe does: validate, check it can follow the model's state, load,
+    run, then save the model (steps that change it) to --out. Returns (ModelState, StepResult)."""
+    import shutil
+    from pathlib import Path
+
+    from .cli_args import check_context
+    from .core.io import check_output
+    from .recipe import Context, open_state, run_step, source_facts
+    from .state import save
+
+    step.validate()
+    out = Path(out or a.out)
+    check_output(out, a.overwrite)
+    step.check(source_facts(a.model))
+    s = open_state(a.model, a.dtype, a.trust_remote_code)
+    check_context(a, s.model, s.tokenizer)
+    scratch = Path(f"{str(out).rstrip('/')}.checkpoints")
+    res = run_step(step, s, Context(out=out, scratch=scratch, progress=not a.json))
+    if step.changes_model:
+        save(s.model, out, tokenizer=s.tokenizer, overwrite=a.overwrite)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return s, res
 
 
 def cmd_info(a) -> dict:
@@ -185,67 +213,22 @@ def _cmd_quantize_onnx(a) -> dict:
 
 
 def cmd_quantize(a) -> dict:
-    import json as _json
-    from pathlib import Path
-
     if a.model.endswith(".onnx"):
         return _cmd_quantize_onnx(a)
-
-    from .core.data import calibration_batches
-    from .quantization import PRESETS, QuantConfig, average_bits, quantize, save_quantized, summary
-
-    if (a.scheme is not None) + (a.config is not None) + (a.mixed is not None) != 1:
-        raise LeanLMError(f"pass exactly one of --scheme ({', '.join(PRESETS)}), --config FILE.json or --mixed BITS")
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
-    if a.config:
-        try:
-            from .core.data import read_text_file
-
-            cfg = QuantConfig.from_dict(_json.loads(read_text_file(a.config, "config")))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LeanLMError(f"cannot read the config {a.config}: {e}") from None
-    elif a.scheme:
-        from .quantization import preset
-
-        cfg = preset(a.scheme, a.kv_cache)
-    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
-    mixed = None
-    if a.mixed is not None:
-        from .quantization import GPTQ, mixed_precision
-
-        probe = calibration_batches(tok, 4, 256, a.calib)
-        res = mixed_precision(model, probe, a.mixed, tuple(a.menu.split(",")), progress=not a.json)
-        cfg = res.config([GPTQ()], [("*lm_head*", None)])
-        mixed = {"budget": a.mixed, "average_bits": res.average_bits, "choice": res.choice, "sensitivity_kl": res.sensitivity}
-    cfg.calib_samples, cfg.calib_seq_len = a.samples, a.seq_len
-    if a.gptq_bf16:
-        from .quantization import GPTQ
-
-        if not any(isinstance(x, GPTQ) for x in cfg.algorithms):
-            raise LeanLMError("--gptq-bf16 applies to schemes that use GPTQ (e.g. w4a16-gptq); this one does not")
-        for x in cfg.algorithms:
-            if isinstance(x, GPTQ):
-                x.forward_dtype = "bfloat16"
-    base_ppl = None
-    if a.eval:
-        from .evaluation import perplexity
-
-        base_ppl = perplexity(model, tok, progress=not a.json).perplexity
-    calib = calibration_batches(tok, a.samples, a.seq_len, a.calib) if a.calib != "wiki" else None
-    quantize(model, cfg, calib, tokenizer=tok, progress=not a.json)
-    save_quantized(model, out, tokenizer=tok, overwrite=a.overwrite)
-    r = {"model": a.model, "scheme": a.scheme or a.config or f"mixed {a.mixed} bits", "out": str(out), "mixed": mixed, "calib_seconds": model.leanlm_quant["calib_seconds"],
-         "average_bits": average_bits(model), "layers": summary(model)}
-    if a.eval:
-        from .evaluation import perplexity
-
-        q = perplexity(model, tok, progress=not a.json).perplexity
-        r["perplexity"] = {"float": base_ppl, "quantized": q, "increase": q / base_ppl - 1}
     from .evaluation.memory import checkpoint_bytes
+    from .quantization import summary
+    from .recipe import QuantizeStep
 
-    r["checkpoint_bytes"] = checkpoint_bytes(out)
+    step = QuantizeStep(scheme=a.scheme, config=a.config, mixed=a.mixed, menu=a.menu, kv_cache=a.kv_cache, samples=a.samples,
+                        seq_len=a.seq_len, calib=a.calib, gptq_bf16=a.gptq_bf16, eval=a.eval)
+    s, res = _one_step(a, step)
+    f = res.figures
+    r = {"model": a.model, "scheme": a.scheme or a.config or f"mixed {a.mixed} bits", "out": a.out, "mixed": f.get("mixed"),
+         "calib_seconds": f["calib_seconds"], "average_bits": f["average_bits"], "layers": summary(s.model)}
+    if a.eval:
+        q, base = f["perplexity_quantized"], f["perplexity_float"]
+        r["perplexity"] = {"float": base, "quantized": q, "increase": q / base - 1}
+    r["checkpoint_bytes"] = checkpoint_bytes(a.out)
     return r
 
 
@@ -270,33 +253,10 @@ def show_quantize(r: dict, console) -> None:
 
 
 def cmd_export(a) -> dict:
-    from pathlib import Path
+    from .recipe import ExportStep
 
-    from .evaluation.memory import checkpoint_bytes
-    from .export import FORMATS, export
-
-    if a.to not in FORMATS:
-        raise LeanLMError(f"unknown export format {a.to!r}; choose one of: {', '.join(FORMATS)}")
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
-    opts = {}
-    if a.quant:
-        if a.to != "gguf":
-            raise LeanLMError("--quant applies to --to gguf (F16, Q8_0, Q4_0, Q4_K_M, ...); other formats keep the model's own quantization")
-        opts["quant"] = a.quant
-    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
-    path = export(model, a.to, out, overwrite=a.overwrite, tokenizer=tok, **opts)
-    r = {"model": a.model, "format": a.to, "out": str(path),
-         "bytes": path.stat().st_size if path.is_file() else checkpoint_bytes(path)}
-    if a.to == "gguf":
-        from .export import gguf as _g
-
-        rep = _g.last_report
-        r.update(quant=rep["quant"], reused_exact=len(rep["reused_exact"]), requantized=len(rep["requantized"]),
-                 kept_float=len(rep["kept_float"]), notes=_g.report_lines(rep),
-                 tensor_types=dict(__import__("collections").Counter(rep["types"].values())))
-    return r
+    _, res = _one_step(a, ExportStep(to=a.to, quant=a.quant))
+    return {"model": a.model, "format": a.to, **res.figures, "out": a.out}
 
 
 def show_export(r: dict, console) -> None:
@@ -309,14 +269,9 @@ def show_export(r: dict, console) -> None:
 
 def _cmd_sparsify(a) -> dict:
     """`leanlm sparsify MODEL --method wanda --sparsity 0.5 [--pattern 2:4] --out DIR`: thin over leanlm.sparsity."""
-    from pathlib import Path
+    from .recipe import SparsifyStep
+    from .sparsity import sparsity_report
 
-    from .core.data import calibration_batches
-    from .sparsity import SparsityConfig, save_sparse, sparsify_
-
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
     rules = []
     for r in a.rule or []:
         pat, sep, val = r.rpartition("=")
@@ -329,28 +284,15 @@ def _cmd_sparsify(a) -> dict:
                 rules.append((pat, float(val)))
             except ValueError:
                 rules.append((pat, val))
-    cfg = SparsityConfig(a.method, sparsity=a.sparsity, pattern=a.pattern, rules=rules, calib_samples=a.samples,
-                         calib_seq_len=a.seq_len)
-    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
-    ids = None
-    if cfg.needs_data:
-        if tok is None:
-            raise LeanLMError(f"{a.method} needs calibration text, and this model has no tokenizer; use --method magnitude")
-        ids = calibration_batches(tok, a.samples, a.seq_len, a.calib)
-    base_ppl = None
+    step = SparsifyStep(a.method, sparsity=a.sparsity, pattern=a.pattern, rules=rules, samples=a.samples, seq_len=a.seq_len,
+                        calib=a.calib, eval=a.eval)
+    s, res = _one_step(a, step)
+    f = res.figures
+    r = {"model": a.model, "method": a.method, "pattern": f["pattern"], "out": a.out, "seconds": f["seconds"],
+         "overall": f["overall"], "layers": sparsity_report(s.model)}
     if a.eval:
-        from .evaluation import perplexity
-
-        base_ppl = perplexity(model, tok, progress=not a.json).perplexity
-    rep = sparsify_(model, cfg, ids, progress=not a.json)
-    save_sparse(model, out, tokenizer=tok, overwrite=a.overwrite, extra={"source_model": a.model, "calib": a.calib})
-    r = {"model": a.model, "method": a.method, "pattern": str(cfg.default), "out": str(out), "seconds": rep["seconds"],
-         "overall": rep["overall"], "layers": rep["layers"]}
-    if a.eval:
-        from .evaluation import perplexity
-
-        p = perplexity(model, tok, progress=not a.json).perplexity
-        r["perplexity"] = {"dense": base_ppl, "sparse": p, "increase": p / base_ppl - 1}
+        p, base = f["perplexity_sparse"], f["perplexity_dense"]
+        r["perplexity"] = {"dense": base, "sparse": p, "increase": p / base - 1}
     return r
 
 
@@ -372,15 +314,28 @@ def _show_sparsify(r: dict, console) -> None:
 
 
 def cmd_draft(a) -> dict:
-    from .speculative.cli import run_draft
+    from .recipe import DraftStep
 
-    return run_draft(a, _load)
+    _, res = _one_step(a, DraftStep(layers=a.layers, budget=a.budget, tokens=a.tokens, seq_len=a.seq_len, batch=a.batch, lr=a.lr,
+                                    calib=a.calib))
+    return {"model": a.model, **res.figures, "out": a.out, "layers": a.layers}
 
 
 def cmd_qat(a) -> dict:
-    from .qat.cli import run_qat
+    from .evaluation.memory import checkpoint_bytes
+    from .recipe import QATStep
 
-    return run_qat(a, _load)
+    if a.model.endswith(".onnx"):
+        raise LeanLMError("QAT trains PyTorch models through fake quantization; an ONNX graph has no such path. "
+                          "Pass the Hugging Face model (or a folder written by leanlm quantize) instead")
+    step = QATStep(budget=a.budget, scheme=a.scheme, teacher=a.teacher, learn_scales=a.learn_scales, scale_lr_mult=a.scale_lr_mult,
+                   train=a.train, compile=a.compile, lm_weight=a.lm_weight, kl_weight=a.kl_weight, temperature=a.temperature,
+                   hidden_layers=a.hidden_layers, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
+                   bf16=a.bf16, text=a.text, samples=a.samples, calib_seq_len=a.calib_seq_len, eval_every=a.eval_every,
+                   eval_windows=a.eval_windows, checkpoint_dir=a.checkpoint_dir, resume=not a.no_resume, seed=a.seed)
+    _, res = _one_step(a, step)
+    return {"model": a.model, "scheme": a.scheme, "teacher": a.teacher, "out": a.out, **res.figures,
+            "checkpoint_bytes": checkpoint_bytes(a.out)}
 
 
 def show_qat(r: dict, console) -> None:
@@ -469,57 +424,23 @@ def show_generate(r: dict, console) -> None:
     _show_runtime(r, console)
 
 
-def _train_config(a, minutes, tokens, checkpoint_dir):
-    from .distill import TrainConfig
-
-    return TrainConfig(max_tokens=tokens, max_minutes=minutes, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                       grad_accum=a.grad_accum, autocast_bf16=a.bf16, eval_windows=a.eval_windows,
-                       eval_every=a.eval_every, checkpoint_dir=checkpoint_dir, progress=not a.json)
-
-
-def _distill_run(a, student, teacher, tok, minutes, tokens):
-    """Distill with checkpoints beside --out (OUT.checkpoints, removed after success) so Ctrl-C can resume."""
-    import shutil
-
-    from .distill import DistillConfig, distill, matched_hidden_pairs
-
-    ckpt = a.checkpoint_dir or f"{str(a.out).rstrip('/')}.checkpoints"
-    pairs = matched_hidden_pairs(student, teacher, a.hidden_pairs)
-    dc = DistillConfig(temperature=a.temperature, lm_weight=a.lm_weight, hidden_layers=pairs)
-    res = distill(student, teacher, a.text, dc, _train_config(a, minutes, tokens, ckpt), tokenizer=tok)
-    if not a.checkpoint_dir:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, "resumed_from": res.resumed_from,
-            "perplexity_start": res.start_perplexity, "perplexity_end": res.final_perplexity, "eval_windows": a.eval_windows,
-            "loss_first": res.history[0]["loss"] if res.history else None, "loss_last": res.history[-1]["loss"] if res.history else None}
+def _train_options(a) -> dict:
+    return dict(lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, bf16=a.bf16, temperature=a.temperature,
+                lm_weight=a.lm_weight, hidden_pairs=a.hidden_pairs, text=a.text, eval_windows=a.eval_windows,
+                eval_every=a.eval_every, checkpoint_dir=a.checkpoint_dir)
 
 
 def cmd_prune(a) -> dict:
-    from pathlib import Path
-
     from .evaluation.memory import checkpoint_bytes
-    from .prune import PruneTarget, prune, save_pruned
+    from .recipe import PruneStep
 
-    if Path(a.out).exists() and not a.overwrite:
-        raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
-    target = PruneTarget(params=a.target_params, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
-                         kv_heads=a.kv_heads, layers=a.layers, axes=a.axes, multiple_of=a.multiple_of)
-    model, tok = _load(a.model, a.dtype, a.trust_remote_code)
-    r = {"model": a.model, "out": a.out}
-    if a.eval:
-        from .evaluation import perplexity
-
-        r["perplexity_original"] = perplexity(model, tok, source=a.text, progress=not a.json).perplexity
-    pruned = prune(model, target, tokenizer=tok, samples=a.samples, seq_len=a.seq_len, depth_metric=a.depth_metric, source=a.text,
-                   progress=not a.json)
-    r["prune"] = pruned.leanlm_prune
-    if a.eval:
-        r["perplexity_pruned"] = perplexity(pruned, tok, source=a.text, progress=not a.json).perplexity
-    if a.distill_minutes is not None or a.distill_tokens is not None:
-        r["distill"] = _distill_run(a, pruned, model, tok, a.distill_minutes, a.distill_tokens)
-        if a.eval:
-            r["perplexity_distilled"] = perplexity(pruned, tok, source=a.text, progress=not a.json).perplexity
-    save_pruned(pruned, a.out, tokenizer=tok, overwrite=a.overwrite, extra={"distill": r.get("distill")})
+    step = PruneStep(target_params=a.target_params, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads, kv_heads=a.kv_heads,
+                     layers=a.layers, axes=a.axes, samples=a.samples, depth_metric=a.depth_metric, multiple_of=a.multiple_of, distill_minutes=a.distill_minutes,
+                     distill_tokens=a.distill_tokens, eval=a.eval, **_train_options(a))
+    _, res = _one_step(a, step)
+    f = res.figures
+    r = {"model": a.model, "out": a.out, "prune": {k: f[k] for k in ("from", "to", "params_before", "params_after")},
+         **{k: v for k, v in f.items() if k.startswith("perplexity_") or k == "distill"}}
     r["checkpoint_bytes"] = checkpoint_bytes(a.out)
     return r
 
@@ -538,20 +459,30 @@ def show_prune(r: dict, console) -> None:
 
 
 def cmd_distill(a) -> dict:
-    from pathlib import Path
+    from .recipe import DistillStep
 
-    from .prune import save_pruned
+    _, res = _one_step(a, DistillStep(teacher=a.teacher, minutes=a.minutes, tokens=a.tokens, **_train_options(a)))
+    return {"model": a.model, "teacher": a.teacher, "out": a.out, "distill": res.figures}
 
-    if a.minutes is None and a.tokens is None:
-        raise LeanLMError("give a training budget: --minutes M or --tokens N")
-    if Path(a.out).exists() and not a.overwrite:
-        raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
-    student, tok = _load(a.model, a.dtype, a.trust_remote_code)
-    teacher, _ = _load(a.teacher, a.dtype, a.trust_remote_code)
-    r = {"model": a.model, "teacher": a.teacher, "out": a.out}
-    r["distill"] = _distill_run(a, student, teacher, tok, a.minutes, a.tokens)
-    save_pruned(student, a.out, tokenizer=tok, overwrite=a.overwrite, extra={"distill": r["distill"], "teacher": a.teacher})
-    return r
+
+def cmd_run(a) -> dict:
+    """`leanlm run RECIPE.yaml --out DIR`: the steps of a recipe, validated first, resumable."""
+    from rich.console import Console
+
+    from .recipe import Recipe
+
+    recipe = Recipe.from_file(a.recipe)
+    if a.model:
+        recipe.model = a.model
+    results = recipe.run(a.out, overwrite=a.overwrite, progress=not a.json, console=None if a.json else Console(stderr=True))
+    return {"recipe": a.recipe, "model": recipe.model, "out": a.out, "steps": [vars(r) for r in results]}
+
+
+def show_run(r: dict, console) -> None:
+    from .recipe import brief_figures
+
+    rows = [[f"{i}. {x['step']}", f"{x['seconds']:.1f}", brief_figures(x["figures"])] for i, x in enumerate(r["steps"], 1)]
+    console.print(_table(f"leanlm run {r['recipe']} ({r['model']}) -> {r['out']}", ["step", "seconds", "figures"], rows))
 
 
 def show_distill(r: dict, console) -> None:
@@ -720,6 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--minutes", type=POSITIVE, help="training budget in minutes")
     g.add_argument("--tokens", type=COUNT, help="training budget in tokens")
     training(sp)
+    sp = sub.add_parser("run", help="run a recipe (YAML or JSON): steps chained on one model state, resumable")
+    sp.add_argument("recipe", help="recipe file (.yaml, .yml or .json); see recipes/ and docs/recipes.md")
+    sp.add_argument("--out", required=True, help="output folder: the final model, its manifest and the exported files")
+    sp.add_argument("--model", help="override the recipe's model")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sp.add_argument("--threads", type=COUNT, default=None, help="torch threads (default: all cores)")
     return state_ranges(p)
 
 
@@ -727,7 +665,8 @@ COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profi
             "quantize": (cmd_quantize, show_quantize), "export": (cmd_export, show_export),
             "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft")),
             "prune": (cmd_prune, show_prune), "distill": (cmd_distill, show_distill), "qat": (cmd_qat, show_qat),
-            "sparsify": (_cmd_sparsify, _show_sparsify), "serve": (cmd_serve, _show_serve)}
+            "sparsify": (_cmd_sparsify, _show_sparsify), "serve": (cmd_serve, _show_serve),
+            "run": (cmd_run, show_run)}
 
 
 def _terminate(signum, frame):

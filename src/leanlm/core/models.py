@@ -209,16 +209,6 @@ def _error_text(e: BaseException, max_lines: int = 4, max_chars: int = 600) -> s
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, tokenizer: Any = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if (folder / "leanlm_quant.json").is_file():  # a checkpoint saved by leanlm.quantization
-        from ..quantization.serialize import load_quantized
-
-        model = load_quantized(folder, dtype, trust_remote_code)
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            except Exception:
-                tokenizer = None
-        return model, tokenizer
     if not (folder / "config.json").is_file():
         raise LeanLMError(f"{folder} has no config.json; pass a Hugging Face model folder or a .gguf file")
     weights = sorted(folder.glob("*.safetensors"))
@@ -249,7 +239,10 @@ def load(
     tokenizer: Any = None,
     trust_remote_code: bool = False,
 ):
-    """Return `(model, tokenizer)`, the model in eval mode on the CPU.
+    """Return `(model, tokenizer)`, the model in eval mode on the CPU, as transformers loads it.
+
+    This is the plain loader; `leanlm.load` (leanlm/state.py) also restores what leanlm saved with a model
+    (quantizers, sparsity masks, layer map, step history).
 
     `model` is a built-in name (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, a local
     `.gguf` file, or an in-memory `torch.nn.Module` (returned as is, with the given `tokenizer`).

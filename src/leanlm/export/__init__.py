@@ -50,7 +50,7 @@ def load_source(model_or_dir, tokenizer=None):
 
     if isinstance(model_or_dir, torch.nn.Module):
         return model_or_dir, tokenizer
-    from ..core.models import load
+    from ..state import load
 
     return load(model_or_dir, tokenizer=tokenizer)
 
@@ -67,7 +67,14 @@ def export(model_or_dir, to: str, out: str | os.PathLike, *, overwrite: bool = F
     if out.exists() and not overwrite:
         raise LeanLMError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
     model, tok = load_source(model_or_dir, tokenizer)
-    return fn(model, out, tokenizer=tok, overwrite=overwrite, **opts)
+    # Sparsity masks are training state: their zeros are in the weights, no deployment format holds the masks.
+    mods = dict(model.named_modules())
+    masks = {n: m._buffers.pop("weight_mask") for n, m in mods.items() if m._buffers.get("weight_mask") is not None}
+    try:
+        return fn(model, out, tokenizer=tok, overwrite=overwrite, **opts)
+    finally:
+        for n, b in masks.items():
+            mods[n]._buffers["weight_mask"] = b
 
 
 __all__ = ["export", "FORMATS", "load_source"]

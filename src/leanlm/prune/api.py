@@ -1,14 +1,13 @@
-"""Structured pruning: targets, the choice of what survives, saving, and prune -> distill.
+"""Structured pruning: targets, the choice of what survives, and prune -> distill.
 
     pruned = prune(model, PruneTarget(params="90M"), tokenizer=tok)          # width (default axes)
     pruned = prune(model, PruneTarget(layers=20, intermediate=1024), tokenizer=tok)
-    save_pruned(pruned, "smollm2-90m", tokenizer=tok)                        # plain transformers folder
+    leanlm.save(pruned, "smollm2-90m", tokenizer=tok)   # plain transformers folder + leanlm.json (layer map)
     student, result = prune_and_distill(model, "90M", tokenizer=tok, train_config=TrainConfig(max_tokens=200_000))
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -244,29 +243,20 @@ def prune(model: nn.Module, target: PruneTarget | int | str, *, tokenizer=None, 
     return pruned
 
 
-def save_pruned(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write a standard Hugging Face folder (config, safetensors, tokenizer) + leanlm_prune.json, atomically."""
-    from ..core.io import atomic_dir
-    from ..export.common import save_tokenizer
-
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-        info = {**getattr(model, "leanlm_prune", {}), **(extra or {})}
-        if info:
-            (tmp / "leanlm_prune.json").write_text(json.dumps(info, indent=2, default=str))
-    return Path(out)
-
-
 def prune_and_distill(model: nn.Module, target: PruneTarget | int | str, *, tokenizer=None, distill_config=None,
-                      train_config=None, train_data=None, eval_ids=None, prune_kwargs: dict | None = None, after_step=()):
+                      train_config=None, train_data=None, eval_ids=None, prune_kwargs: dict | None = None, after_step=(),
+                      hidden_pairs: int = 0):
     """Prune `model`, then distill the pruned student from the unpruned `model` (Minitron's recipe).
 
+    `hidden_pairs`: also match that many evenly spaced hidden states (the layers the student kept).
     Returns `(student, TrainResult)`; the teacher (`model`) is not modified.
     """
-    from ..distill import DistillConfig, TrainConfig, distill
+    from ..distill import DistillConfig, TrainConfig, distill, matched_hidden_pairs
 
     student = prune(model, target, tokenizer=tokenizer, **(prune_kwargs or {}))
+    if hidden_pairs:
+        distill_config = distill_config or DistillConfig()
+        distill_config.hidden_layers = matched_hidden_pairs(student, model, hidden_pairs)
     res = distill(student, model, train_data, distill_config or DistillConfig(), train_config or TrainConfig(max_minutes=10),
                   tokenizer=tokenizer, eval_ids=eval_ids, after_step=after_step)
     return student, res

@@ -2,7 +2,7 @@
 
     from leanlm.qat import qat, QATConfig
     res = qat(model, "w3a16-gptq", tokenizer=tok, teacher="self", budget="10m")   # PTQ, then QAD
-    leanlm.quantization.save_quantized(model, "out/", tokenizer=tok)
+    leanlm.save(model, "out/", tokenizer=tok)
 """
 
 from ..quantization.formats import fake_quantize_lsq

@@ -2,7 +2,7 @@
 
     res = leanlm.qat.qat(model, "w3a16-gptq", tokenizer=tok, budget="10m")                  # QAT
     res = leanlm.qat.qat(model, "w3a16-gptq", tokenizer=tok, teacher="self", budget="2M")   # QAD
-    leanlm.quantization.save_quantized(model, "out/", tokenizer=tok)
+    leanlm.save(model, "out/", tokenizer=tok)
 
 Steps: (1) post-training quantization with the scheme's own calibration algorithm (GPTQ, AWQ,
 SmoothQuant: `leanlm.quantize`), which folds every weight onto its grid; (2) `prepare_qat`: every
@@ -11,7 +11,7 @@ the calibrated scales and a straight-through estimator, optionally learning the 
 activation and KV-cache quantizers keep their format and pass gradients straight through;
 (3) `leanlm.distill.train` with the LM loss (QAT) or `DistillLoss` against a float teacher (QAD);
 (4) `finalize_qat`: weights are folded onto the grid with the final scales, so the model is again
-an ordinary leanlm-quantized model that `save_quantized`, the runtime and the exporters take as is.
+an ordinary leanlm-quantized model that `leanlm.save`, the runtime and the exporters take as is.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> list[nn.Pa
 def finalize_qat(model: nn.Module) -> nn.Module:
     """Fold every latent weight onto its grid with the final scales and undo the class swaps.
 
-    The result is an ordinary leanlm-quantized model (`save_quantized`, the runtime and the
+    The result is an ordinary leanlm-quantized model (`leanlm.save`, the runtime and the
     exporters take it unchanged); its forward equals the QAT forward exactly.
     """
     mods = dict(model.named_modules())

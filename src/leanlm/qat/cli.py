@@ -1,12 +1,11 @@
-"""`leanlm qat MODEL --scheme NAME [--teacher MODEL|self] --budget 10m --out DIR` (leanlm/cli.py calls these)."""
+"""The options of `leanlm qat MODEL --scheme NAME [--teacher MODEL|self] --budget 10m --out DIR` (leanlm/cli.py parses
+them into a `leanlm.recipe.QATStep`) and its report."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..cli_args import COUNT, COUNT0, NONNEG, POSITIVE, SEED, SEQ_LEN
-from ..core.errors import LeanLMError
 
 
 def qat_args(sp) -> None:
@@ -41,61 +40,6 @@ def qat_args(sp) -> None:
     sp.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --checkpoint-dir")
     sp.add_argument("--seed", type=SEED, default=0, help="random seed")
     sp.add_argument("--overwrite", action="store_true")
-
-
-def _pairs(s: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(x) for x in p.split(":")) for p in s.split(",") if p.strip()]
-    except ValueError:
-        raise LeanLMError(f"cannot read --hidden-layers {s!r}; write student:teacher pairs like 10:10,20:20") from None
-
-
-def run_qat(a, load) -> dict:
-    from ..distill.kd import DistillConfig
-    from ..quantization import average_bits, save_quantized
-    from ..quantization.config import QuantConfig
-    from .api import QATConfig, check_trainable, default_train_config, parse_budget, qat
-
-    if a.model.endswith(".onnx"):
-        raise LeanLMError("QAT trains PyTorch models through fake quantization; an ONNX graph has no such path. "
-                          "Pass the Hugging Face model (or a folder written by leanlm quantize) instead")
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise LeanLMError(f"output {out} already exists; choose another --out or pass --overwrite")
-    budget = parse_budget(a.budget)
-    cfg = check_trainable(a.scheme) if a.scheme else None
-    if isinstance(cfg, QuantConfig):
-        cfg.calib_samples, cfg.calib_seq_len = a.samples, a.calib_seq_len
-    qcfg = QATConfig(learn_scales=a.learn_scales, scale_lr_mult=a.scale_lr_mult, train=a.train, compile=a.compile)
-    qcfg.check()
-    dcfg = None
-    if a.teacher:
-        dcfg = DistillConfig(temperature=a.temperature, kl_weight=a.kl_weight, lm_weight=a.lm_weight,
-                             hidden_layers=_pairs(a.hidden_layers))
-        dcfg.check()
-    tcfg = default_train_config(lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, autocast_bf16=a.bf16,
-                                eval_every=a.eval_every, eval_windows=a.eval_windows, checkpoint_dir=a.checkpoint_dir,
-                                resume=not a.no_resume, seed=a.seed, progress=not a.json, **budget)
-    tcfg.check()
-    model, tok = load(a.model, a.dtype, a.trust_remote_code)
-    if tok is None:
-        raise LeanLMError(f"{a.model} has no tokenizer; QAT needs one to cut its training text")
-    teacher = teacher_tok = None
-    if a.teacher == "self":
-        teacher = "self"
-    elif a.teacher:
-        teacher, teacher_tok = load(a.teacher, a.dtype, a.trust_remote_code)
-    res = qat(model, cfg, tokenizer=tok, teacher=teacher, teacher_tokenizer=teacher_tok, config=qcfg, distill=dcfg,
-              train_config=tcfg, train_data=a.text, progress=not a.json)
-    save_quantized(model, out, tokenizer=tok, overwrite=a.overwrite)
-    from ..evaluation.memory import checkpoint_bytes
-
-    tr = res.train
-    return {"model": a.model, "scheme": a.scheme, "mode": res.mode, "teacher": a.teacher, "out": str(out),
-            "ptq_seconds": res.ptq_seconds, "steps": tr.steps, "tokens": tr.tokens, "seconds": tr.seconds,
-            "start_perplexity": tr.start_perplexity, "final_perplexity": tr.final_perplexity, "evals": tr.evals,
-            "eval_windows": a.eval_windows, "resumed_from": tr.resumed_from, "checkpoint": tr.checkpoint,
-            "average_bits": average_bits(model), "checkpoint_bytes": checkpoint_bytes(out)}
 
 
 def show_qat(r: dict, console) -> None:

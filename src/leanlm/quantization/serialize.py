@@ -1,12 +1,10 @@
-"""Save and reload quantized models: safetensors with real codes and scales, plus a JSON recipe.
+"""The quantized part of a saved model: safetensors with real codes and scales (`leanlm.state` writes
+the folder and its manifest, leanlm.json, whose ``quantization`` entry this module fills and reads).
 
-Layout of a saved folder::
-
-    config.json, tokenizer files        the ordinary Hugging Face files
     model.safetensors                   float tensors as they are; each quantized weight replaced by
                                         <name>.weight.codes (packed), .scale, and .zero / .global_scale
                                         where the format has them; static activation ranges as <quantizer>.amax
-    leanlm_quant.json                   the QuantConfig, every quantizer's format and state, the packing
+    leanlm.json "quantization"          the QuantConfig, every quantizer's format and state, the packing
 
 Codes are packed as the format table says (`formats.pack_codes`): 8-bit ints as int8/uint8; ints of
 4 bits or fewer, NF4 indices and E2M1 (NVFP4/MXFP4) values as two 4-bit codes per byte; FP8 and
@@ -15,33 +13,31 @@ MXFP8 elements as float8 tensors.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..core.errors import LeanLMError
-from ..core.io import atomic_dir
-from .config import QuantConfig, QuantizerConfig
+from .config import QuantizerConfig
 from .formats import QParams, dequantize, pack_codes, parse_format, quantize, unpack_codes
 from .modules import insert_quantizers, quantizers
 
-RECIPE = "leanlm_quant.json"
 
 
-def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write a quantized model to `out` atomically (temporary folder renamed into place)."""
+def quant_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (codes, scales, float tensors) and the quantization state of a quantized model,
+    as `leanlm.state.save` writes them (``weight_mask`` buffers are left to the sparsity state)."""
     meta = getattr(model, "leanlm_quant", None)
     if meta is None:
         raise LeanLMError("this model was not quantized by leanlm.quantize; nothing to save as a quantized checkpoint")
     qs = quantizers(model)
     mods = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}
-    recipe = {"format_version": 1, "config": meta["config"], "calib_seconds": meta.get("calib_seconds"), "quantizers": {}}
+    state = {"config": meta["config"], "calib_seconds": meta.get("calib_seconds"), "quantizers": {}}
     if meta.get("qat"):  # how quantization-aware training continued from the calibration (leanlm.qat)
-        recipe["qat"] = meta["qat"]
+        state["qat"] = meta["qat"]
     replaced = set()
     for name, q in qs.items():
         if not q.enabled:
@@ -62,43 +58,29 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, overwrite:
             replaced.add(f"{owner}.weight")
         elif q.amax is not None:
             tensors[f"{name}.amax"] = q.amax.detach().float().cpu().reshape(1)
-        recipe["quantizers"][name] = entry
+        state["quantizers"][name] = entry
     seen = set()
     for k, v in model.state_dict().items():
-        if k in replaced or ".weight_quantizer." in k or ".input_quantizer." in k or k.endswith(("k_quantizer.amax", "v_quantizer.amax")):
+        if (k in replaced or ".weight_quantizer." in k or ".input_quantizer." in k or k.endswith(("k_quantizer.amax", "v_quantizer.amax"))
+                or k.endswith(".weight_mask")):
             continue
         ptr = v.untyped_storage().data_ptr()
         if ptr in seen:  # a tied weight: saved once, re-tied on load
             continue
         seen.add(ptr)
         tensors[k] = v.detach().cpu().contiguous()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "leanlm-quant"})
-        (tmp / RECIPE).write_text(json.dumps(recipe, indent=1))
-    return Path(out)
-
-
-def is_quantized_folder(path: Path) -> bool:
-    return (Path(path) / RECIPE).is_file()
+    return tensors, state
 
 
 @torch.no_grad()
-def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuild a model saved by `save_quantized`: same classes, quantizers and exactly the same weights."""
+def load_quantized(folder: str | Path, recipe: dict, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a quantized model from `folder`'s model.safetensors and its quantization state `recipe`
+    (the manifest's ``quantization`` entry): same classes, quantizers and exactly the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..core.models import check_safetensors
 
     folder = Path(folder)
-    try:
-        recipe = json.loads((folder / RECIPE).read_text())
-    except ValueError:
-        raise LeanLMError(f"{folder / RECIPE} is not valid JSON; the quantized checkpoint is corrupt, re-save it") from None
-    if recipe.get("format_version") != 1:
-        raise LeanLMError(f"{folder} uses quantized format version {recipe.get('format_version')}; this leanlm reads version 1")
     check_safetensors(folder / "model.safetensors")
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -107,7 +89,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, trust
     tensors = load_file(str(folder / "model.safetensors"))
     plain = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".weight.scale", ".weight.zero", ".weight.global_scale", ".amax"))}
     mods = dict(model.named_modules())
-    for k in [k for k in plain if k.endswith(".weight_mask")]:  # a sparsified model's masks (leanlm.sparsity)
+    for k in [k for k in plain if k.endswith(".weight_mask")]:  # masks as folders of leanlm 0.1 stored them
         owner = k[: -len(".weight_mask")]
         if owner in mods:
             mods[owner].register_buffer("weight_mask", plain.pop(k).bool(), persistent=True)
@@ -130,4 +112,6 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, trust
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.leanlm_quant = {"config": recipe["config"], "calib_seconds": recipe.get("calib_seconds")}
+    if recipe.get("qat"):
+        model.leanlm_quant["qat"] = recipe["qat"]
     return model.eval()

@@ -1,27 +1,22 @@
 """Masks on sparsified Linears: a ``weight_mask`` bool buffer each, kept through training, reported,
-saved beside a normal Hugging Face folder and re-attached on load.
+saved and re-attached on load.
 
 ``weight_mask`` is True where the weight stays. It is a persistent buffer, so ``state_dict()`` and
-``torch.save`` carry it; ``save_sparse`` writes the model as a plain Hugging Face folder (dense
+``torch.save`` carry it; ``leanlm.save`` writes the model as a plain Hugging Face folder (dense
 weights holding exact zeros, readable by transformers alone) plus the masks, bit-packed, in
-``sparsity_masks.safetensors`` and a JSON recipe ``leanlm_sparsity.json``.
+``sparsity_masks.safetensors``, listed in the folder's manifest ``leanlm.json``; ``leanlm.load``
+re-attaches them.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import LeanLMError
-from ..core.io import atomic_dir
 
 MASK = "weight_mask"
 MASKS_FILE = "sparsity_masks.safetensors"
-RECIPE = "leanlm_sparsity.json"
 
 
 def attach_mask(linear: nn.Module, keep: torch.Tensor) -> None:
@@ -64,7 +59,7 @@ class MaskKeeper:
         self.linears = masked_linears(model)
         if not self.linears:
             raise LeanLMError("the model has no sparsity masks (weight_mask buffers); sparsify it first "
-                              "(leanlm.sparsity.sparsify_) or load it with leanlm.sparsity.load_sparse")
+                              "(leanlm.sparsity.sparsify_) or load it with leanlm.load")
         self._hooks = []
         if mask_grads:
             for m in self.linears.values():
@@ -132,52 +127,19 @@ def _unpack(p: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return bits.reshape(-1)[:n].bool().reshape(shape)
 
 
-def save_sparse(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write a normal Hugging Face folder (dense weights with zeros, no mask tensors) plus the masks
-    and the recipe, atomically."""
+def mask_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Every ``weight_mask``, bit-packed, and each masked Linear's weight shape (what `leanlm.state.save` writes)."""
     mods = masked_linears(model)
-    if not mods:
-        raise LeanLMError("the model has no sparsity masks; sparsify it first (leanlm.sparsity.sparsify_)")
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("." + MASK)}
-    masks = {f"{n}.{MASK}": _pack(m.weight_mask.cpu()) for n, m in mods.items()}
-    recipe = {"format_version": 1, **(getattr(model, "leanlm_sparsity", None) or {}), **(extra or {}),
-              "masks": {n: list(m.weight.shape) for n, m in mods.items()}}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(masks, str(tmp / MASKS_FILE), metadata={"format": "leanlm-sparsity-masks", "packing": "bits-lsb-first"})
-        (tmp / RECIPE).write_text(json.dumps(recipe, indent=1, default=str))
-    return Path(out)
+    return ({f"{n}.{MASK}": _pack(m.weight_mask.cpu()) for n, m in mods.items()},
+            {n: list(m.weight.shape) for n, m in mods.items()})
 
 
-def attach_saved_masks(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Re-attach the masks saved by ``save_sparse`` in ``folder`` to ``model`` (loaded from it)."""
-    folder = Path(folder)
-    try:
-        recipe = json.loads((folder / RECIPE).read_text())
-    except FileNotFoundError:
-        raise LeanLMError(f"{folder} has no {RECIPE}; it was not written by leanlm sparsify") from None
-    except ValueError:
-        raise LeanLMError(f"{folder / RECIPE} is not valid JSON; the sparse checkpoint is corrupt, re-save it") from None
-    from ..core.models import check_safetensors
-
-    if not (folder / MASKS_FILE).is_file():
-        raise LeanLMError(f"{folder} has {RECIPE} but no {MASKS_FILE}; the sparse checkpoint is incomplete, re-save it")
-    check_safetensors(folder / MASKS_FILE)
-    packed = load_file(str(folder / MASKS_FILE))
+def restore_masks(model: nn.Module, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], where: str = "the checkpoint") -> nn.Module:
+    """Re-attach masks saved by `mask_tensors` to `model` (loaded from the same folder)."""
     mods = dict(model.named_modules())
-    for name, shape in recipe["masks"].items():
-        if name not in mods or list(mods[name].weight.shape) != shape:
-            raise LeanLMError(f"{folder}: the mask for {name} does not match the model; load the model from the same folder")
-        attach_mask(mods[name], _unpack(packed[f"{name}.{MASK}"], shape))
-    model.leanlm_sparsity = {k: v for k, v in recipe.items() if k not in ("masks", "format_version")}
+    for name, shape in shapes.items():
+        key = f"{name}.{MASK}"
+        if name not in mods or list(mods[name].weight.shape) != list(shape) or key not in packed:
+            raise LeanLMError(f"{where}: the mask for {name} does not match the model; load the model from the same folder")
+        attach_mask(mods[name], _unpack(packed[key], list(shape)))
     return model
-
-
-def load_sparse(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
-    """``(model, tokenizer)`` from a folder written by ``save_sparse``, masks attached."""
-    from ..core.models import load
-
-    model, tok = load(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
-    return attach_saved_masks(model, folder), tok

@@ -17,11 +17,11 @@ from ..runtime.sampling import Sampling
 from .adaptive import AdaptiveK
 from .decode import K_MAX, SpecStats, generate, speculative_generate
 from .drafters import ModelDrafter, PromptLookupDrafter
-from .drafts import check_vocab, make_shallow_draft, quantized_draft, save_draft, truncate_layers
+from .drafts import check_vocab, make_shallow_draft, quantized_draft, truncate_layers
 from .step import HFStepModel, StepModel, as_step_model
 
 __all__ = [
     "AdaptiveK", "K_MAX", "SpecStats", "generate", "speculative_generate", "ModelDrafter", "PromptLookupDrafter", "Sampling",
-    "check_vocab", "make_shallow_draft", "parse_budget", "quantized_draft", "save_draft", "truncate_layers",
+    "check_vocab", "make_shallow_draft", "parse_budget", "quantized_draft", "truncate_layers",
     "HFStepModel", "StepModel", "as_step_model",
 ]

@@ -1,4 +1,5 @@
-"""The speculative options of `leanlm generate` and the `leanlm draft` command (leanlm/cli.py calls these)."""
+"""The speculative options of `leanlm generate` and the options and report of `leanlm draft` (leanlm/cli.py parses
+them into a `leanlm.recipe.DraftStep`)."""
 
 from __future__ import annotations
 
@@ -100,25 +101,6 @@ def draft_args(sp) -> None:
     sp.add_argument("--calib", default="wiki", help="training text: wiki (calibration split, default), news or a .txt/.jsonl file")
     sp.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint, written atomically)")
     sp.add_argument("--overwrite", action="store_true")
-
-
-def run_draft(a, load) -> dict:
-    """`leanlm draft`: a shallow copy of MODEL distilled on calibration text, saved as a Hugging Face folder."""
-    from pathlib import Path
-
-    from ..core.data import calibration_texts, join_and_tokenize
-    from ..distill.trainer import parse_budget
-    from .drafts import make_shallow_draft, save_draft
-
-    parse_budget(a.budget)
-    if Path(a.out).exists() and not a.overwrite:
-        raise LeanLMError(f"output {a.out} already exists; choose another --out or pass --overwrite")
-    model, tok = load(a.model, a.dtype, a.trust_remote_code)
-    ids = join_and_tokenize(tok, calibration_texts(a.calib))
-    d = make_shallow_draft(model, a.layers, a.budget, max_tokens=a.tokens, calib_ids=ids, seq_len=a.seq_len, batch=a.batch,
-                           lr=a.lr, progress=not a.json)
-    save_draft(d, a.out, tokenizer=tok, overwrite=a.overwrite)
-    return {"model": a.model, "out": a.out, "layers": a.layers, **d.leanlm_draft}
 
 
 def show_draft(r: dict, console) -> None:

@@ -104,18 +104,3 @@ def make_shallow_draft(model, n_layers: int, budget: str | float = "5m", *, toke
     draft.eval()
     draft.leanlm_draft = log
     return draft
-
-
-def save_draft(draft, out, tokenizer=None, overwrite: bool = False):
-    """Save a draft as an ordinary Hugging Face checkpoint folder (written atomically)."""
-    import json
-
-    from ..core.io import atomic_dir
-
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        draft.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(draft, "leanlm_draft", None):
-            (tmp / "leanlm_draft.json").write_text(json.dumps(draft.leanlm_draft, indent=2))
-    return out

@@ -40,8 +40,30 @@ BASE = {
     "distill": ["distill", "m", "--teacher", "m", "--tokens", "100", "--out", "OUT"],
     "sparsify": ["sparsify", "m", "--method", "magnitude", "--out", "OUT"],
     "qat": ["qat", "m", "--scheme", "w4a16-rtn", "--budget", "10000", "--out", "OUT"],
+    "serve": ["serve", "m", "--port", "8000"],
 }
 WRITERS = [c for c, argv in BASE.items() if "--out" in argv]
+ARGV = {**BASE, "run": ["run", "recipe.yaml", "--out", "OUT"]}   # every command, for argument checks
+
+
+def test_every_command_is_covered():
+    """A new subcommand must get a BASE line (or, like `run`, whose model is in a file, tests of its own below)."""
+    assert set(_subparsers()) == set(ARGV)
+
+
+def test_run_bad_recipe_files_and_outputs(capsys, tmp_path):
+    """`leanlm run`: missing, binary and empty recipe files, an unknown key, an existing output; nothing left behind."""
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "typo.yaml").write_text("model: smollm2-135m\nsteps:\n  - quantize: {schem: w8a16}\n")
+    (tmp_path / "ok.yaml").write_text("model: smollm2-135m\nsteps:\n  - quantize: {scheme: w8a16}\n")
+    (tmp_path / "exists").mkdir()
+    before = _left(tmp_path)
+    for recipe, out, msg in [("nope.yaml", "o", "does not exist"), ("bin.yaml", "o", "binary file"), ("empty.yaml", "o", "recipe"),
+                             ("typo.yaml", "o", "scheme"), ("ok.yaml", "exists", "already exists")]:
+        code, err = _run(capsys, ["run", str(tmp_path / recipe), "--out", str(tmp_path / out)])
+        assert code == 2 and msg in _one_line_error(err), err
+    assert _left(tmp_path) == before
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -105,7 +127,7 @@ def test_every_numeric_option_is_checked():
 @pytest.mark.parametrize("cmd,opt,typ", list(_numeric_options()), ids=lambda x: x if isinstance(x, str) else "")
 def test_out_of_range_numbers_are_usage_errors(capsys, tmp_path, cmd, opt, typ):
     for bad in _bad_values(typ):
-        argv = [tmp_path / "OUT" if a == "OUT" else a for a in BASE[cmd]]
+        argv = [tmp_path / "OUT" if a == "OUT" else a for a in ARGV[cmd]]
         code, err = _run(capsys, [str(a) for a in argv] + [f"{opt}={bad}"])
         assert code == 2, (opt, bad)
         line = _one_line_error(err)

@@ -48,6 +48,7 @@ NONNEG = Number(float, 0)
 FRACTION = Number(float, 0, 1, lo_open=True, hi_open=True)
 PROBABILITY = Number(float, 0, 1, lo_open=True)   # top-p: (0, 1]
 BITS = Number(float, 1, 16)
+PORT = Number(int, 1, 65535)
 
 
 def size(text: str) -> int:

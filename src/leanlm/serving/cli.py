@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import sys
 
+from ..cli_args import COUNT, COUNT0, PORT, POSITIVE, SEQ_LEN
 from ..core.errors import LeanLMError
 
 
 def serve_args(sp) -> None:
     sp.add_argument("--weights", default=None, help="packed weight format: fp32, bf16 (default), int8, int4, w8a8, or auto for a leanlm-quantized model")
-    sp.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    sp.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=64, help="int4 group size")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--max-num-seqs", type=int, default=16, help="most sequences in the running batch")
-    sp.add_argument("--max-waiting", type=int, default=64, help="most requests queued beyond the batch; more get 429")
-    sp.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk budget)")
-    sp.add_argument("--max-model-len", type=int, default=2048, help="most tokens (prompt + output) of one request")
-    sp.add_argument("--kv-cache-mb", type=float, default=256, help="memory of the paged KV cache in MB")
+    sp.add_argument("--port", type=PORT, default=8000, help="TCP port")
+    sp.add_argument("--max-num-seqs", type=COUNT, default=16, help="most sequences in the running batch")
+    sp.add_argument("--max-waiting", type=COUNT0, default=64, help="most requests queued beyond the batch; more get 429")
+    sp.add_argument("--max-num-batched-tokens", type=COUNT, default=512, help="tokens per engine step (prefill chunk budget)")
+    sp.add_argument("--max-model-len", type=SEQ_LEN, default=2048, help="most tokens (prompt + output) of one request")
+    sp.add_argument("--kv-cache-mb", type=POSITIVE, default=256, help="memory of the paged KV cache in MB")
     sp.add_argument("--kv-dtype", choices=["float32", "int8"], default="float32",
                     help="KV block storage: float32, or int8 with a scale per token and head (about 3.5x the tokens per MB)")
-    sp.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    sp.add_argument("--block-size", type=COUNT, default=16, help="tokens per KV block")
     sp.add_argument("--no-prefix-caching", action="store_true", help="do not share the KV blocks of common prompt prefixes")
     sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     sp.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
@@ -29,8 +30,6 @@ def run_serve(a, load) -> dict:
     from .api import serve
     from .engine import LLMEngine
 
-    if not 0 < a.port < 65536:
-        raise LeanLMError(f"--port must be in 1..65535, got {a.port}")
     model, tok = load(a.model, "float32", a.trust_remote_code)
     if tok is None:
         raise LeanLMError(f"{a.model} has no tokenizer; the server needs one to read prompts")

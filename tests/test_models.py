@@ -110,3 +110,24 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(LeanLMError, match="already exists"):
         with atomic_dir(target):
             pass
+
+
+def test_atomic_outputs_are_readable_like_plain_files(tmp_path):
+    """safetensors and mkstemp write private (0600) files; outputs get the umask's mode, as `open` would give."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from leanlm.core.io import atomic_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "d") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        with atomic_file(tmp_path / "f.gguf") as tmp:
+            tmp.write_bytes(b"GGUF")
+    finally:
+        os.umask(umask)
+    for f in (tmp_path / "d" / "model.safetensors", tmp_path / "f.gguf"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

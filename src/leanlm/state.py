@@ -168,7 +168,7 @@ def load(model: str | os.PathLike | nn.Module, *, dtype: str | torch.dtype = "fl
     A folder written by leanlm (a manifest ``leanlm.json``, or the sidecars of older versions) comes back with
     its quantizers, ``weight_mask`` buffers, pruned layer map and step history.
     """
-    from .core.models import BUILTINS, load as load_plain, resolve_dtype
+    from .core.models import BUILTINS, load as load_plain, load_tokenizer, resolve_dtype
 
     if isinstance(model, nn.Module) or str(model) in BUILTINS or not is_leanlm_folder(Path(str(model)).expanduser()):
         m, tok = load_plain(model, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
@@ -181,7 +181,7 @@ def load(model: str | os.PathLike | nn.Module, *, dtype: str | torch.dtype = "fl
         from .quantization.serialize import load_quantized
 
         if isinstance(tokenizer, (str, os.PathLike)) or tokenizer is None:
-            tokenizer = _tokenizer(tokenizer or folder, trust_remote_code, required=tokenizer is not None)
+            tokenizer = load_tokenizer(tokenizer or folder, trust_remote_code, required=tokenizer is not None)
         m = load_quantized(folder, man["quantization"], resolve_dtype(dtype), trust_remote_code)
     else:
         m, tokenizer = load_plain(folder, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
@@ -205,14 +205,3 @@ def load(model: str | os.PathLike | nn.Module, *, dtype: str | torch.dtype = "fl
     return m.eval(), tokenizer
 
 
-def _tokenizer(path, trust_remote_code: bool, required: bool):
-    from transformers import AutoTokenizer
-
-    from .core.models import _first_line
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        if required:
-            raise LeanLMError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from None
-        return None

@@ -37,6 +37,15 @@ def check_output(target: str | os.PathLike, overwrite: bool = False, option: str
         raise LeanLMError(f"cannot write {target}: only {free / 1e6:.1f} MB free in {parent}; free some space or choose another {option}")
 
 
+def _readable(path: Path) -> None:
+    """Give `path` (a file, or every file in a folder) the mode a plain new file gets under the umask:
+    temporary files (mkstemp) and some writers (safetensors) make them private (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success rename it to `target`.
@@ -51,6 +60,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final output should not be
         yield tmp
+        _readable(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -75,6 +85,7 @@ def atomic_file(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     tmp = Path(name)
     try:
         yield tmp
+        _readable(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -232,6 +232,18 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, toke
     return model, tokenizer
 
 
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, required: bool = True):
+    """The tokenizer saved at `path` (offline); None when there is none and it is not `required`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if required:
+            raise LeanLMError(f"cannot load a tokenizer from {path}: {_error_text(e)}") from None
+        return None
+
+
 def load(
     model: str | os.PathLike | torch.nn.Module,
     *,
@@ -250,13 +262,7 @@ def load(
     """
     dt = resolve_dtype(dtype)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tpath = tokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tpath, local_files_only=True, trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise LeanLMError(f"cannot load a tokenizer from {tpath}: {_error_text(e)}") from None
+        tokenizer = load_tokenizer(tokenizer, trust_remote_code)
     if isinstance(model, torch.nn.Module):
         return model.to(dt).eval(), tokenizer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from .arch import arch_or_none, text_config

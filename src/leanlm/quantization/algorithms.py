@@ -521,7 +521,7 @@ def gptq(
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     qp = QParams(scale=scale, zero=zero, global_scale=gscale)
-    # A no-op when _fq_col matches formats.py bit for bit (tested); guarantees the grid invariant.
+    # A no-op when fake_quantize_with matches fake_quantize bit for bit (tested); guarantees the grid invariant.
     return fake_quantize(Q, fmt, qp), qp
 
 

@@ -10,7 +10,6 @@ exit drafts of LayerSkip, Elhoushi et al. 2024, without retraining the target).
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 

@@ -138,6 +138,10 @@ def test_bad_recipes_fail_before_any_work(tmp_path, tiny_folder, tiny_tokenizer)
     assert "step 1 (qat): the model is not quantized" in _err({"model": m, "steps": [{"qat": {"budget": "1m"}}]})
     assert "step 1 (quantize): pass exactly one of" in _err({"model": m, "steps": [{"quantize": {}}]})
     assert "step 1 (distill): give one training budget" in _err({"model": m, "steps": [{"distill": {}}]})
+    # token lengths beyond the model's context (1024 positions), from its config.json before any load
+    assert "step 2 (quantize): seq_len 4096 exceeds the model's context of 1024 tokens" in _err(
+        {"model": m, "steps": [{"sparsify": {"method": "magnitude"}}, {"quantize": {"scheme": "w8a16", "seq_len": 4096}}]})
+    assert "step 1 (eval): window 2048 exceeds" in _err({"model": m, "steps": [{"eval": {"window": 2048}}]})
     # a draft for a model with another vocabulary
     other = make_llama(vocab_size=len(tiny_tokenizer) + 50)
     other.save_pretrained(tmp_path / "other")

@@ -39,6 +39,7 @@ class Facts:
     act_quant: bool = False
     sparse: bool = False
     vocab: int | None = None
+    context: int | None = None                       # max_position_embeddings: the longest sequence a step may use
 
 
 @dataclass
@@ -80,21 +81,36 @@ def _quant_facts(f: Facts, rules) -> None:
     f.quantized = True
 
 
-def _vocab_of(spec: str) -> int | None:
-    """vocab_size from a folder's config.json (or the cached conversion of a built-in), None when unknown."""
+def _config_of(spec: str) -> dict:
+    """A folder's config.json (or the cached conversion of a built-in's), its text part; {} when unknown."""
     from .core.models import BUILTINS, _gguf_cache_folder, builtin_gguf
 
     try:
         path = _gguf_cache_folder(builtin_gguf(spec)) if spec in BUILTINS else Path(spec).expanduser()
         cfg = json.loads((path / "config.json").read_text())
     except (LeanLMError, OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    return cfg.get("vocab_size")
+        return {}
+    return cfg.get("text_config", cfg)
+
+
+def _vocab_of(spec: str) -> int | None:
+    return _config_of(spec).get("vocab_size")
+
+
+LENGTHS = ("seq_len", "calib_seq_len", "window")   # step options that are token lengths the model must hold
+
+
+def check_lengths(step: "Step", f: Facts) -> None:
+    """Every token length the step asks for fits the model's context (known before any weight is loaded)."""
+    for name in LENGTHS:
+        v = getattr(step, name, None)
+        if f.context and isinstance(v, int) and v > f.context:
+            raise LeanLMError(f"{name} {v} exceeds the model's context of {f.context} tokens (max_position_embeddings); lower it")
 
 
 def source_facts(spec: str) -> Facts:
-    f = Facts(vocab=_vocab_of(spec))
+    cfg = _config_of(spec)
+    f = Facts(vocab=cfg.get("vocab_size"), context=cfg.get("max_position_embeddings"))
     p = Path(spec).expanduser()
     from .state import is_leanlm_folder
 
@@ -736,6 +752,7 @@ class Recipe:
             try:
                 step.validate()
                 step.check(f)
+                check_lengths(step, f)
             except LeanLMError as e:
                 raise LeanLMError(f"step {i} ({step.name}): {e}") from None
             step.after(f)

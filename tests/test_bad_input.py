@@ -300,6 +300,7 @@ def test_error_text_keeps_meaningful_lines():
     (["qat", "MODEL", "--scheme", "w8a16", "--budget", "10000", "--calib-seq-len", "2000", "--out", "OUT"], "--calib-seq-len 2000"),
     (["generate", "MODEL", "--prompt", "fox " * 600, "--max-new-tokens", "600"], "the prompt"),
     (["generate", "MODEL", "--prompt", "hi", "--max-seq-len", "5000"], "--max-seq-len 5000"),
+    (["serve", "MODEL", "--max-model-len", "2048"], "--max-model-len 2048"),
 ])
 def test_lengths_beyond_the_context(capsys, tmp_path, tiny_folder, argv, option):
     """The tiny model's context is 1024 tokens: refused once the model is known, before any work."""

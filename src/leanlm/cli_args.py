@@ -80,7 +80,7 @@ def state_ranges(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # Options that are token lengths the model must hold (checked once the model is known, before work).
-_CONTEXT_OPTIONS = ("seq_len", "calib_seq_len", "window", "max_seq_len")
+_CONTEXT_OPTIONS = ("seq_len", "calib_seq_len", "window", "max_seq_len", "max_model_len")
 
 
 def check_context(a: argparse.Namespace, model, tokenizer=None) -> None:

@@ -16,7 +16,8 @@ def serve_args(sp) -> None:
     sp.add_argument("--max-num-seqs", type=COUNT, default=16, help="most sequences in the running batch")
     sp.add_argument("--max-waiting", type=COUNT0, default=64, help="most requests queued beyond the batch; more get 429")
     sp.add_argument("--max-num-batched-tokens", type=COUNT, default=512, help="tokens per engine step (prefill chunk budget)")
-    sp.add_argument("--max-model-len", type=SEQ_LEN, default=2048, help="most tokens (prompt + output) of one request")
+    sp.add_argument("--max-model-len", type=SEQ_LEN, default=None,
+                    help="most tokens (prompt + output) of one request (default: the model's context, at most 2048)")
     sp.add_argument("--kv-cache-mb", type=POSITIVE, default=256, help="memory of the paged KV cache in MB")
     sp.add_argument("--kv-dtype", choices=["float32", "int8"], default="float32",
                     help="KV block storage: float32, or int8 with a scale per token and head (about 3.5x the tokens per MB)")
@@ -33,9 +34,11 @@ def run_serve(a, load) -> dict:
     model, tok = load(a.model, "float32", a.trust_remote_code)
     if tok is None:
         raise LeanLMError(f"{a.model} has no tokenizer; the server needs one to read prompts")
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    max_len = a.max_model_len or (min(2048, ctx) if isinstance(ctx, int) and ctx > 1 else 2048)
     engine = LLMEngine(model, tok, a.weights, group_size=a.group_size, kv_cache_mb=a.kv_cache_mb, block_size=a.block_size,
                        kv_dtype=a.kv_dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                       max_model_len=a.max_model_len, prefix_caching=not a.no_prefix_caching)
+                       max_model_len=max_len, prefix_caching=not a.no_prefix_caching)
     del model
     name = a.served_model_name or a.model
     b = engine.blocks

@@ -1,0 +1,165 @@
+"""Closed-loop load generator for bench/serve.py, run as its own process (PROTOCOL.md: clients in a separate
+process over loopback).
+
+    python bench/serve_load.py --url http://127.0.0.1:8100 --model M --prompts prompts.json \
+        --concurrency 16 --duration 30 --max-tokens 128 [--malformed 0.1] [--extra '{"ignore_eos": true}']
+
+Each of `concurrency` clients sends a streaming /v1/completions request, reads it to the end, and sends the
+next one at once, for `duration` seconds; then every open request is cut (its connection closed, which
+cancels it on the server) and one JSON summary is printed on stdout. Tokens are counted as streamed chunks
+with text choices, timestamped on arrival: tokens/s counts those inside the window. TTFT is measured from
+sending the request to its first token; inter-token latency is every gap between two tokens of a request.
+A request still waiting for its first token when the window closes counts with its wait so far (a lower
+bound), so an overloaded server is not flattered by leaving its slowest requests out.
+
+With --malformed F, a fraction F of requests (every 1/F-th, deterministic) is one of several malformed
+bodies; the summary counts their status codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import httpx2
+
+MALFORMED = [  # (name, raw body): each must be refused with a 4xx
+    ("bad_json", b'{"model": "M", "prompt": "Hello", "max_tokens": 8'),
+    ("wrong_type", {"prompt": "Hello", "max_tokens": "many"}),
+    ("unknown_model", {"model": "no-such-model", "prompt": "Hello", "max_tokens": 8}),
+    ("empty_prompt", {"prompt": "", "max_tokens": 8}),
+    ("unsupported_param", {"prompt": "Hello", "max_tokens": 8, "logit_bias": {"1": 5}}),
+    ("max_tokens_over_context", {"prompt": "Hello", "max_tokens": 10**7}),
+    ("negative_max_tokens", {"prompt": "Hello", "max_tokens": -3}),
+]
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
+
+
+async def run(a) -> dict:
+    prompts = json.load(open(a.prompts))
+    extra = json.loads(a.extra) if a.extra else {}
+    every = round(1 / a.malformed) if a.malformed else 0
+    recs: list[dict] = []
+    counter = {"n": 0}
+    limits = httpx2.Limits(max_connections=a.concurrency + 4, max_keepalive_connections=a.concurrency + 4)
+    timeout = httpx2.Timeout(a.request_timeout, connect=10.0)
+    async with httpx2.AsyncClient(base_url=a.url, limits=limits, timeout=timeout) as client:
+        t_start = time.perf_counter()
+        deadline = t_start + a.duration
+
+        async def one(i: int, k: int) -> None:
+            n = counter["n"]
+            counter["n"] += 1
+            rec = {"client": i, "sent": time.perf_counter() - t_start, "times": [], "status": None, "malformed": None}
+            recs.append(rec)
+            try:
+                await send(rec, n, i, k)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # connection refused / reset, a timeout: a failed request
+                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+
+        async def send(rec: dict, n: int, i: int, k: int) -> None:
+            if every and n % every == every - 1:
+                name, body = MALFORMED[(n // every) % len(MALFORMED)]
+                rec["malformed"] = name
+                if isinstance(body, dict):
+                    body = {"model": a.model, **body} if "model" not in body else body
+                    body = json.dumps(body).encode()
+                r = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+                rec["status"] = r.status_code
+                return
+            prompt = prompts[(i * 7919 + k) % len(prompts)]
+            body = {"model": a.model, "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0, "stream": True, **extra}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                rec["status"] = r.status_code
+                if r.status_code != 200:
+                    rec["error"] = (await r.aread()).decode(errors="replace")[:300]
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data.strip() == "[DONE]":
+                        rec["done"] = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        rec["error"] = str(chunk["error"])[:300]
+                        break
+                    if chunk.get("choices"):
+                        rec["times"].append(time.perf_counter() - t_start)
+                    if chunk.get("usage"):
+                        rec["usage"] = chunk["usage"].get("completion_tokens")
+
+        async def loop_client(i: int) -> None:
+            k = 0
+            while time.perf_counter() < deadline:
+                await one(i, k)
+                k += 1
+
+        tasks = [asyncio.create_task(loop_client(i)) for i in range(a.concurrency)]
+        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        window = time.perf_counter() - t_start
+    return summarize(recs, a, window)
+
+
+def summarize(recs: list[dict], a, window: float) -> dict:
+    end = a.duration
+    valid = [r for r in recs if r["malformed"] is None]
+    done = [r for r in valid if r.get("done")]
+    tokens_in_window = sum(1 for r in valid for t in r["times"] if t <= end)
+    ttft = [r["times"][0] - r["sent"] for r in valid if r["times"]]
+    ttft += [end - r["sent"] for r in valid if not r["times"] and r["status"] in (None, 200) and not r.get("error")]
+    itl = [b - a_ for r in valid for a_, b in zip(r["times"], r["times"][1:])]
+    wrong_count = [len(r["times"]) for r in done if len(r["times"]) != a.max_tokens]
+    usage_mismatch = sum(1 for r in done if r.get("usage") is not None and r["usage"] != a.max_tokens)
+    failed = [r for r in valid if (r["status"] not in (None, 200)) or r.get("error")]
+    mal = [r for r in recs if r["malformed"]]
+    status = {}
+    for r in mal:
+        status[str(r["status"])] = status.get(str(r["status"]), 0) + 1
+    ms = lambda x: None if x is None else round(1000 * x, 1)
+    return {
+        "concurrency": a.concurrency, "window_s": round(end, 2), "requests_sent": len(valid),
+        "requests_done": len(done), "requests_cut": len(valid) - len(done) - len(failed),
+        "tokens": tokens_in_window, "tok_per_s": round(tokens_in_window / end, 2),
+        "req_per_s": round(len(done) / end, 3),
+        "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
+        "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
+        "failed": len(failed), "failed_examples": [r.get("error") or r["status"] for r in failed[:3]],
+        "done_with_wrong_token_count": len(wrong_count), "usage_mismatch": usage_mismatch,
+        "malformed_sent": len(mal), "malformed_status": status,
+        "malformed_not_4xx": sum(1 for r in mal if not (isinstance(r["status"], int) and 400 <= r["status"] < 500)),
+        "status_5xx": sum(1 for r in recs if isinstance(r["status"], int) and r["status"] >= 500),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", required=True, help="JSON list of prompt strings")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--malformed", type=float, default=0.0)
+    ap.add_argument("--extra", default="", help="JSON merged into every valid request body")
+    ap.add_argument("--request-timeout", type=float, default=600.0)
+    a = ap.parse_args()
+    print(json.dumps(asyncio.run(run(a))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,9 @@
 Each step runs ONE forward of the runtime `Decoder` over the scheduled tokens of all sequences, flattened
 into a single row (prefill chunks and decodes alike; each token carries its own position for RoPE). The
 decoder's attention is replaced by `_PagedAttention`: the new K/V are written into per-layer block pools
-(`KVPool`: [num_blocks, kv_heads, block_size, head_dim], float32 or int8) at each token's slot, and each
-sequence attends over the blocks of its block table (gathered with index_select) under a causal mask.
+(`KVPool`: [num_blocks, block_size, kv_heads, head_dim], float32 or int8) at each token's slot, and each
+sequence attends over the blocks of its block table (gathered with index_select) under a causal mask; all
+decoding sequences of a step attend in one batched call over their padded block tables.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class RequestOutput:
 
 
 class KVPool:
-    """Per-layer K and V block pools [num_blocks, kv_heads, block_size, head_dim]: float32, or int8 with one
-    float32 scale per (block, head, slot) (symmetric per token and head: about a quarter of the bytes)."""
+    """Per-layer K and V block pools [num_blocks, block_size, kv_heads, head_dim]: float32, or int8 with one
+    float32 scale per (block, slot, head) (symmetric per token and head: about a quarter of the bytes).
+    Slot-major blocks make a step's write one index_copy_ over (block * block_size + offset)."""
 
     def __init__(self, layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype: str):
-        shape = (num_blocks, kv_heads, block_size, head_dim)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.int8 = dtype == "int8"
         t = torch.int8 if self.int8 else torch.float32
         self.k = [torch.zeros(shape, dtype=t) for _ in range(layers)]
@@ -57,62 +59,96 @@ class KVPool:
         per = head_dim + 4 if dtype == "int8" else head_dim * 4
         return layers * 2 * kv_heads * block_size * per
 
-    def write(self, i: int, block: torch.Tensor, offset: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [N, kv_heads, head_dim] float32 into the slots (block[n], offset[n])."""
+    def write(self, i: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [N, kv_heads, head_dim] float32 into the flat slots block * block_size + offset."""
         for pool, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
             if self.int8:
                 sc = x.abs().amax(-1).clamp_min(1e-8) / 127
-                scales[i][block, :, offset] = sc
+                scales[i].view(-1, sc.shape[1]).index_copy_(0, slot, sc)
                 x = (x / sc[..., None]).round_().to(torch.int8)
-            pool[i][block, :, offset] = x
+            pool[i].view(-1, *x.shape[1:]).index_copy_(0, slot, x)
 
-    def read(self, i: int, table: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `ctx` tokens of the blocks in `table` as float32 [1, kv_heads, ctx, head_dim] K and V."""
+    def gather(self, i: int, tables: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `ctx` slots of each row of block tables [S, blocks] as float32 [S, kv_heads, ctx, head_dim]
+        K and V (one index_select per pool for every sequence at once)."""
+        S, nb = tables.shape
         out = []
         for pool, scales in ((self.k, self.ks), (self.v, self.vs)):
-            x = pool[i].index_select(0, table)
+            x = pool[i].index_select(0, tables.reshape(-1))
             if self.int8:
-                x = x.float() * scales[i].index_select(0, table)[..., None]
-            out.append(x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :ctx])
+                x = x.float() * scales[i].index_select(0, tables.reshape(-1))[..., None]
+            _, bs, h, d = x.shape
+            out.append(x.view(S, nb * bs, h, d)[:, :ctx].transpose(1, 2))
         return out[0], out[1]
 
 
 class _PagedAttention:
-    """The `attend` callback of `Decoder.forward` for one engine step."""
+    """The `attend` callback of `Decoder.forward` for one engine step.
+
+    Decoding sequences (one new token each) attend together: their block tables are padded to the longest
+    one, gathered with one index_select per pool, and masked per row, so one batched matmul pair serves them
+    all. Prefill chunks attend one sequence at a time under a causal mask."""
 
     def __init__(self, dec: Decoder, pool: KVPool, sched: list[Scheduled], tables: dict, block_size: int):
         self.dec, self.pool = dec, pool
         s = dec.spec
         g = s.heads // s.kv_heads
-        pos, self.seqs = [], []
+        windows = set(s.windows)
+        pos, self.seqs, dec_rows, dec_tabs, dec_pos = [], [], [], [], []
+        t0 = 0
         for sc in sched:
             p = torch.arange(sc.start, sc.start + sc.length)
             pos.append(p)
             ctx = sc.start + sc.length
-            table = torch.tensor(tables[sc.seq.request_id][: -(-ctx // block_size)])
-            keys = torch.arange(ctx)
-            allowed = keys[None, :] <= p[:, None]
-            biases = {}
-            for w in {w for w in s.windows}:
-                m = allowed if w is None else allowed & (p[:, None] - keys[None, :] < w)
-                biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
-            self.seqs.append((sc.length, table, ctx, biases))
+            table = tables[sc.seq.request_id][: -(-ctx // block_size)]
+            if sc.length == 1:
+                dec_rows.append(t0)
+                dec_tabs.append(table)
+                dec_pos.append(sc.start)
+            else:
+                keys = torch.arange(ctx)
+                allowed = keys[None, :] <= p[:, None]
+                biases = {}
+                for w in windows:
+                    m = allowed if w is None else allowed & (p[:, None] - keys[None, :] < w)
+                    biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
+                self.seqs.append((t0, sc.length, torch.tensor(table), ctx, biases))
+            t0 += sc.length
+        self.n = t0
         self.pos = torch.cat(pos)
+        self.dec_rows = torch.tensor(dec_rows, dtype=torch.long)
+        if dec_rows:
+            nb = max(len(t) for t in dec_tabs)
+            self.dec_tables = torch.tensor([t + [t[0]] * (nb - len(t)) for t in dec_tabs])
+            dp = torch.tensor(dec_pos)
+            self.dec_ctx = int(dp.max()) + 1
+            keys = torch.arange(self.dec_ctx)
+            self.dec_bias = {}
+            for w in windows:
+                m = keys[None, :] <= dp[:, None]
+                if w is not None:
+                    m &= dp[:, None] - keys[None, :] < w
+                b = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))        # [S, ctx]
+                self.dec_bias[w] = b[:, None, None, :].expand(-1, s.kv_heads, 1, -1).reshape(-1, 1, self.dec_ctx)
         tab = torch.cat([torch.tensor(tables[sc.seq.request_id]) for sc in sched])
         offs = torch.tensor([0] + [len(tables[sc.seq.request_id]) for sc in sched[:-1]]).cumsum(0)
         seq_of = torch.repeat_interleave(torch.arange(len(sched)), torch.tensor([sc.length for sc in sched]))
-        self.block = tab[offs[seq_of] + self.pos // block_size]
-        self.offset = self.pos % block_size
+        self.slot = tab[offs[seq_of] + self.pos // block_size] * block_size + self.pos % block_size
 
     def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.pool.write(i, self.block, self.offset, k[0], v[0])
+        self.pool.write(i, self.slot, k[0], v[0])
         window = self.dec.spec.windows[i]
-        outs, t0 = [], 0
-        for T, table, ctx, biases in self.seqs:
-            K, V = self.pool.read(i, table, ctx)
-            outs.append(self.dec._attend(q[:, t0:t0 + T], K, V, biases[window]))
-            t0 += T
-        return torch.cat(outs, dim=1)
+        if not self.seqs:   # decodes only: the common step under load
+            K, V = self.pool.gather(i, self.dec_tables, self.dec_ctx)
+            return self.dec._attend(q[0][:, None], K, V, self.dec_bias[window]).view(1, self.n, -1)
+        out = q.new_empty(1, self.n, q.shape[2] * q.shape[3])
+        if len(self.dec_rows):
+            K, V = self.pool.gather(i, self.dec_tables, self.dec_ctx)
+            out[0, self.dec_rows] = self.dec._attend(q[0, self.dec_rows][:, None], K, V, self.dec_bias[window])[:, 0]
+        for t0, T, table, ctx, biases in self.seqs:
+            K, V = self.pool.gather(i, table[None], ctx)
+            out[:, t0:t0 + T] = self.dec._attend(q[:, t0:t0 + T], K, V, biases[window])
+        return out
 
 
 class LLMEngine:

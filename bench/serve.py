@@ -13,7 +13,8 @@ server has it) before the next level. Peak RSS of the server process and its chi
 OS (psutil) during each window. Every finished cell is kept in bench/results/serve.partial.json, so an
 interrupted run restarts where it stopped with --resume.
 
-Extra rows: the prefix cache on and off with a shared system prompt, and 64 clients with 10% malformed
+Extra rows: the prefix cache on and off with a shared system prompt, prompt-lookup speculation inside the
+batch (`--speculative prompt-lookup`), and 64 clients with 10% malformed
 requests (every valid one must finish with 128 tokens, every malformed one get a 4xx, no 5xx, and /metrics
 must show no KV block in use afterwards).
 """
@@ -70,6 +71,8 @@ def server_command(kind: str, port: int, a, gguf: str) -> list[str]:
                "--max-model-len", "1024"]
         if "noprefix" in kind:
             cmd.append("--no-prefix-caching")
+        if "spec" in kind:
+            cmd += ["--speculative", "prompt-lookup", "--num-draft", "4"]
         return cmd
     if kind in ("naive-bf16", "static-bf16"):
         mode = kind.split("-")[0]
@@ -218,7 +221,9 @@ def run_config(name: str, kind: str, levels: list[int], a, gguf: str, prompts: P
             if after:
                 res["after_drain"] = {k: after[k] for k in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                                             "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
-                                                            "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
+                                                            "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                                                            "vllm:spec_decode_num_draft_tokens_total",
+                                                            "vllm:spec_decode_num_accepted_tokens_total")
                                       if k in after}
             if proc.poll() is not None:
                 res["server_died"] = proc.returncode
@@ -384,6 +389,7 @@ def main() -> None:
         ("naive-bf16", "naive-bf16", a.concurrency, "prompts", 0.0),
         ("leanlm-int4-shared-prefix", "leanlm-int4", [mid], "shared", 0.0),
         ("leanlm-int4-shared-noprefix", "leanlm-int4-noprefix", [mid], "shared", 0.0),
+        ("leanlm-int4-spec", "leanlm-int4-spec", sorted({a.concurrency[0], mid}), "prompts", 0.0),
         ("leanlm-int4-malformed", "leanlm-int4", [top], "prompts", 0.1),
     ]
     only = set(filter(None, a.only.split(",")))

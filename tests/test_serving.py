@@ -399,3 +399,24 @@ def test_int8_kv_blocks_hold_more_tokens_and_keep_greedy_outputs(model, tok):
     assert i8.pool.k[0].dtype == torch.int8
     assert run(i8, reqs()) == run(f32, reqs())
     assert all_free(i8)
+
+
+def test_prompt_lookup_speculation_in_the_batch_keeps_greedy_outputs(model, tok):
+    """Drafts verified in the same forward as other sequences' decodes (and prefill chunks), with preemption:
+    every greedy output equals plain continuous batching; sampled requests are not speculated."""
+    prompts = [ids(tok, p) for p in PROMPTS] + [ids(tok, "the fox the fox the fox the fox the fox the")]
+    reqs = lambda: [(str(i), p, SamplingParams(max_tokens=14, ignore_eos=True)) for i, p in enumerate(prompts)] + [
+        ("s", prompts[1], SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True))]
+    plain = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, max_num_batched_tokens=16)
+    want = run(plain, reqs())
+    per_block = 2 * 2 * 2 * 4 * 16 * 4
+    for mb in (1, 16 * per_block / 2**20):   # ample blocks, and few enough to preempt
+        spec = LLMEngine(model, tok, "fp32", kv_cache_mb=mb, block_size=4, max_num_batched_tokens=16,
+                         speculative="prompt-lookup", num_draft=3)
+        got = run(spec, reqs())
+        assert got == want
+        assert spec.stats.spec_draft_tokens > 0 and spec.stats.spec_accepted_tokens > 0
+        assert spec.stats.generation_tokens == plain.stats.generation_tokens
+        assert all_free(spec)
+    with pytest.raises(LeanLMError, match="prompt-lookup"):
+        LLMEngine(model, tok, "fp32", kv_cache_mb=1, speculative="medusa")

@@ -23,6 +23,9 @@ def serve_args(sp) -> None:
                     help="KV block storage: float32, or int8 with a scale per token and head (about 3.5x the tokens per MB)")
     sp.add_argument("--block-size", type=COUNT, default=16, help="tokens per KV block")
     sp.add_argument("--no-prefix-caching", action="store_true", help="do not share the KV blocks of common prompt prefixes")
+    sp.add_argument("--speculative", choices=["none", "prompt-lookup"], default="none",
+                    help="speculation inside the batch: prompt-lookup drafts for greedy requests, verified in the batch's forward")
+    sp.add_argument("--num-draft", type=COUNT, default=4, help="tokens drafted per sequence and step with --speculative")
     sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     sp.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
 
@@ -38,7 +41,8 @@ def run_serve(a, load) -> dict:
     max_len = a.max_model_len or (min(2048, ctx) if isinstance(ctx, int) and ctx > 1 else 2048)
     engine = LLMEngine(model, tok, a.weights, group_size=a.group_size, kv_cache_mb=a.kv_cache_mb, block_size=a.block_size,
                        kv_dtype=a.kv_dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                       max_model_len=max_len, prefix_caching=not a.no_prefix_caching)
+                       max_model_len=max_len, prefix_caching=not a.no_prefix_caching,
+                       speculative=None if a.speculative == "none" else a.speculative, num_draft=a.num_draft)
     del model
     name = a.served_model_name or a.model
     b = engine.blocks

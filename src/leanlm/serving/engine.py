@@ -24,6 +24,7 @@ from torch import nn
 from ..core.errors import LeanLMError
 from ..runtime.model import Decoder
 from ..runtime.sampling import next_token
+from ..speculative.drafters import PromptLookupDrafter
 from .block_manager import BlockManager
 from .metrics import Stats
 from .scheduler import SamplingParams, Scheduled, Scheduler, Sequence
@@ -155,7 +156,8 @@ class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, weights: str | None = None, *, group_size: int = 64,
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
-                 kv_dtype: str = "float32", allow_fallback: bool = False):
+                 kv_dtype: str = "float32", allow_fallback: bool = False, speculative: str | None = None,
+                 num_draft: int = 4):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
@@ -182,6 +184,12 @@ class LLMEngine:
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.seqs: dict[str, Sequence] = {}
         self.stats = Stats()
+        if speculative not in (None, "prompt-lookup"):
+            raise LeanLMError(f"unknown speculation {speculative!r}; choose prompt-lookup (or none)")
+        if num_draft < 1:
+            raise LeanLMError(f"num_draft must be >= 1, got {num_draft}")
+        self.drafter = PromptLookupDrafter() if speculative else None
+        self.num_draft = num_draft
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> None:
@@ -224,25 +232,55 @@ class LLMEngine:
         return len(self.seqs)
 
     # ------------------------------------------------------------------ one iteration
+    def _draft(self) -> None:
+        """Prompt-lookup drafts for greedy sequences that are decoding (speculation inside the batch): the
+        draft is verified in the same forward as the other sequences' steps; a greedy output is unchanged."""
+        for seq in self.scheduler.running:
+            seq.draft = []
+            room = seq.params.max_tokens - len(seq.output) - 1   # the verified step also yields one token of its own
+            if seq.params.temperature > 0 or room < 1 or seq.computed != len(seq.tokens) - 1:
+                continue
+            d = self.drafter.lookup(torch.tensor(seq.tokens), min(self.num_draft, room))
+            seq.draft = d.tolist()
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self.drafter is not None:
+            self._draft()
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        ids = torch.tensor([t for sc in sched for t in sc.seq.tokens[sc.start:sc.start + sc.length]])
+        ids = torch.tensor([t for sc in sched for t in sc.seq.feed[sc.start:sc.start + sc.length]])
         attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
         ends = torch.tensor([sc.length for sc in sched]).cumsum(0) - 1
-        sampling = [sc.samples for sc in sched]
-        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=ends[sampling])[0]   # only rows that sample
+        rows = []   # logits rows: the last token of each sampling chunk, and the positions of its draft
+        for sc, e in zip(sched, ends.tolist()):
+            if sc.samples:
+                rows.extend(range(e - len(sc.seq.draft), e + 1))
+        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=torch.tensor(rows, dtype=torch.long))[0]   # only rows that sample
         outs, r, now = [], 0, time.perf_counter()
         for sc in sched:
             seq = sc.seq
-            seq.computed += sc.length
-            self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
-            if sc.samples:
-                tok = int(next_token(logits[r][None], seq.params.config(), seq.generator)[0])
-                r += 1
+            if not sc.samples:
+                seq.computed += sc.length
+                self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
+                continue
+            d = len(seq.draft)
+            toks = next_token(logits[r:r + d + 1], seq.params.config(), seq.generator).tolist()
+            r += d + 1
+            keep = 0   # accepted draft tokens: greedy verification keeps the draft while it equals the argmax
+            while keep < d and toks[keep] == seq.draft[keep]:
+                keep += 1
+            self.stats.spec_draft_tokens += d
+            self.stats.spec_accepted_tokens += keep
+            seq.draft = []
+            seq.computed += sc.length - d + keep
+            for tok in toks[:keep + 1]:
                 outs.append(self._append(seq, tok, now))
+                if outs[-1].finished:
+                    break
+            else:
+                self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
         return outs
 
     def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:

@@ -35,6 +35,8 @@ class Stats:
     ttft: Histogram = field(default_factory=Histogram)
     itl: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 def render(engine, model_name: str) -> str:
@@ -50,6 +52,8 @@ def render(engine, model_name: str) -> str:
         ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", b.prefix_hits),
         ("vllm:prompt_tokens_total", "counter", "Prompt tokens processed.", s.prompt_tokens),
         ("vllm:generation_tokens_total", "counter", "Tokens generated.", s.generation_tokens),
+        ("vllm:spec_decode_num_draft_tokens_total", "counter", "Speculated tokens verified.", s.spec_draft_tokens),
+        ("vllm:spec_decode_num_accepted_tokens_total", "counter", "Speculated tokens accepted.", s.spec_accepted_tokens),
     ]
     out = []
     for name, kind, doc, v in rows:

@@ -49,10 +49,16 @@ class Sequence:
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    draft: list[int] = field(default_factory=list)   # speculated next tokens, verified in this step's forward
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def feed(self) -> list[int]:
+        """The tokens a step may compute: the sequence and its draft."""
+        return self.prompt + self.output + self.draft
 
 
 @dataclass
@@ -63,8 +69,8 @@ class Scheduled:
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence: its last logits give the next token."""
-        return self.start + self.length == len(self.seq.tokens)
+        """True when this chunk reaches the end of the sequence (and its draft): its last logits give the next token."""
+        return self.start + self.length == len(self.seq.tokens) + len(self.seq.draft)
 
 
 class Scheduler:
@@ -92,7 +98,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq.request_id)
-        seq.computed = 0
+        seq.computed, seq.draft = 0, []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -106,7 +112,12 @@ class Scheduler:
                 break
             if seq not in self.running:   # preempted earlier in this loop
                 continue
-            n = min(len(seq.tokens) - seq.computed, budget)
+            need = len(seq.tokens) - seq.computed
+            if seq.draft:   # a draft fits in the budget and the free blocks, or is dropped: it never costs a preemption
+                seq.draft = seq.draft[:max(0, budget - need)]
+                if not self.blocks.can_grow(seq.request_id, seq.computed + need + len(seq.draft)):
+                    seq.draft = []
+            n = min(need + len(seq.draft), budget)
             while not self.blocks.can_grow(seq.request_id, seq.computed + n):
                 victim = self.running[-1]
                 budget += sum(x.length for x in out if x.seq is victim)

@@ -141,7 +141,8 @@ def summarize(recs: list[dict], a, window: float) -> dict:
         "failed": len(failed), "failed_examples": [r.get("error") or r["status"] for r in failed[:3]],
         "done_with_wrong_token_count": len(wrong_count), "usage_mismatch": usage_mismatch,
         "malformed_sent": len(mal), "malformed_status": status,
-        "malformed_not_4xx": sum(1 for r in mal if not (isinstance(r["status"], int) and 400 <= r["status"] < 500)),
+        "malformed_not_4xx": sum(1 for r in mal if r["status"] is not None and not 400 <= r["status"] < 500),
+        "malformed_cut": sum(1 for r in mal if r["status"] is None),
         "status_5xx": sum(1 for r in recs if isinstance(r["status"], int) and r["status"] >= 500),
     }
 

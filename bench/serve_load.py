@@ -12,7 +12,8 @@ sending the request to its first token; inter-token latency is every gap between
 A request still waiting for its first token when the window closes counts with its wait so far (a lower
 bound), so an overloaded server is not flattered by leaving its slowest requests out.
 
-With --malformed F, a fraction F of requests (every 1/F-th, deterministic) is one of several malformed
+With --finish-timeout T, requests open when the window closes may finish (up to T seconds; no new ones
+start), so every valid request can be checked for its token count. With --malformed F, a fraction F of requests (every 1/F-th, deterministic) is one of several malformed
 bodies; the summary counts their status codes.
 """
 
@@ -108,6 +109,8 @@ async def run(a) -> dict:
 
         tasks = [asyncio.create_task(loop_client(i)) for i in range(a.concurrency)]
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        if a.finish_timeout:   # no new request after the window; let the open ones finish (bounded)
+            await asyncio.wait(tasks, timeout=a.finish_timeout)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -158,6 +161,8 @@ def main() -> None:
     ap.add_argument("--malformed", type=float, default=0.0)
     ap.add_argument("--extra", default="", help="JSON merged into every valid request body")
     ap.add_argument("--request-timeout", type=float, default=600.0)
+    ap.add_argument("--finish-timeout", type=float, default=0.0,
+                    help="after the window, wait up to this long for open requests to finish instead of cutting them")
     a = ap.parse_args()
     print(json.dumps(asyncio.run(run(a))), flush=True)
 

@@ -138,7 +138,7 @@ def summarize(recs: list[dict], a, window: float) -> dict:
         "concurrency": a.concurrency, "window_s": round(end, 2), "requests_sent": len(valid),
         "requests_done": len(done), "requests_cut": len(valid) - len(done) - len(failed),
         "tokens": tokens_in_window, "tok_per_s": round(tokens_in_window / end, 2),
-        "req_per_s": round(len(done) / end, 3),
+        "req_per_s": round(sum(1 for r in done if r["times"] and r["times"][-1] <= end) / end, 3),   # inside the window
         "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
         "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
         "failed": len(failed), "failed_examples": [r.get("error") or r["status"] for r in failed[:3]],

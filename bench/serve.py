@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from common import RESULTS, command_line, md_table, write_results  # noqa: E402
+from common import RESULTS, md_table, write_results  # noqa: E402
 
 MODEL = "smollm2-135m"
 PARTIAL = RESULTS / "serve.partial.json"
@@ -368,6 +368,7 @@ def main() -> None:
     ap.add_argument("--loaded", action="store_true", help="say in the result that the machine was shared")
     ap.add_argument("--name", default="serve", help="result file name under bench/results/")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the `finally` that stops the server under test
     if a.quick:
         a.window, a.warmup, a.concurrency = min(a.window, 5.0), 2.0, "1,16"
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
@@ -409,6 +410,8 @@ def main() -> None:
         port += 1
     print(f"total {time.time() - t0:.0f} s", file=sys.stderr)
     report(done, a, dist, machine(), sys_tokens)
+    if not only and not any(k.endswith("@error") for k in done):
+        PARTIAL.unlink(missing_ok=True)   # complete: nothing to resume
 
 
 if __name__ == "__main__":

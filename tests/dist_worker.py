@@ -32,7 +32,7 @@ def train_ids() -> torch.Tensor:
 def train_config(ckpt: str | None, **kw):
     from leanlm.distill import TrainConfig
 
-    base = dict(max_tokens=6 * 4 * 16 * 2, lr=3e-3, warmup_steps=2, batch_size=4, seq_len=16, grad_accum=2, checkpoint_dir=ckpt,
+    base = dict(max_tokens=4 * 4 * 16 * 2, lr=3e-3, warmup_steps=2, batch_size=4, seq_len=16, grad_accum=2, checkpoint_dir=ckpt,
                 checkpoint_every=2, progress=False, autocast_bf16=False, eval_windows=2)
     return TrainConfig(**{**base, **kw})
 
@@ -69,13 +69,13 @@ def run_gptq() -> dict:
     if w.parallel:
         acc.all_reduce()
     # GPTQ W4A16 on 8 calibration rows (each rank takes every world-th row)
-    model = make_llama(vocab_size=VOCAB, hidden=128, intermediate=256, seed=0).float()
+    model = make_llama(vocab_size=VOCAB, seed=0).float()
     calib = torch.randint(1, VOCAB, (8, 32), generator=torch.Generator().manual_seed(4))
     quantize(model, "w4a16-gptq", calib, progress=False)
     # QAT of an RTN-quantized model: the trainer keeps it on its grid (keep_established) under DDP too
-    qat = make_llama(vocab_size=VOCAB, hidden=128, intermediate=256, seed=5).float()
+    qat = make_llama(vocab_size=VOCAB, seed=5).float()
     quantize(qat, "w4a16-rtn", progress=False)
-    res = train(qat, lm_loss, train_ids(), train_config(None, max_tokens=3 * 4 * 16 * 2, lr=1e-3))
+    res = train(qat, lm_loss, train_ids(), train_config(None, max_tokens=2 * 4 * 16 * 2, lr=1e-3))
     return {"H": acc.H.clone(), "n": acc.n_samples, "gptq": {k: v.clone() for k, v in model.state_dict().items()},
             "qat": {k: v.clone() for k, v in qat.state_dict().items()}, "qat_history": res.history, "world": w.size}
 

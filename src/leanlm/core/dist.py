@@ -10,6 +10,7 @@ every helper here is a no-op for it, so no code path changes without torchrun.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,7 @@ def broadcast_object(obj):
 def launch(argv: list[str], nproc: int) -> int:
     """Run ``leanlm ARGV`` in ``nproc`` local processes through torch's elastic launcher (what torchrun runs):
     a standalone rendezvous on a free local port. Returns the exit status (the first failing rank's)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -128,4 +130,8 @@ def launch(argv: list[str], nproc: int) -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c > 0), 1)
+    except (SignalException, KeyboardInterrupt):
+        # Ctrl-C / SIGTERM: the launcher passed it on; the workers stop at a step boundary, rank 0 checkpointing
+        print("leanlm: interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     return 0

@@ -184,10 +184,13 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 
 
 class _Signals:
-    """Defer SIGINT/SIGTERM to the next step boundary; a second signal interrupts at once."""
+    """Defer SIGINT/SIGTERM to the next step boundary; a second signal interrupts at once, except under
+    torchrun (`second_stops=False`), whose launcher passes the terminal's Ctrl-C on as a second signal
+    and kills its workers itself if they do not stop in time."""
 
-    def __init__(self):
+    def __init__(self, second_stops: bool = True):
         self.pending = None
+        self.second_stops = second_stops
         self._old = {}
 
     def __enter__(self):
@@ -197,7 +200,7 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.pending is not None:
+        if self.pending is not None and self.second_stops:
             raise KeyboardInterrupt
         self.pending = signal.Signals(signum).name
 
@@ -438,7 +441,7 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
     updating = False
     agreed = False   # the interrupt was agreed by every rank at a step boundary (collectives are safe)
     try:
-        with _Signals() as sig:
+        with _Signals(second_stops=not w.parallel) as sig:
             while True:
                 if any_rank(sig.pending is not None):
                     agreed = True

@@ -302,16 +302,13 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
             raise LeanLMError(f"{ids.shape[0]} calibration samples cannot be shared by {world.size} processes; "
                               f"pass at least {world.size} (--samples) or use fewer processes")
         ids = ids[world.rank :: world.size]
+    _SHARDED.set(sharded)   # this run's mode (every calibrate() sets it)
+    progress = progress and world.main
     if ids is not None:
         algos = {type(a): a for a in config.algorithms}
         steps = [(name, algos[t]) for t, name in ((SmoothQuant, "smoothquant"), (AWQ, "awq")) if t in algos]
         steps += [("gptq", algos[GPTQ]) if GPTQ in algos else ("rtn", None), ("activation_ranges", None)]
-        token = _SHARDED.set(sharded)
-        try:
-            stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch,
-                                     progress=progress and world.main).get("gptq_error", {})
-        finally:
-            _SHARDED.reset(token)
+        stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress).get("gptq_error", {})
     # Modules outside the decoder stack (e.g. a quantized lm_head): round-to-nearest weights, and static
     # activation ranges from a forward pass.
     for m in model.modules():

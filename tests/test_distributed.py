@@ -94,7 +94,7 @@ def test_cli_nproc_prune_and_distill_equals_one_process(tmp_path, tiny_folder, t
     from leanlm.cli import main
 
     args = ["prune", str(tiny_folder), "--layers", "1", "--intermediate", "64", "--samples", "2", "--seq-len", "32",
-            "--batch-size", "2", "--grad-accum", "2", "--text", str(text_file), "--distill-tokens", "512", "--eval-windows", "1",
+            "--batch-size", "2", "--grad-accum", "2", "--text", str(text_file), "--distill-tokens", "512", "--eval-windows", "1", "--no-bf16",
             "--json"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out)

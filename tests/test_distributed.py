@@ -88,7 +88,8 @@ def test_gptq_hessians_all_reduced_equal_one_process(tmp_path):
 
 def test_cli_nproc_prune_and_distill_equals_one_process(tmp_path, tiny_folder, text_file, capsys):
     """`leanlm prune ... --distill-tokens N --nproc 2` re-launches itself through torch.distributed.run: one
-    report, one output folder (written by rank 0), the default checkpoint folder removed, the same model."""
+    report, one output folder (written by rank 0), the default checkpoint folder removed, the same model (float32:
+    --no-bf16; bfloat16 autocast would round the two runs differently)."""
     from safetensors.torch import load_file
 
     from leanlm.cli import main

@@ -285,6 +285,42 @@ def test_error_text_keeps_meaningful_lines():
     assert "\n" not in _error_text(ValueError("a\n" * 50)) and len(_error_text(ValueError("x" * 5000))) <= 600
 
 
+# ------------------------------------------------------------------------------ data-parallel processes (--nproc)
+
+# Each data-parallel command with a --nproc that cannot work, refused before any process starts.
+NPROC = {
+    "distill": (BASE["distill"] + ["--nproc", "3"], "--batch-size 4 does not split over --nproc 3"),
+    "prune": (BASE["prune"] + ["--batch-size", "2", "--nproc", "4"], "--batch-size 2 does not split over --nproc 4"),
+    "qat": (BASE["qat"] + ["--nproc", "3"], "--batch-size 2 does not split over --nproc 3"),
+    "quantize": (BASE["quantize"] + ["--samples", "1", "--nproc", "2"], "--samples 1 cannot be shared by --nproc 2"),
+}
+
+
+def test_nproc_covers_the_training_commands():
+    assert {cmd for cmd, sp in _subparsers().items() for act in sp._actions if "--nproc" in act.option_strings} == set(NPROC)
+
+
+@pytest.mark.parametrize("cmd", list(NPROC))
+def test_nproc_that_does_not_divide(capsys, tmp_path, cmd):
+    argv, msg = NPROC[cmd]
+    code, err = _run(capsys, [str(tmp_path / "OUT") if a == "OUT" else a for a in argv])
+    assert code == 2 and msg in _one_line_error(err), err
+    assert _left(tmp_path) == []
+
+
+def test_nproc_inside_torchrun_and_commands_that_do_not_run_parallel(capsys, tmp_path, monkeypatch):
+    """Under torchrun (its RANK/WORLD_SIZE in the environment) --nproc is refused, and so is a command that has no
+    data-parallel path, before any process group is joined."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    out = str(tmp_path / "OUT")
+    for argv, msg in [([*BASE["distill"], "--nproc", "2"], "drop --nproc"), (BASE["eval"], "eval does not run data-parallel"),
+                      (BASE["export"], "export does not run data-parallel")]:
+        code, err = _run(capsys, [out if a == "OUT" else a for a in argv])
+        assert code == 2 and msg in _one_line_error(err), err
+    assert _left(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------ context length (defect 3)
 
 

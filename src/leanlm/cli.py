@@ -51,6 +51,7 @@ def _one_step(a, step, out: str | None = None):
     from pathlib import Path
 
     from .cli_args import check_context
+    from .core import dist
     from .core.io import check_output
     from .recipe import Context, open_state, run_step, source_facts
     from .state import save
@@ -62,10 +63,13 @@ def _one_step(a, step, out: str | None = None):
     s = open_state(a.model, a.dtype, a.trust_remote_code)
     check_context(a, s.model, s.tokenizer)
     scratch = Path(f"{str(out).rstrip('/')}.checkpoints")
-    res = run_step(step, s, Context(out=out, scratch=scratch, progress=not a.json))
-    if step.changes_model:
+    main = dist.world().main   # under torchrun / --nproc only rank 0 shows progress and writes
+    res = run_step(step, s, Context(out=out, scratch=scratch, progress=not a.json and main))
+    if step.changes_model and main:
         save(s.model, out, tokenizer=s.tokenizer, overwrite=a.overwrite)
-    shutil.rmtree(scratch, ignore_errors=True)
+    dist.barrier()
+    if main:
+        shutil.rmtree(scratch, ignore_errors=True)
     return s, res
 
 
@@ -564,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--tokenizer", help="ONNX input, int8-static: model whose tokenizer cuts the calibration text (default: the .onnx file's folder)")
+    _nproc_args(sp)
     sp = sub.add_parser("profile", help="roofline analysis of batch-1 decode on this machine")
     common(sp)
     sp.add_argument("--prompt-tokens", type=COUNT, default=128, help="prompt length of the speed test")
@@ -604,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("qat", help="quantization-aware training (QAT) or distillation (QAD, --teacher) after PTQ")
     common(sp)
     qat_args(sp)
+    _nproc_args(sp)
 
     def training(sp):
         sp.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate")
@@ -623,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-every", type=COUNT0, default=0, help="also evaluate every N steps")
         sp.add_argument("--checkpoint-dir", help="keep resumable checkpoints here (default: OUT.checkpoints, removed after success)")
         sp.add_argument("--overwrite", action="store_true")
+        _nproc_args(sp)
 
     sp = sub.add_parser("prune", help="structured pruning to a smaller Hugging Face model (Minitron-style), optionally distilled")
     common(sp)
@@ -669,6 +676,49 @@ COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profi
             "run": (cmd_run, show_run)}
 
 
+PARALLEL_COMMANDS = ("distill", "prune", "qat", "quantize")   # the commands --nproc / torchrun run data-parallel
+
+
+def _nproc_args(sp) -> None:
+    sp.add_argument("--nproc", type=COUNT, default=None,
+                    help="data-parallel processes on this machine (re-launches through torch.distributed.run; "
+                         "for several machines start with torchrun instead, docs/scale.md)")
+
+
+def _check_nproc(a, started) -> None:
+    """--nproc against torchrun's environment and the options it must divide (before any process starts)."""
+    n = getattr(a, "nproc", None)
+    if started.parallel and a.command not in PARALLEL_COMMANDS:
+        raise LeanLMError(f"{a.command} does not run data-parallel; start it without torchrun (these do: {', '.join(PARALLEL_COMMANDS)})")
+    if n is None:
+        return
+    if started.parallel:
+        raise LeanLMError(f"--nproc {n} given inside a torchrun launch of {started.size} processes; drop --nproc (torchrun "
+                          "already started the processes) or start leanlm without torchrun")
+    import torch
+
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise LeanLMError(f"--nproc {n} exceeds the {torch.cuda.device_count()} GPUs here (one process per GPU); lower it")
+    batch = getattr(a, "batch_size", None)
+    if a.command != "quantize" and batch is not None and batch % n:
+        raise LeanLMError(f"--batch-size {batch} does not split over --nproc {n} processes (each takes an equal share of "
+                          f"every batch); use a batch size that is a multiple of {n}")
+    if a.command == "quantize" and a.samples < n:
+        raise LeanLMError(f"--samples {a.samples} cannot be shared by --nproc {n} processes; pass at least {n} samples")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    return out
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt("stopped by SIGTERM")
 
@@ -678,8 +728,23 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     run, show = COMMANDS[a.command]
+    from .core import dist
+
+    try:
+        started = dist.env_world()
+        _check_nproc(a, started)
+        if getattr(a, "nproc", None) and a.nproc > 1:
+            from .core.io import check_output
+
+            if getattr(a, "out", None):   # once here, before the processes start
+                check_output(a.out, getattr(a, "overwrite", False))
+            return dist.launch(_without_nproc(argv), a.nproc)
+    except LeanLMError as e:
+        print("leanlm: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
     # SIGTERM behaves like Ctrl-C: a KeyboardInterrupt, so every atomic write removes its temporary folder.
     old_term = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -691,8 +756,10 @@ def main(argv: list[str] | None = None) -> int:
             check_output(a.checkpoint_dir, True, "--checkpoint-dir")
         import torch
 
-        torch.set_num_threads(a.threads or os.cpu_count() or 1)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if started.parallel else 1   # processes sharing these cores
+        torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // local))
         _ARGS = a
+        dist.setup()
         result = run(a)
     except LeanLMError as e:
         print("leanlm: error: " + " ".join(str(e).split()), file=sys.stderr)
@@ -704,9 +771,12 @@ def main(argv: list[str] | None = None) -> int:
         _ARGS = None
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        dist.teardown()
+    if not started.main:   # rank 0 reports
+        return 0
     from rich.console import Console
 
-    result["command"] = "leanlm " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "leanlm " + " ".join(argv)
     if a.json:
         print(json.dumps(result, indent=2, default=str))
     else:

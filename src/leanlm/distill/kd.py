@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.dist import all_reduce, world
 from ..core.errors import LeanLMError
 from .trainer import TrainConfig, TrainResult, train
 
@@ -117,6 +118,8 @@ class DistillLoss(nn.Module):
             losses["hidden"] = torch.stack(terms).mean()
         weights = {"kl": cfg.kl_weight, "lm": cfg.lm_weight, "hidden": cfg.hidden_weight}
         vals = torch.stack([losses[n].detach() for n in self.names])
+        if world().parallel:   # data-parallel: every rank keeps the running means of the global batch
+            vals = all_reduce(vals) / world().size
         with torch.no_grad():
             m = cfg.balance_momentum
             self.running.copy_(torch.where(self.seen > 0, m * self.running + (1 - m) * vals, vals))

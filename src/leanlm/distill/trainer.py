@@ -15,10 +15,20 @@ optimizer step: the trainer then writes a checkpoint and raises `TrainingInterru
 KeyboardInterrupt) saying how to resume; a second Ctrl-C stops at once, keeping the last periodic
 checkpoint. With a token budget a resumed run is bit-identical to an uninterrupted one (the
 learning rate depends only on the step, the batches only on the saved generator state).
+
+Data-parallel (started under torchrun or with ``--nproc N``; `leanlm.core.dist`): the model and
+the loss module train inside DistributedDataParallel (gloo on CPU, NCCL on GPU). Every rank draws the
+same global batch of `batch_size` windows from the same generator and takes every ``world``-th one,
+so the gradients DDP averages, the step's loss (averaged over the ranks) and the weights equal a
+one-process run's to float tolerance. Only rank 0 writes checkpoints and shows progress; a resumed
+run loads rank 0's newest checkpoint on every rank (so multi-machine runs need a shared
+`checkpoint_dir`). Decisions that depend on a rank's clock or signals (the wall-time budget, Ctrl-C)
+are agreed over the ranks at every step boundary, so all ranks stop at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -34,6 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.errors import LeanLMError
 from ..core.io import atomic_dir
 
@@ -173,10 +184,13 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 
 
 class _Signals:
-    """Defer SIGINT/SIGTERM to the next step boundary; a second signal interrupts at once."""
+    """Defer SIGINT/SIGTERM to the next step boundary; a second signal interrupts at once, except under
+    torchrun (`second_stops=False`), whose launcher passes the terminal's Ctrl-C on as a second signal
+    and kills its workers itself if they do not stop in time."""
 
-    def __init__(self):
+    def __init__(self, second_stops: bool = True):
         self.pending = None
+        self.second_stops = second_stops
         self._old = {}
 
     def __enter__(self):
@@ -186,7 +200,7 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.pending is not None:
+        if self.pending is not None and self.second_stops:
             raise KeyboardInterrupt
         self.pending = signal.Signals(signum).name
 
@@ -258,9 +272,37 @@ def train(
         finish()
 
 
+class _LossStep(nn.Module):
+    """The model and the loss as one module, so DistributedDataParallel wraps both (a loss module's
+    projections train too) while `loss_fn` still receives the bare model (its attributes, its config)."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        if isinstance(loss_fn, nn.Module):
+            self.loss = loss_fn
+        object.__setattr__(self, "_fn", loss_fn)
+
+    def forward(self, batch):
+        return self._fn(self.model, batch)
+
+
+def _data_parallel(model, loss_fn, device: torch.device):
+    """`loss_fn` as a DistributedDataParallel module over this process group; parameters without
+    requires_grad (a teacher, frozen layers) get no gradient and are not reduced."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_LossStep(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
 def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -> TrainResult:
     cfg = config
     cfg.check()
+    w = dist.setup()
+    if w.parallel and cfg.batch_size % w.size:
+        raise LeanLMError(f"batch_size {cfg.batch_size} does not split over {w.size} processes; use a multiple of {w.size} "
+                          "(each process takes an equal share of every batch)")
     train_ids = torch.as_tensor(train_ids).reshape(-1).long()
     if train_ids.numel() < cfg.seq_len + 1:
         raise LeanLMError(f"training text has {train_ids.numel()} tokens, fewer than one window of {cfg.seq_len}; pass more text or lower seq_len")
@@ -294,7 +336,13 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
             out["loss_fn"] = loss_fn.state_dict()
         return out
 
-    if ckpt_dir is not None and cfg.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+    found = latest_checkpoint(ckpt_dir) if ckpt_dir is not None and cfg.resume and w.main else None
+    found = dist.broadcast_object(None if found is None else str(found))   # rank 0's choice, restored on every rank
+    if found is not None:
+        found = Path(found)
+        if not (found / "state.pt").is_file():
+            raise LeanLMError(f"rank {w.rank} cannot see checkpoint {found} written by rank 0; put the checkpoint folder on a "
+                              "filesystem every machine shares")
         try:
             # weights_only: tensors and plain containers only, so a planted checkpoint cannot run code
             st = torch.load(found / "state.pt", map_location="cpu", weights_only=True)
@@ -318,6 +366,9 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
         if ckpt_dir is None:
             return None
         target = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+        if not w.main:   # rank 0 writes; the others wait until it is on disk
+            dist.barrier()
+            return str(target)
         st = {**state_modules(), "optimizer": opt.state_dict(), "data_rng": data_state, "torch_rng": torch.get_rng_state(),
               "py_rng": random.getstate(), "step": step, "tokens": tokens, "seconds": elapsed(), "history": history,
               "evals": evals, "tokens_per_step": tps, "config": asdict(cfg)}
@@ -328,6 +379,7 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
                 import shutil
 
                 shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
         return str(target)
 
     def evaluate() -> float | None:
@@ -335,11 +387,14 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
             return None
         from ..evaluation.perplexity import perplexity
 
-        was = model.training
-        model.eval()
-        win = min(512, cfg.seq_len)
-        ppl = perplexity(model, ids=eval_ids, window=win, max_windows=cfg.eval_windows, progress=False).perplexity
-        model.train(was)
+        ppl = None
+        if w.main:   # one rank measures, the others receive its figure
+            was = model.training
+            model.eval()
+            win = min(512, cfg.seq_len)
+            ppl = perplexity(model, ids=eval_ids, window=win, max_windows=cfg.eval_windows, progress=False).perplexity
+            model.train(was)
+        ppl = dist.broadcast_object(ppl)
         evals.append({"step": step, "tokens": tokens, "perplexity": ppl})
         return ppl
 
@@ -352,6 +407,12 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
         if total_steps is not None and step >= total_steps:
             return False
         return cfg.max_minutes is None or elapsed() < cfg.max_minutes * 60
+
+    def any_rank(flag: bool) -> bool:
+        """True on every rank when it is true on any (time and signals differ between processes)."""
+        if not w.parallel:
+            return flag
+        return bool(dist.all_reduce(torch.tensor([float(flag)]), "max").item())
 
     def progress_share() -> float:
         shares = []
@@ -367,17 +428,26 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
     if not evals:
         evaluate()
     if total_steps is not None:
-        bar = tqdm(total=total_steps * tps, initial=tokens, desc="training", unit="tok", unit_scale=True, disable=not cfg.progress)
+        bar = tqdm(total=total_steps * tps, initial=tokens, desc="training", unit="tok", unit_scale=True,
+                   disable=not (cfg.progress and w.main))
     else:
-        bar = tqdm(total=round(cfg.max_minutes * 60), initial=round(seconds_before), desc="training", unit="s", disable=not cfg.progress)
+        bar = tqdm(total=round(cfg.max_minutes * 60), initial=round(seconds_before), desc="training", unit="s",
+                   disable=not (cfg.progress and w.main))
     device = params[0].device
+    runner = _data_parallel(model, loss_fn, device) if w.parallel else (lambda batch: loss_fn(model, batch))
     use_bf16 = fast_bf16(device) if cfg.autocast_bf16 is None else cfg.autocast_bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
     last_tps_t, last_tps_tok = time.perf_counter(), tokens
     updating = False
+    agreed = False   # the interrupt was agreed by every rank at a step boundary (collectives are safe)
     try:
-        with _Signals() as sig:
-            while budget_left():
+        with _Signals(second_stops=not w.parallel) as sig:
+            while True:
+                if any_rank(sig.pending is not None):
+                    agreed = True
+                    raise KeyboardInterrupt
+                if any_rank(not budget_left()):
+                    break
                 data_state = gen.get_state()
                 lr = cfg.lr * _lr_factor(step, cfg, progress_share())
                 for g in opt.param_groups:
@@ -385,20 +455,24 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
                 opt.zero_grad(set_to_none=True)
                 metrics: dict[str, float] = {}
                 total = 0.0
-                for _ in range(cfg.grad_accum):
-                    starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=gen)
+                for micro in range(cfg.grad_accum):
+                    starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=gen)[w.rank :: w.size]
                     batch = torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()])
-                    if autocast is not None:
-                        with autocast:
-                            loss, m = loss_fn(model, batch)
-                    else:
-                        loss, m = loss_fn(model, batch)
-                    if not torch.isfinite(loss):
-                        raise LeanLMError(f"training loss became {loss.item()} at step {step}; lower lr (now {lr:.2e}) or turn off autocast_bf16")
-                    (loss / cfg.grad_accum).backward()
+                    # DDP reduces the gradients once per optimizer step, after the last micro-batch
+                    sync = runner.no_sync() if w.parallel and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with autocast if autocast is not None else contextlib.nullcontext():
+                            loss, m = runner(batch)
+                        if not torch.isfinite(loss):
+                            raise LeanLMError(f"training loss became {loss.item()} at step {step}; lower lr (now {lr:.2e}) or turn off autocast_bf16")
+                        (loss / cfg.grad_accum).backward()
                     total += loss.item() / cfg.grad_accum
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+                if w.parallel:   # the step's loss and metrics: the mean over the ranks' equal shares
+                    keys = sorted(metrics)
+                    vals = dist.all_reduce(torch.tensor([total] + [metrics[k] for k in keys], dtype=torch.float64)) / w.size
+                    total, metrics = float(vals[0]), {k: float(v) for k, v in zip(keys, vals[1:].tolist())}
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 updating = True   # from here until the history entry the state is mid-update
@@ -419,19 +493,20 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
                     bar.n = min(round(elapsed()), bar.total)
                     bar.refresh()
                 bar.set_postfix({"loss": f"{total:.4f}", **{k: f"{v:.4f}" for k, v in metrics.items()}, "tok/s": f"{rate:.0f}"})
-                if cfg.eval_every and step % cfg.eval_every == 0 and budget_left():
+                if cfg.eval_every and step % cfg.eval_every == 0 and not any_rank(not budget_left()):
                     evaluate()
                 if ckpt_dir is not None and step % cfg.checkpoint_every == 0:
                     last_ckpt = save_checkpoint()
-                if sig.pending:
-                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        if ckpt_dir is not None and not updating:
+        if ckpt_dir is not None and not updating and (agreed or not w.parallel):
             # Params change only inside opt.step(); a step cut off before it is redone on resume (its
             # batches are drawn again from the saved generator state). Signals wait for step boundaries.
             last_ckpt = save_checkpoint()
             where = f"; checkpoint {last_ckpt} written: run the same command again (resume=True) to continue from step {step}"
+        elif ckpt_dir is not None and w.parallel:
+            where = (f"; one process was stopped on its own, so no new checkpoint was written: run the same command again to "
+                     f"continue from the last one ({last_ckpt or 'none yet'})")
         elif ckpt_dir is not None:
             where = (f"; stopped inside an optimizer update, so no new checkpoint was written: run the same command again to "
                      f"continue from the last one ({last_ckpt or 'none yet'})")

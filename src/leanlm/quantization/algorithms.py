@@ -333,6 +333,20 @@ class HessianAccumulator:
         self.n_samples = total
         self._full = None
 
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Data-parallel calibration (`leanlm.core.dist`): replace this rank's running mean by the mean over
+        every rank's rows, ``sum_r n_r H_r / sum_r n_r`` (summed in float64), on every rank."""
+        from ..core.dist import all_reduce
+
+        n = all_reduce(torch.tensor([float(self.n_samples)], dtype=torch.float64))
+        if self._H is None:
+            self._H = torch.zeros(self.in_features, self.in_features, device=self._device, dtype=self.dtype)
+        total = all_reduce(self._H.double() * self.n_samples)
+        self._H = (total / n.clamp_min(1).to(total.device)).to(self.dtype)
+        self.n_samples = int(n.item())
+        self._full = None
+
     @property
     def H(self) -> torch.Tensor:
         if self._H is None:

@@ -9,12 +9,14 @@ quantized layer's outputs that feed the next layer).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.calibrate import (LayerStep, SharedInput, calibrate_blocks, find_mappings, input_hooks, linear_groups,
                               one_pass_gib, register, run_layer, solve_in_forward)
 from ..core.errors import LeanLMError
@@ -22,6 +24,17 @@ from . import algorithms as alg
 from .config import AWQ, GPTQ, QuantConfig, SmoothQuant
 from .formats import fake_quantize
 from .modules import TensorQuantizer
+
+
+# True while calibrate() runs data-parallel: each rank holds a share of the calibration rows and GPTQ's
+# Hessians (with their sample counts) are all-reduced before every solve.
+_SHARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("leanlm_gptq_sharded", default=False)
+
+
+def _hessian(acc: alg.HessianAccumulator) -> torch.Tensor:
+    if _SHARDED.get():
+        acc.all_reduce()
+    return acc.H
 
 
 def _weight_quantizer(m: nn.Module) -> TensorQuantizer | None:
@@ -146,7 +159,7 @@ def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -
     def solve(n, x):
         acc = alg.HessianAccumulator(lins[n].in_features)
         acc.add(x)
-        _solve_group(first[n], lins, acc.H, gptq, stats)
+        _solve_group(first[n], lins, _hessian(acc), gptq, stats)
 
     with _forward_dtype(gptq, hidden):
         out = solve_in_forward(layer, hidden, kw, {n: lins[n] for n in first}, solve)
@@ -161,7 +174,7 @@ def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], groups: list[li
     with input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)), _forward_dtype(gptq, hidden):
         run_layer(layer, hidden, kw)
     for g in groups:
-        _solve_group(g, lins, acc[g[0]].H, gptq, stats)
+        _solve_group(g, lins, _hessian(acc[g[0]]), gptq, stats)
 
 
 @torch.no_grad()
@@ -175,6 +188,8 @@ def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, sta
         groups, once = linear_groups(layer, hidden, kw, lins, arch)
         if gptq.one_pass:
             gib = one_pass_gib(lins, hidden, heads)
+            if _SHARDED.get():   # every rank must take the same path (they all-reduce the same Hessians in turn)
+                gib = float(dist.all_reduce(torch.tensor([gib], dtype=torch.float64), "max").item())
             if once and gib <= gptq.one_pass_max_gib:
                 return _gptq_in_forward(layer, hidden, kw, lins, groups, gptq, stats)
             why = (f"its activations over all calibration rows need ~{gib:.1f} GiB > one_pass_max_gib={gptq.one_pass_max_gib}"
@@ -276,6 +291,19 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
     for q in model.modules():
         if isinstance(q, TensorQuantizer) and q.enabled and (q.role == "weight" or q in waiting):
             q.mode = "off"
+    world = dist.world()
+    sharded = (world.parallel and ids is not None and bool(config.algorithms)
+               and all(isinstance(a, GPTQ) for a in config.algorithms) and not waiting)
+    if sharded:
+        # Data-parallel GPTQ: this rank's share of the rows, Hessians all-reduced before each solve. The
+        # searches of AWQ and SmoothQuant and static ranges do not add up over shares, so with them every
+        # process calibrates on every row (the same result everywhere, no speed-up).
+        if ids.shape[0] < world.size:
+            raise LeanLMError(f"{ids.shape[0]} calibration samples cannot be shared by {world.size} processes; "
+                              f"pass at least {world.size} (--samples) or use fewer processes")
+        ids = ids[world.rank :: world.size]
+    _SHARDED.set(sharded)   # this run's mode (every calibrate() sets it)
+    progress = progress and world.main
     if ids is not None:
         algos = {type(a): a for a in config.algorithms}
         steps = [(name, algos[t]) for t, name in ((SmoothQuant, "smoothquant"), (AWQ, "awq")) if t in algos]

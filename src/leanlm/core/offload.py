@@ -56,7 +56,7 @@ def parse_bytes(text: str | int) -> int:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def peak_rss_bytes() -> int:
@@ -84,6 +84,37 @@ def _malloc_returns_memory() -> None:
 # ----------------------------------------------------------------------------------------- weight sources
 
 
+def resolve(spec: str | os.PathLike) -> Path:
+    """The file or folder a model spec names (a built-in: its cached float conversion if made, else its GGUF)."""
+    from .models import BUILTINS, _gguf_cache_folder, builtin_gguf
+
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if spec in BUILTINS:
+        g = builtin_gguf(spec)
+        folder = _gguf_cache_folder(g)
+        p = folder if (folder / "leanlm-source.json").is_file() else g
+    if not p.exists():
+        raise LeanLMError(f"unknown model {spec!r}: no such folder or file; offloaded calibration reads a Hugging Face folder "
+                          "of safetensors, a .gguf file or a built-in name")
+    return p
+
+
+def source_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved with the checkpoint `spec` (from the GGUF's metadata for a .gguf), None if it has none."""
+    from .models import load_tokenizer
+
+    p = resolve(spec)
+    if p.is_dir():
+        return load_tokenizer(p, trust_remote_code, required=False)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+
+
 class WeightSource:
     """Named float tensors of a checkpoint, read one at a time (nothing else is kept in memory).
 
@@ -95,17 +126,7 @@ class WeightSource:
     def __init__(self, path: str | os.PathLike, trust_remote_code: bool = False):
         from transformers import AutoConfig
 
-        from .models import BUILTINS, _gguf_cache_folder, builtin_gguf
-
-        spec = str(path)
-        p = Path(spec).expanduser()
-        if spec in BUILTINS:
-            g = builtin_gguf(spec)
-            folder = _gguf_cache_folder(g)
-            p = folder if (folder / "leanlm-source.json").is_file() else g
-        if not p.exists():
-            raise LeanLMError(f"unknown model {spec!r}: no such folder or file; offloaded calibration reads a Hugging Face folder "
-                              "of safetensors, a .gguf file or a built-in name")
+        p = resolve(path)
         self.path, self.gguf = p, p.is_file()
         self._gguf_map: dict[str, str] = {}
         if self.gguf:
@@ -262,13 +283,17 @@ class Estimate:
     activations: int    # calibration hidden states in and out of a block, and one forward's intermediates
     outside: int        # embeddings / head / final norm (loaded for the first and the last phase)
 
+    SLACK = 100 * 10**6  # libraries loaded during the run (tokenizer, safetensors), allocator slack
+
     @property
     def total(self) -> int:
-        return self.process + max(self.block + self.working + self.activations, self.outside * 2 + self.activations)
+        work = max(self.block + self.working + self.activations, self.outside * 2 + self.activations)
+        return self.process + int(1.1 * work) + self.SLACK
 
     def describe(self) -> str:
         return (f"one block {gb(self.block)} + its working copies {gb(self.working)} + calibration activations "
-                f"{gb(self.activations)} (or embeddings/head {gb(self.outside)}) + the process itself {gb(self.process)}")
+                f"{gb(self.activations)} (or embeddings/head {gb(self.outside)}) + the process itself {gb(self.process)} "
+                f"+ 10% and {gb(self.SLACK)} of slack")
 
 
 def estimate(model: nn.Module, source: WeightSource, rows: int, seq: int, one_pass_max_gib: float | None) -> Estimate:

@@ -32,14 +32,13 @@ def _gemma(vocab: int):
     return Gemma3ForCausalLM(cfg).eval()
 
 
-@pytest.fixture(params=["llama", "gemma3"])
-def sharded(request, tmp_path, tiny_tokenizer):
+def _sharded(tmp_path, tokenizer, family: str = "llama"):
     """A tiny model saved as several safetensors shards (and its tokenizer)."""
-    n = len(tiny_tokenizer)
-    model = make_llama(vocab_size=n, layers=3) if request.param == "llama" else _gemma(n)
+    n = len(tokenizer)
+    model = make_llama(vocab_size=n, layers=3) if family == "llama" else _gemma(n)
     d = tmp_path / "src"
     model.save_pretrained(d, max_shard_size="60KB")
-    tiny_tokenizer.save_pretrained(d)
+    tokenizer.save_pretrained(d)
     assert len(list(d.glob("*.safetensors"))) > 2
     return d
 
@@ -70,8 +69,9 @@ CONFIGS = {"rtn": lambda: preset("w4a16-rtn"), "gptq": lambda: preset("w4a16-gpt
            "smoothquant": lambda: preset("w8a8-smoothquant"), "static": lambda: preset("w8a8-static"), "mixed": _mixed}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_quantize_offloaded_equals_in_memory(tmp_path, sharded, name):
+@pytest.mark.parametrize("family,name", [("llama", n) for n in CONFIGS] + [("gemma3", n) for n in ("gptq", "awq", "static")])
+def test_quantize_offloaded_equals_in_memory(tmp_path, tiny_tokenizer, family, name):
+    sharded = _sharded(tmp_path, tiny_tokenizer, family)
     ref, tok = leanlm.load(str(sharded))
     quantize(ref, CONFIGS[name](), IDS.clone(), progress=False)
     leanlm.save(ref, tmp_path / "mem", tokenizer=tok)
@@ -85,8 +85,10 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, sharded, name):
     assert not list(tmp_path.glob(".off.*"))      # the work folder is gone
 
 
-@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("sparsegpt", "unstructured")])
-def test_sparsify_offloaded_equals_in_memory(tmp_path, sharded, method, pattern):
+@pytest.mark.parametrize("family,method,pattern", [("llama", "wanda", "2:4"), ("llama", "sparsegpt", "unstructured"),
+                                                    ("gemma3", "sparsegpt", "2:4")])
+def test_sparsify_offloaded_equals_in_memory(tmp_path, tiny_tokenizer, family, method, pattern):
+    sharded = _sharded(tmp_path, tiny_tokenizer, family)
     ref, tok = leanlm.load(str(sharded))
     rep = sparsify_(ref, SparsityConfig(method, pattern=pattern), IDS.clone(), progress=False)
     leanlm.save(ref, tmp_path / "mem", tokenizer=tok)
@@ -118,9 +120,10 @@ def test_missing_and_truncated_shards_are_named(tmp_path, tiny_tokenizer):
         quantize_offloaded(str(d), preset("w4a16-rtn"), tmp_path / "q", max_memory="8GB")
 
 
-def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, sharded, monkeypatch):
+def test_interrupted_run_resumes_from_the_last_finished_block(tmp_path, tiny_tokenizer, monkeypatch):
     from leanlm.core import offload
 
+    sharded = _sharded(tmp_path, tiny_tokenizer)
     ref, tok = leanlm.load(str(sharded))
     quantize(ref, preset("w4a16-gptq"), IDS.clone(), progress=False)
     leanlm.save(ref, tmp_path / "mem", tokenizer=tok)

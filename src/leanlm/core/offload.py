@@ -307,10 +307,12 @@ def estimate(model: nn.Module, source: WeightSource, rows: int, seq: int, one_pa
     block = max(source.nbytes(b) for b in blocks)
     biggest = layers[max(range(len(layers)), key=lambda i: source.nbytes(blocks[i]))]
     lins = [m for m in biggest.modules() if isinstance(m, nn.Linear)]
-    widest_in = max((m.in_features for m in lins), default=arch.hidden)
-    widest_group = max((m.out_features * m.in_features for m in lins), default=0) * 3
-    # a GPTQ/SparseGPT solve holds a group's float weight, its quantized copy and the Hessian and its inverse
-    working = 4 * (2 * widest_group + 3 * widest_in * widest_in)
+    mods = dict(biggest.named_modules())
+    groups = [[mods[n] for n in g if n in mods] for g in arch.groups]
+    # a GPTQ / SparseGPT solve of a group of Linears sharing an input holds their float weights and the solved
+    # copy, and the Hessian with its Cholesky factor and inverse
+    working = max((4 * (2 * sum(m.out_features * m.in_features for m in g) + 3 * g[0].in_features ** 2) for g in groups if g),
+                  default=0)
     tokens = rows * seq
     acts = 4 * tokens * arch.hidden * 3
     per_token = sum(m.out_features for m in lins) + 4 * arch.hidden

@@ -167,3 +167,18 @@ def test_cli_and_recipe(tmp_path, tiny_folder, text_file):
     assert (tmp_path / "r" / "sparsity_masks.safetensors").is_file() and (tmp_path / "r" / "hf").is_dir()
     with pytest.raises(LeanLMError, match="only the first step of a recipe may use it"):
         Recipe.from_dict({"model": str(tiny_folder), "steps": steps[::-1]}).validate()
+
+
+def test_gguf_source_is_dequantized_tensor_by_tensor(tmp_path, tiny_tokenizer, monkeypatch):
+    """A .gguf file read tensor by tensor (q/k un-permuted by transformers' processor) gives what converting it
+    whole and quantizing in memory gives."""
+    from leanlm.export.gguf import export_gguf
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    export_gguf(make_llama(vocab_size=len(tiny_tokenizer), tie=False), tmp_path / "m.gguf", tokenizer=tiny_tokenizer, quant="F32")
+    ref, tok = leanlm.load(str(tmp_path / "m.gguf"))
+    quantize(ref, preset("w4a16-gptq"), IDS.clone(), progress=False)
+    leanlm.save(ref, tmp_path / "mem")
+    quantize_offloaded(str(tmp_path / "m.gguf"), preset("w4a16-gptq"), tmp_path / "off", max_memory="8GB", calib_data=IDS.clone(),
+                       progress=False)
+    _same_folders(tmp_path / "mem", tmp_path / "off", "quantization")

@@ -171,29 +171,9 @@ def main() -> None:
             need = 4 * 1.6e9 * 1.25
             if free < need:
                 raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the 1.5B model needs ~{need / 1e9:.1f} GB; pass --dir")
-        twin = work / "twin"
-        n = write_random_llama(twin, TWIN, seed=1)
-        data["twin"] = {"params": n, "float_bytes": 4 * n, "shape": TWIN, "runs": {}}
-        for s in schemes:
-            mem = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-mem"), *calib])
-            offl = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-off"), *calib, "--max-memory", a.twin_budget])
-            ident = same_folders(work / f"twin-{s}-mem", work / f"twin-{s}-off")
-            data["twin"]["runs"][s] = {"in_memory": {k: mem[k] for k in ("wall_seconds", "peak_rss_bytes")},
-                                       "offloaded": {k: offl[k] for k in ("wall_seconds", "peak_rss_bytes")}, "identical": ident}
-            print(f"twin {s}: identical={ident}, peak RSS in memory {mem['peak_rss_bytes'] / 1e9:.2f} GB, "
-                  f"offloaded {offl['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-            report()
-        shutil.rmtree(twin)
-        if a.skip_big:
-            return
-        big = work / "big"
-        t0 = time.perf_counter()
-        n = write_random_llama(big, BIG)
-        data["big"] = {"params": n, "float_bytes": 4 * n, "shape": BIG, "write_seconds": time.perf_counter() - t0, "runs": {}}
         budget = parse_bytes(a.budget)
-        print(f"wrote {n / 1e9:.2f}B parameters ({4 * n / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s; budget {a.budget} = "
-              f"{budget / (4 * n):.3f} of the float bytes", flush=True)
-        for s in schemes:
+
+        def big_run(s):
             r = run_child(["quantize", str(big), "--scheme", s, "--out", str(work / f"big-{s}"), *calib, "--max-memory", a.budget])
             ans = r["answer"]
             data["big"]["runs"][s] = {"wall_seconds": r["wall_seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
@@ -203,6 +183,35 @@ def main() -> None:
             print(f"1.5B {s}: peak RSS {r['peak_rss_bytes'] / 1e9:.3f} GB (budget {a.budget}), {r['wall_seconds'] / 60:.1f} min", flush=True)
             shutil.rmtree(work / f"big-{s}")
             report()
+
+        def twin_run(s):
+            mem = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-mem"), *calib])
+            offl = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-off"), *calib, "--max-memory", a.twin_budget])
+            ident = same_folders(work / f"twin-{s}-mem", work / f"twin-{s}-off")
+            data["twin"]["runs"][s] = {"in_memory": {k: mem[k] for k in ("wall_seconds", "peak_rss_bytes")},
+                                       "offloaded": {k: offl[k] for k in ("wall_seconds", "peak_rss_bytes")}, "identical": ident}
+            print(f"twin {s}: identical={ident}, peak RSS in memory {mem['peak_rss_bytes'] / 1e9:.2f} GB, "
+                  f"offloaded {offl['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            report()
+
+        # order: the 1.5B model with the first scheme, the twins, then the 1.5B with the other schemes
+        big = work / "big"
+        if not a.skip_big:
+            t0 = time.perf_counter()
+            n = write_random_llama(big, BIG)
+            data["big"] = {"params": n, "float_bytes": 4 * n, "shape": BIG, "write_seconds": time.perf_counter() - t0, "runs": {}}
+            print(f"wrote {n / 1e9:.2f}B parameters ({4 * n / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s; budget {a.budget} = "
+                  f"{budget / (4 * n):.3f} of the float bytes", flush=True)
+            big_run(schemes[0])
+        twin = work / "twin"
+        n = write_random_llama(twin, TWIN, seed=1)
+        data["twin"] = {"params": n, "float_bytes": 4 * n, "shape": TWIN, "runs": {}}
+        for s in schemes:
+            twin_run(s)
+        shutil.rmtree(twin)
+        if not a.skip_big:
+            for s in schemes[1:]:
+                big_run(s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {Path(__file__).resolve().parent / 'results' / 'scale.md'}")

@@ -287,13 +287,14 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        work = max(self.block + self.working + self.activations, self.outside * 2 + self.activations)
-        return self.process + int(1.1 * work) + self.SLACK
+        # the tensors outside the layers are read (file pages + copy) and written (serialized copy): twice their size
+        work = max(int(1.1 * (self.block + self.working + self.activations)), self.outside * 2 + self.activations)
+        return self.process + work + self.SLACK
 
     def describe(self) -> str:
         return (f"one block {gb(self.block)} + its working copies {gb(self.working)} + calibration activations "
-                f"{gb(self.activations)} (or embeddings/head {gb(self.outside)}) + the process itself {gb(self.process)} "
-                f"+ 10% and {gb(self.SLACK)} of slack")
+                f"{gb(self.activations)} (+10%; or twice the embeddings/head {gb(self.outside)}) + the process itself "
+                f"{gb(self.process)} + {gb(self.SLACK)} of slack")
 
 
 def estimate(model: nn.Module, source: WeightSource, rows: int, seq: int, one_pass_max_gib: float | None) -> Estimate:

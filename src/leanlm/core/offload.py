@@ -81,6 +81,20 @@ def _malloc_returns_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
 
 
+def release_memory() -> None:
+    """Give what the preparation freed back to the OS before the budget is measured: the protocol's calibration
+    text (cached by core.data), collected objects, and free heap pages (glibc malloc_trim)."""
+    from . import data
+
+    data._builtin_articles.cache_clear()
+    gc.collect()
+    _malloc_returns_memory()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 # ----------------------------------------------------------------------------------------- weight sources
 
 
@@ -282,19 +296,25 @@ class Estimate:
     working: int        # the algorithms' working copies of a block (float copies, Hessians)
     activations: int    # calibration hidden states in and out of a block, and one forward's intermediates
     outside: int        # embeddings / head / final norm (loaded for the first and the last phase)
+    prepared: int = 0   # the peak so far (loading the tokenizer and the calibration text)
 
     SLACK = 100 * 10**6  # libraries loaded during the run (tokenizer, safetensors), allocator slack
 
     @property
+    def work(self) -> int:
+        """The larger phase: a block being calibrated (+10%), or the tensors outside the layers, which are read
+        (file pages + copy) and written (serialized copy), so twice their size."""
+        return max(int(1.1 * (self.block + self.working + self.activations)), self.outside * 2 + self.activations)
+
+    @property
     def total(self) -> int:
-        # the tensors outside the layers are read (file pages + copy) and written (serialized copy): twice their size
-        work = max(int(1.1 * (self.block + self.working + self.activations)), self.outside * 2 + self.activations)
-        return self.process + work + self.SLACK
+        return max(self.prepared, self.process + self.work + self.SLACK)
 
     def describe(self) -> str:
         return (f"one block {gb(self.block)} + its working copies {gb(self.working)} + calibration activations "
                 f"{gb(self.activations)} (+10%; or twice the embeddings/head {gb(self.outside)}) + the process itself "
-                f"{gb(self.process)} + {gb(self.SLACK)} of slack")
+                f"{gb(self.process)} + {gb(self.SLACK)} of slack"
+                + (f" (the preparation already peaked at {gb(self.prepared)})" if self.prepared > self.process + self.work + self.SLACK else ""))
 
 
 def estimate(model: nn.Module, source: WeightSource, rows: int, seq: int, one_pass_max_gib: float | None) -> Estimate:
@@ -322,8 +342,8 @@ def estimate(model: nn.Module, source: WeightSource, rows: int, seq: int, one_pa
         acts += one_pass
     else:
         acts += 4 * (tokens * max(arch.intermediate, arch.hidden) * 2 + rows * arch.heads * seq * seq)
-    outside = source.nbytes([_source_name(model, n, source) for n in params if not n.startswith(prefix)])
-    return Estimate(rss_bytes(), block, working, acts, outside)
+    outside = source.nbytes(list(dict.fromkeys(_source_name(model, n, source) for n in params if not n.startswith(prefix))))
+    return Estimate(rss_bytes(), block, working, acts, outside, peak_rss_bytes())
 
 
 def check_budget(est: Estimate, budget: int, option: str = "--max-memory") -> None:

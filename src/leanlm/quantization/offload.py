@@ -106,6 +106,7 @@ def quantize_offloaded(model: str, config: QuantConfig, out: str | Path, *, max_
         raise LeanLMError(f"{outside_static[0]}: a static activation range outside the decoder layers needs the whole model "
                           "in memory; make it dynamic or quantize without --max-memory")
     ids = calibration_ids(needs_data(resolved, config), calib_data, tokenizer, config.calib_samples, config.calib_seq_len, "this config")
+    off.release_memory()
     gptq = next((a for a in config.algorithms if isinstance(a, GPTQ)), None)
     est = off.estimate(sk, source, ids.shape[0], ids.shape[1], gptq.one_pass_max_gib if gptq and gptq.one_pass else None)
     off.check_budget(est, budget)

@@ -59,6 +59,7 @@ def sparsify_offloaded(model: str, config: SparsityConfig, out: str | Path, *, m
         raise LeanLMError("the config's rules leave every Linear dense; nothing to sparsify")
     _check(sk, targets, mods)
     ids = calibration_ids(True, calibration_ids_, tokenizer, config.calib_samples, config.calib_seq_len, config.method)
+    off.release_memory()
     est = off.estimate(sk, source, ids.shape[0], ids.shape[1], config.one_pass_max_gib)
     off.check_budget(est, budget)
     key = off.run_key("sparsify", config.to_dict(), str(model), ids)

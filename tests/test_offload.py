@@ -22,6 +22,14 @@ from leanlm.sparsity.offload import sparsify_offloaded
 IDS = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Tensors are read in row chunks of a few KB, so the tiny models exercise the chunked reads of large ones."""
+    from leanlm.core.offload import WeightSource
+
+    monkeypatch.setattr(WeightSource, "CHUNK", 4096)
+
+
 def _gemma(vocab: int):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 

@@ -222,16 +222,32 @@ class WeightSource:
                 out[n] = torch.from_numpy(np.copy(w)).to(torch.float32)
             del reader, by_name
         else:
-            from safetensors import safe_open
-
-            for f in dict.fromkeys(self.where[n] for n in names):
-                with safe_open(str(f), framework="pt") as h:
-                    for n in names:
-                        if self.where[n] == f:
-                            out[n] = h.get_tensor(n).to(torch.float32)
+            for n in names:
+                out[n] = self._read_rows(self.where[n], n)
         for n, t in out.items():
             if not torch.isfinite(t).all():
                 raise LeanLMError(f"parameter {n} holds NaN/inf; the checkpoint is corrupt, so calibrating it would be meaningless")
+        return out
+
+    CHUNK = 16 << 20
+
+    def _read_rows(self, f: Path, name: str) -> torch.Tensor:
+        """One tensor as float32, copied in row chunks of ~16 MB with the file mapped only for each chunk: a
+        whole-tensor read holds the mapped pages and two copies at once (2.7x a 400 MB embedding, measured)."""
+        from safetensors import safe_open
+
+        shape = self.shapes[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not shape or numel * 4 <= self.CHUNK:
+            with safe_open(str(f), framework="pt") as h:
+                return h.get_tensor(name).to(torch.float32)
+        out = torch.empty(shape, dtype=torch.float32)
+        rows = max(1, self.CHUNK // (4 * (numel // shape[0])))
+        for i in range(0, shape[0], rows):
+            with safe_open(str(f), framework="pt") as h:
+                out[i : i + rows] = h.get_slice(name)[i : i + rows]
         return out
 
     def nbytes(self, names) -> int:

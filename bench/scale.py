@@ -2,7 +2,7 @@
 
     python bench/scale.py [--budget 1.5GB] [--schemes w4a16-gptq,w4a16-awq] [--samples 4] [--seq-len 128]
 
-Writes a randomly initialised Llama-architecture model (hidden 2048, 32 layers, SmolLM2's tokenizer and
+Writes a randomly initialised Llama-architecture model (hidden 2048, intermediate 3072, 50 layers, SmolLM2's tokenizer and
 vocabulary, tied embeddings: ~1.51B parameters, ~6.0 GB of float32) as one safetensors shard per block
 into a temporary folder, without ever holding it whole; then runs ``leanlm quantize --max-memory`` on it
 in a subprocess per scheme and reads that child's peak resident memory from the OS (``os.wait4``'s
@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, write_results  # noqa: E402
 
-BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=4)
+# intermediate 1.5x hidden: GPTQ's float64 Cholesky of the down_proj Hessian (intermediate^2) must fit the budget
+BIG = dict(hidden_size=2048, intermediate_size=3072, num_hidden_layers=50, num_attention_heads=32, num_key_value_heads=4)
 TWIN = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=4)
 
 

@@ -66,6 +66,33 @@ def test_run_bad_recipe_files_and_outputs(capsys, tmp_path):
     assert _left(tmp_path) == before
 
 
+@pytest.mark.parametrize("argv,msg", [
+    (["quantize", "MODEL", "--scheme", "w4a16-gptq", "--max-memory", "1MB"], "--max-memory 1 MB is too small"),
+    (["quantize", "MODEL", "--mixed", "4", "--max-memory", "2GB"], "mixed precision measures"),
+    (["quantize", "MODEL", "--scheme", "w8a16", "--eval", "--max-memory", "2GB"], "evaluate the output folder afterwards"),
+    (["quantize", "MODEL", "--scheme", "w8a16", "--dtype", "bfloat16", "--max-memory", "2GB"], "drop --dtype"),
+    (["sparsify", "MODEL", "--method", "magnitude", "--max-memory", "2GB"], "(wanda, sparsegpt) block by block"),
+    (["quantize", "BROKEN", "--scheme", "w8a16", "--max-memory", "2GB"], "is truncated"),
+])
+def test_max_memory_refusals(capsys, tmp_path, tiny_folder, argv, msg):
+    """--max-memory (offloaded calibration): a budget below one block plus activations names the minimum;
+    options that need the whole model are refused; a truncated shard is named; nothing is left behind."""
+    broken = tmp_path / "broken"
+    make_llama(vocab_size=300, layers=3).save_pretrained(broken, max_shard_size="60KB")
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    argv = [str(tiny_folder) if a == "MODEL" else str(broken) if a == "BROKEN" else a for a in argv]
+    code, err = _run(capsys, argv + ["--samples", "2", "--seq-len", "8", "--out", str(tmp_path / "out")])
+    line = _one_line_error(err)
+    assert code == 2 and msg in line, line
+    if "truncated" in msg:
+        assert str(shard) in line
+    if "too small" in msg:
+        assert "raise --max-memory to at least" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "tiny"]
+
+
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     p = build_parser()
     return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .cli_args import BITS, COUNT, COUNT0, FRACTION, NONNEG, POSITIVE, PROBABILITY, SEED, SEQ_LEN, size, state_ranges
+from .cli_args import BITS, COUNT, COUNT0, FRACTION, NONNEG, POSITIVE, PROBABILITY, SEED, SEQ_LEN, memory, size, state_ranges
 from .core.errors import LeanLMError
 
 
@@ -60,6 +60,18 @@ def _one_step(a, step, out: str | None = None):
     out = Path(out or a.out)
     check_output(out, a.overwrite)
     step.check(source_facts(a.model))
+    if getattr(step, "max_memory", None):   # block by block from disk: the model is never loaded whole
+        import time
+
+        from .recipe import StepResult, check_lengths
+
+        if a.dtype not in ("float32", "fp32", "f32"):
+            raise LeanLMError("--max-memory calibrates in float32, block by block; drop --dtype")
+
+        check_lengths(step, source_facts(a.model))
+        t0 = time.perf_counter()
+        figures = step.run_offloaded(a.model, out, Context(progress=not a.json), a.overwrite, a.trust_remote_code)
+        return None, StepResult(step.name, step.to_dict(), figures, time.perf_counter() - t0)
     s = open_state(a.model, a.dtype, a.trust_remote_code)
     check_context(a, s.model, s.tokenizer)
     scratch = Path(f"{str(out).rstrip('/')}.checkpoints")
@@ -224,11 +236,12 @@ def cmd_quantize(a) -> dict:
     from .recipe import QuantizeStep
 
     step = QuantizeStep(scheme=a.scheme, config=a.config, mixed=a.mixed, menu=a.menu, kv_cache=a.kv_cache, samples=a.samples,
-                        seq_len=a.seq_len, calib=a.calib, gptq_bf16=a.gptq_bf16, eval=a.eval)
+                        seq_len=a.seq_len, calib=a.calib, gptq_bf16=a.gptq_bf16, eval=a.eval, max_memory=a.max_memory)
     s, res = _one_step(a, step)
     f = res.figures
     r = {"model": a.model, "scheme": a.scheme or a.config or f"mixed {a.mixed} bits", "out": a.out, "mixed": f.get("mixed"),
-         "calib_seconds": f["calib_seconds"], "average_bits": f["average_bits"], "layers": summary(s.model)}
+         "calib_seconds": f["calib_seconds"], "average_bits": f["average_bits"], "layers": summary(s.model) if s else [],
+         **{k: f[k] for k in ("max_memory_bytes", "peak_rss_bytes", "estimated_bytes") if k in f}}
     if a.eval:
         q, base = f["perplexity_quantized"], f["perplexity_float"]
         r["perplexity"] = {"float": base, "quantized": q, "increase": q / base - 1}
@@ -244,16 +257,24 @@ def show_quantize(r: dict, console) -> None:
 
     groups = Counter((row["role"], row["format"], row["mode"]) for row in r["layers"])
     rows = [[role, fmt, mode, n] for (role, fmt, mode), n in sorted(groups.items())]
-    console.print(_table(f"leanlm quantize {r['model']} --scheme {r['scheme']} -> {r['out']}", ["tensor", "format", "mode", "quantizers"], rows))
+    if rows:   # an offloaded run reports figures only (its model was never whole in memory)
+        console.print(_table(f"leanlm quantize {r['model']} --scheme {r['scheme']} -> {r['out']}", ["tensor", "format", "mode", "quantizers"], rows))
     if r.get("mixed"):
         m = r["mixed"]
         console.print(f"mixed precision: budget {m['budget']} -> {m['average_bits']:.3f} bits/weight; "
                       + ", ".join(f"{f}: {n} layers" for f, n in sorted(Counter(m["choice"].values()).items())))
     console.print(f"calibration {r['calib_seconds']:.1f} s; average {r['average_bits']:.2f} bits per linear weight; "
                   f"checkpoint {_gb(r['checkpoint_bytes'])}; per-layer details: --json")
+    _show_memory(r, console)
     if "perplexity" in r:
         p = r["perplexity"]
         console.print(f"perplexity: float {p['float']:.4f} -> quantized {p['quantized']:.4f} ({p['increase']:+.2%})")
+
+
+def _show_memory(r: dict, console) -> None:
+    if "peak_rss_bytes" in r:
+        console.print(f"offloaded, block by block: peak resident memory {_gb(r['peak_rss_bytes'])} (measured by the OS) "
+                      f"of the --max-memory budget {_gb(r['max_memory_bytes'])} (estimated need {_gb(r['estimated_bytes'])})")
 
 
 def cmd_export(a) -> dict:
@@ -289,11 +310,12 @@ def _cmd_sparsify(a) -> dict:
             except ValueError:
                 rules.append((pat, val))
     step = SparsifyStep(a.method, sparsity=a.sparsity, pattern=a.pattern, rules=rules, samples=a.samples, seq_len=a.seq_len,
-                        calib=a.calib, eval=a.eval)
+                        calib=a.calib, eval=a.eval, max_memory=a.max_memory)
     s, res = _one_step(a, step)
     f = res.figures
     r = {"model": a.model, "method": a.method, "pattern": f["pattern"], "out": a.out, "seconds": f["seconds"],
-         "overall": f["overall"], "layers": sparsity_report(s.model)}
+         "overall": f["overall"], "layers": sparsity_report(s.model) if s else [],
+         **{k: f[k] for k in ("max_memory_bytes", "peak_rss_bytes", "estimated_bytes", "masked_linears") if k in f}}
     if a.eval:
         p, base = f["perplexity_sparse"], f["perplexity_dense"]
         r["perplexity"] = {"dense": base, "sparse": p, "increase": p / base - 1}
@@ -309,9 +331,10 @@ def _show_sparsify(r: dict, console) -> None:
     console.print(_table(f"leanlm sparsify {r['model']} --method {r['method']} ({r['pattern']}) -> {r['out']}",
                          ["linear", "shape", "mask sparsity", "zeros", "n:m"], rows))
     o = r["overall"]
-    console.print(f"{len(masked)} Linears sparsified in {r['seconds']:.1f} s: {o['masked_zero_fraction']:.1%} zeros in them, "
+    console.print(f"{r.get('masked_linears', len(masked))} Linears sparsified in {r['seconds']:.1f} s: {o['masked_zero_fraction']:.1%} zeros in them, "
                   f"{o['linear_zero_fraction']:.1%} of all Linear weights (the head stays dense). Weights stay dense "
                   "tensors with zeros: no CPU sparse kernel beats dense matmul (docs/sparsity.md).")
+    _show_memory(r, console)
     if "perplexity" in r:
         p = r["perplexity"]
         console.print(f"perplexity: dense {p['dense']:.4f} -> sparse {p['sparse']:.4f} ({p['increase']:+.2%})")
@@ -567,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
     sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--max-memory", type=memory, metavar="SIZE", help="calibrate block by block from the checkpoint on disk "
+                    "within this budget, e.g. 2GB (the whole float model is never loaded; docs/scale.md)")
     sp.add_argument("--tokenizer", help="ONNX input, int8-static: model whose tokenizer cuts the calibration text (default: the .onnx file's folder)")
     _nproc_args(sp)
     sp = sub.add_parser("profile", help="roofline analysis of batch-1 decode on this machine")
@@ -594,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
     sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--max-memory", type=memory, metavar="SIZE", help="calibrate block by block from the checkpoint on disk "
+                    "within this budget, e.g. 2GB (the whole float model is never loaded; docs/scale.md)")
     from .speculative.cli import draft_args
 
     sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")

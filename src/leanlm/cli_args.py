@@ -68,6 +68,21 @@ def size(text: str) -> int:
 size.range = "a positive count such as 90M, 0.09B or 90000000"
 
 
+def memory(text: str) -> str:
+    """A memory budget such as 2GB, 1.5GB or 512MiB (argparse `type=`); kept as written."""
+    from .core.errors import LeanLMError
+    from .core.offload import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except LeanLMError:
+        raise argparse.ArgumentTypeError(f"must be {memory.range}, got {text!r}") from None
+    return text
+
+
+memory.range = "a size such as 2GB, 1.5GB or 512MiB"
+
+
 def state_ranges(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Append each checked option's range to its --help text (every subcommand)."""
     for action in parser._actions:

@@ -163,12 +163,15 @@ class QuantizeStep(Step):
     calib: str = "wiki"
     gptq_bf16: bool = False
     eval: bool = False
+    max_memory: str | None = None    # e.g. "2GB": calibrate block by block from disk within this budget (core/offload.py)
 
     def validate(self) -> None:
         from .quantization import PRESETS
 
         if (self.scheme is not None) + (self.config is not None) + (self.mixed is not None) != 1:
             raise LeanLMError(f"pass exactly one of scheme ({', '.join(PRESETS)}), config (a QuantConfig) or mixed (bits per weight)")
+        _check_offload(self, "mixed precision measures every layer's sensitivity on the whole model: run it once without "
+                       "max_memory on a machine that holds the model, or pass its per-layer formats as config" if self.mixed is not None else None)
         if self.scheme is not None or self.config is not None:
             cfg = self.quant_config()
             if self.gptq_bf16 and not any(type(x).__name__ == "GPTQ" for x in cfg.algorithms):
@@ -225,6 +228,18 @@ class QuantizeStep(Step):
             r["perplexity_quantized"] = perplexity(s.model, s.tokenizer, progress=ctx.progress).perplexity
         return r
 
+    def run_offloaded(self, spec: str, out: Path, ctx: Context, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+        """Quantize the checkpoint `spec` into the folder `out` block by block within `max_memory` (no ModelState)."""
+        from .core.data import calibration_batches
+        from .core.offload import source_tokenizer
+        from .quantization.offload import quantize_offloaded
+
+        tok = source_tokenizer(spec, trust_remote_code)
+        calib = calibration_batches(tok, self.samples, self.seq_len, self.calib) if self.calib != "wiki" and tok is not None else None
+        return quantize_offloaded(spec, self.quant_config(), out, max_memory=self.max_memory, calib_data=calib, tokenizer=tok,
+                                  progress=ctx.progress, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                  step={"step": self.name, "config": self.to_dict()})
+
 
 @dataclass
 class SparsifyStep(Step):
@@ -238,6 +253,7 @@ class SparsifyStep(Step):
     seq_len: int = 512
     calib: str = "wiki"
     eval: bool = False
+    max_memory: str | None = None    # e.g. "2GB": wanda / sparsegpt block by block from disk within this budget
 
     def sparsity_config(self):
         from .sparsity import SparsityConfig
@@ -247,6 +263,8 @@ class SparsifyStep(Step):
 
     def validate(self) -> None:
         self.sparsity_config()
+        _check_offload(self, f"max_memory runs the calibrated methods (wanda, sparsegpt) block by block, not {self.method}"
+                       if self.method == "magnitude" else None)
 
     def check(self, f: Facts) -> None:
         if f.quantized:
@@ -275,6 +293,34 @@ class SparsifyStep(Step):
         if self.eval:
             r["perplexity_sparse"] = perplexity(s.model, s.tokenizer, progress=ctx.progress).perplexity
         return r
+
+    def run_offloaded(self, spec: str, out: Path, ctx: Context, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+        """Sparsify the checkpoint `spec` into the folder `out` block by block within `max_memory` (no ModelState)."""
+        from .core.data import calibration_batches
+        from .core.offload import source_tokenizer
+        from .sparsity.offload import sparsify_offloaded
+
+        tok = source_tokenizer(spec, trust_remote_code)
+        if tok is None:
+            raise LeanLMError(f"{self.method} needs calibration text, and this model has no tokenizer")
+        ids = calibration_batches(tok, self.samples, self.seq_len, self.calib)
+        return sparsify_offloaded(spec, self.sparsity_config(), out, max_memory=self.max_memory, calibration_ids_=ids, tokenizer=tok,
+                                  progress=ctx.progress, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                  step={"step": self.name, "config": self.to_dict()})
+
+
+def _check_offload(step: Step, refused: str | None) -> None:
+    """max_memory: a valid size, and not with options that need the whole model in memory."""
+    if step.max_memory is None:
+        return
+    from .core.offload import parse_bytes
+
+    parse_bytes(step.max_memory)
+    if refused:
+        raise LeanLMError(f"{refused}; drop max_memory (--max-memory)")
+    if step.eval:
+        raise LeanLMError("eval measures perplexity on the whole model in memory; drop it with max_memory (--max-memory) "
+                          "and evaluate the output folder afterwards (leanlm eval OUT)")
 
 
 @dataclass
@@ -750,6 +796,9 @@ class Recipe:
         f = source_facts(self.model)
         for i, step in enumerate(self.steps, 1):
             try:
+                if i > 1 and getattr(step, "max_memory", None):
+                    raise LeanLMError("max_memory reads the float model from disk block by block, so only the first step of a "
+                                      "recipe may use it; move this step first or drop max_memory")
                 step.validate()
                 step.check(f)
                 check_lengths(step, f)
@@ -781,8 +830,10 @@ class Recipe:
             done_dirs.append(d)
         results = [StepResult(**json.loads((d / "step.json").read_text())) for d in done_dirs]
         model_dirs = [d / "model" for d in done_dirs if (d / "model").is_dir()]
-        s = open_state(str(model_dirs[-1]) if model_dirs else self.model, self.dtype, self.trust_remote_code)
-        s.source = self.model
+        s = None   # an offloaded first step (max_memory) reads the model from disk itself; later steps load its output
+        if done_dirs or not getattr(self.steps[0], "max_memory", None):
+            s = open_state(str(model_dirs[-1]) if model_dirs else self.model, self.dtype, self.trust_remote_code)
+            s.source = self.model
         if done_dirs:  # the history up to the last finished step (which may not have changed the model)
             man = json.loads((done_dirs[-1] / "leanlm.json").read_text())
             s.model.leanlm_steps, s.model.leanlm_source = man["steps"], man["source"]
@@ -798,19 +849,31 @@ class Recipe:
             artifact = tmp / "artifacts" / ((step.path or EXPORT_NAMES[step.to]) if isinstance(step, ExportStep) else "draft")
             artifact.parent.mkdir()
             ctx = Context(out=artifact, scratch=work / f"{d.name}.checkpoints", progress=progress)
-            res = run_step(step, s, ctx)
-            if step.changes_model:
-                save(s.model, tmp / "model", tokenizer=s.tokenizer)
-            (tmp / "leanlm.json").write_text(json.dumps(manifest_of(s.model), indent=1, default=str))
+            if s is None:
+                t0 = time.perf_counter()
+                figures = step.run_offloaded(self.model, tmp / "model", ctx, trust_remote_code=self.trust_remote_code)
+                res = StepResult(step.name, step.to_dict(), figures, time.perf_counter() - t0)
+                shutil.copy2(tmp / "model" / "leanlm.json", tmp / "leanlm.json")
+            else:
+                res = run_step(step, s, ctx)
+                if step.changes_model:
+                    save(s.model, tmp / "model", tokenizer=s.tokenizer)
+                (tmp / "leanlm.json").write_text(json.dumps(manifest_of(s.model), indent=1, default=str))
             (tmp / "step.json").write_text(json.dumps(asdict(res), indent=1, default=str))
             os.replace(tmp, d)
             shutil.rmtree(ctx.scratch, ignore_errors=True)
             results.append(res)
+            if s is None and i + 1 < n:
+                s = open_state(str(d / "model"), self.dtype, self.trust_remote_code)
+                s.source = self.model
             say(f"  done in {res.seconds:.1f} s: {brief_figures(res.figures)}")
         from .core.io import atomic_dir
 
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            save(s.model, tmp / "model", tokenizer=s.tokenizer)
+            if s is None:   # the offloaded step was the only one: its folder is the result
+                shutil.copytree(work / f"01-{self.steps[0].name}" / "model", tmp / "model")
+            else:
+                save(s.model, tmp / "model", tokenizer=s.tokenizer)
             for p in (tmp / "model").iterdir():
                 os.replace(p, tmp / p.name)
             (tmp / "model").rmdir()

@@ -298,22 +298,37 @@ def calib_batch(n_rows: int, batch: int) -> int:
 
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, ids: torch.Tensor, steps: Sequence[tuple[str, Any]], *, batch: int = 1,
-                     progress: bool = True, desc: str = "calibrating layers") -> dict:
+                     progress: bool = True, desc: str = "calibrating layers", offload=None) -> dict:
     """Run the registered algorithms ``steps`` (``(name, config)`` pairs, in order) on every decoder
     layer of ``model``, block by block over the calibration token ids ``ids`` [N, L] in mini-batches
-    of at most ``batch`` rows. Returns the run's ``stats`` dict the algorithms filled."""
+    of at most ``batch`` rows. Returns the run's ``stats`` dict the algorithms filled.
+
+    ``offload`` (a ``core.offload.BlockOffload``): ``model`` is a skeleton on the meta device; each block
+    is loaded before its algorithms run and written out and freed after (finished blocks of an
+    interrupted run are skipped), then the parameters outside the layers are loaded."""
     unknown = [n for n, _ in steps if n not in CALIBRATION_ALGORITHMS]
     if unknown:
         raise LeanLMError(f"unknown calibration algorithm {unknown[0]!r}; registered: {', '.join(sorted(CALIBRATION_ALGORITHMS))}")
     layers = decoder_layers(model)
-    hidden, kws = capture_layer_inputs(model, layers, ids, calib_batch(ids.shape[0], batch))
+    if offload is None:
+        hidden, kws = capture_layer_inputs(model, layers, ids, calib_batch(ids.shape[0], batch))
+        start = 0
+    else:
+        hidden, kws, start = offload.capture(layers, ids, calib_batch(ids.shape[0], batch))
     stats: dict = {}
     notes: set = set()
-    for i, layer in tqdm(list(enumerate(layers)), desc=desc, unit="layer", disable=not progress):
+    for i, layer in tqdm(list(enumerate(layers))[start:], desc=desc, unit="layer", disable=not progress):
+        if offload is not None:
+            offload.load(i, layer)
         step = LayerStep(i, layer, hidden, kws[i], model, stats, notes)
         for name, cfg in steps:
             CALIBRATION_ALGORITHMS[name](step, cfg)
         hidden = step.out if step.out is not None else step.run()  # the changed layer's outputs feed the next layer
         for x in hidden:
             check_finite(x, f"after layer {i}")
+        if offload is not None:
+            del step
+            offload.finish_block(i, layer, hidden)
+    if offload is not None:
+        offload.load_rest()
     return stats

@@ -281,9 +281,10 @@ def needs_data(resolved: dict, config: QuantConfig) -> bool:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, progress: bool = True) -> dict:
+def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, progress: bool = True, offload=None) -> dict:
     """Quantize every enabled weight and calibrate every static activation range, layer by layer
-    (the steps registered above, on the core's block-by-block engine)."""
+    (the steps registered above, on the core's block-by-block engine; ``offload``: a
+    ``core.offload.BlockOffload`` for a meta-device skeleton, see ``quantization.offload``)."""
     stats: dict = {}
     t0 = time.perf_counter()
     # Weights and static activation quantizers pass through until their layer is processed.
@@ -308,7 +309,7 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
         algos = {type(a): a for a in config.algorithms}
         steps = [(name, algos[t]) for t, name in ((SmoothQuant, "smoothquant"), (AWQ, "awq")) if t in algos]
         steps += [("gptq", algos[GPTQ]) if GPTQ in algos else ("rtn", None), ("activation_ranges", None)]
-        stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress).get("gptq_error", {})
+        stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress, offload=offload).get("gptq_error", {})
     # Modules outside the decoder stack (e.g. a quantized lm_head): round-to-nearest weights, and static
     # activation ranges from a forward pass.
     for m in model.modules():

@@ -32,12 +32,19 @@ def quant_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     meta = getattr(model, "leanlm_quant", None)
     if meta is None:
         raise LeanLMError("this model was not quantized by leanlm.quantize; nothing to save as a quantized checkpoint")
-    qs = quantizers(model)
-    mods = dict(model.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
     state = {"config": meta["config"], "calib_seconds": meta.get("calib_seconds"), "quantizers": {}}
     if meta.get("qat"):  # how quantization-aware training continued from the calibration (leanlm.qat)
         state["qat"] = meta["qat"]
+    tensors, state["quantizers"] = module_tensors(model)
+    return tensors, state
+
+
+def module_tensors(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the quantizer entries of `model` (or of one decoder block, its names given `prefix`)."""
+    qs = quantizers(model)
+    mods = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    state = {"quantizers": {}}
     replaced = set()
     for name, q in qs.items():
         if not q.enabled:
@@ -69,7 +76,28 @@ def quant_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             continue
         seen.add(ptr)
         tensors[k] = v.detach().cpu().contiguous()
-    return tensors, state
+    if prefix:
+        tensors = {prefix + k: v for k, v in tensors.items()}
+        state["quantizers"] = {prefix + k: v for k, v in state["quantizers"].items()}
+    return tensors, state["quantizers"]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards named by model.safetensors.index.json (each checked complete)."""
+    import json
+
+    from ..core.models import check_safetensors
+
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file() or not index.is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    for f in files:
+        if not f.is_file():
+            raise LeanLMError(f"{f} is missing; the checkpoint is incomplete, copy or re-save it")
+        check_safetensors(f)
+    return files
 
 
 @torch.no_grad()
@@ -78,15 +106,15 @@ def load_quantized(folder: str | Path, recipe: dict, dtype: torch.dtype = torch.
     (the manifest's ``quantization`` entry): same classes, quantizers and exactly the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..core.models import check_safetensors
-
     folder = Path(folder)
-    check_safetensors(folder / "model.safetensors")
+    files = weight_files(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     resolved = {n: QuantizerConfig(**e["config"]) for n, e in recipe["quantizers"].items()}
     insert_quantizers(model, resolved)
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = {}
+    for f in files:   # one file, or the shards an offloaded calibration wrote (core/offload.py)
+        tensors.update(load_file(str(f)))
     plain = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".weight.scale", ".weight.zero", ".weight.global_scale", ".amax"))}
     mods = dict(model.named_modules())
     for k in [k for k in plain if k.endswith(".weight_mask")]:  # masks as folders of leanlm 0.1 stored them

@@ -45,7 +45,7 @@ def _check(model: nn.Module, targets: dict[str, Target], mods: dict[str, nn.Line
         if t.structured and m.in_features % t.m:
             raise LeanLMError(f"{n}: pattern {t} needs the input dimension {m.in_features} to be a multiple of {t.m}; "
                               f"use another pattern or add a rule that leaves this layer dense or unstructured")
-        if not torch.isfinite(m.weight).all():
+        if not m.weight.is_meta and not torch.isfinite(m.weight).all():   # meta: an offloaded skeleton, checked as each block loads
             raise LeanLMError(f"{n}.weight holds NaN/inf; the checkpoint is corrupt, so pruning it would be meaningless")
 
 

@@ -1,0 +1,222 @@
+"""Calibration beyond RAM: a ~1.5B-parameter Llama quantized within --max-memory (docs/scale.md).
+
+    python bench/scale.py [--budget 1.5GB] [--schemes w4a16-gptq,w4a16-awq] [--samples 4] [--seq-len 128]
+
+Writes a randomly initialised Llama-architecture model (hidden 2048, intermediate 3072, 50 layers, SmolLM2's tokenizer and
+vocabulary, tied embeddings: ~1.51B parameters, ~6.0 GB of float32) as one safetensors shard per block
+into a temporary folder, without ever holding it whole; then runs ``leanlm quantize --max-memory`` on it
+in a subprocess per scheme and reads that child's peak resident memory from the OS (``os.wait4``'s
+rusage, the same figure as /usr/bin/time's "Maximum resident set size"), with its wall time. A ~100M
+twin of the same shape family is quantized both in memory and offloaded (same calibration), and the
+two output folders are compared tensor by tensor. Everything written is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import md_table, write_results  # noqa: E402
+
+# intermediate 1.5x hidden: GPTQ's float64 Cholesky of the down_proj Hessian (intermediate^2) must fit the budget
+BIG = dict(hidden_size=2048, intermediate_size=3072, num_hidden_layers=50, num_attention_heads=32, num_key_value_heads=4)
+TWIN = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=4)
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, torch {torch.__version__}"
+
+
+def tokenizer_folder() -> Path:
+    from leanlm.core.models import _gguf_cache_folder, builtin_gguf, convert_gguf
+
+    folder = _gguf_cache_folder(builtin_gguf("smollm2-135m"))
+    return folder if (folder / "tokenizer.json").is_file() else convert_gguf(builtin_gguf("smollm2-135m"))
+
+
+def write_random_llama(folder: Path, shape: dict, seed: int = 0) -> int:
+    """A random Llama (std 0.02 weights, unit norms) as one shard per decoder block plus one for the rest; returns
+    its parameter count. At most one block is in memory at a time."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    tok = tokenizer_folder()
+    vocab = json.loads((tok / "config.json").read_text())["vocab_size"]
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True, **shape)
+    folder.mkdir(parents=True)
+    cfg.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tok / f, folder / f)
+    g = torch.Generator().manual_seed(seed)
+    h, inter, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+              "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+              "mlp.down_proj.weight": (h, inter)}
+    total, weight_map = 0, {}
+    files = n + 1
+    for i in range(files):
+        name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+        if i < n:
+            t = {f"model.layers.{i}.{k}": torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+            t.update({f"model.layers.{i}.input_layernorm.weight": torch.ones(h), f"model.layers.{i}.post_attention_layernorm.weight": torch.ones(h)})
+        else:
+            t = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g) * 0.02, "model.norm.weight": torch.ones(h)}
+        save_file(t, str(folder / name), metadata={"format": "pt"})
+        total += sum(v.numel() for v in t.values())
+        weight_map.update({k: name for k in t})
+        del t
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total * 4}, "weight_map": weight_map}))
+    return total
+
+
+def run_child(argv: list[str]) -> dict:
+    """Run `python -m leanlm ARGV --json` as a child: its JSON answer, wall seconds and peak RSS from the OS (wait4)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "leanlm", *argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # wait4 gives this child's own rusage; read its pipes on threads so it never blocks on a full pipe
+    import threading
+
+    bufs = {"out": b"", "err": b""}
+
+    def drain(stream, key):
+        bufs[key] = stream.read()
+
+    threads = [threading.Thread(target=drain, args=(p.stdout, "out")), threading.Thread(target=drain, args=(p.stderr, "err"))]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(p.pid, 0)
+    for t in threads:
+        t.join()
+    code = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"leanlm {' '.join(argv)} failed ({code}): {bufs['err'].decode()[-2000:]}")
+    text = bufs["out"].decode()
+    return {"answer": json.loads(text[text.index("{"):]), "wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def same_folders(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    def tensors(f):
+        out = {}
+        for p in sorted(f.glob("*.safetensors")):
+            out.update(load_file(str(p)))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    qa, qb = (json.loads((f / "leanlm.json").read_text())["quantization"]["quantizers"] for f in (a, b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta) and qa == qb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", default="1.5GB")
+    ap.add_argument("--schemes", default="w4a16-gptq,w4a16-awq")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--twin-budget", default="1GB")
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary models are written")
+    ap.add_argument("--skip-big", action="store_true", help="only the twin (equality) runs")
+    a = ap.parse_args()
+    from leanlm.core.offload import parse_bytes
+
+    schemes = a.schemes.split(",")
+    calib = ["--samples", str(a.samples), "--seq-len", str(a.seq_len)]
+    work = Path(tempfile.mkdtemp(prefix="leanlm-scale-", dir=a.dir))
+    data = {"machine": machine(), "load": "machine loaded (~6 engineers sharing 2 cores): wall times are upper bounds",
+            "calibration": f"{a.samples} x {a.seq_len} tokens of the protocol's Wikipedia calibration text", "budget": a.budget,
+            "big": {}, "twin": {}}
+
+    def report():
+        rows = []
+        b = data["big"]
+        for s, r in b.get("runs", {}).items():
+            rows.append([f"{b['params'] / 1e9:.2f}B ({b['float_bytes'] / 1e9:.2f} GB float32)", s, "offloaded", a.budget,
+                         f"{r['peak_rss_bytes'] / 1e9:.2f} GB", f"{r['peak_rss_bytes'] / b['float_bytes']:.3f}",
+                         f"{r['wall_seconds'] / 60:.1f} min", "-"])
+        t = data["twin"]
+        for s, r in t.get("runs", {}).items():
+            for mode in ("in_memory", "offloaded"):
+                x = r[mode]
+                rows.append([f"{t['params'] / 1e6:.0f}M twin ({t['float_bytes'] / 1e9:.2f} GB)", s, mode.replace("_", " "),
+                             a.twin_budget if mode == "offloaded" else "-", f"{x['peak_rss_bytes'] / 1e9:.2f} GB",
+                             f"{x['peak_rss_bytes'] / t['float_bytes']:.3f}", f"{x['wall_seconds']:.0f} s",
+                             "bit-identical" if r["identical"] else "DIFFERENT"])
+        md = (f"# Calibration beyond RAM (bench/scale.py)\n\nMachine: {data['machine']}. **{data['load']}.**\n\n"
+              f"Calibration: {data['calibration']}. Peak RSS is the child process's maximum resident set size as the OS "
+              f"reports it (wait4 rusage), interpreter and libraries included.\n\n"
+              + md_table(["model", "scheme", "path", "--max-memory", "peak RSS", "peak RSS / float bytes", "wall time",
+                          "output vs in-memory"], rows))
+        write_results("scale", data, md)
+
+    try:
+        free = shutil.disk_usage(work).free
+        if not a.skip_big:
+            need = 4 * 1.6e9 * 1.25
+            if free < need:
+                raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the 1.5B model needs ~{need / 1e9:.1f} GB; pass --dir")
+        budget = parse_bytes(a.budget)
+
+        def big_run(s):
+            r = run_child(["quantize", str(big), "--scheme", s, "--out", str(work / f"big-{s}"), *calib, "--max-memory", a.budget])
+            ans = r["answer"]
+            data["big"]["runs"][s] = {"wall_seconds": r["wall_seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
+                                      "self_reported_peak_rss_bytes": ans.get("peak_rss_bytes"), "estimated_bytes": ans.get("estimated_bytes"),
+                                      "calib_seconds": ans.get("calib_seconds"), "checkpoint_bytes": ans.get("checkpoint_bytes"),
+                                      "within_budget": r["peak_rss_bytes"] <= budget}
+            print(f"1.5B {s}: peak RSS {r['peak_rss_bytes'] / 1e9:.3f} GB (budget {a.budget}), {r['wall_seconds'] / 60:.1f} min", flush=True)
+            shutil.rmtree(work / f"big-{s}")
+            report()
+
+        def twin_run(s):
+            mem = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-mem"), *calib])
+            offl = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-off"), *calib, "--max-memory", a.twin_budget])
+            ident = same_folders(work / f"twin-{s}-mem", work / f"twin-{s}-off")
+            data["twin"]["runs"][s] = {"in_memory": {k: mem[k] for k in ("wall_seconds", "peak_rss_bytes")},
+                                       "offloaded": {k: offl[k] for k in ("wall_seconds", "peak_rss_bytes")}, "identical": ident}
+            print(f"twin {s}: identical={ident}, peak RSS in memory {mem['peak_rss_bytes'] / 1e9:.2f} GB, "
+                  f"offloaded {offl['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            report()
+
+        # order: the 1.5B model with the first scheme, the twins, then the 1.5B with the other schemes
+        big = work / "big"
+        if not a.skip_big:
+            t0 = time.perf_counter()
+            n = write_random_llama(big, BIG)
+            data["big"] = {"params": n, "float_bytes": 4 * n, "shape": BIG, "write_seconds": time.perf_counter() - t0, "runs": {}}
+            print(f"wrote {n / 1e9:.2f}B parameters ({4 * n / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s; budget {a.budget} = "
+                  f"{budget / (4 * n):.3f} of the float bytes", flush=True)
+            big_run(schemes[0])
+        twin = work / "twin"
+        n = write_random_llama(twin, TWIN, seed=1)
+        data["twin"] = {"params": n, "float_bytes": 4 * n, "shape": TWIN, "runs": {}}
+        for s in schemes:
+            twin_run(s)
+        shutil.rmtree(twin)
+        if not a.skip_big:
+            for s in schemes[1:]:
+                big_run(s)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {Path(__file__).resolve().parent / 'results' / 'scale.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -335,6 +335,14 @@ def test_nproc_that_does_not_divide(capsys, tmp_path, cmd):
     assert _left(tmp_path) == []
 
 
+def test_nproc_with_max_memory(capsys, tmp_path):
+    """The block-by-block path runs in one process: --nproc with --max-memory is refused before any work."""
+    argv = [str(tmp_path / "OUT") if a == "OUT" else a for a in BASE["quantize"] + ["--nproc", "2", "--max-memory", "2GB"]]
+    code, err = _run(capsys, argv)
+    assert code == 2 and "drop --nproc" in _one_line_error(err) and "--max-memory" in _one_line_error(err), err
+    assert _left(tmp_path) == []
+
+
 def test_nproc_inside_torchrun_and_commands_that_do_not_run_parallel(capsys, tmp_path, monkeypatch):
     """Under torchrun (its RANK/WORLD_SIZE in the environment) --nproc is refused, and so is a command that has no
     data-parallel path, before any process group is joined."""

@@ -717,6 +717,8 @@ def _check_nproc(a, started) -> None:
     n = getattr(a, "nproc", None)
     if started.parallel and a.command not in PARALLEL_COMMANDS:
         raise LeanLMError(f"{a.command} does not run data-parallel; start it without torchrun (these do: {', '.join(PARALLEL_COMMANDS)})")
+    if getattr(a, "max_memory", None) and (started.parallel or (n or 1) > 1):
+        raise LeanLMError("--max-memory calibrates block by block in one process; drop --nproc / torchrun, or drop --max-memory")
     if n is None:
         return
     if started.parallel:

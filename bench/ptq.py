@@ -1,17 +1,22 @@
 """Post-training quantization benchmark on SmolLM2-135M, per PROTOCOL.md, with peers side by side.
 
-For every leanlm preset and algorithm variant: held-out perplexity (wiki eval split, 40 x 512
-tokens) next to float32, and calibration wall time, on the same 32 x 512 calibration tokens (first 40
+For every leanlm preset and algorithm variant: held-out perplexity on two texts neither calibrated
+on (the wiki evaluation split and the news domain's held-out articles, 40 x 512 tokens each) next to
+float32, and calibration wall time, on the same 64 x 512 calibration tokens (first 40 wiki
 articles). Then the same schemes through llm-compressor and NVIDIA Model Optimizer, each in its own
 virtual environment (bash bench/peers/setup_peers.sh), on the same calibration tokens, scored by the
-same leanlm perplexity code on the same text. Finally GPTQ calibration time, leanlm and
-llm-compressor interleaved (A B A B) on a quiet machine.
+same leanlm perplexity code on the same texts, and a table of the best leanlm result against the
+best peer result per scheme (ratio of perplexity increases). Finally GPTQ calibration time, leanlm
+and llm-compressor interleaved (A B A B).
 
-A peer run that exceeds --peer-timeout is stopped and reported with its last progress line (AWQ in
-both peers runs for hours on CPU). Peer results are cached in bench/.work/ptq/<tool>-<scheme>-<samples>x<seq_len>-w<windows>/
-and reused; delete that folder to rerun one.
+Every peer scheme runs to completion under a one-hour limit (--peer-timeout; AWQ included: ModelOpt's
+takes about 13 minutes on a quiet 2-core CPU); a run past it is reported with its last progress line,
+a failed one with its error. Peer results are cached in
+bench/.work/ptq/<tool>-<scheme>-<samples>x<seq_len>-w<windows>-news/ and reused; delete that folder
+to rerun one. The float baselines are cached in bench/.work/ptq/float-w<windows>.json.
 
-    python bench/ptq.py                       # everything (about 1.5 hours on 2 cores)
+    python bench/ptq.py                       # everything (several hours on 2 cores: run it on a quiet machine)
+    python bench/ptq.py --peer-tool modelopt  # fill one tool's peer cache (side by side with another run)
     python bench/ptq.py --only w4a16-gptq,w4a16-awq --no-peers --timing-repeats 0
     python bench/ptq.py --only w4a16-gptq --no-peers --merge   # redo rows, keep the rest of ptq.json
 
@@ -69,6 +74,7 @@ PEERS = [
 PEER_EXTRA = {("llmcompressor", "w4a16-autoround"): lambda: ["--ar-iters", str(AutoRound().iters), "--ar-batch", str(AutoRound().batch)]}
 
 
+SKIP_REASON = None  # --peers-cached-only: a peer without a cached result is reported with this reason, not run
 RUN = {"command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -99,6 +105,8 @@ def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: flo
     out = work / f"{tool}-{scheme}-{samples}x{seq_len}-w{windows}{'-news' if windows else ''}"
     if reuse and (out / "peer.json").exists():
         return {**json.loads((out / "peer.json").read_text()), "reused": True}
+    if SKIP_REASON:
+        return {"error": f"not run: {SKIP_REASON}"}
     script = ROOT / "bench" / "peers" / ("llmcompressor_ptq.py" if tool == "llmcompressor" else "modelopt_ptq.py")
     cmd = [str(py), str(script), "--model", str(float_dir), "--scheme", scheme, "--samples", str(samples),
            "--seq-len", str(seq_len), "--calib-file", "wiki", "--out", str(out)]
@@ -148,12 +156,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--peer-timeout", type=float, default=3600, help="seconds before a peer run is stopped (its last progress line is reported)")
+    ap.add_argument("--peers-cached-only", metavar="REASON",
+                    help="use only cached peer results; the others are reported as not run, for REASON")
     ap.add_argument("--peer-tool", help="run only this tool's peer schemes (cached for a later full run), no leanlm rows")
     ap.add_argument("--timing-repeats", type=int, default=2, help="interleaved GPTQ timing runs per tool (0: skip)")
     ap.add_argument("--merge", action="store_true", help="keep what this run does not redo from the existing results file")
     ap.add_argument("--merge-also", help="comma-separated results names whose leanlm rows are merged in too (runs made side by side)")
     ap.add_argument("--name", default="ptq", help="results file: bench/results/NAME.md and .json (default ptq)")
     a = ap.parse_args()
+    global SKIP_REASON
+    SKIP_REASON = a.peers_cached_only
     old = json.loads((RESULTS / f"{a.name}.json").read_text()) if a.merge and (RESULTS / f"{a.name}.json").exists() else {}
     old_run = {"command": old.get("command"), "date": old.get("date")}
     setup_threads()

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from ..core.calibrate import LayerStep, register
 from .calibrate import _weight_quantizer, finish_weight
 from .config import AutoRound
-from .formats import QParams, _grouped, fake_quantize_with
+from .formats import QParams, _grouped, compute_qparams, fake_quantize_with
 
 __all__ = ["autoround_step", "RoundingParams"]
 
@@ -56,8 +56,6 @@ class RoundingParams(nn.Module):
         self.alpha = nn.Parameter(torch.ones(stat, device=w.device), requires_grad=self.learn_clip)
         self.beta = nn.Parameter(torch.ones(stat, device=w.device), requires_grad=self.learn_clip and self.asym)
         if not self.learn_clip:  # nvfp4 / MX: the format's own max-based scales, fixed
-            from .formats import compute_qparams
-
             self.fixed = compute_qparams(wk, fmt)
 
     def qparams(self) -> QParams:

@@ -15,7 +15,7 @@ from conftest import TRAIN_TEXT, make_llama
 from leanlm.distill import DistillConfig, TrainConfig, distill, train
 from leanlm.distill.trainer import lm_loss
 from leanlm.qat import QATConfig, qat
-from leanlm.quantization import QuantConfig, QuantizerConfig, quantize
+from leanlm.quantization import AWQ, QuantConfig, QuantizerConfig, quantize
 from leanlm.quantization import algorithms as alg
 from leanlm.quantization.formats import fake_quantize, parse_format
 from leanlm.quantization.modules import quantizers
@@ -91,7 +91,18 @@ SCHEMES = {
     "smoothquant-w8a8": "w8a8-smoothquant",
     "nvfp4": "nvfp4",
     "nvfp4-gptq": lambda: QuantConfig([("*weight_quantizer", QuantizerConfig("nvfp4")), ("*lm_head*", None)], [alg_gptq()]),
+    "autoround": lambda: QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g64")), ("*lm_head*", None)], [_autoround()]),
+    "autoround-asym": lambda: QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g32_asym")), ("*lm_head*", None)],
+                                          [_autoround()]),
+    "awq-autoround-nvfp4": lambda: QuantConfig([("*weight_quantizer", QuantizerConfig("nvfp4")), ("*lm_head*", None)],
+                                               [AWQ(clip=False), _autoround()]),
 }
+
+
+def _autoround():
+    from leanlm.quantization import AutoRound
+
+    return AutoRound(iters=8, batch=2)
 
 
 def alg_gptq(**kw):

@@ -178,6 +178,8 @@ def common_args(ap) -> None:
                          "quantized, i.e. when it differs from the in-process figure)")
     ap.add_argument("--batch-size", type=int, default=4, help="evaluation batch (windows)")
     ap.add_argument("--windows", type=int, default=MAX_WINDOWS, help="evaluation windows of 512 tokens")
+    ap.add_argument("--eval-news", action="store_true",
+                    help="also score the news domain's held-out split (leanlm's 'news' evaluation text, never calibrated on)")
 
 
 def prepare(args, report: dict):
@@ -230,6 +232,11 @@ def score_and_export(args, report: dict, model, tok, eval_texts, state: dict, ac
         report["eval"]["what"] = what
         report["perplexity"] = report["eval"]["perplexity"]
         print(f"{args.scheme}: perplexity {report['perplexity']:.4f}", flush=True)
+    if getattr(args, "eval_news", False):
+        news = load_texts("news", "evaluation")
+        report["eval_news"] = evaluate(model, tok, news, max_windows=args.windows, batch_size=args.batch_size)
+        report["perplexity_news"] = report["eval_news"]["perplexity"]
+        print(f"{args.scheme}: news perplexity {report['perplexity_news']:.4f}", flush=True)
     report["export"] = save_float_checkpoint(args.model, out, state, tok)
     report["export"]["activation_quant_in_checkpoint"] = False
     report["export"]["note"] = note

@@ -34,6 +34,7 @@ SCHEMES = {
     "w4a16-gptq": "GPTQ, symmetric int4 weights, group 64, lm_head kept in float",
     "w4a16-rtn": "QuantizationModifier only (round-to-nearest), symmetric int4, group 64",
     "w4a16-awq": "AWQModifier + QuantizationModifier, symmetric int4, group 64",
+    "w4a16-autoround": "AutoRoundModifier (auto-round's signed-gradient rounding and clipping), symmetric int4, group 64",
     "w4a16-awq-asym": "AWQModifier + QuantizationModifier, asymmetric int4, group 64 (llm-compressor's usual AWQ)",
     "w8a8-smoothquant": "SmoothQuant 0.8 + GPTQ W8A8 (int8 per-channel weights, dynamic per-token int8 activations)",
     "w8a8-smoothquant-rtn": "SmoothQuant 0.8 + QuantizationModifier W8A8 (RTN weights)",
@@ -57,7 +58,8 @@ def _int4_group(group_size: int, symmetric: bool) -> dict:
     }
 
 
-def build_recipe(scheme: str, group_size: int, smoothing: float, n_grid: int = 20, actorder: str = "default"):
+def build_recipe(scheme: str, group_size: int, smoothing: float, n_grid: int = 20, actorder: str = "default",
+                 ar_iters: int = 200, ar_batch: int = 8, ar_compile: bool = False):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     ignore = ["lm_head"]
@@ -66,6 +68,11 @@ def build_recipe(scheme: str, group_size: int, smoothing: float, n_grid: int = 2
         return [GPTQModifier(config_groups=_int4_group(group_size, True), ignore=ignore, **gptq_kw)]
     if scheme == "w4a16-rtn":
         return [QuantizationModifier(config_groups=_int4_group(group_size, True), ignore=ignore)]
+    if scheme == "w4a16-autoround":
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+        return [AutoRoundModifier(config_groups=_int4_group(group_size, True), ignore=ignore, iters=ar_iters,
+                                  batch_size=ar_batch, enable_torch_compile=ar_compile)]
     if scheme in ("w4a16-awq", "w4a16-awq-asym"):
         from llmcompressor.modifiers.transform import AWQModifier
 
@@ -152,6 +159,11 @@ def main(argv=None) -> int:
                          "passes of each layer over the calibration set)")
     ap.add_argument("--gptq-actorder", choices=("default", "static", "weight", "none"), default="default",
                     help="GPTQ activation ordering (default: the tool's own default, 'static')")
+    ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound iterations per block (tool default 200)")
+    ap.add_argument("--ar-batch", type=int, default=8, help="AutoRound tuning batch (tool default 8)")
+    ap.add_argument("--ar-compile", action="store_true",
+                    help="AutoRound: torch.compile the tuning loop (the tool's default; off here: compiling on a 2-core CPU "
+                         "costs more than it saves for a 135M model)")
     ap.add_argument("--no-cpu-workaround", action="store_true",
                     help="do not neutralise pin_memory() on CPU (AWQ then fails on a machine without a GPU)")
     args = ap.parse_args(argv)
@@ -177,12 +189,15 @@ def main(argv=None) -> int:
     rows = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
     loader = DataLoader(rows, batch_size=None, shuffle=False)  # each item is already a batch of 1
 
-    recipe = build_recipe(args.scheme, args.group_size, args.smoothing, args.n_grid, args.gptq_actorder)
+    recipe = build_recipe(args.scheme, args.group_size, args.smoothing, args.n_grid, args.gptq_actorder,
+                          args.ar_iters, args.ar_batch, args.ar_compile)
     report["algorithm"] = {
         "recipe": recipe_text(recipe),
         "group_size": args.group_size if args.scheme.startswith("w4a16") else None,
         "smoothing_strength": args.smoothing if args.scheme.startswith("w8a8") else None,
         "awq_n_grid": args.n_grid if "awq" in args.scheme else None,
+        "autoround": {"iters": args.ar_iters, "batch_size": args.ar_batch, "torch_compile": args.ar_compile}
+        if "autoround" in args.scheme else None,
         "ignore": ["lm_head"],
         "pipeline": "llm-compressor default for the recipe (sequential when calibration data is needed, else datafree)",
     }

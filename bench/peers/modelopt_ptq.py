@@ -41,6 +41,8 @@ import _ppl  # noqa: E402
 SCHEMES = {
     "int8": ("INT8_SMOOTHQUANT_CFG", "SmoothQuant + int8 per-channel weights, static per-tensor int8 activations"),
     "w4a16-awq": ("INT4_AWQ_CFG", "AWQ-lite, int4 (symmetric, max-scaled) weights in blocks of --block-size"),
+    "w4a16-rtn": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4 (symmetric, max-scaled) weights in blocks of --block-size, round to nearest"),
+    "nvfp4": ("NVFP4_DEFAULT_CFG", "nvfp4 weights and dynamic nvfp4 activations (W4A4)"),
     "fp8": ("FP8_DEFAULT_CFG", "fp8 e4m3 per-tensor weights and static per-tensor activations"),
 }
 
@@ -51,7 +53,7 @@ def build_config(scheme: str, block_size: int, sq_alpha: float | None):
     name = SCHEMES[scheme][0]
     cfg = copy.deepcopy(getattr(mtq, name))
     changes = []
-    if scheme == "w4a16-awq":
+    if scheme in ("w4a16-awq", "w4a16-rtn"):
         n = 0
         for entry in cfg["quant_cfg"]:
             if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
@@ -60,7 +62,7 @@ def build_config(scheme: str, block_size: int, sq_alpha: float | None):
                     if bs is not None and key in bs:
                         bs[key] = block_size
                         n += 1
-        if n != 1:
+        if n < 1:
             raise SystemExit(f"could not find the weight block size in {name}; modelopt changed its config layout")
         changes.append(f"weight block_sizes[-1]: 128 -> {block_size}")
     if scheme == "int8" and sq_alpha is not None:

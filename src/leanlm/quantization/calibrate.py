@@ -21,7 +21,7 @@ from ..core.calibrate import (LayerStep, SharedInput, calibrate_blocks, find_map
                               one_pass_gib, register, run_layer, solve_in_forward)
 from ..core.errors import LeanLMError
 from . import algorithms as alg
-from .config import AWQ, GPTQ, QuantConfig, SmoothQuant
+from .config import AWQ, GPTQ, AutoRound, QuantConfig, SmoothQuant
 from .formats import fake_quantize
 from .modules import TensorQuantizer
 
@@ -150,6 +150,12 @@ def _forward_dtype(gptq: GPTQ | None, hidden: list[torch.Tensor]):
     return torch.autocast(hidden[0].device.type, dtype=torch.bfloat16)
 
 
+def _hessian_rows(x: torch.Tensor, gptq: GPTQ) -> torch.Tensor:
+    """A Linear's inputs [rows, seq, in] without the first ``gptq.sink_tokens`` positions of each row."""
+    k = gptq.sink_tokens
+    return x[:, k:] if k and x.dim() == 3 and x.shape[1] > k else x
+
+
 def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -> list[torch.Tensor]:
     """One-pass GPTQ: each group is solved (``solve_in_forward``) just before its first Linear runs,
     so later groups see quantized inputs and the returned outputs are the quantized layer's (the
@@ -158,7 +164,7 @@ def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -
 
     def solve(n, x):
         acc = alg.HessianAccumulator(lins[n].in_features)
-        acc.add(x)
+        acc.add(_hessian_rows(x, gptq))
         _solve_group(first[n], lins, _hessian(acc), gptq, stats)
 
     with _forward_dtype(gptq, hidden):
@@ -171,7 +177,8 @@ def _gptq_weights(layer, hidden, kw, lins: dict[str, nn.Module], groups: list[li
     """Two-pass GPTQ: one forward accumulates every group's Hessian (float weights throughout),
     then each group is solved."""
     acc = {g[0]: alg.HessianAccumulator(lins[g[0]].in_features) for g in groups}
-    with input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(x)), _forward_dtype(gptq, hidden):
+    with input_hooks({g[0]: lins[g[0]] for g in groups}, lambda n, x: acc[n].add(_hessian_rows(x, gptq))), \
+            _forward_dtype(gptq, hidden):
         run_layer(layer, hidden, kw)
     for g in groups:
         _solve_group(g, lins, _hessian(acc[g[0]]), gptq, stats)
@@ -308,6 +315,12 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
     if ids is not None:
         algos = {type(a): a for a in config.algorithms}
         steps = [(name, algos[t]) for t, name in ((SmoothQuant, "smoothquant"), (AWQ, "awq")) if t in algos]
+        if AutoRound in algos and GPTQ in algos:
+            raise LeanLMError("AutoRound and GPTQ both round the weights; use one of them (AWQ or SmoothQuant can precede either)")
+        if AutoRound in algos:
+            from . import autoround  # noqa: F401  (registers the "autoround" step)
+
+            steps.append(("autoround", algos[AutoRound]))
         steps += [("gptq", algos[GPTQ]) if GPTQ in algos else ("rtn", None), ("activation_ranges", None)]
         stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress, offload=offload).get("gptq_error", {})
     # Modules outside the decoder stack (e.g. a quantized lm_head): round-to-nearest weights, and static

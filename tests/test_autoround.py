@@ -1,0 +1,89 @@
+"""AutoRound (quantization/autoround.py): learned rounding lowers the layer output error below
+round-to-nearest, the stored weights lie on their grid, bad settings are clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_llama
+from leanlm import LeanLMError
+from leanlm.quantization import GPTQ, AutoRound, QuantConfig, QuantizerConfig, quantize
+from leanlm.quantization.formats import fake_quantize
+from leanlm.quantization.modules import quantizers
+
+
+def _cfg(fmt: str, *algos) -> QuantConfig:
+    return QuantConfig([("*weight_quantizer", QuantizerConfig(fmt)), ("*lm_head*", None)], list(algos), calib_batch=4)
+
+
+def _layer0_outputs(model, ids) -> torch.Tensor:
+    got = []
+    h = model.model.layers[0].register_forward_hook(lambda m, a, o: got.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    h.remove()
+    return got[0]
+
+
+@pytest.mark.parametrize("fmt", ["int4_g32", "int3_g32_asym"])
+def test_autoround_lowers_layer_output_error_below_rtn(fmt):
+    model = make_llama(vocab_size=300, hidden=64, layers=2, intermediate=128)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (16, 32), generator=g)
+    held = torch.randint(0, 300, (8, 32), generator=g)
+    rtn, ar = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(rtn, _cfg(fmt), ids, progress=False)
+    quantize(ar, _cfg(fmt, AutoRound(iters=60, batch=4)), ids, progress=False)
+    for x in (ids, held):
+        ref = _layer0_outputs(model, x)
+        e_rtn = (_layer0_outputs(rtn, x) - ref).pow(2).mean().item()
+        e_ar = (_layer0_outputs(ar, x) - ref).pow(2).mean().item()
+        assert e_ar < 0.9 * e_rtn, (fmt, e_ar, e_rtn)
+    for name, q in quantizers(ar).items():  # every weight on its grid, with the stored scales
+        if q.enabled and q.role == "weight":
+            w = dict(ar.named_modules())[name.rsplit(".", 1)[0]].weight.detach()
+            assert torch.equal(fake_quantize(w, q.fmt, q.qparams), w.float()), name
+
+
+def test_autoround_config_round_trip_and_bad_settings():
+    cfg = _cfg("int4_g32", AutoRound(iters=7, batch=3))
+    back = QuantConfig.from_dict(cfg.to_dict())
+    assert back.algorithms == [AutoRound(iters=7, batch=3)]
+    for bad in ({"iters": 0}, {"batch": 0}, {"lr": -1.0}, {"min_clip": 0.0}):
+        with pytest.raises(LeanLMError, match="AutoRound"):
+            AutoRound(**bad)
+    model = make_llama(vocab_size=300)
+    with pytest.raises(LeanLMError, match="use one of them"):
+        quantize(model, _cfg("int4_g32", AutoRound(iters=2), GPTQ()), torch.randint(0, 300, (4, 16)), progress=False)
+
+
+def test_gptq_sink_tokens_leave_the_first_positions_out_of_the_hessian(monkeypatch):
+    """GPTQ(sink_tokens=1): the Hessians see every position but the first of each row, and on inputs whose
+    first position is a synthetic attention sink (a few channels 100x larger) the quantized layer's error on
+    the other positions is lower than with the sink in the Hessian."""
+    from leanlm.quantization import algorithms as alg
+
+    seen = []
+    orig = alg.HessianAccumulator.add
+    monkeypatch.setattr(alg.HessianAccumulator, "add", lambda self, x: (seen.append(x.shape[-2]), orig(self, x))[1])
+    model = make_llama(vocab_size=300)
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize(model, _cfg("int4_g32", GPTQ(sink_tokens=1)), ids, progress=False)
+    assert seen and set(seen) == {15}
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 64, 128, generator=g)
+    x[:, 0, :4] *= 100.0  # the sink: huge values on a few channels at position 0 of every row
+    w = torch.randn(96, 128, generator=g) * 0.05
+    rest = x[:, 1:].reshape(-1, 128)
+
+    def err_on_rest(rows):
+        acc = alg.HessianAccumulator(128)
+        acc.add(rows)
+        wq = alg.gptq(w, acc.H, "int4_g32", act_order=True)[0]
+        return (rest @ (w - wq).T).pow(2).mean().item()
+
+    assert err_on_rest(x[:, 1:]) < err_on_rest(x)

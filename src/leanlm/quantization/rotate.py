@@ -118,6 +118,18 @@ def kron(factors: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """x @ kron(factors) without forming it: one small matmul per factor along its own axis."""
+    sizes = [f.shape[0] for f in factors]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, *sizes)
+    last = len(sizes)   # positive axes only: ONNX export traces them
+    for i, h in enumerate(factors):
+        h = h.to(y.dtype)
+        y = y @ h if i + 1 == last else (y.transpose(i + 1, last) @ h).transpose(i + 1, last)
+    return y.reshape(*lead, x.shape[-1])
+
+
 class OnlineHadamard(nn.Module):
     """x -> x H for a Kronecker product of Hadamard factors, applied factor by factor (n * sum of the factor
     sizes multiply-adds per row instead of n^2). The factors are rebuilt from the size, never saved."""
@@ -130,13 +142,7 @@ class OnlineHadamard(nn.Module):
             self.register_buffer(f"h{i}", f.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = x.reshape(-1, *self.sizes)
-        last = len(self.sizes)   # positive axes only: ONNX export traces them
-        for i in range(last):
-            h = getattr(self, f"h{i}").to(y.dtype)
-            y = y @ h if i + 1 == last else (y.transpose(i + 1, last) @ h).transpose(i + 1, last)
-        return y.reshape(*lead, self.n)
+        return kron_apply(x, [getattr(self, f"h{i}") for i in range(len(self.sizes))])
 
     def extra_repr(self) -> str:
         return self.construction
@@ -243,7 +249,8 @@ def rotate(model: nn.Module, method: str = "hadamard", seed: int = 0) -> dict:
         o.weight.data.copy_((w.double().reshape(w.shape[0], -1, arch.head_dim) @ hv).reshape(w.shape).to(w.dtype))
         if method == "hadamard":
             n_mid = down.in_features
-            _mul_in(down, kron(orthogonal_factors(n_mid)[0]))
+            w = down.weight.data
+            w.copy_(kron_apply(w.double(), orthogonal_factors(n_mid)[0]).to(w.dtype))
             set_input_transform(down, n_mid)
             online[f"{arch.layers_prefix()}{i}.{arch.down}"] = n_mid
     record = {"method": method, "seed": seed, "residual": construction + " with random signs",

@@ -112,6 +112,12 @@ def main() -> None:
 
 
 def save(data: dict) -> None:
+    """Write the results, keeping rows another run of this script (a parallel --only) wrote meanwhile."""
+    path = RESULTS / "rotations.json"
+    if path.is_file():
+        disk = json.loads(path.read_text())
+        if disk.get("setup") == data["setup"]:
+            data["rows"] = {**disk.get("rows", {}), **data["rows"]}
     base = data["float"]
     rows = []
     for name, (_, what) in SCHEMES.items():

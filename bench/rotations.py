@@ -42,6 +42,7 @@ def _cfg(weights: str, acts: str | None, algorithms=()) -> QuantConfig:
 SCHEMES = {   # in the order they run: the targets first
     "nvfp4": (lambda: preset("nvfp4"), "preset nvfp4: NVFP4 W4A4 (16-element blocks, FP8 scales), round to nearest"),
     "w4a8": (lambda: preset("w4a8"), "preset w4a8: int4 g64 weights, int8 per-token dynamic activations, SmoothQuant 0.5 + GPTQ"),
+    "w4a8-rtn": (lambda: _cfg("int4_g64", "int8_token"), "int4 g64 weights, int8 per-token dynamic activations, round to nearest"),
     "w4a16-rtn": (lambda: preset("w4a16-rtn"), "W4A16 int4 g64 symmetric, round to nearest"),
     "w4a4-int": (lambda: _cfg("int4_g64", "int4_token"), "int4 g64 weights, int4 per-token dynamic activations, round to nearest"),
     "mxfp4": (lambda: preset("mxfp4"), "preset mxfp4: MXFP4 W4A4 (32-element blocks, E8M0 scales), round to nearest"),

@@ -5,8 +5,9 @@ Each scheme is quantized twice from the float32 model on the same 64 x 512 calib
 online Hadamard before down_proj), and scored on two texts calibration never saw: the wiki evaluation
 split and the news domain (40 x 512 tokens each, by default). PTQ only, no training.
 
-    python bench/rotations.py                       # every row (about an hour on 2 quiet cores)
-    python bench/rotations.py --only nvfp4,w4a8     # some schemes; rows already in the results file are kept
+    python bench/rotations.py                       # every row, 40 windows per domain (the protocol)
+    python bench/rotations.py --windows 8 --only nvfp4,w4a8-rtn   # what was run (machine loaded); rows already in the
+                                                                  # results file are kept, parallel runs merge their rows
 
 Rows are written to bench/results/rotations.json after each one, so an interrupted run keeps what it
 measured and a rerun skips rows already there (``--redo`` measures them again).

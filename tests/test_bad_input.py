@@ -534,3 +534,40 @@ def test_bin_weights_load_without_running_code(tmp_path, tiny_folder):
     with pytest.raises(LeanLMError, match="cannot load model"):
         leanlm.load(str(tiny_folder))
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ rotations (quantization/rotate.py)
+
+# (argv, message): MODEL is the tiny Llama folder, GEMMA a tiny Gemma-3 folder, RECIPE a recipe file's text.
+ROTATE = [
+    (["quantize", "MODEL", "--scheme", "w8a16", "--rotate", "givens", "--out", "OUT"], "argument --rotate: invalid choice: 'givens'"),
+    (["quantize", "MODEL", "--mixed", "4.5", "--rotate", "hadamard", "--out", "OUT"], "rotate does not combine with mixed"),
+    (["quantize", "GEMMA", "--scheme", "w8a16", "--rotate", "hadamard", "--seq-len", "64", "--out", "OUT"], "Gemma-3 cannot absorb a rotation"),
+    (["quantize", "m.onnx", "--scheme", "int8-dynamic", "--rotate", "hadamard", "--out", "OUT"], "--rotate folds a rotation"),
+    (["run", "RECIPE:quantize: {scheme: w8a16, rotate: givens}", "--out", "OUT"], "unknown rotation 'givens'"),
+    (["run", "RECIPE:quantize: {scheme: w4a16-rtn, rotate: hadamard}\n  - export: {to: gguf}", "--out", "OUT"],
+     "gguf cannot carry the online Hadamard"),
+    (["quantize", "MODEL", "--scheme", "w4a16-rtn", "--rotate", "hadamard", "--max-memory", "2GB", "--out", "OUT"],
+     "does not run block by block"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", ROTATE, ids=[m[:30] for _, m in ROTATE])
+def test_bad_rotations(capsys, tmp_path, tiny_folder, tiny_tokenizer, argv, msg):
+    """An unknown rotation, one that cannot combine, a family whose norms cannot absorb it (Gemma-3's sandwich
+    norms), an exporter that cannot carry the online Hadamard: one clear line, before any work, nothing written."""
+    from test_arch import make_model
+
+    def arg(a):
+        if a == "GEMMA":
+            make_model("gemma3").save_pretrained(tmp_path / "gemma")
+            tiny_tokenizer.save_pretrained(tmp_path / "gemma")
+            return str(tmp_path / "gemma")
+        if a.startswith("RECIPE:"):
+            (tmp_path / "r.yaml").write_text(f"model: {tiny_folder}\nsteps:\n  - {a[len('RECIPE:'):]}\n")
+            return str(tmp_path / "r.yaml")
+        return {"MODEL": str(tiny_folder), "OUT": str(tmp_path / "out")}.get(a, a)
+
+    code, err = _run(capsys, [arg(a) for a in argv])
+    assert code == 2 and msg in _one_line_error(err), err
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ def test_round_trip_restores_quantizers_masks_layer_map_and_history(tmp_path, ti
     assert {MANIFEST, MASKS_FILE, "model.safetensors", "config.json"} <= files
     assert not files & {"leanlm_quant.json", "leanlm_sparsity.json", "leanlm_prune.json"}  # one manifest, no sidecars
     man = json.loads((out / MANIFEST).read_text())
-    assert man["format"] == 1 and man["leanlm_version"] == leanlm.__version__
+    assert man["format"] == leanlm.state.FORMAT and man["leanlm_version"] == leanlm.__version__
     back, tok = leanlm.load(out)
     assert tok is not None
     assert set(quantizers(back)) == set(quantizers(p))

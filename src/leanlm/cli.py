@@ -220,6 +220,9 @@ def _cmd_quantize_onnx(a) -> dict:
 
     from .evaluation.memory import checkpoint_bytes
 
+    if a.rotate:
+        raise LeanLMError("--rotate folds a rotation into a PyTorch model's weights; quantize the Hugging Face model (then export "
+                          "to onnx) instead of an .onnx file")
     tok = None
     if a.scheme == "int8-static" and a.tokenizer:
         tok = _load(a.tokenizer, "float32", a.trust_remote_code)[1]
@@ -236,7 +239,8 @@ def cmd_quantize(a) -> dict:
     from .recipe import QuantizeStep
 
     step = QuantizeStep(scheme=a.scheme, config=a.config, mixed=a.mixed, menu=a.menu, kv_cache=a.kv_cache, samples=a.samples,
-                        seq_len=a.seq_len, calib=a.calib, gptq_bf16=a.gptq_bf16, eval=a.eval, max_memory=a.max_memory)
+                        seq_len=a.seq_len, calib=a.calib, gptq_bf16=a.gptq_bf16, eval=a.eval, max_memory=a.max_memory,
+                        rotate=a.rotate)
     s, res = _one_step(a, step)
     f = res.figures
     r = {"model": a.model, "scheme": a.scheme or a.config or f"mixed {a.mixed} bits", "out": a.out, "mixed": f.get("mixed"),
@@ -585,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv-cache", choices=["int8", "fp8"], help="also quantize the KV cache")
     sp.add_argument("--gptq-bf16", action="store_true", help="GPTQ: run the calibration forwards in bfloat16 (faster on CPUs "
                     "with AVX512-BF16/AMX, slightly worse result; see docs/quantization.md)")
+    sp.add_argument("--rotate", choices=["hadamard", "hadamard-fold"], help="fold a Hadamard rotation into the model first "
+                    "(QuaRot; hadamard adds an online one before down_proj, which GGUF / compressed-tensors / hf cannot carry)")
     sp.add_argument("--samples", type=COUNT, default=128, help="calibration sequences")
     sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence")
     sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")

@@ -40,6 +40,7 @@ class Facts:
     sparse: bool = False
     vocab: int | None = None
     context: int | None = None                       # max_position_embeddings: the longest sequence a step may use
+    online_rotation: bool = False                    # runs an online Hadamard (quantize rotate="hadamard")
 
 
 @dataclass
@@ -121,6 +122,7 @@ def source_facts(spec: str) -> Facts:
             rules = [(n, e["config"]) for n, e in q["quantizers"].items()]
             _quant_facts(f, rules)
         f.sparse = bool((man.get("sparsity") or {}).get("masks"))
+        f.online_rotation = bool((man.get("rotation") or {}).get("online"))
     return f
 
 
@@ -164,9 +166,17 @@ class QuantizeStep(Step):
     gptq_bf16: bool = False
     eval: bool = False
     max_memory: str | None = None    # e.g. "2GB": calibrate block by block from disk within this budget (core/offload.py)
+    rotate: str | None = None        # hadamard | hadamard-fold (quantization/rotate.py); None: as the config says
 
     def validate(self) -> None:
         from .quantization import PRESETS
+        from .quantization.rotate import METHODS
+
+        if self.rotate is not None and self.rotate not in METHODS:
+            raise LeanLMError(f"unknown rotation {self.rotate!r}; choose one of: {', '.join(METHODS)}")
+        if self.rotate is not None and self.mixed is not None:
+            raise LeanLMError("rotate does not combine with mixed (the precision search runs on the unrotated model); "
+                              "use a scheme or a config with the rotation")
 
         if (self.scheme is not None) + (self.config is not None) + (self.mixed is not None) != 1:
             raise LeanLMError(f"pass exactly one of scheme ({', '.join(PRESETS)}), config (a QuantConfig) or mixed (bits per weight)")
@@ -174,6 +184,9 @@ class QuantizeStep(Step):
                        "max_memory on a machine that holds the model, or pass its per-layer formats as config" if self.mixed is not None else None)
         if self.scheme is not None or self.config is not None:
             cfg = self.quant_config()
+            if self.max_memory and getattr(cfg, "rotate", None):
+                raise LeanLMError("a rotation transforms the whole residual stream at once and does not run block by block; "
+                                  "drop max_memory (--max-memory) or the rotation")
             if self.gptq_bf16 and not any(type(x).__name__ == "GPTQ" for x in cfg.algorithms):
                 raise LeanLMError("--gptq-bf16 applies to schemes that use GPTQ (e.g. w4a16-gptq); this one does not")
 
@@ -191,6 +204,8 @@ class QuantizeStep(Step):
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise LeanLMError(f"cannot read the quantization config {self.config if isinstance(self.config, str) else ''}: {e}") from None
         cfg.calib_samples, cfg.calib_seq_len = self.samples, self.seq_len
+        if self.rotate is not None:
+            cfg.rotate = self.rotate
         if self.gptq_bf16:
             for x in cfg.algorithms:
                 if type(x).__name__ == "GPTQ":
@@ -200,12 +215,17 @@ class QuantizeStep(Step):
     def check(self, f: Facts) -> None:
         if f.quantized:
             raise LeanLMError("the model is already quantized; quantize the float model once (use qat/qad to train a quantized one)")
+        if f.sparse and self.mixed is None and self.quant_config().rotate:
+            raise LeanLMError("a rotation mixes every weight and would destroy the sparsity masks; quantize with the rotation "
+                              "before sparsifying, or without it")
 
     def after(self, f: Facts) -> None:
         if self.mixed is not None:
             f.quantized, f.weight_kinds = True, f.weight_kinds | {"int"}
         else:
-            _quant_facts(f, self.quant_config().rules)
+            cfg = self.quant_config()
+            _quant_facts(f, cfg.rules)
+            f.online_rotation = f.online_rotation or cfg.rotate == "hadamard"
 
     def run(self, s: ModelState, ctx: Context) -> dict:
         from .core.data import calibration_batches
@@ -634,6 +654,11 @@ class ExportStep(Step):
             raise LeanLMError("quant (--quant) applies to gguf (F16, Q8_0, Q4_0, Q4_K_M, ...); other formats keep the model's own quantization")
 
     def check(self, f: Facts) -> None:
+        from .export import ONLINE_ROTATION
+
+        if f.online_rotation and self.to not in ONLINE_ROTATION:
+            raise LeanLMError(f"{self.to} cannot carry the online Hadamard rotation (before down_proj) this model runs; export to "
+                              f"{', '.join(ONLINE_ROTATION)}, or quantize with rotate 'hadamard-fold', which every format carries")
         odd = sorted(f.weight_kinds - {"int"})
         if self.to == "gguf" and (odd or f.act_quant):
             what = f"{', '.join(odd)} weights" if odd else "activation quantization"

@@ -11,10 +11,13 @@ The manifest (format ``FORMAT``; schema in docs/recipes.md)::
      "quantization": {...} | null,    # QuantConfig and every quantizer's state (quantization/serialize.py)
      "sparsity": {"masks": {linear: shape}, ...} | null,   # masks bit-packed in sparsity_masks.safetensors
      "prune": {...} | null,           # the pruned layer map (prune.prune's model.leanlm_prune)
-     "draft": {...} | null}           # a draft model's training log (speculative.make_shallow_draft)
+     "draft": {...} | null,           # a draft model's training log (speculative.make_shallow_draft)
+     "rotation": {...} | null}        # a folded Hadamard rotation and its online parts (quantization/rotate.py)
+
+Format 2 added ``rotation``: a leanlm that reads format 1 would drop a rotated model's online Hadamard.
 
 The state lives on the model as attributes: ``leanlm_quant``, ``weight_mask`` buffers, ``leanlm_prune``,
-``leanlm_draft``, ``leanlm_source`` and ``leanlm_steps``. This module is the only one that knows every
+``leanlm_draft``, ``leanlm_rotation``, ``leanlm_source`` and ``leanlm_steps``. This module is the only one that knows every
 technique's saved form; the core (leanlm.core) knows none of them.
 """
 
@@ -33,7 +36,7 @@ from .core.errors import LeanLMError
 from .core.io import atomic_dir
 
 MANIFEST = "leanlm.json"
-FORMAT = 1
+FORMAT = 2
 MASKS_FILE = "sparsity_masks.safetensors"
 # Sidecars written by leanlm before the manifest; read only to load such folders.
 OLD_SIDECARS = {"quantization": "leanlm_quant.json", "sparsity": "leanlm_sparsity.json", "prune": "leanlm_prune.json",
@@ -83,7 +86,8 @@ def manifest_of(model: nn.Module, masks: dict | None = None) -> dict:
         sparsity = {**(getattr(model, "leanlm_sparsity", None) or {}), "masks": masks}
     return {"format": FORMAT, "leanlm_version": _version(), "source": getattr(model, "leanlm_source", None),
             "steps": list(getattr(model, "leanlm_steps", None) or []), "quantization": quant, "sparsity": sparsity,
-            "prune": getattr(model, "leanlm_prune", None), "draft": getattr(model, "leanlm_draft", None)}
+            "prune": getattr(model, "leanlm_prune", None), "draft": getattr(model, "leanlm_draft", None),
+            "rotation": getattr(model, "leanlm_rotation", None)}
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
@@ -197,6 +201,10 @@ def load(model: str | os.PathLike | nn.Module, *, dtype: str | torch.dtype = "fl
         check_safetensors(folder / MASKS_FILE)
         restore_masks(m, load_file(str(folder / MASKS_FILE)), sp["masks"], where=str(folder))
         m.leanlm_sparsity = {k: v for k, v in sp.items() if k != "masks"}
+    if man.get("rotation"):
+        from .quantization.rotate import attach_online
+
+        attach_online(m, man["rotation"])
     for key, attr in (("prune", "leanlm_prune"), ("draft", "leanlm_draft")):
         if man.get(key) is not None:
             setattr(m, attr, man[key])

@@ -192,7 +192,8 @@ def find_mappings(layer: nn.Module, x: torch.Tensor, kw: dict) -> list[SharedInp
     for n, m in linears.items():
         if n.endswith("up_proj"):
             down = linears.get(n[: -len("up_proj")] + "down_proj")
-            if down is not None and down.in_features == m.out_features:
+            # a down_proj whose input is transformed at run time (an online rotation) has no channel-wise link to up_proj
+            if down is not None and down.in_features == m.out_features and getattr(down, "input_transform", None) is None:
                 maps.append(SharedInput(m, False, 0.0, [down]))
     return maps
 

@@ -55,6 +55,24 @@ def load_source(model_or_dir, tokenizer=None):
     return load(model_or_dir, tokenizer=tokenizer)
 
 
+# Formats that carry a rotation applied at run time (quantization/rotate.py's online Hadamard before
+# down_proj): ONNX traces it into the graph. The others hold weights only (GGUF / llama.cpp, a plain
+# Hugging Face folder) or a transform config whose Hadamard is built differently from leanlm's
+# (compressed-tensors 0.20); a fold-only rotation (``hadamard-fold``) exports to every format.
+ONLINE_ROTATION = ("onnx",)
+
+
+def check_rotation(model, to: str) -> None:
+    """A clear error when `model` needs an online rotation that format `to` cannot carry."""
+    from ..quantization.rotate import online_transforms
+
+    online = online_transforms(model)
+    if online and to not in ONLINE_ROTATION:
+        raise LeanLMError(f"{to} cannot carry the online Hadamard rotation before {next(iter(online))} (and {len(online) - 1} more) "
+                          f"that this model runs at inference; export it to {', '.join(ONLINE_ROTATION)}, or quantize with "
+                          "rotate 'hadamard-fold' (no online part), which every format carries")
+
+
 def export(model_or_dir, to: str, out: str | os.PathLike, *, overwrite: bool = False, tokenizer=None, **opts) -> Path:
     """Export a model (an in-memory module, a built-in name, an HF folder or a folder saved by
     `leanlm quantize`) to format `to` at `out`; returns the written path.
@@ -67,6 +85,7 @@ def export(model_or_dir, to: str, out: str | os.PathLike, *, overwrite: bool = F
     if out.exists() and not overwrite:
         raise LeanLMError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
     model, tok = load_source(model_or_dir, tokenizer)
+    check_rotation(model, to)
     # Sparsity masks are training state: their zeros are in the weights, no deployment format holds the masks.
     mods = dict(model.named_modules())
     masks = {n: m._buffers.pop("weight_mask") for n, m in mods.items() if m._buffers.get("weight_mask") is not None}
@@ -77,4 +96,4 @@ def export(model_or_dir, to: str, out: str | os.PathLike, *, overwrite: bool = F
             mods[n]._buffers["weight_mask"] = b
 
 
-__all__ = ["export", "FORMATS", "load_source"]
+__all__ = ["export", "FORMATS", "ONLINE_ROTATION", "check_rotation", "load_source"]

@@ -67,6 +67,10 @@ def quantize(
         raise LeanLMError("the config's rules enable no quantizer; nothing to do")
     _check_weights_finite(model)
     _check_shapes(model, resolved)
+    if config.rotate:
+        from .rotate import check_rotatable
+
+        check_rotatable(model, config.rotate)
     ids = None
     if needs_data(resolved, config):
         if calib_data is None:
@@ -76,6 +80,10 @@ def quantize(
         ids = calib_data
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise LeanLMError(f"calib_data must be a 2-D LongTensor of token ids [N, L], got {tuple(ids.shape)} {ids.dtype}")
+    if config.rotate:
+        from .rotate import rotate
+
+        rotate(model, config.rotate)
     insert_quantizers(model, resolved)
     was_training = model.training
     model.eval()

@@ -147,13 +147,25 @@ ALGORITHMS = {"smoothquant": SmoothQuant, "awq": AWQ, "gptq": GPTQ, "autoround":
 
 @dataclass
 class QuantConfig:
-    """What to quantize (rules), how (algorithms, applied in order per layer) and on how much text."""
+    """What to quantize (rules), how (algorithms, applied in order per layer) and on how much text.
+
+    ``rotate``: fold a rotation into the float model first (``quantization/rotate.py``, QuaRot):
+    ``hadamard`` (residual stream, value heads, and an online Hadamard before down_proj) or
+    ``hadamard-fold`` (no online part, so every exporter can carry it); None: no rotation.
+    """
 
     rules: list[tuple[str, QuantizerConfig | None]]
     algorithms: list[Algorithm] = field(default_factory=list)
     calib_samples: int = 128
     calib_seq_len: int = 512
     calib_batch: int = 8
+    rotate: str | None = None
+
+    def __post_init__(self):
+        from .rotate import METHODS
+
+        if self.rotate is not None and self.rotate not in METHODS:
+            raise LeanLMError(f"unknown rotation {self.rotate!r}; choose one of: {', '.join(METHODS)}")
 
     def resolve(self, names: list[str]) -> dict[str, QuantizerConfig]:
         """Map each quantizer name to its config (later rules win); unmatched or disabled names are left out.
@@ -175,6 +187,7 @@ class QuantConfig:
             "rules": [[p, asdict(q) if q else None] for p, q in self.rules],
             "algorithms": [{"name": type(a).__name__.lower(), **asdict(a)} for a in self.algorithms],
             "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len, "calib_batch": self.calib_batch,
+            **({"rotate": self.rotate} if self.rotate else {}),
         }
 
     @classmethod
@@ -185,7 +198,7 @@ class QuantConfig:
             algos.append(ALGORITHMS[a.pop("name")](**a))
         rules = [(p, QuantizerConfig(**q) if q else None) for p, q in d["rules"]]
         return cls(rules=rules, algorithms=algos, calib_samples=d.get("calib_samples", 128),
-                   calib_seq_len=d.get("calib_seq_len", 512), calib_batch=d.get("calib_batch", 8))
+                   calib_seq_len=d.get("calib_seq_len", 512), calib_batch=d.get("calib_batch", 8), rotate=d.get("rotate"))
 
 
 W = "*weight_quantizer"

@@ -104,6 +104,8 @@ class Decoder(nn.Module):
             L = Layer()
             for name, group in zip(("qkv", "o", "gate_up", "down"), spec.groups):
                 setattr(L, name, pk([hl.get_submodule(n) for n in group], L, name))
+            # an online rotation of down_proj's input (quantization/rotate.py), shared with the HF module
+            L.down_in = getattr(hl.get_submodule(spec.down), "input_transform", None)
             for name, norm in zip(("ln1", "ln2", "ln3", "ln4"), spec.layer_norms):
                 L.register_buffer(name, _norm_w(hl.get_submodule(norm), spec))
             for name, norm in zip(("qn", "kn"), spec.qk_norms):
@@ -268,7 +270,10 @@ class Decoder(nn.Module):
             if L.gate_up_bias is not None:
                 gu = gu + L.gate_up_bias.to(gu.dtype)
             g_, u = gu[..., : s.intermediate], gu[..., s.intermediate:]
-            h = L.down((F.silu(g_) if s.act == "silu" else F.gelu(g_, approximate="tanh")) * u)
+            h = (F.silu(g_) if s.act == "silu" else F.gelu(g_, approximate="tanh")) * u
+            if L.down_in is not None:
+                h = L.down_in(h.float()).to(dt)
+            h = L.down(h)
             if L.down_bias is not None:
                 h = h + L.down_bias
             x = x + (self._rms(h.float(), L.ln4) if s.ffn_norms else h)

@@ -83,14 +83,6 @@ class QualityProbe:
             self._ref[key] = (lg.argmax(-1), nll, logp[:: self.kl_stride].to(torch.bfloat16))
         return self._ref[key]
 
-    def drop_model(self) -> None:
-        """Forget the original model once every reference window is computed (frees its memory)."""
-        for i in range(len(self.search)):
-            self._reference("search", i)
-        for i in range(len(self.check)):
-            self._reference("check", i)
-        self.model = None
-
     @torch.inference_mode()
     def measure(self, model, windows: int | None = None, split: str = "search") -> Quality:
         """Quality of `model` on the first `windows` windows of `split` ("search" or "check")."""

@@ -174,8 +174,6 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
     t = time.perf_counter()
     probe._reference("search", 0)
     fwd_s = time.perf_counter() - t             # one float forward of a window (plus its reference bookkeeping)
-    probe.drop_model()
-    probe.model = base.model
     texts = read_user_texts(cfg.quality_text) if cfg.quality_text else None
     from ..core.data import evaluation_texts
     from ..evaluation.speed import protocol_prompts
@@ -189,8 +187,9 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
     t = time.perf_counter()
     base_gen(prompts, 8, lambda: None)
     tok_s = 8 / (time.perf_counter() - t)      # baseline tokens/s: the unit of a speed trial's cost
+    serve_runs = max(1, cfg.runs - 1)          # a serving round generates 2 x concurrency x new_tokens tokens
     speed_s = {"runtime": cfg.runs * 2.2 * cfg.new_tokens / tok_s + 5,
-               "serving": cfg.runs * (cfg.new_tokens / tok_s + 2 * cfg.concurrency * cfg.new_tokens / (3 * tok_s)) + 5}
+               "serving": serve_runs * (cfg.new_tokens / tok_s + 2 * cfg.concurrency * cfg.new_tokens / (3 * tok_s)) + 5}
     reserve = 3 * cfg.check_windows * fwd_s + 10 * fwd_s + 5   # final check, save, exports, report
     first = 2 * fwd_s + (cfg.short_windows + cfg.search_windows) * 1.5 * fwd_s + min(speed_s.values())
     _say(cfg, console, f"reference ready in {clock.spent():.0f} s: one window forward {fwd_s:.2f} s, baseline {tok_s:.1f} tokens/s")
@@ -313,7 +312,7 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                 if dep.engine == "runtime":
                     fig = measure_runtime(model, dep, prompts, base_gen, cfg.new_tokens, cfg.runs, cfg.price_per_hour)
                 else:
-                    fig = measure_serving(model, base.tokenizer, dep, serve_prompts, base_gen, prompts, cfg.new_tokens, cfg.runs,
+                    fig = measure_serving(model, base.tokenizer, dep, serve_prompts, base_gen, prompts, cfg.new_tokens, serve_runs,
                                           cfg.price_per_hour)
             except LeanLMError as e:
                 log.add({"type": "failed", "candidate": c.name, "deployment": dep.to_dict(), "reason": str(e)})

@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, setup_threads, write_results  # noqa: E402
 
 
-def run_objective(model: str, objective: str, budget_s: float, out: Path, concurrency: int, price: float) -> dict:
+def run_objective(model: str, objective: str, budget_s: float, out: Path, concurrency: int, price: float, a) -> dict:
     from rich.console import Console
 
     from leanlm.optimize import OptimizeConfig, optimize
 
     cfg = OptimizeConfig(model, str(out), max_quality_loss=0.05, objective=objective, concurrency=concurrency, budget_s=budget_s,
-                         price_per_hour=price, progress=True)
+                         price_per_hour=price, progress=True, window=a.window, search_windows=a.search_windows,
+                         check_windows=a.check_windows, short_windows=a.short_windows, new_tokens=a.new_tokens, runs=a.speed_runs)
     t = time.perf_counter()
     r = optimize(cfg, console=Console(stderr=True))
     r["wall_s"] = time.perf_counter() - t
@@ -75,6 +76,12 @@ def main() -> None:
     ap.add_argument("--price-per-hour", type=float, default=0.10)
     ap.add_argument("--runs", type=int, default=5, help="interleaved runs of the llama.cpp comparison")
     ap.add_argument("--keep", default=None, help="keep the optimize folders here")
+    ap.add_argument("--window", type=int, default=512, help="tokens per quality window")
+    ap.add_argument("--search-windows", type=int, default=8)
+    ap.add_argument("--check-windows", type=int, default=8)
+    ap.add_argument("--short-windows", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--speed-runs", type=int, default=3)
     a = ap.parse_args()
     setup_threads()
     from leanlm.optimize import parse_search_budget
@@ -87,7 +94,7 @@ def main() -> None:
         budget = parse_search_budget(a.latency_budget if objective == "latency" and a.latency_budget else a.budget)
         out = work / objective
         shutil.rmtree(out, ignore_errors=True)
-        r = run_objective(a.model, objective, budget, out, a.concurrency, a.price_per_hour)
+        r = run_objective(a.model, objective, budget, out, a.concurrency, a.price_per_hour, a)
         c, s, q = r["chosen"], r["chosen"]["speed"], r["check"]["quality"]
         d = {"budget_s": budget, "search_s": r["wall_s"], "within_budget_plus_10pct": r["wall_s"] <= 1.1 * budget,
              "chosen": c["candidate"], "deployment": c["label"], "tokens_per_s": s["tokens_per_s"], "decode_tps": s.get("decode_tps"),
@@ -112,8 +119,10 @@ def main() -> None:
           f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. **Machine loaded**: ~6 engineers shared these 2 cores "
           "while this ran; every speed figure is a ratio against naive transformers bfloat16 generate (one request at a time) "
           f"measured interleaved in the same search. Price ${a.price_per_hour}/h. Quality: perplexity increase vs the float32 "
-          "model; the search scores on evaluation windows 1-8 (512 tokens each), the final check on windows 9-16, which the "
-          "search never saw.\n",
+          f"model; the search scores on evaluation windows 1-{a.search_windows} ({a.window} tokens each), the final check on "
+          f"windows {a.search_windows + 1}-{a.search_windows + a.check_windows}, which the search never saw. Speed trials: "
+          f"{a.new_tokens} new tokens, {a.speed_runs} interleaved runs at batch 1 ({max(1, a.speed_runs - 1)} serving rounds of "
+          f"{2 * a.concurrency} requests at concurrency {a.concurrency}).\n",
           md_table(["objective", "budget s", "search s", "chosen", "deployment", "tokens/s", "$ / 1M tok", "baseline $ / 1M tok",
                     "cheaper", "loss (search windows)", "loss (held-out check windows)"], rows)]
     lat = results.get("latency", {}).get("llamacpp")

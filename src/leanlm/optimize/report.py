@@ -19,7 +19,8 @@ def _fmt(v, kind: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return {"pct": f"{v:+.2%}", "frac": f"{v:.1%}", "kl": f"{v:.4f}", "tps": f"{v:.1f}", "usd": f"${v:.4f}",
-            "mb": f"{v / 1e6:.0f} MB" if v >= 1e7 else f"{v / 1e6:.2f} MB", "x": f"{v:.2f}x", "ppl": f"{v:.3f}", "s": f"{v:.0f} s"}[kind].replace("$-", "-$")
+            "mb": f"{v / 1e6:.0f} MB" if v >= 1e7 else f"{v / 1e6:.2f} MB", "s1": f"{v:.1f}", "b": f"{v:.3f}",
+            "x": f"{v:.2f}x", "ppl": f"{v:.3f}", "s": f"{v:.0f} s"}[kind].replace("$-", "-$")
 
 
 def _cell(v, kind: str, field: str) -> str:
@@ -158,6 +159,15 @@ ${cfg['price_per_hour']}/h, budget {cfg['budget_s']:.0f} s, search took {summary
                      + _cell(s.get("speedup"), "x", "speedup") + _cell(s.get("usd_per_mtok"), "usd", "usd_per_mtok")
                      + _cell(s.get("memory_bytes"), "mb", "memory_bytes") + f"<td class='l'>{e(row['status'])}</td></tr>")
     parts.append("</table>")
+    fmt = next((r["costs"] for r in records if r.get("type") == "formats"), None)
+    if fmt:
+        shape = next(iter(fmt.values()))["shape"]
+        parts.append(f"<h2>Format costs on this machine</h2><p class='muted'>One batch-1 matmul with the model's largest weight "
+                     f"{shape[0]} x {shape[1]}, packed as the runtime packs it (median of 5 interleaved rounds); the mixed-precision "
+                     "candidate is tried for speed objectives only when int4 is faster than int8 here.</p><table id='formats'>"
+                     "<tr><th>format</th><th>us per matmul</th><th>bytes per weight</th></tr>"
+                     + "".join(f"<tr><td>{e(k)}</td>" + _cell(v["us_per_call"], "s1", "us_per_call") + _cell(v["bytes_per_weight"], "b", "bytes")
+                               + "</tr>" for k, v in fmt.items()) + "</table>")
     m = summary["machine"]
     parts.append(f"<h2>Machine</h2><p>{e(str(m.get('cpu')))}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads, torch "
                  f"{e(str(m.get('torch')))}. Speeds are ratios against the baseline measured in the same interleaved runs; absolute "

@@ -29,7 +29,7 @@ import torch
 
 from ..core.errors import LeanLMError
 from ..recipe import EXPORT_NAMES, Context, EvalStep, ExportStep, ModelState, Recipe, open_state, run_step
-from .measure import Deployment, baseline_generator, measure_runtime, measure_serving, serving_prompts
+from .measure import Deployment, baseline_generator, format_costs, measure_runtime, measure_serving, serving_prompts
 from .quality import QualityProbe
 from .space import Candidate, SpaceSettings, candidates, deployments, prune_target
 
@@ -190,7 +190,7 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
     serve_runs = max(1, cfg.runs - 1)          # a serving round generates 2 x concurrency x new_tokens tokens
     speed_s = {"runtime": cfg.runs * 2.2 * cfg.new_tokens / tok_s + 5,
                "serving": serve_runs * (cfg.new_tokens / tok_s + 2 * cfg.concurrency * cfg.new_tokens / (3 * tok_s)) + 5}
-    reserve = 3 * cfg.check_windows * fwd_s + 10 * fwd_s + 5   # final check, save, exports, report
+    reserve = 2.5 * cfg.check_windows * fwd_s + 2 * fwd_s + 5   # final check (its reference too), save, exports, report
     first = 2 * fwd_s + (cfg.short_windows + cfg.search_windows) * 1.5 * fwd_s + min(speed_s.values())
     _say(cfg, console, f"reference ready in {clock.spent():.0f} s: one window forward {fwd_s:.2f} s, baseline {tok_s:.1f} tokens/s")
     if first + reserve > clock.left():
@@ -203,6 +203,13 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
         _say(cfg, console, f"resuming the search in {out}: {log.resumed} finished trials are kept")
     body = base.model.model if hasattr(base.model, "model") else base.model
     n_lin = sum(isinstance(m, torch.nn.Linear) for m in body.modules())
+    fmt = log.find(type="formats")
+    if fmt is None:   # the measured cost of each packed format, on the model's largest linear weight
+        big = max((m for m in body.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.weight.numel())
+        fmt = log.add({"type": "formats", "costs": format_costs(big.weight)})
+    costs = fmt["costs"]
+    _say(cfg, console, "format costs on this machine: " + ", ".join(f"{k} {v['us_per_call']:.0f} us / {v['bytes_per_weight']:.2f} B per weight"
+                                                                  for k, v in costs.items()))
     st = SpaceSettings(samples=cfg.samples, seq_len=min(512, cfg.window), budget_s=cfg.budget_s, objective=cfg.objective,
                        concurrency=cfg.concurrency, linears=n_lin)
     space = candidates(st)
@@ -243,9 +250,9 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
     bar = tqdm(space, desc="optimize", unit="candidate", disable=not cfg.progress)
     for c in bar:
         bar.set_postfix_str(f"{c.name}, {clock.left():.0f} s left")
-        if any(r.get("candidate") == c.name and (r.get("type") in ("pruned", "failed") or (r.get("type") == "skip" and
-               not r.get("budget_related"))) for r in log.records):   # a budget skip is tried again on resume
-            continue
+        if any(r.get("candidate") == c.name and (r.get("type") == "failed" or (r.get("type") == "pruned" and r.get("target") == target)
+               or (r.get("type") == "skip" and not r.get("budget_related"))) for r in log.records):
+            continue   # finished earlier (a budget skip is tried again on resume; a stop under another target is redone)
         why = None
         if c.skip:
             why = c.skip
@@ -254,16 +261,23 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                 recipe_of(c, cfg.exports).validate()
             except LeanLMError as e:
                 why = f"cannot be exported as asked: {e}"
+        if why is None and c.name.startswith("mixed") and cfg.objective != "memory" and \
+                costs["int4"]["us_per_call"] >= costs["int8"]["us_per_call"]:
+            why = (f"int4 is not faster than int8 on this machine ({costs['int4']['us_per_call']:.0f} vs "
+                   f"{costs['int8']['us_per_call']:.0f} us per matmul): mixing int4 layers in saves bytes, not time")
         if why is None and c.min_budget_s > cfg.budget_s:
             why = f"tried only with --budget >= {c.min_budget_s / 60:.0f}m"
         if why is None and c.after is not None:
             ref = full_loss.get(c.after)
+            if ref is None:   # stopped at rung 0: its short loss tells as much
+                ref = next((r["quality"]["loss"] for r in log.records if r.get("type") == "quality" and r["candidate"] == c.after), None)
             if ref is None:
-                why = f"its cheaper relative {c.after} was not fully evaluated"
+                why = f"budget: its cheaper relative {c.after} was not evaluated"
             elif ref <= target:
                 why = f"{c.after} already meets the target ({ref:.2%}); this costs more to build for the same format"
             elif ref > c.reach * target:
-                why = f"{c.after} loses {ref:.1%}; this recovers at most about {1 - 1 / c.reach:.0%} of it, short of {target:.1%}"
+                why = (f"{c.after} loses {ref:.1%}, over {c.reach:g}x the target of {target:.1%}; {c.name} is not expected to "
+                       "close that gap")
         est = c.forwards * fwd_s * 1.2 + c.train_s + (cfg.short_windows + cfg.search_windows) * 1.5 * fwd_s
         if why is None and est + reserve > clock.left():
             why = f"budget: needs about {est:.0f} s, {max(clock.left() - reserve, 0):.0f} s left"
@@ -284,7 +298,7 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                 log.add({"type": "failed", "candidate": c.name, "reason": str(e)})
                 _say(cfg, console, f"[red]{c.name} failed: {e}[/red]")
                 break
-            rec = log.add({"type": "quality", "candidate": c.name, "rung": rung, "recipe": recipe_of(c).to_dict()["steps"],
+            log.add({"type": "quality", "candidate": c.name, "rung": rung, "recipe": recipe_of(c).to_dict()["steps"],
                            "quality": q.to_dict(), "build_s": build_s, "seconds": time.perf_counter() - t + build_s, "note": c.note})
             _say(cfg, console, f"{c.name}: rung {rung} ({q.windows} windows) perplexity {q.perplexity:.3f} "
                                f"({q.loss:+.2%}), agreement {q.agreement:.1%}, KL {q.kl:.4f}")
@@ -292,7 +306,7 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
             if rung == 1:
                 full_loss[c.name] = q.loss
             if q.loss > limit:
-                log.add({"type": "pruned", "candidate": c.name, "rung": rung, "loss": q.loss,
+                log.add({"type": "pruned", "candidate": c.name, "rung": rung, "loss": q.loss, "target": target,
                          "reason": f"loss {q.loss:.2%} > {limit:.2%} on {q.windows} windows"})
                 break
         qual = log.find(type="quality", candidate=c.name, rung=1)
@@ -315,7 +329,11 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                     fig = measure_serving(model, base.tokenizer, dep, serve_prompts, base_gen, prompts, cfg.new_tokens, serve_runs,
                                           cfg.price_per_hour)
             except LeanLMError as e:
-                log.add({"type": "failed", "candidate": c.name, "deployment": dep.to_dict(), "reason": str(e)})
+                log.add({"type": "failed-deploy", "candidate": c.name, "deployment": dep.to_dict(), "reason": str(e)})
+                continue
+            if fig.get("identical_to_greedy") is False:   # speculative decoding must be lossless under greedy decoding
+                log.add({"type": "failed-deploy", "candidate": c.name, "deployment": dep.to_dict(),
+                         "reason": "prompt-lookup output differs from plain greedy decoding"})
                 continue
             log.add({"type": "deploy", "candidate": c.name, "deployment": dep.to_dict(), "label": dep.label(),
                      "quality": qual["quality"], "speed": fig, "seconds": time.perf_counter() - t})

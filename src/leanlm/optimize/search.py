@@ -185,11 +185,18 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
     base_gen = baseline_generator(base.model, base.tokenizer)
     base_gen(prompts, 2, lambda: None)          # warm-up
     t = time.perf_counter()
+    base_gen(prompts, 2, lambda: None)
+    t2 = time.perf_counter() - t
+    t = time.perf_counter()
     base_gen(prompts, 8, lambda: None)
-    tok_s = 8 / (time.perf_counter() - t)      # baseline tokens/s: the unit of a speed trial's cost
+    per_tok = max((time.perf_counter() - t - t2) / 6, 1e-4)   # the baseline's time per decoded token, and its prefill
+    base_run = max(t2 - per_tok, 0) + cfg.new_tokens * per_tok
+    tok_s = cfg.new_tokens / base_run
     serve_runs = max(1, cfg.runs - 1)          # a serving round generates 2 x concurrency x new_tokens tokens
-    speed_s = {"runtime": cfg.runs * 2.2 * cfg.new_tokens / tok_s + 5,
-               "serving": serve_runs * (cfg.new_tokens / tok_s + 2 * cfg.concurrency * cfg.new_tokens / (3 * tok_s)) + 5}
+    # a trial = the baseline's runs + the candidate's (assumed no slower than the baseline at batch 1, and at least twice
+    # its throughput when serving), plus warm-ups
+    speed_s = {"runtime": cfg.runs * 2 * base_run + 2 * t2 + 2,
+               "serving": serve_runs * (base_run + 2 * cfg.concurrency * cfg.new_tokens * per_tok / 2) + 2 * t2 + 2}
     reserve = 2.5 * cfg.check_windows * fwd_s + 2 * fwd_s + 5   # final check (its reference too), save, exports, report
     first = 2 * fwd_s + (cfg.short_windows + cfg.search_windows) * 1.5 * fwd_s + min(speed_s.values())
     _say(cfg, console, f"reference ready in {clock.spent():.0f} s: one window forward {fwd_s:.2f} s, baseline {tok_s:.1f} tokens/s")

@@ -147,7 +147,23 @@ def main() -> None:
     for objective in results:
         rep = work / objective / "report.html"
         if rep.exists():
-            shutil.copy(rep, Path(__file__).resolve().parent / "results" / f"optimize_{objective}_report.html")
+            dest = Path(__file__).resolve().parent / "results" / f"optimize_{objective}_report.html"
+            shutil.copy(rep, dest)
+            screenshot(dest, dest.with_suffix(".png"))
+
+
+def screenshot(page: Path, png: Path) -> None:
+    """A headless Chromium screenshot of the report (skipped without chromium)."""
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        print("chromium not found: no screenshot", flush=True)
+        return
+    with tempfile.TemporaryDirectory() as prof:
+        subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", f"--user-data-dir={prof}", "--window-size=1300,2200",
+                        f"--screenshot={png}", page.resolve().as_uri()], capture_output=True, timeout=120)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,12 @@ def show_optimize(r: dict, console) -> None:
     from ..cli import _table
 
     c, s, q, b = r["chosen"], r["chosen"]["speed"], r["check"]["quality"], r["baseline"]
-    rows = [["generated tokens/s", f"{b['tokens_per_s']:.1f}", f"{s['tokens_per_s']:.1f}", f"{s['speedup']:.2f}x"],
-            ["$ per 1M tokens", f"{b['usd_per_mtok']:.4f}", f"{s['usd_per_mtok']:.4f}", f"{s['cost_ratio']:.1f}x cheaper"],
-            ["memory MB", f"{(b.get('memory_bytes') or 0) / 1e6:.0f}", f"{s['memory_bytes'] / 1e6:.0f}", ""],
+    from .report import _fmt
+
+    rows = [["generated tokens/s", f"{s['baseline_e2e_tps']:.1f}", f"{s['tokens_per_s']:.1f}", f"{s['speedup']:.2f}x"],
+            ["$ per 1M tokens", f"{s['baseline_usd_per_mtok']:.4f}", f"{s['usd_per_mtok']:.4f}", f"{s['cost_ratio']:.1f}x cheaper"],
+            ["memory (weights + KV)", _fmt(b.get("memory_bytes"), "mb"), _fmt(s["memory_bytes"], "mb"), ""],
             ["perplexity (final check)", f"{q['perplexity_base']:.3f}", f"{q['perplexity']:.3f}", f"{q['loss']:+.2%}"]]
     console.print(_table(f"leanlm optimize -> {r['out']}: {c['candidate']}, {c['label']} ({r['seconds']:.0f} s of {r['budget_s']:.0f} s)",
-                         ["", "before (transformers bf16)", "after", "change"], rows))
+                         ["", "before: transformers bf16, one request at a time (same runs)", "after", "change"], rows))
     console.print(f"{r['why']}.\ndeploy: {r['deploy_command']}")

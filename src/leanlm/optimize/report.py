@@ -130,14 +130,14 @@ ${cfg['price_per_hour']}/h, budget {cfg['budget_s']:.0f} s, search took {summary
         s = chosen["speed"]
         parts.append(f"<h2>Chosen: {e(chosen['candidate'])}, {e(chosen['label'])}</h2><p id='why'>{e(summary['why'])}.</p>"
                      f"<p>Deploy: <code>{e(summary['deploy_command'])}</code>; re-run the recipe: <code>leanlm run recipe.yaml --out DIR</code></p>")
-        rows = [("generated tokens/s", _fmt(base.get("tokens_per_s"), "tps"), _fmt(s["tokens_per_s"], "tps")),
-                ("$ per 1M tokens", _fmt(base.get("usd_per_mtok"), "usd"), _fmt(s["usd_per_mtok"], "usd")),
+        rows = [("generated tokens/s", _fmt(s["baseline_e2e_tps"], "tps"), _fmt(s["tokens_per_s"], "tps")),
+                ("$ per 1M tokens", _fmt(s["baseline_usd_per_mtok"], "usd"), _fmt(s["usd_per_mtok"], "usd")),
                 ("memory (weights + KV)", _fmt(base.get("memory_bytes"), "mb"), _fmt(s["memory_bytes"], "mb")),
                 ("perplexity, final-check windows", _fmt(chk["perplexity_base"], "ppl"), _fmt(chk["perplexity"], "ppl")),
                 ("quality loss, final-check windows", "-", _fmt(chk["loss"], "pct")),
                 ("next-token agreement / KL", "-", f"{chk['agreement']:.1%} / {chk['kl']:.4f}")]
-        parts.append("<h2>Before / after</h2><table id='before-after'><tr><th></th><th>before: transformers bf16, one request at a time"
-                     "</th><th>after</th></tr>" + "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in rows)
+        parts.append("<h2>Before / after</h2><table id='before-after'><tr><th></th><th>before: transformers bf16, one request at a time "
+                     "(interleaved with the chosen trial)</th><th>after</th></tr>" + "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in rows)
                      + f"</table><p class='muted'>Cost ratio: {s['cost_ratio']:.1f}x cheaper per token than the baseline in the "
                        f"same interleaved runs. Final-check windows: {chk['windows']} x {cfg['window']} tokens the search never saw.</p>")
     else:

@@ -193,10 +193,11 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
     base_run = max(t2 - per_tok, 0) + cfg.new_tokens * per_tok
     tok_s = cfg.new_tokens / base_run
     serve_runs = max(1, cfg.runs - 1)          # a serving round generates 2 x concurrency x new_tokens tokens
-    # a trial = the baseline's runs + the candidate's (assumed no slower than the baseline at batch 1, and at least twice
-    # its throughput when serving), plus warm-ups
+    # a trial = the baseline's runs + the candidate's (assumed no slower than the baseline at batch 1, and serving at
+    # least concurrency / 2 times its throughput, as continuous batching gives on CPU), plus warm-ups
     speed_s = {"runtime": cfg.runs * 2 * base_run + 2 * t2 + 2,
-               "serving": serve_runs * (base_run + 2 * cfg.concurrency * cfg.new_tokens * per_tok / 2) + 2 * t2 + 2}
+               "serving": serve_runs * (base_run + 2 * cfg.concurrency * cfg.new_tokens * per_tok / max(2, cfg.concurrency / 2))
+               + 2 * t2 + 2}
     reserve = 2.5 * cfg.check_windows * fwd_s + 2 * fwd_s + 5   # final check (its reference too), save, exports, report
     first = 2 * fwd_s + (cfg.short_windows + cfg.search_windows) * 1.5 * fwd_s + min(speed_s.values())
     _say(cfg, console, f"reference ready in {clock.spent():.0f} s: one window forward {fwd_s:.2f} s, baseline {tok_s:.1f} tokens/s")

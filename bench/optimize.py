@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--speed-runs", type=int, default=3)
     a = ap.parse_args()
     setup_threads()
+    from leanlm.core.errors import LeanLMError
     from leanlm.optimize import parse_search_budget
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-optimize."))
@@ -94,7 +95,13 @@ def main() -> None:
         budget = parse_search_budget(a.latency_budget if objective == "latency" and a.latency_budget else a.budget)
         out = work / objective
         shutil.rmtree(out, ignore_errors=True)
-        r = run_objective(a.model, objective, budget, out, a.concurrency, a.price_per_hour, a)
+        try:
+            r = run_objective(a.model, objective, budget, out, a.concurrency, a.price_per_hour, a)
+        except LeanLMError as e:   # e.g. a budget too small on a loaded machine: reported, and the other objective still runs
+            results[objective] = {"budget_s": budget, "error": str(e)}
+            rows.append([objective, f"{budget:.0f}", "-", "-", "-", "-", "-", "-", "-", "-", f"error: {e}"])
+            print(rows[-1], flush=True)
+            continue
         c, s, q = r["chosen"], r["chosen"]["speed"], r["check"]["quality"]
         d = {"budget_s": budget, "search_s": r["wall_s"], "within_budget_plus_10pct": r["wall_s"] <= 1.1 * budget,
              "chosen": c["candidate"], "deployment": c["label"], "tokens_per_s": s["tokens_per_s"], "decode_tps": s.get("decode_tps"),
@@ -134,6 +141,8 @@ def main() -> None:
     elif lat:
         md.append(f"\nllama.cpp comparison failed: {lat['error']}")
     for objective, d in results.items():
+        if "trials" not in d:
+            continue
         md.append(f"\n## {objective}: trials\n")
         trows = []
         for t in d["trials"]:

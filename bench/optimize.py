@@ -39,7 +39,20 @@ def run_objective(model: str, objective: str, budget_s: float, out: Path, concur
     return r
 
 
-def llamacpp_vs_chosen(model: str, r: dict, out: Path, runs: int) -> dict:
+def from_folder(out: Path) -> dict:
+    """A finished search's summary rebuilt from its files (trials.jsonl, deploy.json, report.html)."""
+    import json
+    import re
+
+    trials = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    dep = json.loads((out / "deploy.json").read_text())
+    chosen = next(t for t in trials if t["type"] == "deploy" and t["candidate"] == dep["candidate"] and t["deployment"] == dep["deployment"])
+    check = next(t for t in trials if t["type"] == "check" and t["candidate"] == dep["candidate"])
+    took = float(re.search(r"search took (\d+) s", (out / "report.html").read_text()).group(1))
+    return {"chosen": chosen, "check": check, "trials": trials, "wall_s": took}
+
+
+def llamacpp_vs_chosen(model: str, r: dict, out: Path, runs: int, a) -> dict:
     """Interleaved batch-1 decode of the chosen deployment and llama.cpp Q4_K_M; perplexity of both on the check windows."""
     import decode as dec  # bench/decode.py: the llama.cpp worker client
 
@@ -52,14 +65,14 @@ def llamacpp_vs_chosen(model: str, r: dict, out: Path, runs: int) -> dict:
 
     base, tok = leanlm.load(model)
     gguf = export(base, "gguf", out / "q4km.gguf", overwrite=True, tokenizer=tok, quant="Q4_K_M")
-    probe = QualityProbe(base, tok)
+    probe = QualityProbe(base, tok, None, a.window, a.search_windows, a.check_windows)   # the search's own windows
     q_gguf = probe.measure(leanlm.load(str(gguf))[0], None, split="check")
     chosen, _ = leanlm.load(str(out / "model"))
     dep = Deployment(**r["chosen"]["deployment"])
     prompts = protocol_prompts(tok, 1, 128)
-    eng = Engine(chosen, max_seq_len=128 + 128 + dep.k + 1, allow_fallback=True)
+    eng = Engine(chosen, max_seq_len=128 + a.new_tokens + dep.k + 1, allow_fallback=True)
     llama = dec.LlamaCpp(Path(sys.executable), str(gguf), dec.os.cpu_count(), 512)
-    res = compare_speed({"leanlm": _runtime_generator(eng, dep), "llama.cpp Q4_K_M": llama.generator()}, prompts, 128, runs, 1)
+    res = compare_speed({"leanlm": _runtime_generator(eng, dep), "llama.cpp Q4_K_M": llama.generator()}, prompts, a.new_tokens, runs, 1)
     return {"leanlm_decode_tps": res["leanlm"].decode_tps, "llamacpp_decode_tps": res["llama.cpp Q4_K_M"].decode_tps,
             "ratio": res["leanlm"].decode_tps / res["llama.cpp Q4_K_M"].decode_tps, "llamacpp_version": llama.version,
             "perplexity_llamacpp_q4km_check": q_gguf.perplexity, "perplexity_chosen_check": r["check"]["quality"]["perplexity"],
@@ -75,6 +88,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--price-per-hour", type=float, default=0.10)
     ap.add_argument("--runs", type=int, default=5, help="interleaved runs of the llama.cpp comparison")
+    ap.add_argument("--reuse", action="store_true", help="reuse a finished search found in --keep instead of running it again")
     ap.add_argument("--keep", default=None, help="keep the optimize folders here")
     ap.add_argument("--window", type=int, default=512, help="tokens per quality window")
     ap.add_argument("--search-windows", type=int, default=8)
@@ -94,9 +108,13 @@ def main() -> None:
             continue
         budget = parse_search_budget(a.latency_budget if objective == "latency" and a.latency_budget else a.budget)
         out = work / objective
-        shutil.rmtree(out, ignore_errors=True)
         try:
-            r = run_objective(a.model, objective, budget, out, a.concurrency, a.price_per_hour, a)
+            if a.reuse and (out / "deploy.json").exists():
+                r = from_folder(out)
+                print(f"{objective}: reusing the finished search in {out}", flush=True)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                r = run_objective(a.model, objective, budget, out, a.concurrency, a.price_per_hour, a)
         except LeanLMError as e:   # e.g. a budget too small on a loaded machine: reported, and the other objective still runs
             results[objective] = {"budget_s": budget, "error": str(e)}
             rows.append([objective, f"{budget:.0f}", "-", "-", "-", "-", "-", "-", "-", "-", f"error: {e}"])
@@ -111,7 +129,7 @@ def main() -> None:
              "trials": [t for t in r["trials"]]}
         if objective == "latency":
             try:
-                d["llamacpp"] = llamacpp_vs_chosen(a.model, r, out, a.runs)
+                d["llamacpp"] = llamacpp_vs_chosen(a.model, r, out, a.runs, a)
             except Exception as e:  # reported, not hidden
                 d["llamacpp"] = {"error": f"{type(e).__name__}: {e}"}
         results[objective] = d
@@ -135,7 +153,7 @@ def main() -> None:
     lat = results.get("latency", {}).get("llamacpp")
     if lat and "error" not in lat:
         md.append(f"\nLatency objective vs llama.cpp {lat['llamacpp_version']} Q4_K_M (same model, exported by leanlm), interleaved, "
-                  f"batch 1, 128 new tokens: leanlm {lat['leanlm_decode_tps']:.1f} decode tok/s, llama.cpp {lat['llamacpp_decode_tps']:.1f} "
+                  f"batch 1, {a.new_tokens} new tokens, {a.runs} runs: leanlm {lat['leanlm_decode_tps']:.1f} decode tok/s, llama.cpp {lat['llamacpp_decode_tps']:.1f} "
                   f"({lat['ratio']:.2f}x); perplexity on the check windows: chosen {lat['perplexity_chosen_check']:.3f}, "
                   f"Q4_K_M {lat['perplexity_llamacpp_q4km_check']:.3f}, float {lat['perplexity_float_check']:.3f}.")
     elif lat:

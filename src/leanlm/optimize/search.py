@@ -2,11 +2,13 @@
 
 The loop (docs/optimize.md):
 1. Load the model once; compute the original model's reference figures on held-out windows.
-2. For each candidate recipe, cheapest first, while the budget lasts: build it with the recipe runner
-   (`run_step` on a copy of the model), then successive halving under the quality constraint:
-   rung 0 scores it on the first `short_windows` windows; only a candidate within `slack` x the target
-   goes on to rung 1, the full search windows; only one within the target goes on to rung 2, its
-   deployments' speed and cost (interleaved with the naive transformers bf16 baseline). Expensive
+2. For each candidate recipe, cheapest first, while the budget lasts (keeping room for one speed trial):
+   build it with the recipe runner (`run_step` on a copy of the model), then successive halving under the
+   quality constraint: rung 0 scores it on the first `short_windows` windows; only a candidate within
+   `slack` x the target goes on to rung 1, the full search windows; those within the target go on to
+   rung 2, after every candidate's quality is known: their deployments' speed and cost (interleaved with
+   the naive transformers bf16 baseline), the predicted cheapest first (the measured cost of each
+   packed format on this machine). Expensive
    candidates wait for a cheaper relative's measured loss (`Candidate.after`) and are skipped when it
    shows they cannot reach the target, or when their estimated time exceeds what is left.
 3. Rank the measured deployments by the objective; the best one's model is checked on windows the
@@ -287,8 +289,9 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                 why = (f"{c.after} loses {ref:.1%}, over {c.reach:g}x the target of {target:.1%}; {c.name} is not expected to "
                        "close that gap")
         est = c.forwards * fwd_s * 1.2 + c.train_s + (cfg.short_windows + cfg.search_windows) * 1.5 * fwd_s
-        if why is None and est + reserve > clock.left():
-            why = f"budget: needs about {est:.0f} s, {max(clock.left() - reserve, 0):.0f} s left"
+        keep = reserve + speed_s[deployments(cfg.objective, cfg.concurrency, c.kv)[0].engine]   # room for one speed trial
+        if why is None and est + keep > clock.left():
+            why = f"budget: needs about {est:.0f} s, {max(clock.left() - keep, 0):.0f} s left"
         if why is not None:
             log.add({"type": "skip", "candidate": c.name, "reason": why, "estimate_s": est, "budget_related": why.startswith("budget")
                      or "--budget" in why})
@@ -317,10 +320,16 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                 log.add({"type": "pruned", "candidate": c.name, "rung": rung, "loss": q.loss, "target": target,
                          "reason": f"loss {q.loss:.2%} > {limit:.2%} on {q.windows} windows"})
                 break
+    bar.close()
+
+    # rung 2: the survivors' deployments, the predicted cheapest first (the measured cost of their weight format)
+    def predicted(c: Candidate) -> float:
+        f = costs.get(c.fmt) or costs["bf16"]
+        return c.scale * (f["bytes_per_weight"] if cfg.objective == "memory" else f["us_per_call"])
+
+    survivors = [c for c in space if (log.find(type="quality", candidate=c.name, rung=1) or {}).get("quality", {}).get("loss", 1e9) <= target]
+    for c in sorted(survivors, key=predicted):
         qual = log.find(type="quality", candidate=c.name, rung=1)
-        if qual is None or qual["quality"]["loss"] > target:
-            continue
-        # rung 2: deployments
         for dep in deployments(cfg.objective, cfg.concurrency, c.kv):
             if log.find(type="deploy", candidate=c.name, deployment=dep.to_dict()):
                 continue
@@ -347,7 +356,6 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
                      "quality": qual["quality"], "speed": fig, "seconds": time.perf_counter() - t})
             _say(cfg, console, f"{c.name} / {dep.label()}: {fig['tokens_per_s']:.1f} tok/s ({fig['speedup']:.2f}x the baseline), "
                                f"${fig['usd_per_mtok']:.3f} per 1M tokens, {fig['memory_bytes'] / 1e6:.0f} MB")
-    bar.close()
 
     # ---------------------------------------------------------------------------------- choose and check
     ranked = rank([r for r in log.records if r.get("type") == "deploy"], cfg.objective)

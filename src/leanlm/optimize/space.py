@@ -27,6 +27,8 @@ class Candidate:
     reach: float = 3.0
     kv: str = "float32"                 # the KV-cache format its quality was measured with (serving's kv_dtype)
     dtype: str | None = None            # the model's dtype (the float candidate: bfloat16, as the runtime runs it)
+    fmt: str = "int8"                   # its main packed format (bf16, int8, int4): orders the speed trials by measured cost
+    scale: float = 1.0                  # its weights relative to the original's (pruning)
     skip: str | None = None             # a reason it is never tried on this machine (kept in the log)
     note: str = ""
 
@@ -56,26 +58,26 @@ def candidates(st: SpaceSettings) -> list[Candidate]:
     q = lambda scheme, **kw: QuantizeStep(scheme=scheme, samples=n, seq_len=L, **kw)  # noqa: E731
     qad_s = max(30.0, min(600.0, 0.25 * st.budget_s))
     out = [
-        Candidate("float", [], dtype="bfloat16", note="the original model in bfloat16, as the runtime runs it"),
+        Candidate("float", [], dtype="bfloat16", fmt="bf16", note="the original model in bfloat16, as the runtime runs it"),
         Candidate("w8a16", [q("w8a16")], 1, note="int8 weights, per channel (round to nearest)"),
         Candidate("w8a16+kv8", [q("w8a16", kv_cache="int8")], 1, kv="int8", note="int8 weights and int8 KV cache"),
         Candidate("w8a8", [q("w8a8")], 1, note="int8 weights and dynamic per-token int8 activations"),
-        Candidate("w4a16-rtn", [q("w4a16-rtn")], 1, note="int4 g64 weights (round to nearest)"),
-        Candidate("w4a16-rtn+kv8", [q("w4a16-rtn", kv_cache="int8")], 1, kv="int8", after="w4a16-rtn", reach=1.2),
+        Candidate("w4a16-rtn", [q("w4a16-rtn")], 1, fmt="int4", note="int4 g64 weights (round to nearest)"),
+        Candidate("w4a16-rtn+kv8", [q("w4a16-rtn", kv_cache="int8")], 1, kv="int8", after="w4a16-rtn", reach=1.2, fmt="int4"),
         Candidate("w8a8-smoothquant", [q("w8a8-smoothquant")], 3 * n * win, after="w8a8", reach=3.0,
                   note="SmoothQuant alpha 0.65 then w8a8"),
         Candidate("w4a16-gptq", [q("w4a16-gptq", gptq_bf16=True)], 12 * n * win, after="w4a16-rtn",
-                  note="GPTQ (bfloat16 calibration forwards)"),
-        Candidate("w4a16-awq", [q("w4a16-awq")], 25 * n * win, after="w4a16-rtn", note="AWQ scales and clipping search"),
+                  fmt="int4", note="GPTQ (bfloat16 calibration forwards)"),
+        Candidate("w4a16-awq", [q("w4a16-awq")], 25 * n * win, after="w4a16-rtn", fmt="int4", note="AWQ scales and clipping search"),
         Candidate("mixed-6bit", [QuantizeStep(mixed=6.0, menu="int4_g64,int8", samples=n, seq_len=L)],
                   2 * st.linears + 12 * n * win, after="w4a16-rtn", reach=6.0,
-                  note="per-layer int4/int8 within 6 bits per weight (KL sensitivity, then GPTQ)"),
+                  fmt="int4", note="per-layer int4/int8 within 6 bits per weight (KL sensitivity, then GPTQ)"),
         Candidate("w4a16-rtn+qad", [QATStep(budget=f"{int(qad_s)}s", scheme="w4a16-rtn", teacher="self", samples=n, seq_len=L)],
                   1, train_s=qad_s + 30, min_budget_s=900, after="w4a16-rtn", reach=8.0,
-                  note="quantization-aware distillation from the float model, when PTQ misses the target"),
+                  fmt="int4", note="quantization-aware distillation from the float model, when PTQ misses the target"),
         Candidate("prune-0.8+distill", [PruneStep(target_params=None, intermediate=None, distill_minutes=max(1.0, 0.3 * st.budget_s / 60)),
                                         QuantizeStep(scheme="w8a16", samples=n, seq_len=L)],
-                  64, train_s=0.3 * st.budget_s + 60, min_budget_s=1800,
+                  64, train_s=0.3 * st.budget_s + 60, min_budget_s=1800, scale=0.85,
                   note="structured pruning (MLP width) + short distillation, then int8"),
         Candidate("sparse-2:4+w8a16", [SparsifyStep(method="wanda", pattern="2:4", samples=n, seq_len=L), q("w8a16")], 2 * n * win,
                   skip="the runtime's CPU kernels are dense: 2:4 or unstructured zeros save neither time nor memory here "

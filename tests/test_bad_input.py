@@ -41,6 +41,7 @@ BASE = {
     "sparsify": ["sparsify", "m", "--method", "magnitude", "--out", "OUT"],
     "qat": ["qat", "m", "--scheme", "w4a16-rtn", "--budget", "10000", "--out", "OUT"],
     "serve": ["serve", "m", "--port", "8000"],
+    "optimize": ["optimize", "m", "--max-quality-loss", "5%", "--budget", "10m", "--out", "OUT"],
 }
 WRITERS = [c for c, argv in BASE.items() if "--out" in argv]
 ARGV = {**BASE, "run": ["run", "recipe.yaml", "--out", "OUT"]}   # every command, for argument checks
@@ -249,6 +250,7 @@ FILE_OPTIONS = {   # every option that names a user text file, with what the com
     "draft": ["draft", "MODEL", "--layers", "1", "--out", "OUT", "--calib"],
     "qat": ["qat", "MODEL", "--scheme", "w8a16", "--budget", "64", "--samples", "1", "--calib-seq-len", "8",
             "--batch-size", "1", "--grad-accum", "1", "--seq-len", "8", "--out", "OUT", "--text"],
+    "optimize": ["optimize", "MODEL", "--max-quality-loss", "5%", "--out", "OUT", "--quality-text"],
 }
 
 
@@ -263,6 +265,22 @@ def test_bad_text_files(capsys, tmp_path, tiny_folder, bad_files, cmd):
         line = _one_line_error(err)
         assert msg in line and str(path) in line, line
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--objective", "speed"], "unknown objective 'speed'; choose one of: cost, latency, throughput, memory"),
+    (["--budget", "10s"], "too small for one trial"),
+    (["--budget", "2M"], "a search budget is a time"),
+    (["--budget", "soon"], "cannot read the budget"),
+    (["--export", "zip"], "unknown export format 'zip'"),
+    (["--max-quality-loss", "five"], "argument --max-quality-loss: must be a positive percentage"),
+])
+def test_optimize_bad_options(capsys, tmp_path, extra, msg):
+    """Refused before model 'm' is loaded; nothing written."""
+    code, err = _run(capsys, ["optimize", "m", "--max-quality-loss", "5%", "--out", str(tmp_path / "o")] + extra)
+    line = _one_line_error(err)
+    assert code == 2 and msg in line and "unknown model" not in line, line
+    assert _left(tmp_path) == []
 
 
 def test_bad_quantize_config_file(capsys, tmp_path, tiny_folder, bad_files):

@@ -1,5 +1,5 @@
 """Command line: a thin skin over the Python API
-(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat | serve | run`).
+(`leanlm info | eval | profile | quantize | export | generate | draft | prune | distill | sparsify | qat | serve | run | optimize`).
 
 Each command that changes or exports a model parses its options into a step config (leanlm/recipe.py)
 and runs it through the same step runner as `leanlm run RECIPE`: a command is a one-step recipe."""
@@ -698,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sp.add_argument("--threads", type=COUNT, default=None, help="torch threads (default: all cores)")
+    from .optimize.cli import optimize_args
+
+    sp = sub.add_parser("optimize", help="search recipes and deployments for the cheapest one within a quality bound; "
+                        "writes the model, recipe.yaml, trials.jsonl and report.html")
+    common(sp)
+    optimize_args(sp)
     return state_ranges(p)
 
 
@@ -706,7 +712,13 @@ COMMANDS = {"info": (cmd_info, show_info), "eval": (cmd_eval, show_eval), "profi
             "generate": (cmd_generate, show_generate), "draft": (cmd_draft, _show_speculative("show_draft")),
             "prune": (cmd_prune, show_prune), "distill": (cmd_distill, show_distill), "qat": (cmd_qat, show_qat),
             "sparsify": (_cmd_sparsify, _show_sparsify), "serve": (cmd_serve, _show_serve),
-            "run": (cmd_run, show_run)}
+            "run": (cmd_run, show_run), "optimize": (lambda a: _optimize("cmd_optimize")(a), lambda r, c: _optimize("show_optimize")(r, c))}
+
+
+def _optimize(name):
+    from .optimize import cli
+
+    return getattr(cli, name)
 
 
 PARALLEL_COMMANDS = ("distill", "prune", "qat", "quantize")   # the commands --nproc / torchrun run data-parallel

@@ -115,14 +115,17 @@ class Decoder(nn.Module):
         lm_head = model.get_output_embeddings()
         emb = model.get_input_embeddings().weight.detach()
         hq = getattr(lm_head, "weight_quantizer", None)
-        if hq is not None and hq.enabled:
+        if head in (None, "auto"):   # the fastest measured head: int8 under a low-bit body, else the compute dtype
+            low_bit = any(type(getattr(L, n)).__name__ in ("Int4Weight", "Int8Weight") for L in self.layers for n in ("qkv", "down"))
+            head = "int8" if low_bit and (hq is None or not hq.enabled) else "dense"
+        if hq is not None and hq.enabled and head == "dense":
             self.head = pk([lm_head])
-        elif head in (None, "auto"):
+        elif head == "dense":
             self.head = DenseWeight(lm_head.weight.detach(), self.dtype)
         elif head in ("bf16", "fp32", "int8", "int4"):
             self.head = pack_weight(lm_head.weight.detach(), head, self.dtype, group_size, allow_fallback)
         else:
-            raise LeanLMError(f"unknown head format {head!r}; choose auto, fp32, bf16, int8 or int4")
+            raise LeanLMError(f"unknown head format {head!r}; choose auto, dense, fp32, bf16, int8 or int4")
         names = {"Int8Weight": "int8", "Int4Weight": "int4", "W8A8Weight": "w8a8"}
         self.head_format = names.get(type(self.head).__name__, str(getattr(self.head, "weight", torch.empty(0)).dtype).replace("torch.", ""))
         # A tied embedding is looked up in the head's storage (int8 rows are dequantized on lookup);
@@ -162,10 +165,13 @@ class Decoder(nn.Module):
             L.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
 
     def weight_bytes(self) -> int:
-        """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once."""
+        """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once. An int4
+        layer's codes count once: its tiled copy for the batch-1 kernel holds the same codes as `packed`
+        (the resident memory of both is measured by bench/decode.py)."""
         seen, n = set(), 0
+        tiled = {name.removesuffix(".tiled") for name, b in self.named_buffers() if name.endswith(".tiled")}
         for name, b in self.named_buffers():
-            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen:
+            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen or name.removesuffix(".packed") in tiled:
                 continue
             seen.add(b.data_ptr())
             n += b.numel() * b.element_size()

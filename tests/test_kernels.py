@@ -106,3 +106,38 @@ def test_build_key_changes_with_torch_version_and_source(monkeypatch):
     assert kernels.build_key() == key
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "avx2 fma")
     assert kernels.build_key() != key
+
+
+def test_compile_cache_key_changes_with_library_versions(monkeypatch):
+    import leanlm
+    from leanlm.runtime.engine import compile_cache_key
+
+    key = compile_cache_key()
+    monkeypatch.setattr(leanlm, "__version__", leanlm.__version__ + ".dev1")
+    assert compile_cache_key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert compile_cache_key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "build_key", lambda: "another-kernel-source")
+    assert compile_cache_key() != key
+
+
+def test_engine_fused_path_matches_reference_engine():
+    """A tiny Llama with peaky logits: the default engine (fused kernels at batch 1, int8 head) gives the greedy
+    tokens of the same packing on PyTorch's kernels, and its logits agree to rounding."""
+    from conftest import make_llama
+    from leanlm.runtime import Engine
+
+    model = make_llama(vocab_size=256, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40)
+    fast, ref = Engine(model, "int4", max_seq_len=64), Engine(model, "int4", max_seq_len=64, kernels=False)
+    assert fast.model.head_format == "int8" and fast.kernels != ref.kernels and ref.kernels.startswith("reference")
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast.generate(ids, 16), ref.generate(ids, 16))
+    fast.reset(), ref.reset()
+    fast.forward(ids), ref.forward(ids)
+    a, b = fast.forward(ids[:, :1])[0, -1], ref.forward(ids[:, :1])[0, -1]
+    assert (a - b).abs().max() <= 0.03 * b.abs().max()
+    assert fast.warmup(8, 16) >= 0 and fast.length == 0

@@ -176,7 +176,10 @@ def extra_model(name: str, a, llama_py, bw, context) -> dict:
     mk = dict(max_seq_len=max(a.prompt_tokens + a.new_tokens, 512))
     engines = {f"{name}: {DEFAULT}": Engine(model, "int4", **mk), f"{name}: {REFERENCE}": Engine(model, "int4", kernels=False, **mk)}
     tmp = Path(tempfile.mkdtemp(prefix="leanlm-bench-"))
-    gguf = export_gguf(model, tmp / f"{name}-q4_1.gguf", tokenizer=tok, quant="Q4_1", overwrite=True)
+    # the llama.cpp worker is fed token ids, never text: Gemma's tokenizer (no llama.cpp pre-tokenizer name leanlm maps)
+    # is written under gpt-2's, which only matters for text llama.cpp would tokenize itself
+    gguf = export_gguf(model, tmp / f"{name}-q4_1.gguf", tokenizer=tok, quant="Q4_1", overwrite=True,
+                       pretokenizer="gpt-2" if name == "gemma3-270m" else None)
     del model
     gc.collect()
     out = {"params_b": nparams, "limits": {}, "weight_mb": {}, "split": {}, "speed": {}}

@@ -148,14 +148,14 @@ def divergence(ref, other, prompt: torch.Tensor, n: int = 64) -> dict:
     return {"first": i, "margin": float(top[0] - top[1])}
 
 
-def random_llama_1b():
+def random_llama_1b(layers: int = 22):
     """A randomly initialised Llama of ~1.1B parameters (bfloat16, SmolLM2's vocabulary), for a decode step
     that bandwidth dominates. Returns (model, tokenizer)."""
     import leanlm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tok = leanlm.load("smollm2-135m")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
                       num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -171,7 +171,7 @@ def extra_model(name: str, a, llama_py, bw, context) -> dict:
     from leanlm.export.gguf import export_gguf
     from leanlm.runtime import Engine
 
-    model, tok = random_llama_1b() if name == "llama-1b" else leanlm.load(name)
+    model, tok = random_llama_1b(a.llama_layers) if name == "llama-1b" else leanlm.load(name)
     nparams = sum(p.numel() for p in model.parameters()) / 1e9
     mk = dict(max_seq_len=max(a.prompt_tokens + a.new_tokens, 512))
     engines = {f"{name}: {DEFAULT}": Engine(model, "int4", **mk), f"{name}: {REFERENCE}": Engine(model, "int4", kernels=False, **mk)}
@@ -261,6 +261,7 @@ def main() -> None:
     ap.add_argument("--name", default="decode", help="results file name under bench/results/")
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m,llama-1b",
                     help="smollm2-135m (the full comparison), gemma3-270m, llama-1b (random ~1.1B Llama): comma-separated")
+    ap.add_argument("--llama-layers", type=int, default=22, help="layers of the random llama-1b (22: ~1.1B parameters)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     setup_threads()

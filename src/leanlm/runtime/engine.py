@@ -42,6 +42,7 @@ class Engine:
                     m.tiled = None
                 if hasattr(m, "fast"):
                     m.fast = False
+            self.model.one_row_f32 = False
         from . import kernels as _k
 
         self.kernels = "reference (kernels=False)" if not kernels else _k.path()

@@ -159,10 +159,17 @@ class Decoder(nn.Module):
         self.embed_scale = float(torch.tensor(spec.embed_scale, dtype=self.dtype)) if spec.embed_scale != 1.0 else 1.0
         # One float32 cache per layer (PyTorch's bfloat16 batched matmul is far slower than float32 at these
         # tiny shapes); separate buffers let torch.compile update each in place instead of copying a big one.
+        self.one_row_f32 = self.fused_rows()   # Engine(kernels=False) turns it off
         shape = (max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
         for L in self.layers:
             L.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
             L.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
+
+    def fused_rows(self) -> bool:
+        """Whether every matmul of a one-row step runs a fused kernel (they take and return float32, so such a
+        step skips the bfloat16 casts around each matmul)."""
+        lays = [getattr(L, n) for L in self.layers for n in ("qkv", "o", "gate_up", "down")] + [self.head]
+        return all(getattr(m, "tiled", None) is not None or getattr(m, "fast", False) for m in lays)
 
     def weight_bytes(self) -> int:
         """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once. An int4
@@ -227,7 +234,7 @@ class Decoder(nn.Module):
         (logits [B, R, V])."""
         s = self.spec
         B, T = ids.shape
-        dt = self.dtype
+        dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
         x = self.embed.rows(ids).float()
         if self.embed_scale != 1.0:
             x = x * self.embed_scale

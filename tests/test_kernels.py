@@ -141,3 +141,27 @@ def test_engine_fused_path_matches_reference_engine():
     a, b = fast.forward(ids[:, :1])[0, -1], ref.forward(ids[:, :1])[0, -1]
     assert (a - b).abs().max() <= 0.03 * b.abs().max()
     assert fast.warmup(8, 16) >= 0 and fast.length == 0
+
+
+def test_missing_compiler_says_so_and_uses_the_reference_path(monkeypatch, capsys):
+    """A failed build is one line naming the reason and the fix; layouts then take PyTorch's kernels."""
+    from torch.utils import cpp_extension
+
+    saved = dict(kernels._state)
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    kernels._state.clear()
+    try:
+        assert not kernels.load()
+        err = capsys.readouterr().err
+        assert "cannot build the fused kernels (Ninja is required" in err and "PyTorch's int4/int8 kernels" in err
+        assert kernels.path().startswith("reference")
+        lay = Int4Weight.from_float(torch.randn(32, 64), 32, torch.bfloat16)
+        x = torch.randn(1, 64).bfloat16()
+        assert lay.tiled is None and torch.equal(lay(x), lay.reference(x))
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)

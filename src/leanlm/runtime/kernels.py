@@ -45,7 +45,12 @@ def build_key() -> str:
 
 
 def _say(msg: str) -> None:
-    log.warning(msg) if log.handlers or logging.getLogger().handlers else print(msg, file=__import__("sys").stderr)
+    """One line on stderr (and to the `leanlm` logger's handlers, if an application set any)."""
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+    if log.handlers:
+        log.info(msg)
 
 
 def load(verbose: bool = False) -> bool:

@@ -379,7 +379,7 @@ def main() -> None:
         ppl["float32 (transformers)"] = perplexity(model, tok, **kw).perplexity
         for kind in ("int8", "int4"):
             ppl[f"{kind} fake-quantized (transformers)"] = perplexity(fq[kind], tok, **kw).perplexity
-        for k in [k for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", DEFAULT, REFERENCE,
+        for k in [k for k in ("leanlm fp32", "leanlm bf16", "leanlm int8 (w8a16)", "leanlm int4 (w4a16-rtn g64)", DEFAULT,
                                 "leanlm int4 + int4 head") if k in engines]:
             ppl[k + " packed"] = perplexity(engines[k].as_lm(), tok, **kw).perplexity
 

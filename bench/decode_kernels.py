@@ -8,12 +8,14 @@ a SmolLM2-135M / Gemma-3-270M / 1B-Llama decode step, timed interleaved in one r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused kernels are opt-in; the benchmark times them next to PyTorch's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, setup_threads, write_results  # noqa: E402
 

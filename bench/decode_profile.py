@@ -7,12 +7,14 @@ int4 weights + int8 head, eager (fused kernels, and PyTorch's) and compiled, 2 t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused kernels are opt-in; the benchmark times them next to PyTorch's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, setup_threads, write_results  # noqa: E402
 

@@ -11,15 +11,20 @@ import torch
 from leanlm.runtime import kernels
 from leanlm.runtime.layouts import Int4Weight, Int8Weight
 
-if os.environ.get("LEANLM_KERNELS") == "0":
-    pytest.skip("LEANLM_KERNELS=0: the reference path only", allow_module_level=True)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def built():
+    """The kernels are opt-in (LEANLM_KERNELS=1): turned on for this module, back to the default after it."""
+    old = os.environ.get("LEANLM_KERNELS")
+    os.environ["LEANLM_KERNELS"] = "1"
+    kernels._state.clear()
     assert kernels.load(), f"the fused kernels did not build: {kernels.path()}"
     yield
     torch.ops.leanlm.set_path(-1)  # back to the CPU's own choice
+    if old is None:
+        del os.environ["LEANLM_KERNELS"]
+    else:
+        os.environ["LEANLM_KERNELS"] = old
+    kernels._state.clear()
 
 
 def _paths(size: int):

@@ -7,7 +7,7 @@
 A long prompt is prefilled in chunks of `prefill_chunk` tokens, each attending to the cache so far, so the
 attention scores held at once are [chunk, context] rather than [prompt, prompt] (same logits).
 
-Batch-1 steps run the fused int4/int8 kernels of `leanlm.runtime.kernels` when they are built
+Batch-1 steps run the fused int4/int8 kernels of `leanlm.runtime.kernels` when they are on (LEANLM_KERNELS=1) and built
 (``kernels=False``: PyTorch's kernels, the reference path); `Engine.kernels` names the path that runs.
 
 With ``compile=True`` the one-token decode step is compiled by torch.compile (inductor, fixed shapes:

@@ -8,7 +8,7 @@ A symmetric code q in [-8, 7] is stored as u = q + 8 with zero 0 (exact); an asy
 that product to the activation dtype).
 
 A batch-1 call (one activation row) runs the fused kernel of `leanlm.runtime.kernels` instead when it is
-built: it reads the same codes from its own tiled copy (`tiled`, 16 rows x 8 k per 64 bytes) and the same
+built (opt-in, LEANLM_KERNELS=1): it reads the same codes from its own tiled copy (`tiled`, 16 rows x 8 k per 64 bytes) and the same
 scales/zeros table; several rows (prefill, batches) always run PyTorch's kernel (the reference path).
 """
 

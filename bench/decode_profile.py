@@ -1,5 +1,5 @@
 """Where a batch-1 decode step of the leanlm runtime spends its time (torch.profiler), SmolLM2-135M,
-int4 weights + int8 head, eager and compiled, 2 threads (PROTOCOL.md: all cores).
+int4 weights + int8 head, eager (fused kernels, and PyTorch's) and compiled, 2 threads (PROTOCOL.md: all cores).
 
     python bench/decode_profile.py [--steps 20] [--no-compile]
 """
@@ -7,12 +7,14 @@ int4 weights + int8 head, eager and compiled, 2 threads (PROTOCOL.md: all cores)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused kernels are opt-in; the benchmark times them next to PyTorch's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, setup_threads, write_results  # noqa: E402
 
@@ -55,7 +57,8 @@ def main() -> None:
     model, tok = leanlm.load("smollm2-135m")
     q = leanlm.quantize(model, "w4a16-rtn", progress=False)
     ids = protocol_prompts(tok)
-    res = {"eager": profile(Engine(q, head="int8", max_seq_len=512), ids, a.steps)}
+    res = {"eager, fused kernels (default)": profile(Engine(q, head="int8", max_seq_len=512), ids, a.steps),
+           "eager, PyTorch kernels": profile(Engine(q, head="int8", max_seq_len=512, kernels=False), ids, a.steps)}
     if not a.no_compile:
         res["compiled"] = profile(Engine(q, head="int8", max_seq_len=512, compile=True), ids, a.steps)
     md = [f"# Decode-step profile, leanlm runtime, SmolLM2-135M int4 + int8 head, batch 1, {torch.get_num_threads()} threads\n",

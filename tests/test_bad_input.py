@@ -178,6 +178,13 @@ def test_issue_examples(capsys):
     assert code == 2 and "argument --max-new-tokens: must be >= 1, got -1" in err
 
 
+@pytest.mark.parametrize("cmd", ["eval", "generate"])
+def test_head_format_is_a_choice(capsys, cmd):
+    """--head (the runtime's output head format) takes a fixed list: a typo is a one-line usage error."""
+    code, err = _run(capsys, ARGV[cmd] + ["--head", "int3"])
+    assert code == 2 and "argument --head: invalid choice: 'int3'" in _one_line_error(err)
+
+
 # ------------------------------------------------------------------------------ outputs (defect 4)
 
 

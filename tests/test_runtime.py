@@ -71,8 +71,10 @@ def test_packed_float_model_matches_reference(llama, ids, weights, tol):
 def test_packed_layouts_shrink_memory(llama):
     sizes = {w: Engine(llama, w, max_seq_len=32).weight_bytes() for w in ("fp32", "bf16", "int8", "int4")}
     assert sizes["fp32"] > sizes["bf16"] > sizes["int8"] > sizes["int4"]
-    # int8 and int4 heads shrink the (tied) embedding + head table too
-    assert Engine(llama, "int4", head="int8", max_seq_len=32).weight_bytes() < sizes["int4"]
+    # int8 and int4 heads shrink the (tied) embedding + head table too; int8 is the default under a low-bit body
+    dense = Engine(llama, "int4", head="dense", max_seq_len=32)
+    assert dense.model.head_format == "bfloat16" and Engine(llama, "int4", max_seq_len=32).model.head_format == "int8"
+    assert Engine(llama, "int4", head="int8", max_seq_len=32).weight_bytes() < dense.weight_bytes()
 
 
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16-rtn", "int4_g32_asym", "w8a8"])

@@ -132,7 +132,7 @@ def cmd_eval(a) -> dict:
         engines = {}
         try:
             for label in models:
-                engines[label] = Engine(models[label][0], a.weights, max_seq_len=a.prompt_tokens + a.new_tokens,
+                engines[label] = Engine(models[label][0], a.weights, head=a.head, max_seq_len=a.prompt_tokens + a.new_tokens,
                                         max_batch=a.batch, compile=a.compile, allow_fallback=a.allow_fallback)
         except LeanLMError as e:
             if a.engine != "auto":
@@ -142,7 +142,7 @@ def cmd_eval(a) -> dict:
             engines = {}
         generators = {} if engines else None
         for label, eng in engines.items():
-            name = f"{label} leanlm {eng.model.weights}"
+            name = f"{label} leanlm {eng.model.weights} (head {eng.model.head_format})"
             if a.engine == "both":
                 models[name] = models[label]
             else:
@@ -411,13 +411,15 @@ def _generate_runtime(a) -> dict:
         raise LeanLMError("--prompt is empty after tokenization; give some text")
     eng = Engine(model, a.weights, group_size=a.group_size, head=a.head, max_seq_len=a.max_seq_len or ids.shape[1] + a.max_new_tokens,
                  compile=a.compile, allow_fallback=a.allow_fallback)
+    # compile (and build the kernels) before the clock starts: compile time is reported on its own
+    compile_s = eng.warmup(ids.shape[1], a.max_new_tokens) if a.compile else None
     ticks: list[float] = []
     t0 = time.perf_counter()
     out = eng.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                        eos_token_id=None if a.no_stop else tok.eos_token_id, on_token=lambda: ticks.append(time.perf_counter()))
     new = out[0, ids.shape[1]:]
     dec = (len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else None
-    return {"model": a.model, "weights": eng.model.weights, "head": eng.model.head_format, "compiled": a.compile,
+    return {"model": a.model, "weights": eng.model.weights, "head": eng.model.head_format, "compiled": a.compile, "compile_s": compile_s, "kernels": eng.kernels,
             "weight_bytes": eng.weight_bytes(), "fallbacks": eng.fallbacks, "prompt_tokens": ids.shape[1],
             "new_tokens": int(new.numel()), "ttft_s": ticks[0] - t0 if ticks else None, "decode_tps": dec,
             "text": tok.decode(new, skip_special_tokens=True)}
@@ -427,8 +429,9 @@ def _show_runtime(r: dict, console) -> None:
     print(r["text"])
     dec = f"{r['decode_tps']:.1f} tok/s decode" if r["decode_tps"] else "-"
     fb = f"; FALLBACK: {'; '.join(sorted(set(r['fallbacks'])))}" if r["fallbacks"] else ""
-    print(f"[{r['weights']} weights, head {r['head']}, {_gb(r['weight_bytes'])} packed; {r['new_tokens']} tokens, "
-          f"first after {r['ttft_s'] * 1e3:.0f} ms, {dec}{fb}]", file=sys.stderr)
+    comp = f"; compiled in {r['compile_s']:.1f} s (not counted)" if r.get("compile_s") is not None else ""
+    print(f"[{r['weights']} weights, head {r['head']}, {_gb(r['weight_bytes'])} packed, kernels {r['kernels']}; {r['new_tokens']} tokens, "
+          f"first after {r['ttft_s'] * 1e3:.0f} ms, {dec}{comp}{fb}]", file=sys.stderr)
 
 
 def cmd_generate(a) -> dict:
@@ -556,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "with a note), hf (transformers' generate), leanlm, or both side by side")
     sp.add_argument("--weights", default=None, help="leanlm engine weights: fp32, bf16 (default), int8, int4, w8a8")
     sp.add_argument("--compile", action="store_true", help="leanlm engine: torch.compile the decode step")
+    sp.add_argument("--head", default=None, choices=("auto", "dense", "bf16", "fp32", "int8", "int4"),
+                    help="leanlm engine output head: auto (default: int8 under int8/int4 weights, else the compute dtype), dense, bf16, fp32, int8, int4")
     sp.add_argument("--allow-fallback", action="store_true", help="leanlm engine: run formats without a fast kernel as dense weights")
     from .speculative.cli import speculation_args
 
@@ -566,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=COUNT, default=64, help="tokens to generate")
     sp.add_argument("--weights", default=None, help="fp32, bf16 (default), int8, int4 or w8a8; a leanlm-quantized model packs its own formats")
     sp.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=64, help="int4 group size")
-    sp.add_argument("--head", default=None, help="output head format: auto (compute dtype, default), bf16, int8 or int4")
+    sp.add_argument("--head", default=None, choices=("auto", "dense", "bf16", "fp32", "int8", "int4"),
+                    help="output head format: auto (default: int8 under int8/int4 weights, else the compute dtype), dense, bf16, fp32, int8, int4")
     sp.add_argument("--max-seq-len", type=COUNT, default=None, help="KV-cache size (default: prompt + new tokens)")
     sp.add_argument("--temperature", type=NONNEG, default=0.0, help="0 = greedy (default)")
     sp.add_argument("--top-k", type=COUNT, default=None, help="sample from the k most likely tokens")

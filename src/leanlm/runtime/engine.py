@@ -7,6 +7,9 @@
 A long prompt is prefilled in chunks of `prefill_chunk` tokens, each attending to the cache so far, so the
 attention scores held at once are [chunk, context] rather than [prompt, prompt] (same logits).
 
+Batch-1 steps run the fused int4/int8 kernels of `leanlm.runtime.kernels` when they are on (LEANLM_KERNELS=1) and built
+(``kernels=False``: PyTorch's kernels, the reference path); `Engine.kernels` names the path that runs.
+
 With ``compile=True`` the one-token decode step is compiled by torch.compile (inductor, fixed shapes:
 the attention reads a bucket of `kv_block` cache slots, so a new bucket compiles once); prefill and
 multi-token verification steps run eagerly.
@@ -27,12 +30,22 @@ from .sampling import Sampling
 class Engine:
     def __init__(self, model: nn.Module, weights: str | None = None, *, group_size: int = 64, head: str | None = None,
                  max_seq_len: int = 1024, max_batch: int = 1, compile: bool = False, kv_block: int = 256,
-                 allow_fallback: bool = False, prefill_chunk: int = 512):
+                 allow_fallback: bool = False, prefill_chunk: int = 512, kernels: bool = True):
         if max_seq_len < 1 or max_batch < 1 or prefill_chunk < 1:
             raise LeanLMError(f"max_seq_len, max_batch and prefill_chunk must be >= 1, got {max_seq_len}, {max_batch} and {prefill_chunk}")
         with torch.no_grad():
             self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_seq_len,
                                  max_batch=max_batch, allow_fallback=allow_fallback).eval()
+        if not kernels:   # PyTorch's own int4/int8 kernels at batch 1 too (the reference path)
+            for m in self.model.modules():
+                if hasattr(m, "tiled"):
+                    m.tiled = None
+                if hasattr(m, "fast"):
+                    m.fast = False
+            self.model.one_row_f32 = False
+        from . import kernels as _k
+
+        self.kernels = "reference (kernels=False)" if not kernels else _k.path()
         self.config = getattr(model, "config", None)
         self.fallbacks = self.model.fallbacks
         self.kv_block = kv_block
@@ -93,6 +106,25 @@ class Engine:
         self.length, self.batch = end, B
         return logits.clone() if ids.shape[1] == 1 and self.compiled else logits
 
+    @torch.inference_mode()
+    def warmup(self, prompt_tokens: int, new_tokens: int) -> float:
+        """Run (and so compile) the decode steps a generation of `new_tokens` after a `prompt_tokens` prompt will
+        use, one per cache bucket, then reset; returns the seconds it took (the compile time, for `compile=True`)."""
+        import time
+
+        t0 = time.perf_counter()
+        end = min(self.model.max_seq_len, prompt_tokens + new_tokens)
+        one = torch.zeros(1, 1, dtype=torch.long)
+        ends = [max(1, prompt_tokens)]   # one step ending in each kv_block bucket the generation reaches
+        if self.compiled:
+            ends += [k * self.kv_block + 1 for k in range(1, end // self.kv_block + 1) if prompt_tokens < k * self.kv_block + 1 <= end]
+        for e in ends:
+            self.reset()
+            self.length = e - 1   # garbage cache slots are fine: the steps run for their shapes, and reset() follows
+            self.forward(one)
+        self.reset()
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
@@ -142,9 +174,30 @@ class _LMView(nn.Module):
         return out
 
 
+def compile_cache_key() -> str:
+    """Key of the on-disk compiled-step cache: leanlm's version, torch's, and the fused kernels' build key (a
+    change of any of them starts a fresh cache). Within it inductor keys each graph by its code, shapes and
+    dtypes, so another model (or another packing) compiles anew, while the weights are graph inputs, never
+    baked in: a cached step cannot run with stale weights."""
+    import hashlib
+
+    from .. import __version__
+    from . import kernels
+
+    return hashlib.sha256(f"{__version__}|{torch.__version__}|{kernels.build_key()}".encode()).hexdigest()[:16]
+
+
 def _compile(fn):
+    import os
+
     import torch._dynamo
     import torch._inductor.config as ic
+
+    from ..core.models import cache_dir
+
+    # inductor's FX graph cache on disk, under leanlm's cache (a user's TORCHINDUCTOR_CACHE_DIR wins)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "compiled" / compile_cache_key()))
+    ic.fx_graph_cache = True
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     ic.cpp_wrapper = True   # C++ wrapper: no per-kernel Python dispatch in the compiled step

@@ -117,14 +117,17 @@ class Decoder(nn.Module):
         lm_head = model.get_output_embeddings()
         emb = model.get_input_embeddings().weight.detach()
         hq = getattr(lm_head, "weight_quantizer", None)
-        if hq is not None and hq.enabled:
+        if head in (None, "auto"):   # the fastest measured head: int8 under a low-bit body, else the compute dtype
+            low_bit = any(type(getattr(L, n)).__name__ in ("Int4Weight", "Int8Weight") for L in self.layers for n in ("qkv", "down"))
+            head = "int8" if low_bit and (hq is None or not hq.enabled) else "dense"
+        if hq is not None and hq.enabled and head == "dense":
             self.head = pk([lm_head])
-        elif head in (None, "auto"):
+        elif head == "dense":
             self.head = DenseWeight(lm_head.weight.detach(), self.dtype)
         elif head in ("bf16", "fp32", "int8", "int4"):
             self.head = pack_weight(lm_head.weight.detach(), head, self.dtype, group_size, allow_fallback)
         else:
-            raise LeanLMError(f"unknown head format {head!r}; choose auto, fp32, bf16, int8 or int4")
+            raise LeanLMError(f"unknown head format {head!r}; choose auto, dense, fp32, bf16, int8 or int4")
         names = {"Int8Weight": "int8", "Int4Weight": "int4", "W8A8Weight": "w8a8"}
         self.head_format = names.get(type(self.head).__name__, str(getattr(self.head, "weight", torch.empty(0)).dtype).replace("torch.", ""))
         # A tied embedding is looked up in the head's storage (int8 rows are dequantized on lookup);
@@ -158,16 +161,26 @@ class Decoder(nn.Module):
         self.embed_scale = float(torch.tensor(spec.embed_scale, dtype=self.dtype)) if spec.embed_scale != 1.0 else 1.0
         # One float32 cache per layer (PyTorch's bfloat16 batched matmul is far slower than float32 at these
         # tiny shapes); separate buffers let torch.compile update each in place instead of copying a big one.
+        self.one_row_f32 = self.fused_rows()   # Engine(kernels=False) turns it off
         shape = (max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
         for L in self.layers:
             L.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
             L.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
 
+    def fused_rows(self) -> bool:
+        """Whether every matmul of a one-row step runs a fused kernel (they take and return float32, so such a
+        step skips the bfloat16 casts around each matmul)."""
+        lays = [getattr(L, n) for L in self.layers for n in ("qkv", "o", "gate_up", "down")] + [self.head]
+        return all(getattr(m, "tiled", None) is not None or getattr(m, "fast", False) for m in lays)
+
     def weight_bytes(self) -> int:
-        """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once."""
+        """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once. An int4
+        layer's codes count once: its tiled copy for the batch-1 kernel holds the same codes as `packed`
+        (the resident memory of both is measured by bench/decode.py)."""
         seen, n = set(), 0
+        tiled = {name.removesuffix(".tiled") for name, b in self.named_buffers() if name.endswith(".tiled")}
         for name, b in self.named_buffers():
-            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen:
+            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen or name.removesuffix(".packed") in tiled:
                 continue
             seen.add(b.data_ptr())
             n += b.numel() * b.element_size()
@@ -223,7 +236,7 @@ class Decoder(nn.Module):
         (logits [B, R, V])."""
         s = self.spec
         B, T = ids.shape
-        dt = self.dtype
+        dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
         x = self.embed.rows(ids).float()
         if self.embed_scale != 1.0:
             x = x * self.embed_scale

@@ -6,6 +6,10 @@ computes x @ W.T with W = (u - 8) * scale + zero for the unsigned 4-bit code u.
 A symmetric code q in [-8, 7] is stored as u = q + 8 with zero 0 (exact); an asymmetric code u in
 [0, 15] with integer zero point z as u with zero = (8 - z) * scale (exact up to the rounding of
 that product to the activation dtype).
+
+A batch-1 call (one activation row) runs the fused kernel of `leanlm.runtime.kernels` instead when it is
+built (opt-in, LEANLM_KERNELS=1): it reads the same codes from its own tiled copy (`tiled`, 16 rows x 8 k per 64 bytes) and the same
+scales/zeros table; several rows (prefill, batches) always run PyTorch's kernel (the reference path).
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
+
 INT4_GROUPS = (32, 64, 128, 256)
 
 
 class Int4Weight(nn.Module):
     fallback: str | None = None
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, out_features: int, in_features: int):
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, out_features: int, in_features: int,
+                 tiled: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("packed", packed)
+        self.register_buffer("tiled", tiled)
         self.register_buffer("scales_zeros", scales_zeros)
         self.group_size, self.out_features, self.in_features = group_size, out_features, in_features
 
@@ -38,7 +46,10 @@ class Int4Weight(nn.Module):
             z = (8 - zero.reshape(out_f, in_f // group_size).float()) * scale
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
         sz = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [in/g, out, 2]
-        return cls(packed, sz, group_size, out_f, in_f)
+        tiled = None
+        if dtype == torch.bfloat16 and out_f % 16 == 0 and group_size % 32 == 0 and kernels.available():
+            tiled = kernels.tile16(u)
+        return cls(packed, sz, group_size, out_f, in_f, tiled)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int, dtype: torch.dtype) -> "Int4Weight":
@@ -49,12 +60,19 @@ class Int4Weight(nn.Module):
         return cls.from_codes(quantize(w.float(), fmt, qp), qp.scale, None, group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None and x.numel() == self.in_features:   # batch 1: the fused kernel
+            y = torch.ops.leanlm.int4_gemv(x.reshape(-1), self.tiled, self.scales_zeros, self.group_size, self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's int4 kernel (any number of rows)."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_zeros)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
-        return self.forward(eye).float().t().contiguous()
+        return self.reference(eye).float().t().contiguous()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # the runtime never packs an embedding table as int4 (see docs/runtime.md)

@@ -266,7 +266,8 @@ def run_config(name: str, kind: str, levels: list[int], a, gguf: str, prompts: P
                                                             "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
                                                             "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                                                             "vllm:spec_decode_num_draft_tokens_total",
-                                                            "vllm:spec_decode_num_accepted_tokens_total")
+                                                            "vllm:spec_decode_num_accepted_tokens_total",
+                                                            "llamacpp:requests_processing", "llamacpp:requests_deferred")
                                       if k in after}
             if proc.poll() is not None:
                 res["server_died"] = proc.returncode

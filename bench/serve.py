@@ -1,10 +1,15 @@
 """Serving benchmark (PROTOCOL.md "Serving"): `leanlm serve` under 1, 4, 16 and 64 closed-loop clients,
 side by side in one run with naive transformers serving (bfloat16, one request at a time), static batching
-with transformers, and llama.cpp's server (llama-cpp-python) on the same model as its Q4_1 GGUF.
+with transformers, and llama.cpp's C++ `llama-server` (continuous batching, parallel slots = clients) on the
+same model as its Q4_1 GGUF; llama-cpp-python's Python server (one request at a time) is a second, labelled row.
 
     python bench/serve.py                 # the full run (~25 min): bench/results/serve.md and serve.json
     python bench/serve.py --quick         # a smoke run (5 s windows, 1 and 16 clients)
-    python bench/serve.py --only leanlm-int4,llamacpp --resume    # some configs; reuse finished cells
+    python bench/serve.py --only leanlm-int4,llamacpp-server --resume   # some configs; reuse finished cells
+
+`llama-server` is built once by bench/peers/setup_llama_server.sh (run here automatically when the binary is
+missing; from the llama.cpp sources in the llama-cpp-python sdist on PyPI) into ~/.cache/leanlm/peers/llama-server
+(or $LLAMA_SERVER_DIR). It is started once per concurrency with `-np` = that concurrency.
 
 Each configuration starts its server as a subprocess (killed in `finally`), warms it up, then for each
 concurrency runs bench/serve_load.py (a separate process, async HTTP over 127.0.0.1) for a fixed window,
@@ -41,6 +46,8 @@ from common import RESULTS, md_table, write_results  # noqa: E402
 
 MODEL = "smollm2-135m"
 PARTIAL = RESULTS / "serve.partial.json"
+LLAMA_SERVER_DIR = Path(os.environ.get("LLAMA_SERVER_DIR", Path.home() / ".cache" / "leanlm" / "peers" / "llama-server"))
+PER_LEVEL = ("llamacpp-server",)   # server kinds restarted for each concurrency (their slot count is the concurrency)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -62,7 +69,30 @@ def make_prompts(tok, n: int, max_prompt: int) -> tuple[list[str], dict]:
 
 
 # ---------------------------------------------------------------------------------------------- servers
-def server_command(kind: str, port: int, a, gguf: str) -> list[str]:
+_BUILD_FAILED: list[str] = []   # one build attempt per run, not one per concurrency
+
+
+def llama_server() -> tuple[str, str]:
+    """Path and version line of the C++ llama-server, building it first if missing; raises with the reason."""
+    binary, version = LLAMA_SERVER_DIR / "bin" / "llama-server", LLAMA_SERVER_DIR / "VERSION"
+    if _BUILD_FAILED:
+        raise RuntimeError(_BUILD_FAILED[0])
+    if not (binary.is_file() and version.is_file()):
+        script = ROOT / "bench" / "peers" / "setup_llama_server.sh"
+        log = Path(tempfile.mktemp(prefix="setup-llama-server-", suffix=".log"))
+        print(f"building llama-server ({script.relative_to(ROOT)}, log {log})", file=sys.stderr)
+        pip = Path(sys.executable).with_name("pip")
+        env = {**os.environ, "LLAMA_SERVER_DIR": str(LLAMA_SERVER_DIR), **({"PIP": str(pip)} if pip.is_file() else {})}
+        with open(log, "w") as f:
+            r = subprocess.run(["bash", str(script)], stdout=f, stderr=subprocess.STDOUT, env=env)
+        if r.returncode != 0 or not binary.is_file():
+            tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+            _BUILD_FAILED.append(f"llama-server build failed (exit {r.returncode}): {tail[0][:200]} (log {log})")
+            raise RuntimeError(_BUILD_FAILED[0])
+    return str(binary), version.read_text().strip()
+
+
+def server_command(kind: str, port: int, a, gguf: str, slots: int) -> list[str]:
     py = sys.executable
     if kind.startswith("leanlm"):
         weights = "int4" if "int4" in kind else "fp32"
@@ -78,7 +108,14 @@ def server_command(kind: str, port: int, a, gguf: str) -> list[str]:
         mode = kind.split("-")[0]
         return [py, str(ROOT / "bench" / "serve_hf.py"), MODEL, "--mode", mode, "--port", str(port),
                 "--max-batch", str(max(a.concurrency)), "--threads", str(a.threads)]
-    if kind == "llamacpp":
+    if kind == "llamacpp-server":
+        # context = slots x (longest prompt + output + 16 tokens of slack for re-tokenisation); -c is split
+        # evenly over the slots (no unified KV cache with an explicit -np). Continuous batching and prompt
+        # caching (per slot, plus the 8 GiB host-RAM prompt cache) are the server's defaults and stay on.
+        return [llama_server()[0], "-m", gguf, "-a", MODEL, "--host", "127.0.0.1", "--port", str(port),
+                "-t", str(a.threads), "-tb", str(a.threads), "-np", str(slots),
+                "-c", str(slots * (a.max_prompt + a.max_tokens + 16)), "--metrics", "--no-webui"]
+    if kind == "llamacpp-python":
         return [py, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", MODEL, "--host", "127.0.0.1",
                 "--port", str(port), "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
                 "--n_ctx", "1024", "--interrupt_requests", "False", "--verbose", "False"]
@@ -86,9 +123,11 @@ def server_command(kind: str, port: int, a, gguf: str) -> list[str]:
 
 
 def extra_body(kind: str, max_tokens: int) -> dict:
-    """No early stop: leanlm and the transformers servers take `ignore_eos`, llama-cpp-python `min_tokens`;
-    llama-cpp-python's repeat penalty (default 1.1) is turned off so every server decodes plain greedy."""
-    if kind == "llamacpp":
+    """No early stop: leanlm, llama-server and the transformers servers take `ignore_eos`, llama-cpp-python
+    `min_tokens`; repeat penalties are off (llama-cpp-python's default is 1.1) so every server decodes plain greedy."""
+    if kind == "llamacpp-server":
+        return {"ignore_eos": True, "repeat_penalty": 1.0}
+    if kind == "llamacpp-python":
         return {"min_tokens": max_tokens, "repeat_penalty": 1.0}
     return {"ignore_eos": True}
 
@@ -160,7 +199,7 @@ def metrics(url: str) -> dict[str, float]:
         return {}
     out = {}
     for line in r.text.splitlines():
-        if line.startswith("vllm:") and "_bucket" not in line:
+        if line.startswith(("vllm:", "llamacpp:")) and "_bucket" not in line:
             name, _, v = line.rpartition(" ")
             out[name.split("{")[0]] = float(v)
     return out
@@ -176,7 +215,9 @@ def drain(url: str, kind: str, timeout: float = 300) -> dict:
         print(f"  drain probe failed: {e}", file=sys.stderr)
     while time.time() - t0 < timeout:
         m = metrics(url)
-        if not m or (m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0):
+        busy = (m.get("vllm:num_requests_running", 0) + m.get("vllm:num_requests_waiting", 0)
+                + m.get("llamacpp:requests_processing", 0) + m.get("llamacpp:requests_deferred", 0))
+        if not m or busy == 0:
             return m
         time.sleep(0.5)
     return metrics(url)
@@ -201,10 +242,11 @@ def run_config(name: str, kind: str, levels: list[int], a, gguf: str, prompts: P
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT / "src")}
     log = open(tempfile.mktemp(prefix=f"serve-{name}-", suffix=".log"), "w")
-    cmd = server_command(kind, port, a, gguf)
-    print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = None
     try:
+        cmd = server_command(kind, port, a, gguf, max(todo))
+        print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         t0 = time.time()
         wait_ready(proc, url, a.start_timeout)
         load_s = round(time.time() - t0, 1)
@@ -218,13 +260,14 @@ def run_config(name: str, kind: str, levels: list[int], a, gguf: str, prompts: P
                 res = load_run(url, kind, prompts, c, a.window, a.max_tokens, malformed, a.finish_timeout if malformed else 0.0)
                 after = drain(url, kind)
             res.update(config=name, server=kind, startup_s=load_s, rss_idle_mb=round(idle / 2**20),
-                       rss_peak_mb=round(r.peak / 2**20))
+                       rss_peak_mb=round(r.peak / 2**20), command=cmd[1:])
             if after:
                 res["after_drain"] = {k: after[k] for k in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                                             "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
                                                             "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                                                             "vllm:spec_decode_num_draft_tokens_total",
-                                                            "vllm:spec_decode_num_accepted_tokens_total")
+                                                            "vllm:spec_decode_num_accepted_tokens_total",
+                                                            "llamacpp:requests_processing", "llamacpp:requests_deferred")
                                       if k in after}
             if proc.poll() is not None:
                 res["server_died"] = proc.returncode
@@ -237,14 +280,15 @@ def run_config(name: str, kind: str, levels: list[int], a, gguf: str, prompts: P
         done[f"{name}@error"] = str(e)[:500]
         print(f"[{name}] FAILED: {e} (server log: {log.name})", file=sys.stderr)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except Exception:
+        if proc is not None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
             except Exception:
-                pass
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except Exception:
+                    pass
         log.close()
 
 
@@ -277,7 +321,7 @@ def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
     rows = []
     for key, r in done.items():
         if key.endswith("@error"):
-            rows.append([key[:-6], "-", "FAILED: " + r[:80]] + [""] * (len(cols) - 3))
+            rows.append([key[:-6], "-", "FAILED: " + r[:200]] + [""] * (len(cols) - 3))
             continue
         rows.append([r["config"], r["concurrency"], r["tok_per_s"], r["req_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"],
                      r["itl_p50_ms"], r["itl_p99_ms"], r["rss_peak_mb"], r["failed"], usd(r["tok_per_s"])])
@@ -290,10 +334,10 @@ def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
             if not o:
                 continue
             row = [ours, c]
-            for base in ("naive-bf16", "static-bf16", "llamacpp"):
+            for base in ("naive-bf16", "static-bf16", "llamacpp-server", "llamacpp-python-1slot"):
                 b = g(base)
                 row.append(f"{o['tok_per_s'] / b['tok_per_s']:.2f}x" if b and b["tok_per_s"] else "-")
-            l = g("llamacpp")
+            l = g("llamacpp-server")
             row.append(f"{o['ttft_p99_ms']} vs {l['ttft_p99_ms']}" if l else "-")
             ratio_rows.append(row)
     checks = []
@@ -324,21 +368,26 @@ def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
           "Servers: `leanlm serve` (float32 and int4 weights, `--max-num-seqs` = the largest concurrency, "
           f"`--kv-cache-mb {a.kv_cache_mb}`); naive = transformers `generate` in bfloat16, one request at a time "
           "(bench/serve_hf.py); static = transformers, every waiting request (up to 64) padded into one `generate`; "
-          "llamacpp = `python -m llama_cpp.server` on the Q4_1 GGUF the float model is dequantized from. "
-          "llama-cpp-python's server has no parallel slots: it holds one `Llama` object behind a lock and serves "
-          "one request at a time (`--interrupt_requests False` so a new request waits instead of cutting the running one).\n",
+          f"llamacpp-server = llama.cpp's C++ `llama-server` ({a.llama_server_version}, built by "
+          "bench/peers/setup_llama_server.sh) on the Q4_1 GGUF the float model is dequantized from, restarted for each "
+          "concurrency with `-np` = clients, `-c` = clients x (max prompt + output + 16), continuous batching and its "
+          "default prompt caching on, `ignore_eos` and no repeat penalty; "
+          "llamacpp-python-1slot = `python -m llama_cpp.server` (llama-cpp-python) on the same GGUF, kept as a second "
+          "row: it has no parallel slots (one `Llama` object behind a lock, one request at a time, "
+          "`--interrupt_requests False` so a new request waits instead of cutting the running one). "
+          "Ratios against llama.cpp use the llamacpp-server row.\n",
           "TTFT counts, for a request still waiting for its first token when the window closed, its wait so far "
           "(a lower bound). ITL is every gap between two streamed tokens. tok/s counts tokens streamed inside the window.\n",
           md_table(cols, rows)]
     if ratio_rows:
         md += ["\n## leanlm vs the baselines, total tok/s in the same run\n",
-               md_table(["leanlm", "clients", "vs naive bf16", "vs static batching", "vs llama.cpp server",
-                         "TTFT p99 ms (leanlm vs llama.cpp)"], ratio_rows)]
+               md_table(["leanlm", "clients", "vs naive bf16", "vs static batching", "vs llama-server (C++)",
+                         "vs llama-cpp-python server (1 slot)", "TTFT p99 ms (leanlm vs llama-server)"], ratio_rows)]
     if checks:
         md += [f"\n## {a.malformed_clients} clients with 10% malformed requests (leanlm int4, batch of "
                f"{max(a.concurrency)}, the rest queued)\n",
                md_table(["check", "value", "note"], checks)]
-    data = {"machine": mach, "loaded_machine": a.loaded, "window_s": a.window, "warmup_s": a.warmup,
+    data = {"machine": mach, "loaded_machine": a.loaded, "llama_server": a.llama_server_version, "window_s": a.window, "warmup_s": a.warmup,
             "max_tokens": a.max_tokens, "price_per_hour": a.price_per_hour, "price_note": a.price_note,
             "prompts": dist, "system_prompt_tokens": sys_tokens, "results": done}
     path = write_results(a.name, data, "\n".join(md))
@@ -392,7 +441,8 @@ def main() -> None:
     plan = [  # (name, server kind, levels, prompts, malformed fraction)
         ("leanlm-int4", "leanlm-int4", a.concurrency, "prompts", 0.0),
         ("leanlm-fp32", "leanlm-fp32", a.concurrency, "prompts", 0.0),
-        ("llamacpp", "llamacpp", a.concurrency, "prompts", 0.0),
+        ("llamacpp-server", "llamacpp-server", a.concurrency, "prompts", 0.0),
+        ("llamacpp-python-1slot", "llamacpp-python", a.concurrency, "prompts", 0.0),
         ("static-bf16", "static-bf16", a.concurrency, "prompts", 0.0),
         ("naive-bf16", "naive-bf16", a.concurrency, "prompts", 0.0),
         ("leanlm-int4-shared-prefix", "leanlm-int4", [mid], "shared", 0.0),
@@ -406,9 +456,12 @@ def main() -> None:
     for name, kind, levels, which, mal in plan:
         if only and name not in only:
             continue
-        run_config(name, kind, levels, a, gguf, tmp / f"{which}.json", port, done, mal)
-        port += 1
+        for group in ([[c] for c in levels] if kind in PER_LEVEL else [levels]):
+            run_config(name, kind, group, a, gguf, tmp / f"{which}.json", port, done, mal)
+            port += 1
     print(f"total {time.time() - t0:.0f} s", file=sys.stderr)
+    version = LLAMA_SERVER_DIR / "VERSION"
+    a.llama_server_version = version.read_text().strip() if version.is_file() else "not built"
     report(done, a, dist, machine(), sys_tokens)
     if not only and not any(k.endswith("@error") for k in done):
         PARTIAL.unlink(missing_ok=True)   # complete: nothing to resume

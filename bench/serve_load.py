@@ -7,7 +7,8 @@ process over loopback).
 Each of `concurrency` clients sends a streaming /v1/completions request, reads it to the end, and sends the
 next one at once, for `duration` seconds; then every open request is cut (its connection closed, which
 cancels it on the server) and one JSON summary is printed on stdout. Tokens are counted as streamed chunks
-with text choices, timestamped on arrival: tokens/s counts those inside the window. TTFT is measured from
+with text choices, timestamped on arrival: tokens/s counts those inside the window. A closing chunk (every
+choice's text empty and a finish_reason set, as llama.cpp's servers send after the last token) is not a token. TTFT is measured from
 sending the request to its first token; inter-token latency is every gap between two tokens of a request.
 A request still waiting for its first token when the window closes counts with its wait so far (a lower
 bound), so an overloaded server is not flattered by leaving its slowest requests out.
@@ -96,7 +97,9 @@ async def run(a) -> dict:
                     if "error" in chunk:
                         rec["error"] = str(chunk["error"])[:300]
                         break
-                    if chunk.get("choices"):
+                    choices = chunk.get("choices") or []
+                    closing = choices and all(not c.get("text") and c.get("finish_reason") for c in choices)
+                    if choices and not closing:
                         rec["times"].append(time.perf_counter() - t_start)
                     if chunk.get("usage"):
                         rec["usage"] = chunk["usage"].get("completion_tokens")

@@ -28,7 +28,8 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a transformers model or of a module that returns them directly, without a KV cache."""
     out = model(input_ids=ids, use_cache=False)
     return out.logits if hasattr(out, "logits") else out
 
@@ -71,7 +72,7 @@ def perplexity(
     total_nll, total_tok = 0.0, 0
     for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = windows[i : i + batch_size].to(device)
-        logits = _logits(model, batch)[:, :-1].float()
+        logits = logits_of(model, batch)[:, :-1].float()
         targets = batch[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
         if not torch.isfinite(nll):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..core.data import evaluation_texts, join_and_tokenize, read_user_texts
 from ..core.errors import LeanLMError
+from ..evaluation.perplexity import logits_of
 
 
 @dataclass
@@ -33,11 +34,6 @@ class Quality:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=False)
-    return (out.logits if hasattr(out, "logits") else out).float()
 
 
 class QualityProbe:
@@ -76,7 +72,7 @@ class QualityProbe:
         if key not in self._ref:
             batch = (self.search if split == "search" else self.check)[i : i + 1]
             with torch.inference_mode():
-                lg = _logits(self.model, batch)[0, :-1]
+                lg = logits_of(self.model, batch)[0, :-1].float()
             logp = F.log_softmax(lg, -1)
             tgt = batch[0, 1:]
             nll = -logp.gather(-1, tgt[:, None]).sum().item()
@@ -94,7 +90,7 @@ class QualityProbe:
         for i in range(n):
             ref_arg, ref_nll, ref_logp = self._reference(split, i)
             batch = src[i : i + 1]
-            lg = _logits(model, batch)[0, :-1]
+            lg = logits_of(model, batch)[0, :-1].float()
             logp = F.log_softmax(lg, -1)
             tgt = batch[0, 1:]
             v = -logp.gather(-1, tgt[:, None]).sum().item()

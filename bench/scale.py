@@ -134,13 +134,15 @@ def main() -> None:
     ap.add_argument("--twin-budget", default="1GB")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary models are written")
     ap.add_argument("--skip-big", action="store_true", help="only the twin (equality) runs")
+    ap.add_argument("--load", default="quiet machine (nothing else running)",
+                    help="how loaded the machine was, stated in the results (wall times depend on it)")
     a = ap.parse_args()
     from leanlm.core.offload import parse_bytes
 
     schemes = a.schemes.split(",")
     calib = ["--samples", str(a.samples), "--seq-len", str(a.seq_len)]
     work = Path(tempfile.mkdtemp(prefix="leanlm-scale-", dir=a.dir))
-    data = {"machine": machine(), "load": "machine loaded (~6 engineers sharing 2 cores): wall times are upper bounds",
+    data = {"machine": machine(), "load": a.load,
             "calibration": f"{a.samples} x {a.seq_len} tokens of the protocol's Wikipedia calibration text", "budget": a.budget,
             "big": {}, "twin": {}}
 

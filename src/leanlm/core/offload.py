@@ -60,7 +60,15 @@ def gb(n: float) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory as the OS counts it (getrusage ru_maxrss)."""
+    """This process's peak resident memory as the OS counts it: Linux's VmHWM (the high-water mark of this
+    process's own address space), else getrusage's ru_maxrss. Not ru_maxrss on Linux: the kernel carries the
+    parent's peak into a child's ru_maxrss at exec, so a process started by a large one reports the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 

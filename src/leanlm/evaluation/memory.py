@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 
 import torch
 
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from ..core.offload import peak_rss_bytes  # noqa: F401  (one measure of peak memory, re-exported)
 
 
 def current_rss_bytes() -> int:

@@ -89,18 +89,25 @@ def _malloc_returns_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
 
 
+def _trim() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc malloc_trim, which also releases free
+    pages inside the heap): without it the freed temporaries of each block's solve, under the mmap threshold,
+    fragment the heap and resident memory grows by ~0.1 GB per block of a 1.5B model (measured)."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def release_memory() -> None:
     """Give what the preparation freed back to the OS before the budget is measured: the protocol's calibration
     text (cached by core.data), collected objects, and free heap pages (glibc malloc_trim)."""
     from . import data
 
     data._builtin_articles.cache_clear()
-    gc.collect()
     _malloc_returns_memory()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _trim()
 
 
 # ----------------------------------------------------------------------------------------- weight sources
@@ -462,6 +469,7 @@ class BlockOffload:
         self.done = i + 1
         del tensors
         free(layer)
+        _trim()   # a block's freed temporaries must not pile up in the heap from one block to the next
 
     def load_rest(self) -> None:
         """Load the parameters outside the decoder layers (embeddings, final norm, head) for the last phase."""

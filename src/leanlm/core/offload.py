@@ -89,7 +89,7 @@ def _malloc_returns_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Collect garbage and hand the heap's free pages back to the OS (glibc malloc_trim, which also releases free
     pages inside the heap): without it the freed temporaries of each block's solve, under the mmap threshold,
     fragment the heap and resident memory grows by ~0.1 GB per block of a 1.5B model (measured)."""
@@ -107,7 +107,7 @@ def release_memory() -> None:
 
     data._builtin_articles.cache_clear()
     _malloc_returns_memory()
-    _trim()
+    trim_heap()
 
 
 # ----------------------------------------------------------------------------------------- weight sources
@@ -469,7 +469,7 @@ class BlockOffload:
         self.done = i + 1
         del tensors
         free(layer)
-        _trim()   # a block's freed temporaries must not pile up in the heap from one block to the next
+        trim_heap()   # a block's freed temporaries must not pile up in the heap from one block to the next
 
     def load_rest(self) -> None:
         """Load the parameters outside the decoder layers (embeddings, final norm, head) for the last phase."""

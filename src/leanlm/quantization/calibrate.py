@@ -20,6 +20,7 @@ from ..core import dist
 from ..core.calibrate import (LayerStep, SharedInput, calibrate_blocks, find_mappings, input_hooks, linear_groups,
                               one_pass_gib, register, run_layer, solve_in_forward)
 from ..core.errors import LeanLMError
+from ..core.offload import trim_heap
 from . import algorithms as alg
 from .config import AWQ, GPTQ, AutoRound, QuantConfig, SmoothQuant
 from .formats import fake_quantize
@@ -165,6 +166,7 @@ def _gptq_in_forward(layer, hidden, kw, lins, groups, gptq: GPTQ, stats: dict) -
     def solve(n, x):
         acc = alg.HessianAccumulator(lins[n].in_features)
         acc.add(_hessian_rows(x, gptq))
+        trim_heap()   # the previous solve's freed temporaries back to the OS first: the peak is this solve's (--max-memory)
         _solve_group(first[n], lins, _hessian(acc), gptq, stats)
 
     with _forward_dtype(gptq, hidden):

@@ -79,6 +79,25 @@ def q4km_gguf(model: str, base, tok) -> Path:
     return dest
 
 
+def engine_perplexity(eng, windows) -> float:
+    """Perplexity of a runtime engine fed one token per step (teacher forcing), so every matmul takes the batch-1
+    path the decode uses (the fused kernels when they are on): the deployment's own quality, not the fake-quantized model's."""
+    import math
+
+    import torch
+
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for w in windows:
+            eng.reset()
+            for i in range(w.numel() - 1):
+                logp = torch.log_softmax(eng.forward(w[None, i:i + 1], last_only=True)[0].float(), -1)
+                nll -= logp[w[i + 1]].item()
+                n += 1
+    eng.reset()
+    return math.exp(nll / n)
+
+
 def llamacpp_vs_chosen(model: str, r: dict, out: Path, runs: int, a) -> dict:
     """Interleaved batch-1 decode of the chosen deployment and llama.cpp Q4_K_M (made by llama.cpp's quantizer from
     leanlm's F16 export); perplexity of both on the check windows."""
@@ -97,18 +116,28 @@ def llamacpp_vs_chosen(model: str, r: dict, out: Path, runs: int, a) -> dict:
     chosen, _ = leanlm.load(str(out / "model"))
     dep = Deployment(**r["chosen"]["deployment"])
     prompts = protocol_prompts(tok, 1, 128)
-    eng = Engine(chosen, max_seq_len=128 + a.new_tokens + dep.k + 1, allow_fallback=True, kernels=dep.kernels)
+    eng = Engine(chosen, max_seq_len=max(a.window, 128 + a.new_tokens + dep.k + 1), allow_fallback=True, kernels=dep.kernels)
+    ppl_engine = engine_perplexity(eng, probe.check)
     llama = dec.LlamaCpp(Path(sys.executable), str(gguf), dec.os.cpu_count(), 512)
+    gens = {"leanlm": _runtime_generator(eng, dep), "llama.cpp Q4_K_M": llama.generator()}
+    llama_pl = None
+    if dep.prompt_lookup:   # the same speculation on llama.cpp's side too (llama-cpp-python's prompt-lookup drafts), for a fair pair
+        llama_pl = dec.LlamaCpp(Path(sys.executable), str(gguf), dec.os.cpu_count(), 512)
+        llama_pl._ask({"cmd": "load", "path": str(gguf), "threads": dec.os.cpu_count(), "n_ctx": 512, "prompt_lookup": dep.k})
+        gens[f"llama.cpp Q4_K_M + prompt lookup k={dep.k}"] = llama_pl.generator()
     try:
-        res = compare_speed({"leanlm": _runtime_generator(eng, dep), "llama.cpp Q4_K_M": llama.generator()}, prompts, a.new_tokens,
-                            runs, 1)
+        res = compare_speed(gens, prompts, a.new_tokens, runs, 1)
     finally:
-        llama.close()
+        for w in (llama, llama_pl):
+            if w is not None:
+                w.close()
+    pl = {k: v.decode_tps for k, v in res.items() if "prompt lookup" in k}
     return {"leanlm_decode_tps": res["leanlm"].decode_tps, "llamacpp_decode_tps": res["llama.cpp Q4_K_M"].decode_tps,
             "ratio": res["leanlm"].decode_tps / res["llama.cpp Q4_K_M"].decode_tps, "llamacpp_version": llama.version,
+            "llamacpp_prompt_lookup_decode_tps": next(iter(pl.values()), None),
             "deployment": dep.label(), "kernels": eng.kernels, "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
             "perplexity_llamacpp_q4km_check": q_gguf.perplexity, "perplexity_chosen_check": r["check"]["quality"]["perplexity"],
-            "perplexity_float_check": q_gguf.perplexity_base}
+            "perplexity_float_check": q_gguf.perplexity_base, "perplexity_chosen_engine_check": ppl_engine}
 
 
 def main() -> None:
@@ -195,14 +224,31 @@ def main() -> None:
           f"{2 * a.concurrency} requests at concurrency {a.concurrency}).\n",
           md_table(["objective", "budget s", "search s", "chosen", "deployment", "tokens/s", "$ / 1M tok", "baseline $ / 1M tok",
                     "cheaper", "loss (search windows)", "loss (held-out check windows)"], rows)]
+    cost = results.get("cost", {})
+    if "cost_ratio" in cost:
+        md.append(f"\nCost target (>= 10x cheaper than naive transformers bf16 serving, quality loss within 5% on the held-out "
+                  f"check windows): {cost['cost_ratio']:.1f}x at {cost['check_loss']:+.2%}: "
+                  + ("**met**." if cost["cost_ratio"] >= 10 and cost["check_loss"] <= 0.05 else "**not met**."))
+    for objective, d in results.items():
+        if "search_s" in d:
+            md.append(f"\n{objective}: search {d['search_s']:.0f} s of a {d['budget_s']:.0f} s budget "
+                      f"({'within' if d['within_budget_plus_10pct'] else 'over'} budget + 10%).")
     lat = results.get("latency", {}).get("llamacpp")
     if lat and "error" not in lat:
         md.append(f"\nLatency objective vs llama.cpp {lat['llamacpp_version']} Q4_K_M (made by llama.cpp's llama_model_quantize from "
                   f"leanlm's F16 GGUF export, {lat['gguf_bytes'] / 1e6:.0f} MB), interleaved, batch 1, {a.new_tokens} new tokens, "
                   f"{a.runs} runs: leanlm ({lat['deployment']}, kernels {lat['kernels']}) {lat['leanlm_decode_tps']:.1f} decode tok/s, "
                   f"llama.cpp {lat['llamacpp_decode_tps']:.1f} "
-                  f"({lat['ratio']:.2f}x); perplexity on the check windows: chosen {lat['perplexity_chosen_check']:.3f}, "
-                  f"Q4_K_M {lat['perplexity_llamacpp_q4km_check']:.3f}, float {lat['perplexity_float_check']:.3f}.")
+                  f"({lat['ratio']:.2f}x)"
+                  + (f"; llama.cpp Q4_K_M with the same prompt-lookup speculation {lat['llamacpp_prompt_lookup_decode_tps']:.1f} "
+                     f"({lat['leanlm_decode_tps'] / lat['llamacpp_prompt_lookup_decode_tps']:.2f}x)"
+                     if lat.get("llamacpp_prompt_lookup_decode_tps") else "")
+                  + f"; perplexity on the check windows: chosen {lat['perplexity_chosen_check']:.3f} (through its "
+                  f"deployment's engine one token per step: {lat['perplexity_chosen_engine_check']:.3f}), "
+                  f"Q4_K_M {lat['perplexity_llamacpp_q4km_check']:.3f}, float {lat['perplexity_float_check']:.3f}. Target (decode "
+                  "faster than llama.cpp Q4_K_M at no worse perplexity): "
+                  + ("**met**." if lat["ratio"] > 1 and max(lat["perplexity_chosen_check"], lat["perplexity_chosen_engine_check"])
+                     <= lat["perplexity_llamacpp_q4km_check"] else "**not met**."))
     elif lat:
         md.append(f"\nllama.cpp comparison failed: {lat['error']}")
     for objective, d in results.items():

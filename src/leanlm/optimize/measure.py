@@ -1,9 +1,10 @@
 """Speed, memory and money of one deployment of a candidate model, measured on this machine.
 
-A deployment is how a model runs: the leanlm runtime at batch 1 (optionally with prompt-lookup
-speculative decoding, which is lossless under greedy decoding), or the serving engine (`LLMEngine`,
-continuous batching on a paged KV cache, float32 or int8 KV blocks) with `concurrency` requests in
-flight. Every measurement is interleaved with the baseline, naive transformers bfloat16 `generate` at
+A deployment is how a model runs: the leanlm runtime at batch 1 (PyTorch's kernels or the fused
+batch-1 kernels, optionally with prompt-lookup speculative decoding, which is lossless under greedy
+decoding), or the serving engine (`LLMEngine`, continuous batching on a paged KV cache, float32 or int8
+KV blocks, optionally with prompt-lookup drafts verified inside the batch) with `concurrency` requests
+in flight. Every measurement is interleaved with the baseline, naive transformers bfloat16 `generate` at
 batch 1, one request at a time (PROTOCOL.md, Serving: naive serving), so the ratios hold on a loaded
 machine; $ per 1M tokens = price per hour / (3600 x generated tokens/s) x 1e6.
 

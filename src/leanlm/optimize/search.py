@@ -8,7 +8,8 @@ The loop (docs/optimize.md):
    `slack` x the target goes on to rung 1, the full search windows; those within the target go on to
    rung 2, after every candidate's quality is known: their deployments' speed and cost (interleaved with
    the naive transformers bf16 baseline), the predicted cheapest first (the measured cost of each
-   packed format on this machine). Expensive
+   packed format on this machine), breadth first over the objective's deployments (`space.deployments`:
+   serving with and without in-batch speculation, batch 1 with the fused or PyTorch's kernels, ...). Expensive
    candidates wait for a cheaper relative's measured loss (`Candidate.after`) and are skipped when it
    shows they cannot reach the target, or when their estimated time exceeds what is left.
 3. Rank the measured deployments by the objective; the best one's model is checked on windows the

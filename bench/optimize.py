@@ -168,6 +168,9 @@ def main() -> None:
         os.environ.setdefault("LEANLM_KERNELS", "1")
     load0 = os.getloadavg()[0]
     setup_threads()
+    from leanlm.runtime import kernels
+
+    kernels.load()   # built (once, cached) before any search clock starts: a compile is not search time
     from leanlm.core.errors import LeanLMError
     from leanlm.optimize import parse_search_budget
 

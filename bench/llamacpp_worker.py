@@ -2,7 +2,7 @@
 
 Reads one JSON command per line on stdin and answers one JSON line on stdout, so the benchmark can
 interleave llama.cpp runs with its own in one run:
-  {"cmd": "load", "path": GGUF, "threads": 2, "n_ctx": 512}
+  {"cmd": "load", "path": GGUF, "threads": 2, "n_ctx": 512}   (+ "prompt_lookup": k: llama-cpp-python's prompt-lookup drafts)
   {"cmd": "run", "prompt": [token ids], "new_tokens": 128}  -> {"tok": id} per token, then {"done": true}
 Greedy (top_k=1, temperature 0), no early stop at end-of-sequence.
 """
@@ -16,8 +16,13 @@ for line in sys.stdin:
     if msg["cmd"] == "load":
         import llama_cpp
 
+        draft = None
+        if msg.get("prompt_lookup"):
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=msg["prompt_lookup"])
         llm = llama_cpp.Llama(model_path=msg["path"], n_threads=msg["threads"], n_threads_batch=msg["threads"],
-                              n_ctx=msg["n_ctx"], n_batch=msg["n_ctx"], verbose=False)
+                              n_ctx=msg["n_ctx"], n_batch=msg["n_ctx"], verbose=False, draft_model=draft)
         out = {"ok": True, "version": llama_cpp.__version__}
     elif msg["cmd"] == "run":
         llm.reset()

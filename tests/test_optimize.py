@@ -21,7 +21,7 @@ SMALL = dict(window=32, search_windows=2, check_windows=2, short_windows=1, samp
 
 
 def _cfg(folder, out, **kw) -> OptimizeConfig:
-    return OptimizeConfig(str(folder), str(out), **{**SMALL, "budget_s": 120.0, "exports": ["gguf"], **kw})
+    return OptimizeConfig(str(folder), str(out), **{**SMALL, "budget_s": 600.0, "exports": ["gguf"], **kw})
 
 
 KEEP = ("float", "w8a16", "w8a8", "w4a16-rtn", "w4a16-gptq", "sparse-2:4+w8a16")   # a cheap slice of the space
@@ -99,6 +99,33 @@ def test_resume_keeps_finished_trials(searched):
     for t in before:                                             # no finished quality rung is repeated
         if t["type"] == "quality":
             assert sum(1 for u in after if u["type"] == "quality" and u["candidate"] == t["candidate"] and u["rung"] == t["rung"]) == 1
+
+
+def test_serving_is_swept_with_and_without_speculation(searched):
+    trials = [json.loads(x) for x in (searched["out"] / "trials.jsonl").read_text().splitlines()]
+    serving = [t for t in trials if t["type"] == "deploy" and t["deployment"]["engine"] == "serving"]
+    spec = [t for t in serving if t["deployment"]["prompt_lookup"]]
+    plain = [t for t in serving if not t["deployment"]["prompt_lookup"]]
+    assert spec and {t["candidate"] for t in spec} == {t["candidate"] for t in plain}
+    for t in spec:
+        sp = t["speed"]
+        assert 0.0 <= sp["draft_acceptance"] <= 1.0 and 0.0 <= sp["same_tokens_as_plain"] <= 1.0
+        assert "outputs" not in sp and t["label"].endswith("+ prompt lookup k=4")
+
+
+def test_deployments_and_their_commands():
+    from leanlm.optimize.measure import Deployment
+    from leanlm.optimize.space import deployments
+
+    cfg = OptimizeConfig("m", "/tmp/opt")
+    spec = Deployment("serving", max_num_seqs=16, prompt_lookup=True, k=4)
+    assert S.deploy_command({"deployment": spec.to_dict()}, cfg) == \
+        "leanlm serve /tmp/opt/model --max-num-seqs 16 --kv-dtype float32 --speculative prompt-lookup --num-draft 4"
+    assert S.deploy_command({"deployment": Deployment("runtime", kernels=True).to_dict()}, cfg).startswith("LEANLM_KERNELS=1 leanlm generate")
+    assert spec in deployments("cost", 16, "float32") and spec in deployments("throughput", 16, "float32")
+    fast = deployments("latency", 16, "float32", kernels=True)
+    assert [d.kernels for d in fast] == [True, True, False, False]           # the fused kernels first where they run
+    assert not any(d.kernels for d in deployments("latency", 16, "float32"))
 
 
 def test_report_figures_match_the_trials(searched):

@@ -8,7 +8,8 @@ The loop (docs/optimize.md):
    `slack` x the target goes on to rung 1, the full search windows; those within the target go on to
    rung 2, after every candidate's quality is known: their deployments' speed and cost (interleaved with
    the naive transformers bf16 baseline), the predicted cheapest first (the measured cost of each
-   packed format on this machine). Expensive
+   packed format on this machine), breadth first over the objective's deployments (`space.deployments`:
+   serving with and without in-batch speculation, batch 1 with the fused or PyTorch's kernels, ...). Expensive
    candidates wait for a cheaper relative's measured loss (`Candidate.after`) and are skipped when it
    shows they cannot reach the target, or when their estimated time exceeds what is left.
 3. Rank the measured deployments by the objective; the best one's model is checked on windows the
@@ -327,12 +328,21 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
         f = costs.get(c.fmt) or costs["bf16"]
         return c.scale * (f["bytes_per_weight"] if cfg.objective == "memory" else f["us_per_call"])
 
-    survivors = [c for c in space if (log.find(type="quality", candidate=c.name, rung=1) or {}).get("quality", {}).get("loss", 1e9) <= target]
-    for c in sorted(survivors, key=predicted):
-        qual = log.find(type="quality", candidate=c.name, rung=1)
-        for dep in deployments(cfg.objective, cfg.concurrency, c.kv):
-            if log.find(type="deploy", candidate=c.name, deployment=dep.to_dict()):
+    survivors = sorted((c for c in space if (log.find(type="quality", candidate=c.name, rung=1) or {}).get("quality", {})
+                        .get("loss", 1e9) <= target), key=predicted)
+    from ..runtime import kernels as _kernels
+
+    fused = cfg.objective == "latency" and _kernels.available()   # the fused batch-1 kernels run here (LEANLM_KERNELS=1, built)
+    plain_outputs: dict[str, list] = {}   # each candidate's plain serving outputs, to compare a speculative round's with
+    # breadth first: every survivor's first deployment (the objective's main one) before anyone's second
+    width = max((len(deployments(cfg.objective, cfg.concurrency, c.kv, fused)) for c in survivors), default=0)
+    for j in range(width):
+        for c in survivors:
+            deps = deployments(cfg.objective, cfg.concurrency, c.kv, fused)
+            if j >= len(deps) or log.find(type="deploy", candidate=c.name, deployment=deps[j].to_dict()):
                 continue
+            dep = deps[j]
+            qual = log.find(type="quality", candidate=c.name, rung=1)
             if speed_s[dep.engine] + reserve > clock.left():
                 log.add({"type": "skip-deploy", "candidate": c.name, "deployment": dep.to_dict(), "budget_related": True,
                          "reason": f"budget: a {dep.engine} speed trial needs about {speed_s[dep.engine]:.0f} s"})
@@ -348,14 +358,23 @@ def optimize(cfg: OptimizeConfig, console=None) -> dict:
             except LeanLMError as e:
                 log.add({"type": "failed-deploy", "candidate": c.name, "deployment": dep.to_dict(), "reason": str(e)})
                 continue
+            outs = fig.pop("outputs", None)
+            if outs is not None and not dep.prompt_lookup:
+                plain_outputs[c.name] = outs
+            elif outs is not None and c.name in plain_outputs:   # speculation inside the batch: the same greedy outputs?
+                ref = plain_outputs[c.name]
+                fig["same_outputs_as_plain"] = sum(a == b for a, b in zip(outs, ref)) / len(ref)
+                fig["same_tokens_as_plain"] = (sum(x == y for a, b in zip(outs, ref) for x, y in zip(a, b))
+                                               / max(1, sum(len(b) for b in ref)))
             if fig.get("identical_to_greedy") is False:   # speculative decoding must be lossless under greedy decoding
                 log.add({"type": "failed-deploy", "candidate": c.name, "deployment": dep.to_dict(),
                          "reason": "prompt-lookup output differs from plain greedy decoding"})
                 continue
             log.add({"type": "deploy", "candidate": c.name, "deployment": dep.to_dict(), "label": dep.label(),
                      "quality": qual["quality"], "speed": fig, "seconds": time.perf_counter() - t})
+            extra = f", {fig['draft_acceptance']:.0%} of drafts accepted" if "draft_acceptance" in fig else ""
             _say(cfg, console, f"{c.name} / {dep.label()}: {fig['tokens_per_s']:.1f} tok/s ({fig['speedup']:.2f}x the baseline), "
-                               f"${fig['usd_per_mtok']:.3f} per 1M tokens, {fig['memory_bytes'] / 1e6:.0f} MB")
+                               f"${fig['usd_per_mtok']:.3f} per 1M tokens, {fig['memory_bytes'] / 1e6:.0f} MB{extra}")
 
     # ---------------------------------------------------------------------------------- choose and check
     ranked = rank([r for r in log.records if r.get("type") == "deploy"], cfg.objective)
@@ -438,8 +457,10 @@ def deploy_command(chosen: dict, cfg: OptimizeConfig) -> str:
     d = Deployment(**chosen["deployment"])
     m = str(Path(cfg.out) / "model")
     if d.engine == "serving":
-        return f"leanlm serve {m} --max-num-seqs {d.max_num_seqs} --kv-dtype {d.kv_dtype}"
-    return f"leanlm generate {m} --prompt '...'" + (f" --prompt-lookup --num-draft {d.k}" if d.prompt_lookup else "")
+        return (f"leanlm serve {m} --max-num-seqs {d.max_num_seqs} --kv-dtype {d.kv_dtype}"
+                + (f" --speculative prompt-lookup --num-draft {d.k}" if d.prompt_lookup else ""))
+    env = "LEANLM_KERNELS=1 " if d.kernels else ""
+    return f"{env}leanlm generate {m} --prompt '...'" + (f" --prompt-lookup --num-draft {d.k}" if d.prompt_lookup else "")
 
 
 def _write_recipe(path: Path, recipe: Recipe, chosen: dict, cfg: OptimizeConfig) -> None:

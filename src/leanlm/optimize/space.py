@@ -93,8 +93,13 @@ def prune_target(c: Candidate, intermediate: int) -> None:
             s.intermediate = max(64, int(intermediate * 0.8) // 64 * 64)
 
 
-def deployments(objective: str, concurrency: int, kv: str) -> list[Deployment]:
-    """How each candidate is run, by objective (the first is measured first)."""
+def deployments(objective: str, concurrency: int, kv: str, kernels: bool = False) -> list[Deployment]:
+    """How each candidate is run, by objective (the first is measured first). Serving is swept with and
+    without prompt-lookup speculation inside the batch (k = 4 per sequence and step); batch 1 with and
+    without it (k = 8), and, where the fused batch-1 kernels run (`kernels`), with them and with PyTorch's."""
     serve = Deployment("serving", kv_dtype=kv, max_num_seqs=concurrency)
+    serve_pld = Deployment("serving", kv_dtype=kv, max_num_seqs=concurrency, prompt_lookup=True, k=4)
     b1, pld = Deployment("runtime"), Deployment("runtime", prompt_lookup=True)
-    return {"cost": [serve, b1], "throughput": [serve], "latency": [b1, pld], "memory": [b1]}[objective]
+    fast = [Deployment("runtime", kernels=True), Deployment("runtime", prompt_lookup=True, kernels=True)] if kernels else []
+    return {"cost": [serve, serve_pld, b1], "throughput": [serve, serve_pld], "latency": [*fast, b1, pld],
+            "memory": [b1]}[objective]

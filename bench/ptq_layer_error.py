@@ -56,7 +56,9 @@ held = join_and_tokenize(tok, evaluation_texts("wiki"))[: 4 * 512].view(4, 512)
 news = join_and_tokenize(tok, evaluation_texts("news"))[: 4 * 512].view(4, 512)
 algs = {"rtn": [], "gptq": [GPTQ()], "gptq-sink": [GPTQ(sink_tokens=1)], "awq": [AWQ()],
         "autoround": [AutoRound()], "autoround-20x1": [AutoRound(iters=20, batch=1)], "autoround-100x2": [AutoRound(iters=100, batch=2)],
-        "gptq-damp0.1": [GPTQ(damp=0.1)], "gptq-damp1": [GPTQ(damp=1.0)], "gptq-mse": [GPTQ()], "awq-gptq": [AWQ(clip=False), GPTQ()]}
+        "gptq-damp0.1": [GPTQ(damp=0.1)], "gptq-damp1": [GPTQ(damp=1.0)], "gptq-mse": [GPTQ()], "awq-gptq": [AWQ(clip=False), GPTQ()],
+        "awq-signed": [AWQ(clip_signed=True)], "awq-duo": [AWQ(scales="both")], "awq-clip512": [AWQ(clip_samples=512)],
+        "awq-autoround": [AWQ(), AutoRound()], "awq-signed-autoround": [AWQ(clip_signed=True), AutoRound()]}
 res = {}
 def out_k(m, k, x):
     got = []

@@ -76,7 +76,7 @@ def _linear_output_error(model, qmodel, ids) -> float:
         h.remove()
     qmods = dict(qmodel.model.layers[0].named_modules())
     fmods = dict(model.model.layers[0].named_modules())
-    return sum(float((seen[n] @ (fmods[n].weight - qmods[n].weight).T).pow(2).sum()) for n in seen)
+    return sum(float((seen[n] @ (fmods[n].weight - qmods[n].weight).detach().T).pow(2).sum()) for n in seen)
 
 
 def test_awq_clip_lowers_linear_output_error_on_a_tiny_model(monkeypatch):
@@ -88,7 +88,8 @@ def test_awq_clip_lowers_linear_output_error_on_a_tiny_model(monkeypatch):
     ids = torch.randint(0, 300, (8, 32), generator=_gen(9))
     rules = [("*weight_quantizer", QuantizerConfig("int4_g32")), ("*lm_head*", None)]
     quantized = {}
-    for name, a in (("none", AWQ(grid=4, clip=False)), ("clip", AWQ(grid=4)), ("signed", AWQ(grid=4, clip_signed=True))):
+    for name, a in (("none", AWQ(grid=4, clip=False)), ("clip", AWQ(grid=4, clip_grid=10)),
+                    ("signed", AWQ(grid=4, clip_grid=10, clip_signed=True))):
         quantized[name] = copy.deepcopy(model)
         quantize(quantized[name], QuantConfig(rules, [a], calib_batch=4), ids, progress=False)
     scaled = copy.deepcopy(model)

@@ -28,10 +28,11 @@ SmoothQuant (Xiao et al. 2023)
     ``smoothquant_loss(x, weights, wfmt, afmt, s, weight_method="max") -> float`` (what the search minimizes)
 AWQ (Lin et al. 2024)
     ``awq_search(x [n, in], weights, fmt, *, grid=20, n_samples_max=4096, weight_method="max",
-    batch_out=None) -> s [in]``; apply with ``apply_smoothing``
+    scales="x"|"duo"|"both") -> s [in]``; apply with ``apply_smoothing``
     ``awq_loss(x, weights, fmt, s, weight_method="max") -> float`` (the objective awq_search minimizes)
-    ``awq_clip(x [n, in], w, fmt, *, grid=20, max_shrink=0.5, n_samples_max=512, batch_out=None)
-    -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
+    ``awq_clip(x [n, in], w, fmt, *, grid=20, max_shrink=0.5, n_samples_max=512, signed=False,
+    gram=None) -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
+    Both objectives are read through the Gram matrix ``x^T x`` of the samples (``_gram``).
 """
 
 from __future__ import annotations
@@ -684,15 +685,6 @@ def smoothquant_search(
 
 
 # ----------------------------------------------------------------------------- AWQ
-
-
-def _out_sq_err(x: torch.Tensor, d: torch.Tensor, batch_out: int | None) -> float:
-    """sum ||x d^T||^2, computed over chunks of output rows."""
-    rc = batch_out or max(1, (1 << 24) // max(1, x.shape[0]))
-    tot = torch.zeros((), dtype=torch.float64, device=d.device)
-    for r in range(0, d.shape[0], rc):
-        tot += (x @ d[r : r + rc].T).pow(2).sum(dtype=torch.float64)
-    return float(tot)
 
 
 def _prep_x(x: torch.Tensor, in_f: int, dev, n_max: int) -> torch.Tensor:

@@ -14,8 +14,8 @@ Rounding goes through ``formats.fake_quantize_with(ste=True)`` (straight-through
 weight format works; clipping is learned for the formats whose scale is ``amax / qmax`` (int, fp8,
 nf4), while nvfp4 / MX scales (rounded to E4M3 / powers of two) keep their max-based ranges and only
 ``V`` is trained. After AWQ (``[AWQ(), AutoRound()]``) the scaled weights are trained and the
-clip factors start from AWQ's clipping search instead of 1. A sparsified Linear's ``weight_mask`` zeros stay exactly 0 and its ranges come
-from the kept weights only.
+clip factors start from AWQ's clipping search instead of 1. A sparsified Linear's ``weight_mask``
+zeros stay exactly 0 and its ranges come from the kept weights only.
 """
 
 from __future__ import annotations

@@ -792,11 +792,12 @@ def awq_search(
     if mean_abs is None:
         raise ValueError("awq_search needs at least one sample")
     G = _gram(_prep_x(x, in_f, dev, n_samples_max))
-    fams = {"x": [None], "duo": [_weight_mean(weights, fmt)], "both": [None, _weight_mean(weights, fmt)]}[scales]
+    wm = None if scales == "x" else _weight_mean(weights, fmt)
+    fams = {"x": [None], "duo": [wm], "both": [None, wm]}[scales]
     best_err, best_s = _awq_err(G, weights, fmt, None, weight_method), torch.ones(in_f, device=dev)
-    for wm in fams:
-        for i in range(1 if wm is None else 0, grid):
-            s = _awq_scales(mean_abs, i / grid, wm)
+    for w_mean in fams:
+        for i in range(1 if w_mean is None else 0, grid):  # (x family, alpha = 0: s = 1, the starting point)
+            s = _awq_scales(mean_abs, i / grid, w_mean)
             err = _awq_err(G, weights, fmt, s, weight_method)
             if err < best_err:
                 best_err, best_s = err, s

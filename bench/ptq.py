@@ -39,7 +39,7 @@ from common import RESULTS, command_line, md_table, setup_threads, write_results
 import leanlm
 from leanlm.core.data import calibration_batches
 from leanlm.evaluation import perplexity
-from leanlm.quantization import GPTQ, PRESETS, AutoRound, QuantConfig, QuantizerConfig, average_bits, mixed_precision, preset
+from leanlm.quantization import AWQ, GPTQ, PRESETS, AutoRound, QuantConfig, QuantizerConfig, average_bits, mixed_precision, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,13 @@ VARIANTS = {
     "w4a16-gptq (bfloat16 forwards)": lambda: QuantConfig(G64, [GPTQ(forward_dtype="bfloat16")]),
     "w4a16-gptq sink token out of the Hessian": lambda: QuantConfig(G64, [GPTQ(sink_tokens=1)]),
     "w4a16-gptq sink token out + mse clip": lambda: QuantConfig(G64_MSE, [GPTQ(sink_tokens=1)]),
+    # AWQ variants (bench/results/ptq_w4.md)
+    "awq clip on 4096 rows": lambda: QuantConfig(G64, [AWQ(clip_samples=4096)]),
+    "awq duo+x scales": lambda: QuantConfig(G64, [AWQ(scales="both")]),
+    "awq signed clip": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096)]),
+    "awq duo+x scales + signed clip": lambda: QuantConfig(G64, [AWQ(scales="both", clip_signed=True, clip_samples=4096)]),
+    "awq + autoround": lambda: QuantConfig(G64, [AWQ(), AutoRound()]),
+    "awq signed clip + autoround": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound()]),
 }
 
 # (peer tool, leanlm preset it is compared with, peer scheme name), most important first.
@@ -199,7 +206,7 @@ def main() -> None:
     peers = {k: {"run": old_run, **v} for k, v in old.get("peers", {}).items()}
     timing = {"run": old_run, **old["gptq_timing"]} if old.get("gptq_timing") else None
     order = a.order.split(",") if a.order else []
-    jobs = [(n, (lambda n=n: preset(n))) for n in PRESETS] + list(VARIANTS.items())
+    jobs = [(n, (lambda n=n: preset(n))) for n in PRESETS if n != "w4a16"] + list(VARIANTS.items())  # w4a16: an alias
     jobs.sort(key=lambda j: order.index(j[0]) if j[0] in order else len(order))
     jobs.append(("w8a8-smoothquant + int8 KV cache", lambda: preset("w8a8-smoothquant", "int8")))
     for name, make in jobs:
@@ -251,7 +258,7 @@ def best_peer_table(base, base_news, rows, peers) -> tuple[list[list], dict]:
     """For each leanlm scheme a peer ran: the best leanlm row of that scheme family against the best
     peer result, as a ratio of perplexity increases on each text (below 1: leanlm is better)."""
     out, summary = [], {}
-    fam = lambda k: "w4a16 g64, best algorithm" if k.startswith("w4a16") else k  # noqa: E731
+    fam = lambda k: "w4a16 g64, best algorithm" if k.startswith(("w4a16", "int4_g64", "awq")) else k  # noqa: E731
     schemes = list(dict.fromkeys(fam(v["compare_with"]) for v in peers.values()))
     for sch in schemes:
         ok = {k: v for k, v in peers.items() if fam(v["compare_with"]) == sch and "error" not in v and v.get("perplexity")}

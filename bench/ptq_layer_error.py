@@ -7,7 +7,8 @@ tokens; its output error (mean squared difference from the float layer) is measu
     python bench/ptq_layer_error.py LAYERS VARIANTS N      # e.g. 3,15 rtn,gptq,gptq-sink,autoround 32
 
 Writes bench/.work/layer-LAYERS-N.json as it goes; `python bench/ptq_layer_error.py --render JSON [JSON ...]` turns
-such files into bench/results/ptq_layer_error.md/.json. Exploratory (docs/quantization.md quotes it); not a perplexity.
+such files into bench/results/ptq_layer_error.md/.json (JSON@" (8 rows)" tags a file's variants, e.g. another N;
+bench/results/ptq_layer_error.json itself can be passed to keep the rows already there). Exploratory (docs/quantization.md quotes it); not a perplexity.
 """
 import copy, json, sys, time
 import torch
@@ -25,13 +26,17 @@ def render(files: list[str]) -> None:
     from common import md_table, write_results
 
     res = {}
-    for f in files:
-        res.update(json.load(open(f)))
+    for f in files:  # a run's file, or a rendered results file (its "rows": keeps earlier rows); FILE@SUFFIX tags its variants
+        f, _, tag = f.partition("@")
+        d = json.load(open(f))
+        d = d["rows"] if "rows" in d and isinstance(d["rows"], dict) else d
+        res.update({f"{k} {tag}" if tag else k: v for k, v in d.items()})
     cols = ["calib", "wiki", "news", "calib_sink", "wiki_sink", "news_sink"]
     rows = []
     for key, r in res.items():
         k, v = key.split(" ", 1)
-        rtn = res.get(f"{k} rtn", {})
+        tag = v[v.index(" ("):] if " (" in v else ""  # e.g. "awq (8 rows)" is compared with "rtn (8 rows)"
+        rtn = res.get(f"{k} rtn{tag}", {})
         rows.append([k, v, r["seconds"]] + [f"{r[c]:.4g}" + (f" ({r[c] / rtn[c]:.2f}x)" if rtn.get(c) else "") for c in cols])
     md = ("# Layer output error on SmolLM2 activations, int4 g64 (one layer quantized)\n\n"
           f"Mean squared error of the layer's output against the float layer; (ratio to round-to-nearest). Positions 1..511 "
@@ -56,7 +61,9 @@ held = join_and_tokenize(tok, evaluation_texts("wiki"))[: 4 * 512].view(4, 512)
 news = join_and_tokenize(tok, evaluation_texts("news"))[: 4 * 512].view(4, 512)
 algs = {"rtn": [], "gptq": [GPTQ()], "gptq-sink": [GPTQ(sink_tokens=1)], "awq": [AWQ()],
         "autoround": [AutoRound()], "autoround-20x1": [AutoRound(iters=20, batch=1)], "autoround-100x2": [AutoRound(iters=100, batch=2)],
-        "gptq-damp0.1": [GPTQ(damp=0.1)], "gptq-damp1": [GPTQ(damp=1.0)], "gptq-mse": [GPTQ()], "awq-gptq": [AWQ(clip=False), GPTQ()]}
+        "gptq-damp0.1": [GPTQ(damp=0.1)], "gptq-damp1": [GPTQ(damp=1.0)], "gptq-mse": [GPTQ()], "awq-gptq": [AWQ(clip=False), GPTQ()],
+        "awq-signed": [AWQ(clip_signed=True)], "awq-duo": [AWQ(scales="both")], "awq-clip4096": [AWQ(clip_samples=4096)],
+        "awq-autoround": [AWQ(), AutoRound()], "awq-signed-autoround": [AWQ(clip_signed=True), AutoRound()]}
 res = {}
 def out_k(m, k, x):
     got = []

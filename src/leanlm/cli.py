@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     speculation_args(sp)
     sp = sub.add_parser("quantize", help="post-training quantization with a preset or a JSON config")
     common(sp)
-    sp.add_argument("--scheme", help="preset name, e.g. w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
+    sp.add_argument("--scheme", help="preset name, e.g. w4a16 (the best measured int4 weight-only algorithm), w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
     sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
     sp.add_argument("--mixed", type=BITS, metavar="BITS", help="mixed precision: average bits per weight budget (then GPTQ)")
     sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")

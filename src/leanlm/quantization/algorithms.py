@@ -28,10 +28,11 @@ SmoothQuant (Xiao et al. 2023)
     ``smoothquant_loss(x, weights, wfmt, afmt, s, weight_method="max") -> float`` (what the search minimizes)
 AWQ (Lin et al. 2024)
     ``awq_search(x [n, in], weights, fmt, *, grid=20, n_samples_max=4096, weight_method="max",
-    batch_out=None) -> s [in]``; apply with ``apply_smoothing``
+    scales="x"|"duo"|"both") -> s [in]``; apply with ``apply_smoothing``
     ``awq_loss(x, weights, fmt, s, weight_method="max") -> float`` (the objective awq_search minimizes)
-    ``awq_clip(x [n, in], w, fmt, *, grid=20, max_shrink=0.5, n_samples_max=512, batch_out=None)
-    -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
+    ``awq_clip(x [n, in], w, fmt, *, grid=20, max_shrink=0.5, n_samples_max=512, signed=False,
+    gram=None) -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
+    Both objectives are read through the Gram matrix ``x^T x`` of the samples (``_gram``).
 """
 
 from __future__ import annotations
@@ -686,33 +687,42 @@ def smoothquant_search(
 # ----------------------------------------------------------------------------- AWQ
 
 
-def _out_sq_err(x: torch.Tensor, d: torch.Tensor, batch_out: int | None) -> float:
-    """sum ||x d^T||^2, computed over chunks of output rows."""
-    rc = batch_out or max(1, (1 << 24) // max(1, x.shape[0]))
-    tot = torch.zeros((), dtype=torch.float64, device=d.device)
-    for r in range(0, d.shape[0], rc):
-        tot += (x @ d[r : r + rc].T).pow(2).sum(dtype=torch.float64)
-    return float(tot)
-
-
 def _prep_x(x: torch.Tensor, in_f: int, dev, n_max: int) -> torch.Tensor:
     if x.shape[-1] != in_f:
         raise ValueError(f"samples of shape {list(x.shape)} do not have {in_f} input channels")
     return _subsample_rows(x.detach().reshape(-1, in_f), n_max).to(dev).float()
 
 
-def _awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` [in, in] (float32): ``sum ||x d^T||^2 = trace(d G d^T)``, so an output error costs
+    ``out x in x in`` flops per candidate instead of ``n x out x in``."""
+    return x.T @ x
+
+
+def _gram_err(G: torch.Tensor, d: torch.Tensor) -> float:
+    """sum ||x d^T||^2 from the Gram matrix ``G = x^T x`` (see ``_gram``)."""
+    return float(((d @ G) * d).sum(dtype=torch.float64))
+
+
+def _awq_scales(mean_abs: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
     s = mean_abs.pow(alpha).clamp(min=1e-4)
+    if w_mean is not None:  # "duo" scaling: s = x^alpha / w^(1 - alpha)
+        s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
 
-@torch.no_grad()
-def awq_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat | str, s: torch.Tensor | None,
-             weight_method: str = "max", batch_out: int | None = None) -> float:
-    """``sum_i ||x W_i^T - (x / s) Q(W_i * s)^T||^2 / n`` (``s=None``: no scaling, i.e. plain RTN)."""
-    fmt = parse_format(fmt)
-    dev = weights[0].device
-    x = x.detach().reshape(-1, x.shape[-1]).to(dev).float()
+def _weight_mean(weights: Sequence[torch.Tensor], fmt: QFormat) -> torch.Tensor:
+    """Mean over output rows of |w| / (max |w| of its scale cell), per input channel [in]."""
+    parts = []
+    for w in weights:
+        v = _cells(w.detach().float(), fmt).abs()
+        v = v / (v.amax(dim=-1, keepdim=True) if fmt.granularity != "tensor" else v.amax()).clamp(min=1e-12)
+        parts.append(v.reshape(w.shape[0], -1))
+    return torch.cat(parts).mean(dim=0)
+
+
+def _awq_err(G: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat, s: torch.Tensor | None,
+             weight_method: str) -> float:
     tot = 0.0
     for w in weights:
         w = w.detach().float()
@@ -720,8 +730,22 @@ def awq_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat | st
         wq = fake_quantize(ws, fmt, weight_qparams(ws, fmt, weight_method))
         if s is not None:
             wq = wq / s
-        tot += _out_sq_err(x, w - wq, batch_out)
-    return tot / x.shape[0]
+        tot += _gram_err(G, w - wq)
+    return tot
+
+
+@torch.no_grad()
+def awq_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat | str, s: torch.Tensor | None,
+             weight_method: str = "max", batch_out: int | None = None) -> float:
+    """``sum_i ||x W_i^T - (x / s) Q(W_i * s)^T||^2 / n`` (``s=None``: no scaling, i.e. plain RTN),
+    computed as ``trace(D G D^T) / n`` with the Gram matrix ``G = x^T x`` (``batch_out`` is unused)."""
+    fmt = parse_format(fmt)
+    dev = weights[0].device
+    x = x.detach().reshape(-1, x.shape[-1]).to(dev).float()
+    return _awq_err(_gram(x), weights, fmt, s, weight_method) / x.shape[0]
+
+
+AWQ_SCALES = ("x", "duo", "both")
 
 
 @torch.no_grad()
@@ -734,6 +758,7 @@ def awq_search(
     n_samples_max: int = 4096,
     weight_method: str = "max",
     batch_out: int | None = None,
+    scales: str = "x",
 ) -> torch.Tensor:
     """Activation-aware scale search (Lin et al. 2024, "AWQ: Activation-aware Weight Quantization
     for LLM Compression and Acceleration", MLSys, arXiv:2306.00978, section 3.2).
@@ -743,14 +768,21 @@ def awq_search(
     ``i / grid`` (i = 0..grid-1) and the one minimizing ``awq_loss`` (output error of the
     fake-quantized scaled weights, summed over ``weights``) wins. ``alpha = 0`` gives s = 1 and is
     kept on ties, so the result is never worse than no scaling on these samples.
+    ``scales="duo"`` uses ``m**alpha / w**(1 - alpha)`` instead, with ``w`` the mean over output
+    rows of |W| relative to its scale cell's max (the "duo scaling" of the AutoAWQ implementation);
+    ``"both"`` searches both families (s = 1 plus 2 x (grid - 1) candidates) and keeps the best.
 
     ``x``: sampled inputs [..., in] (at most ``n_samples_max`` rows are used, evenly strided);
     ``weights``: the linears reading x, each [out_i, in]. Returns float32 s [in] on the weights'
-    device; apply with ``apply_smoothing``. Memory: one weight copy plus ``n x batch_out`` floats.
+    device; apply with ``apply_smoothing``. The objective goes through the Gram matrix ``x^T x``,
+    computed once: each candidate costs ``out x in x in`` flops whatever the number of samples
+    (``batch_out`` is unused).
     """
     fmt = parse_format(fmt)
     if not weights:
         raise ValueError("awq_search needs at least one weight")
+    if scales not in AWQ_SCALES:
+        raise ValueError(f"unknown AWQ scale family {scales!r}; valid: {', '.join(AWQ_SCALES)}")
     dev = weights[0].device
     in_f = weights[0].shape[-1]
     for w in weights:
@@ -759,34 +791,34 @@ def awq_search(
     mean_abs = x.detach().reshape(-1, in_f).to(dev).abs().float().mean(dim=0) if x.numel() else None
     if mean_abs is None:
         raise ValueError("awq_search needs at least one sample")
-    xs = _prep_x(x, in_f, dev, n_samples_max)
-    best_err, best_s = math.inf, torch.ones(in_f, device=dev)
-    for i in range(grid):
-        s = _awq_scales(mean_abs, i / grid)
-        err = awq_loss(xs, weights, fmt, s, weight_method, batch_out)
-        if err < best_err:
-            best_err, best_s = err, s
+    G = _gram(_prep_x(x, in_f, dev, n_samples_max))
+    wm = None if scales == "x" else _weight_mean(weights, fmt)
+    fams = {"x": [None], "duo": [wm], "both": [None, wm]}[scales]
+    best_err, best_s = _awq_err(G, weights, fmt, None, weight_method), torch.ones(in_f, device=dev)
+    for w_mean in fams:
+        for i in range(1 if w_mean is None else 0, grid):  # (x family, alpha = 0: s = 1, the starting point)
+            s = _awq_scales(mean_abs, i / grid, w_mean)
+            err = _awq_err(G, weights, fmt, s, weight_method)
+            if err < best_err:
+                best_err, best_s = err, s
     return best_s
 
 
-def _cell_out_err(x: torch.Tensor, d: torch.Tensor, fmt: QFormat, batch_out: int | None) -> torch.Tensor:
-    """Per scale cell: mean over samples of (x_cell . d_cell)^2, in the statistics shape."""
+def _cell_out_err(x: torch.Tensor, d: torch.Tensor, fmt: QFormat, batch_out: int | None = None,
+                  G: torch.Tensor | None = None) -> torch.Tensor:
+    """Per scale cell: mean over samples of (x_cell . d_cell)^2, in the statistics shape, from the
+    Gram matrix ``G = x^T x`` (computed when not given; a group reads only its diagonal block)."""
     out_f, in_f = d.shape
-    k = in_f // fmt.group_size if fmt.granularity == "group" else 1
-    g = in_f // k
     n = x.shape[0]
-    xk = x.reshape(n, k, g).permute(1, 0, 2)  # [k, n, g]
-    rc = batch_out or max(1, (1 << 24) // max(1, k * n))
-    errs = []
-    for r in range(0, out_f, rc):
-        dk = d[r : r + rc].reshape(-1, k, g).permute(1, 2, 0)  # [k, g, rc]
-        errs.append(torch.bmm(xk, dk).pow(2).mean(dim=1).T)  # [rc, k]
-    e = torch.cat(errs)
+    G = _gram(x) if G is None else G
     if fmt.granularity == "group":
-        return e.unsqueeze(-1)
-    if fmt.granularity == "tensor":
-        return e.sum()
-    return e  # channel / token: [out, 1]
+        g = fmt.group_size
+        k = in_f // g
+        Gk = G.reshape(k, g, k, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [k, g, g] diagonal blocks
+        dk = d.reshape(out_f, k, g)
+        return (torch.einsum("okg,kgh->okh", dk, Gk) * dk).sum(-1).div(n).unsqueeze(-1)
+    e = ((d @ G) * d).sum(-1, keepdim=True).div(n)  # [out, 1]
+    return e.sum() if fmt.granularity == "tensor" else e
 
 
 @torch.no_grad()
@@ -799,6 +831,8 @@ def awq_clip(
     max_shrink: float = 0.5,
     n_samples_max: int = 512,
     batch_out: int | None = None,
+    signed: bool = False,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AWQ's weight clipping search ("auto_clip", Lin et al. 2024, arXiv:2306.00978, section 3.3 /
     reference code): per scale cell, try ``amax = r * max|w|`` for r = 1, 1 - 1/grid, ..., 1 -
@@ -806,24 +840,37 @@ def awq_clip(
     ``mean_n (x_cell . (w_cell - Q(w)_cell))^2`` on the samples. r = 1 wins ties, so no cell's error
     increases versus no clipping (cross-terms between groups of one row are not modelled, as in AWQ).
 
+    ``signed`` (symmetric ints): the candidates are ``r * a0`` with ``a0 = max(max w, qmax /
+    (qmax + 1) * max(-w))`` (after ``max|w|`` itself, which still wins ties): a cell whose largest
+    magnitude is negative reaches the grid's extra negative code (-8 of int4's -8..7) exactly, on
+    a step 1/8 finer, as llama.cpp's Q4_0 does.
+
     ``x`` [..., in] samples (at most ``n_samples_max`` rows, evenly strided); ``w`` [out, in].
     Returns amax float32 in the statistics shape, to be used as
     ``weight_qparams(w, fmt, "max", amax=amax)`` (the quantizer evaluated in the search).
-    Memory: one weight copy plus ``n_groups x n x batch_out`` floats.
+    The errors come from the samples' Gram matrix: each candidate costs ``out x in x group`` flops
+    whatever the number of samples (``batch_out`` is unused); ``gram`` passes that matrix when the
+    caller has it already (Linears reading the same input).
     """
     fmt = parse_format(fmt)
     if w.dim() != 2:
         raise ValueError(f"awq_clip needs a 2-D weight [out, in], got shape {list(w.shape)}")
     w = w.detach().float()
     xs = _prep_x(x, w.shape[1], w.device, n_samples_max)
-    obs = _reduce(_cells(w, fmt).abs(), fmt, "amax")
+    G = _gram(xs) if gram is None else gram.to(w.device, torch.float32)
+    v = _cells(w, fmt)
+    obs = _reduce(v.abs(), fmt, "amax")
+    base = obs
+    if signed and fmt.kind == "int" and fmt.symmetric:
+        q = fmt.qmax
+        base = torch.maximum(_reduce(v, fmt, "amax"), _reduce(-v, fmt, "amax") * (q / (q + 1)))
     gkw = {"global_amax": w.abs().amax()} if fmt.kind == "nvfp4" else {}
     best_err = torch.full_like(obs, math.inf)
     best = obs.clone()
-    for i in range(int(round(max_shrink * grid)) + 1):
-        a = obs * (1.0 - i / grid)
+    cands = ([obs] if base is not obs else []) + [base * (1.0 - i / grid) for i in range(int(round(max_shrink * grid)) + 1)]
+    for a in cands:
         qp = weight_qparams(w, fmt, "max", amax=a, **gkw)
-        err = _cell_out_err(xs, w - fake_quantize(w, fmt, qp), fmt, batch_out)
+        err = _cell_out_err(xs, w - fake_quantize(w, fmt, qp), fmt, G=G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, a, best)

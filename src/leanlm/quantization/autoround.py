@@ -13,8 +13,9 @@ stored model is an ordinary quantized model (no extra parameters at inference).
 Rounding goes through ``formats.fake_quantize_with(ste=True)`` (straight-through rounding), so any
 weight format works; clipping is learned for the formats whose scale is ``amax / qmax`` (int, fp8,
 nf4), while nvfp4 / MX scales (rounded to E4M3 / powers of two) keep their max-based ranges and only
-``V`` is trained. A sparsified Linear's ``weight_mask`` zeros stay exactly 0 and its ranges come
-from the kept weights only.
+``V`` is trained. After AWQ (``[AWQ(), AutoRound()]``) the scaled weights are trained and the
+clip factors start from AWQ's clipping search instead of 1. A sparsified Linear's ``weight_mask``
+zeros stay exactly 0 and its ranges come from the kept weights only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ __all__ = ["autoround_step", "RoundingParams"]
 class RoundingParams(nn.Module):
     """The trainable rounding offset and clip factors of one Linear's weight, and its quantized value."""
 
-    def __init__(self, w: torch.Tensor, fmt, mask: torch.Tensor | None, learn_clip: bool):
+    def __init__(self, w: torch.Tensor, fmt, mask: torch.Tensor | None, learn_clip: bool,
+                 init_amax: torch.Tensor | None = None):
         super().__init__()
         self.fmt = fmt
         self.shape = w.shape
@@ -57,6 +59,14 @@ class RoundingParams(nn.Module):
         self.beta = nn.Parameter(torch.ones(stat, device=w.device), requires_grad=self.learn_clip and self.asym)
         if not self.learn_clip:  # nvfp4 / MX: the format's own max-based scales, fixed
             self.fixed = compute_qparams(wk, fmt)
+        elif init_amax is not None:  # start from a clipping search's ranges (AWQ's clip: AWQ + AutoRound)
+            a = init_amax.detach().float().to(w.device).abs().reshape(stat)
+            with torch.no_grad():
+                if self.asym:
+                    self.alpha.copy_(torch.where(self.hi > 0, torch.minimum(self.hi, a) / self.hi.clamp(min=1e-12), 1.0))
+                    self.beta.copy_(torch.where(self.lo < 0, torch.maximum(self.lo, -a) / self.lo.clamp(max=-1e-12), 1.0))
+                else:
+                    self.alpha.copy_(torch.where(self.amax > 0, a / self.amax.clamp(min=1e-12), 1.0).clamp(max=1.0))
 
     def qparams(self) -> QParams:
         """The current scales (differentiable in alpha / beta for amax / qmax formats)."""
@@ -106,7 +116,9 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
     x_all = torch.cat(step.hidden)
     with torch.no_grad():
         y_all = torch.cat(step.run()).float()  # the float layer's outputs on this layer's inputs
-    params = {n: RoundingParams(m.weight.data, _weight_quantizer(m).fmt, getattr(m, "weight_mask", None), cfg.clip)
+    clip_amax = step.state.get("clip_amax", {})  # AWQ's clipping ranges, when AWQ ran first: the starting clip
+    params = {n: RoundingParams(m.weight.data, _weight_quantizer(m).fmt, getattr(m, "weight_mask", None), cfg.clip,
+                                clip_amax.get(id(m)))
               for n, m in lins.items()}
     trainable = [p for rp in params.values() for p in rp.parameters() if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]

@@ -96,16 +96,23 @@ def _collect_samples(layer, hidden, kw, mods: dict[str, nn.Module], max_rows: in
 def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
     maps = [mp for mp in maps if any(_weight_quantizer(m) for m in mp.linears)]
     mods = {str(i): mp.linears[0] for i, mp in enumerate(maps)}
-    xs = _collect_samples(layer, hidden, kw, mods)
+    xs = _collect_samples(layer, hidden, kw, mods, max_rows=a.samples)
     for i, mp in enumerate(maps):
         fmt = next(_weight_quantizer(m).fmt for m in mp.linears if _weight_quantizer(m))
-        s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in mp.linears], fmt, grid=a.grid)
+        s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in mp.linears], fmt, grid=a.grid,
+                           n_samples_max=a.samples, scales=a.scales)
         _apply_scales(mp, s)
     if a.clip:
         lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
-        xs = _collect_samples(layer, hidden, kw, lins)
+        xs = _collect_samples(layer, hidden, kw, lins, max_rows=a.clip_samples)
+        grams: list[tuple[torch.Tensor, torch.Tensor]] = []  # one Gram matrix per distinct input (q/k/v share one)
         for n, m in lins.items():
-            clip_amax[id(m)] = alg.awq_clip(xs[n], m.weight.data.float(), _weight_quantizer(m).fmt)
+            G = next((g for x, g in grams if x.shape == xs[n].shape and torch.equal(x, xs[n])), None)
+            if G is None:
+                G = alg._gram(xs[n])
+                grams.append((xs[n], G))
+            clip_amax[id(m)] = alg.awq_clip(xs[n], m.weight.data.float(), _weight_quantizer(m).fmt, grid=a.clip_grid,
+                                            n_samples_max=a.clip_samples, signed=a.clip_signed, gram=G)
 
 
 def _fusable(fmt) -> bool:

@@ -65,10 +65,32 @@ class SmoothQuant:
 
 @dataclass
 class AWQ:
-    """Activation-aware per-channel weight scaling and clipping search (Lin et al. 2024)."""
+    """Activation-aware per-channel weight scaling and clipping search (Lin et al. 2024).
+
+    ``grid`` scale exponents per shared input; ``scales``: the scale family searched (``"x"``: the
+    paper's ``mean|x|**alpha``, ``"duo"``: ``mean|x|**alpha / mean|w|**(1 - alpha)``, ``"both"``);
+    ``samples``: calibration rows (tokens) per input the scale search reads, evenly strided over all;
+    ``clip``: the per-group clipping search after scaling, on ``clip_samples`` rows, with
+    ``clip_grid`` shrink steps of ``1 / clip_grid`` down to half the range, ``clip_signed`` adding the
+    candidates that reach the symmetric int grid's extra negative code (``algorithms.awq_clip``).
+    Both searches read their rows through one Gram matrix per input, so more rows cost only the
+    matrix, not every candidate.
+    """
 
     grid: int = 20
     clip: bool = True
+    scales: str = "x"
+    samples: int = 4096
+    clip_grid: int = 20
+    clip_signed: bool = False
+    clip_samples: int = 512
+
+    def __post_init__(self):
+        if min(self.grid, self.clip_grid, self.samples, self.clip_samples) < 1:
+            raise LeanLMError(f"AWQ needs grid, clip_grid, samples and clip_samples >= 1, got {self.grid}, {self.clip_grid}, "
+                              f"{self.samples}, {self.clip_samples}")
+        if self.scales not in ("x", "duo", "both"):
+            raise LeanLMError(f"unknown AWQ scales {self.scales!r}; valid: x, duo, both")
 
 
 @dataclass
@@ -222,6 +244,9 @@ PRESETS: dict[str, callable] = {
     # alpha 0.65: see docs/quantization.md ("SmoothQuant's alpha"); measured on wiki and news held-out text.
     "w8a8-smoothquant": lambda: QuantConfig([_w("int8"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.65)]),
     "w8a8-static": lambda: QuantConfig([_w("int8"), (A, QuantizerConfig("int8_tensor", method="percentile")), HEAD], [SmoothQuant(0.5)]),
+    # The 4-bit weight-only preset to reach for first: the best measured algorithm on SmolLM2 (docs/quantization.md,
+    # "W4A16: the default algorithm"); the w4a16-* presets name one algorithm each.
+    "w4a16": lambda: PRESETS["w4a16-awq"](),
     "w4a16-rtn": lambda: QuantConfig([_w("int4_g64"), HEAD]),
     "w4a16-mse": lambda: QuantConfig([_w("int4_g64", "mse"), HEAD]),
     "w4a16-awq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ()]),

@@ -3,7 +3,7 @@ side by side in one run with naive transformers serving (bfloat16, one request a
 with transformers, and llama.cpp's C++ `llama-server` (continuous batching, parallel slots = clients) on the
 same model as its Q4_1 GGUF; llama-cpp-python's Python server (one request at a time) is a second, labelled row.
 
-    python bench/serve.py                 # the full run (~25 min): bench/results/serve.md and serve.json
+    python bench/serve.py                 # the full run (~40 min; 60 s steady-state windows): bench/results/serve.md and serve.json
     python bench/serve.py --quick         # a smoke run (5 s windows, 1 and 16 clients)
     python bench/serve.py --only leanlm-int4,llamacpp-server --resume   # some configs; reuse finished cells
 
@@ -12,14 +12,15 @@ missing; from the llama.cpp sources in the llama-cpp-python sdist on PyPI) into 
 (or $LLAMA_SERVER_DIR). It is started once per concurrency with `-np` = that concurrency.
 
 Each configuration starts its server as a subprocess (killed in `finally`), warms it up, then for each
-concurrency runs bench/serve_load.py (a separate process, async HTTP over 127.0.0.1) for a fixed window,
-cuts the open requests, and waits for the server to drain (a 1-token probe request, and /metrics where the
-server has it) before the next level. Peak RSS of the server process and its children is sampled from the
+concurrency runs bench/serve_load.py (a separate process, async HTTP over 127.0.0.1) for a fixed window
+(opened when the cell's first request finishes, unless --no-steady), cuts the open requests, and waits for the
+server to drain (a 1-token probe request, and /metrics where the server has it) before the next level. Peak RSS of the server process and its children is sampled from the
 OS (psutil) during each window. Every finished cell is kept in bench/results/serve.partial.json, so an
 interrupted run restarts where it stopped with --resume.
 
 Extra rows: the prefix cache on and off with a shared system prompt, prompt-lookup speculation inside the
-batch (`--speculative prompt-lookup`), and 64 clients with 10% malformed
+batch (`--speculative prompt-lookup`, drafting while at most 2 sequences run), int4 kernels at every batch size
+(`--dense-rows 0`, no bfloat16 copies), and 64 clients with 10% malformed
 requests (every valid one must finish with 128 tokens, every malformed one get a 4xx, no 5xx, and /metrics
 must show no KV block in use afterwards).
 """

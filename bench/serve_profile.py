@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--baseline-src", default=None,
                     help="another checkout's src/ (e.g. main's): its LLMEngine runs as one more setting, interleaved, in this process")
+    ap.add_argument("--layout-rows", default="1,2,4,8,12,16,32,64",
+                    help="token-row counts at which one layer's matmuls and the head are timed, packed vs bfloat16 copy ('' skips)")
     ap.add_argument("--spec-prompts", type=int, default=6,
                     help="1-client check: prompts decoded alone with and without prompt-lookup speculation (0: skip)")
     ap.add_argument("--loaded", action="store_true", help="say in the result that the machine was shared")
@@ -101,6 +103,7 @@ def main() -> None:
                          "share_pct": share, "dense_copy_mb": round(getattr(eng, "dense_copy_bytes", 0) / 2**20, 1)})
             print(f"{n:3d} seqs, {dr}: {1000 * med:.1f} ms per decode step, {n / med:.1f} tok/s; {share}", flush=True)
         del engines
+    layouts = layout_check(model, tok, a, LLMEngine) if a.layout_rows else None
     spec = spec_check(model, tok, paras, a, LLMEngine, SamplingParams) if a.spec_prompts else None
     import platform
 
@@ -118,6 +121,14 @@ def main() -> None:
           "torch.profiler self CPU time by kind over the step's wall time; 'python + rest' is the wall time no op "
           "accounts for (scheduler, block tables, sampling loop, detokenizing).\n",
           md_table(["sequences", "engine", "ms / step", "tok/s", "speed vs the first row", "where the step's time goes"], rows)]
+    if layouts:
+        md += ["\n## Packed int4/int8 kernels vs the bfloat16 copy, by token rows in the step\n",
+               "One transformer layer's four matmuls (qkv, o, gate_up, down: PyTorch's int4 kernel) and the output head "
+               "(int8 kernel), each against `RowSwitch`'s bfloat16 copy (oneDNN GEMM), interleaved, median of 5 "
+               "(microseconds). The engine's `dense_rows` (default 12) is where the copy starts to win.\n",
+               md_table(["rows", "layer int4 us", "layer bf16 us", "bf16 / int4", "head int8 us", "head bf16 us", "bf16 / int8"],
+                        [[r["rows"], r["layer_packed_us"], r["layer_dense_us"], r["layer_ratio"], r["head_packed_us"],
+                          r["head_dense_us"], r["head_ratio"]] for r in layouts])]
     if spec:
         md += [f"\n## One client: prompt-lookup speculation (in process, {spec['prompts']} prompts one at a time, "
                f"{spec['new_tokens']} greedy tokens each)\n",
@@ -126,7 +137,7 @@ def main() -> None:
                          ["prompt-lookup, 4 drafts", spec["spec_tok_s"], f"{spec['spec_tok_s'] / spec['plain_tok_s']:.2f}x",
                           f"{spec['equal']} / {spec['prompts']}"]]),
                f"\nDraft tokens {spec['draft']}, accepted {spec['accepted']}.\n"]
-    out = {"machine": mach, "loaded_machine": a.loaded, "results": data, "one_client_speculation": spec}
+    out = {"machine": mach, "loaded_machine": a.loaded, "results": data, "layouts": layouts, "one_client_speculation": spec}
     print(f"wrote {write_results(a.name, out, chr(10).join(md))}")
 
 
@@ -140,6 +151,44 @@ def baseline_engine(src: str):
     shutil.copytree(Path(src) / "leanlm", tmp / "leanlm_baseline", ignore=shutil.ignore_patterns("__pycache__"))
     sys.path.insert(0, str(tmp))
     return importlib.import_module("leanlm_baseline.serving").LLMEngine
+
+
+def layout_check(model, tok, a, LLMEngine) -> list[dict]:
+    """Time layer 0's packed matmuls and the head against their bfloat16 copies at each row count."""
+    import time
+
+    import torch
+
+    eng = LLMEngine(model, tok, a.weights, kv_cache_mb=16, dense_rows=1)
+    L, head = eng.model.layers[0], eng.model.head
+    layer = [getattr(L, n) for n in ("qkv", "o", "gate_up", "down")]
+
+    def timed(mods, which, rows, reps=10):
+        xs = [torch.randn(rows, m.in_features).bfloat16() for m in mods]
+        fns = [getattr(m, which) for m in mods]
+        for f, x in zip(fns, xs):
+            f(x)
+        t = time.perf_counter()
+        for _ in range(reps):
+            for f, x in zip(fns, xs):
+                f(x)
+        return (time.perf_counter() - t) / reps * 1e6
+
+    out = []
+    for rows in (int(x) for x in a.layout_rows.split(",")):
+        ts = {k: [] for k in ("lp", "ld", "hp", "hd")}
+        for _ in range(5):
+            ts["lp"].append(timed(layer, "packed", rows))
+            ts["ld"].append(timed(layer, "dense", rows))
+            ts["hp"].append(timed([head], "packed", rows, 3))
+            ts["hd"].append(timed([head], "dense", rows, 3))
+        m = {k: statistics.median(v) for k, v in ts.items()}
+        r = {"rows": rows, "layer_packed_us": round(m["lp"]), "layer_dense_us": round(m["ld"]),
+             "layer_ratio": round(m["ld"] / m["lp"], 2), "head_packed_us": round(m["hp"]), "head_dense_us": round(m["hd"]),
+             "head_ratio": round(m["hd"] / m["hp"], 2)}
+        print(f"rows {rows}: {r}", flush=True)
+        out.append(r)
+    return out
 
 
 def spec_check(model, tok, paras, a, LLMEngine, SamplingParams, new_tokens: int = 64) -> dict:

@@ -8,9 +8,10 @@
 Each step runs ONE forward of the runtime `Decoder` over the scheduled tokens of all sequences, flattened
 into a single row (prefill chunks and decodes alike; each token carries its own position for RoPE). The
 decoder's attention is replaced by `_PagedAttention`: the new K/V are written into per-layer block pools
-(`KVPool`: [num_blocks, block_size, kv_heads, head_dim], float32 or int8) at each token's slot, and each
-sequence attends over the blocks of its block table (gathered with index_select) under a causal mask; all
-decoding sequences of a step attend in one batched call over their padded block tables.
+(`KVPool`: [kv_heads, num_blocks, block_size, head_dim], float32 or int8) at each token's slot, and each
+sequence attends over the blocks of its block table (gathered with index_select into a reused workspace) under
+a causal mask; all decoding sequences of a step attend in one batched call over their padded block tables.
+int4/int8 weight-only layers run from bfloat16 copies in steps of at least `dense_rows` token rows (`RowSwitch`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,6 @@ class KVPool:
             if self.int8:
                 codes = self.workspace(name + "8", shape, torch.int8)
                 sc = self.workspace(name + "s", shape[:3])
-            if self.int8:
                 torch.index_select(pool[i], 1, flat, out=codes)
                 torch.index_select(scales[i], 1, flat, out=sc)
                 torch.mul(codes, sc[..., None], out=buf)

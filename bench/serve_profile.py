@@ -1,11 +1,11 @@
 """Where a `LLMEngine` decode step spends its time with N sequences in the batch (in process, no HTTP).
 
-    python bench/serve_profile.py --seqs 1 16 64 --weights int4 --dense-rows 0,12
+    python bench/serve_profile.py --seqs 1 16 64 --weights int4 --dense-rows 0,16
     python bench/serve_profile.py --src /path/to/other/checkout/src --name serve_profile_before   # another engine
 
 Admits N requests (prompts: evaluation-text paragraphs cut at 128 tokens), runs their prefill, then times decode
 steps (all N decoding; median of `--steps` steps) for each `dense_rows` setting (0: int4 kernels at every batch size;
-12: int4/int8 layers run from bfloat16 copies in steps of >= 12 token rows), interleaved A B A B, and groups
+16: int4/int8 layers run from bfloat16 copies in steps of >= 16 token rows), interleaved A B A B, and groups
 torch.profiler's self CPU time by kind: weight GEMMs, attention matmuls, KV gather, copies and casts, sampling,
 other ops, and the rest of the step's wall time (Python: scheduler, block tables, detokenizing). Writes
 bench/results/NAME.md and NAME.json.
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, nargs="*", default=[1, 16, 64])
     ap.add_argument("--weights", default="int4")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--dense-rows", default="0,12", help="comma-separated dense_rows settings to compare")
+    ap.add_argument("--dense-rows", default="0,16", help="comma-separated dense_rows settings to compare")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--baseline-src", default=None,
                     help="another checkout's src/ (e.g. main's): its LLMEngine runs as one more setting, interleaved, in this process")
@@ -125,7 +125,7 @@ def main() -> None:
         md += ["\n## Packed int4/int8 kernels vs the bfloat16 copy, by token rows in the step\n",
                "One transformer layer's four matmuls (qkv, o, gate_up, down: PyTorch's int4 kernel) and the output head "
                "(int8 kernel), each against `RowSwitch`'s bfloat16 copy (oneDNN GEMM), interleaved, median of 5 "
-               "(microseconds). The engine's `dense_rows` (default 12) is where the copy starts to win.\n",
+               "(microseconds). Where the copy starts to win is what the engine's `dense_rows` should be.\n",
                md_table(["rows", "layer int4 us", "layer bf16 us", "bf16 / int4", "head int8 us", "head bf16 us", "bf16 / int8"],
                         [[r["rows"], r["layer_packed_us"], r["layer_dense_us"], r["layer_ratio"], r["head_packed_us"],
                           r["head_dense_us"], r["head_ratio"]] for r in layouts])]

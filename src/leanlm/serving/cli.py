@@ -28,7 +28,7 @@ def serve_args(sp) -> None:
     sp.add_argument("--num-draft", type=COUNT, default=4, help="tokens drafted per sequence and step with --speculative")
     sp.add_argument("--spec-max-batch", type=COUNT, default=2,
                     help="with --speculative: draft only while at most this many sequences run (speculation pays at a small batch)")
-    sp.add_argument("--dense-rows", type=COUNT0, default=12,
+    sp.add_argument("--dense-rows", type=COUNT0, default=16,
                     help="int4/int8 layers run from bfloat16 copies in steps of at least this many token rows (faster at a large "
                          "batch; 2 bytes per weight more memory); 0: never")
     sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")

@@ -194,7 +194,8 @@ class _PagedAttention:
 class RowSwitch(nn.Module):
     """A packed int4/int8 weight-only layer plus a bfloat16 copy of its dequantized weight: a matmul over at least
     `rows` token rows runs the copy (one oneDNN bf16 GEMM), fewer rows the packed kernel. PyTorch's int4/int8 kernels
-    win at a few rows (they read 2-4x fewer bytes) and lose by about 2x at 16+ rows (bench/results/serve_profile.md),
+    win at a few rows (they read 2-4x fewer bytes) and lose from about 16 rows on, by about 2x at 64
+    (bench/results/serve_profile.md, serve_layouts.md),
     so a continuous batch picks its layout by its size every step. The copy costs 2 bytes per weight."""
 
     def __init__(self, packed: nn.Module, rows: int):
@@ -230,7 +231,7 @@ class LLMEngine:
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
                  kv_dtype: str = "float32", allow_fallback: bool = False, speculative: str | None = None,
-                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 12):
+                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")

@@ -3,7 +3,7 @@ side by side in one run with naive transformers serving (bfloat16, one request a
 with transformers, and llama.cpp's C++ `llama-server` (continuous batching, parallel slots = clients) on the
 same model as its Q4_1 GGUF; llama-cpp-python's Python server (one request at a time) is a second, labelled row.
 
-    python bench/serve.py                 # the full run (~25 min): bench/results/serve.md and serve.json
+    python bench/serve.py                 # the full run (~40 min; 60 s steady-state windows): bench/results/serve.md and serve.json
     python bench/serve.py --quick         # a smoke run (5 s windows, 1 and 16 clients)
     python bench/serve.py --only leanlm-int4,llamacpp-server --resume   # some configs; reuse finished cells
 
@@ -12,14 +12,15 @@ missing; from the llama.cpp sources in the llama-cpp-python sdist on PyPI) into 
 (or $LLAMA_SERVER_DIR). It is started once per concurrency with `-np` = that concurrency.
 
 Each configuration starts its server as a subprocess (killed in `finally`), warms it up, then for each
-concurrency runs bench/serve_load.py (a separate process, async HTTP over 127.0.0.1) for a fixed window,
-cuts the open requests, and waits for the server to drain (a 1-token probe request, and /metrics where the
-server has it) before the next level. Peak RSS of the server process and its children is sampled from the
+concurrency runs bench/serve_load.py (a separate process, async HTTP over 127.0.0.1) for a fixed window
+(opened when the cell's first request finishes, unless --no-steady), cuts the open requests, and waits for the
+server to drain (a 1-token probe request, and /metrics where the server has it) before the next level. Peak RSS of the server process and its children is sampled from the
 OS (psutil) during each window. Every finished cell is kept in bench/results/serve.partial.json, so an
 interrupted run restarts where it stopped with --resume.
 
 Extra rows: the prefix cache on and off with a shared system prompt, prompt-lookup speculation inside the
-batch (`--speculative prompt-lookup`), and 64 clients with 10% malformed
+batch (`--speculative prompt-lookup`, drafting while at most 2 sequences run), int4 kernels at every batch size
+(`--dense-rows 0`, no bfloat16 copies), and 64 clients with 10% malformed
 requests (every valid one must finish with 128 tokens, every malformed one get a 4xx, no 5xx, and /metrics
 must show no KV block in use afterwards).
 """
@@ -102,7 +103,9 @@ def server_command(kind: str, port: int, a, gguf: str, slots: int) -> list[str]:
         if "noprefix" in kind:
             cmd.append("--no-prefix-caching")
         if "spec" in kind:
-            cmd += ["--speculative", "prompt-lookup", "--num-draft", "4"]
+            cmd += ["--speculative", "prompt-lookup", "--num-draft", "4", "--spec-max-batch", "2"]
+        if "packed" in kind:   # int4 kernels at every batch size (no bfloat16 copies for large steps)
+            cmd += ["--dense-rows", "0"]
         return cmd
     if kind in ("naive-bf16", "static-bf16"):
         mode = kind.split("-")[0]
@@ -224,11 +227,13 @@ def drain(url: str, kind: str, timeout: float = 300) -> dict:
 
 
 def load_run(url: str, kind: str, prompts: Path, concurrency: int, duration: float, max_tokens: int,
-             malformed: float = 0.0, finish: float = 0.0) -> dict:
+             malformed: float = 0.0, finish: float = 0.0, ramp: float = 0.0) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--url", url, "--model", MODEL, "--prompts", str(prompts),
            "--concurrency", str(concurrency), "--duration", str(duration), "--max-tokens", str(max_tokens),
            "--malformed", str(malformed), "--finish-timeout", str(finish), "--extra", json.dumps(extra_body(kind, max_tokens))]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + finish + 120)
+    if ramp:
+        cmd += ["--steady", "--max-ramp", str(ramp)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + finish + ramp + 120)
     if r.returncode != 0:
         raise RuntimeError(f"load generator failed: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -255,12 +260,16 @@ def run_config(name: str, kind: str, levels: list[int], a, gguf: str, prompts: P
         load_run(url, kind, prompts, 2, a.warmup, 16)   # warm-up, not recorded
         drain(url, kind)
         for c in todo:
+            before = metrics(url) if kind.startswith("leanlm") else {}
             with RSS(proc.pid) as r:
                 # the malformed row lets open requests finish, so every valid one is checked for its token count
-                res = load_run(url, kind, prompts, c, a.window, a.max_tokens, malformed, a.finish_timeout if malformed else 0.0)
+                res = load_run(url, kind, prompts, c, a.window, a.max_tokens, malformed, a.finish_timeout if malformed else 0.0,
+                               0.0 if malformed or not a.steady else a.max_ramp)
                 after = drain(url, kind)
             res.update(config=name, server=kind, startup_s=load_s, rss_idle_mb=round(idle / 2**20),
                        rss_peak_mb=round(r.peak / 2**20), command=cmd[1:])
+            if "vllm:num_preemptions_total" in after:   # this cell's preemptions (the counter spans the server's life)
+                res["preemptions"] = int(after["vllm:num_preemptions_total"] - before.get("vllm:num_preemptions_total", 0))
             if after:
                 res["after_drain"] = {k: after[k] for k in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                                             "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
@@ -317,19 +326,21 @@ def machine() -> dict:
 def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
     usd = lambda tps: round(a.price_per_hour / (tps * 3600) * 1e6, 3) if tps else None
     cols = ["config", "clients", "tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-            "peak RSS MB", "failed", "$ / 1M tok"]
+            "peak RSS MB", "failed", "preemptions", "window open s", "$ / 1M tok"]
     rows = []
     for key, r in done.items():
         if key.endswith("@error"):
             rows.append([key[:-6], "-", "FAILED: " + r[:200]] + [""] * (len(cols) - 3))
             continue
         rows.append([r["config"], r["concurrency"], r["tok_per_s"], r["req_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"],
-                     r["itl_p50_ms"], r["itl_p99_ms"], r["rss_peak_mb"], r["failed"], usd(r["tok_per_s"])])
+                     r["itl_p50_ms"], r["itl_p99_ms"], r["rss_peak_mb"], r["failed"],
+                     r.get("preemptions", "-"), r.get("window_open_s", 0),
+                     usd(r["tok_per_s"])])
     # ratios at each concurrency (same run)
     ratio_rows = []
     for c in a.concurrency:
         g = lambda n: done.get(f"{n}@{c}")
-        for ours in ("leanlm-int4", "leanlm-fp32"):
+        for ours in ("leanlm-int4", "leanlm-int4-spec", "leanlm-int4-packed", "leanlm-fp32"):
             o = g(ours)
             if not o:
                 continue
@@ -360,7 +371,10 @@ def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
           f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram_gb']} GB, torch {mach['torch']}. "
           + ("**Measured on a loaded machine (other jobs shared the 2 cores): compare ratios, not absolute figures.** "
              if a.loaded else "")
-          + f"Window {a.window:g} s per cell after a {a.warmup:g} s warm-up; clients in a separate process over 127.0.0.1, "
+          + f"Window {a.window:g} s per cell after a {a.warmup:g} s warm-up"
+          + (", opened when the cell's first request finishes (steady state: the admission transient of every client's "
+             "first request arriving at once is left out; `window open s` says when)" if a.steady else "")
+          + f"; clients in a separate process over 127.0.0.1, "
           f"closed loop. Threads: {a.threads} for every server. Price: ${a.price_per_hour}/h ({a.price_note}).\n",
           f"Prompts: {dist['source']}; tokens min {dist['min']}, p25 {dist['p25']}, median {dist['median']}, "
           f"p75 {dist['p75']}, max {dist['max']}, mean {dist['mean']}. Prefix rows prepend a shared system prompt "
@@ -397,7 +411,10 @@ def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 5 s windows, 1 and 16 clients")
-    ap.add_argument("--window", type=float, default=40.0, help="seconds measured per configuration and concurrency")
+    ap.add_argument("--window", type=float, default=60.0, help="seconds measured per configuration and concurrency")
+    ap.add_argument("--no-steady", dest="steady", action="store_false",
+                    help="open each window at the first request (default: when the first request finishes)")
+    ap.add_argument("--max-ramp", type=float, default=300.0, help="open a steady window after this long at the latest")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--only", default="", help="comma-separated configs to run (default: all)")
@@ -447,7 +464,8 @@ def main() -> None:
         ("naive-bf16", "naive-bf16", a.concurrency, "prompts", 0.0),
         ("leanlm-int4-shared-prefix", "leanlm-int4", [mid], "shared", 0.0),
         ("leanlm-int4-shared-noprefix", "leanlm-int4-noprefix", [mid], "shared", 0.0),
-        ("leanlm-int4-spec", "leanlm-int4-spec", sorted({a.concurrency[0], mid}), "prompts", 0.0),
+        ("leanlm-int4-spec", "leanlm-int4-spec", sorted({a.concurrency[0], *(c for c in a.concurrency if c <= mid)}), "prompts", 0.0),
+        ("leanlm-int4-packed", "leanlm-int4-packed", sorted({mid, top}), "prompts", 0.0),
         ("leanlm-int4-malformed", "leanlm-int4", [a.malformed_clients], "prompts", 0.1),
     ]
     only = set(filter(None, a.only.split(",")))

@@ -5,7 +5,8 @@ process over loopback).
         --concurrency 16 --duration 30 --max-tokens 128 [--malformed 0.1] [--extra '{"ignore_eos": true}']
 
 Each of `concurrency` clients sends a streaming /v1/completions request, reads it to the end, and sends the
-next one at once, for `duration` seconds; then every open request is cut (its connection closed, which
+next one at once, for `duration` seconds (with --steady, counted from the first request that finishes, so
+the admission transient of every client's first request arriving at once is left out); then every open request is cut (its connection closed, which
 cancels it on the server) and one JSON summary is printed on stdout. Tokens are counted as streamed chunks
 with text choices, timestamped on arrival: tokens/s counts those inside the window. A closing chunk (every
 choice's text empty and a finish_reason set, as llama.cpp's servers send after the last token) is not a token. TTFT is measured from
@@ -55,7 +56,10 @@ async def run(a) -> dict:
     timeout = httpx2.Timeout(a.request_timeout, connect=10.0)
     async with httpx2.AsyncClient(base_url=a.url, limits=limits, timeout=timeout) as client:
         t_start = time.perf_counter()
-        deadline = t_start + a.duration
+        # --steady: the window opens when the first request finishes (the batch is full and turning over), so an
+        # admission transient (every client's first request arriving at once) is not measured; else at the start
+        state = {"open": None if a.steady else 0.0}
+        deadline = t_start + (a.max_ramp if a.steady else 0.0) + a.duration
 
         async def one(i: int, k: int) -> None:
             n = counter["n"]
@@ -92,6 +96,8 @@ async def run(a) -> dict:
                     data = line[6:]
                     if data.strip() == "[DONE]":
                         rec["done"] = True
+                        if state["open"] is None:
+                            state["open"] = time.perf_counter() - t_start
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:
@@ -104,31 +110,41 @@ async def run(a) -> dict:
                     if chunk.get("usage"):
                         rec["usage"] = chunk["usage"].get("completion_tokens")
 
+        def end() -> float:
+            return deadline if state["open"] is None else t_start + state["open"] + a.duration
+
         async def loop_client(i: int) -> None:
             k = 0
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < end():
                 await one(i, k)
                 k += 1
 
         tasks = [asyncio.create_task(loop_client(i)) for i in range(a.concurrency)]
-        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        while time.perf_counter() < end():
+            await asyncio.sleep(min(0.2, max(0.0, end() - time.perf_counter())))
+        if state["open"] is None:   # nothing finished within --max-ramp: measure the last `duration` seconds
+            state["open"] = a.max_ramp
         if a.finish_timeout:   # no new request after the window; let the open ones finish (bounded)
             await asyncio.wait(tasks, timeout=a.finish_timeout)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         window = time.perf_counter() - t_start
-    return summarize(recs, a, window)
+    return summarize(recs, a, window, state["open"])
 
 
-def summarize(recs: list[dict], a, window: float) -> dict:
-    end = a.duration
+def summarize(recs: list[dict], a, window: float, start: float = 0.0) -> dict:
+    """Figures over the window [start, start + duration] (seconds from the first request): tokens streamed in it,
+    TTFT of the requests sent in it, gaps ending in it, requests finished in it."""
+    end = start + a.duration
     valid = [r for r in recs if r["malformed"] is None]
     done = [r for r in valid if r.get("done")]
-    tokens_in_window = sum(1 for r in valid for t in r["times"] if t <= end)
-    ttft = [r["times"][0] - r["sent"] for r in valid if r["times"]]
-    ttft += [end - r["sent"] for r in valid if not r["times"] and r["status"] in (None, 200) and not r.get("error")]
-    itl = [b - a_ for r in valid for a_, b in zip(r["times"], r["times"][1:])]
+    tokens_in_window = sum(1 for r in valid for t in r["times"] if start <= t <= end)
+    sent_in = [r for r in valid if start <= r["sent"] <= end]
+    ttft = [r["times"][0] - r["sent"] for r in sent_in if r["times"] and r["times"][0] <= end]
+    ttft += [end - r["sent"] for r in sent_in if not (r["times"] and r["times"][0] <= end) and r["status"] in (None, 200)
+             and not r.get("error")]
+    itl = [b - a_ for r in valid for a_, b in zip(r["times"], r["times"][1:]) if start <= b <= end]
     wrong_count = [len(r["times"]) for r in done if len(r["times"]) != a.max_tokens]
     usage_mismatch = sum(1 for r in done if r.get("usage") is not None and r["usage"] != a.max_tokens)
     failed = [r for r in valid if (r["status"] not in (None, 200)) or r.get("error")]
@@ -138,10 +154,10 @@ def summarize(recs: list[dict], a, window: float) -> dict:
         status[str(r["status"])] = status.get(str(r["status"]), 0) + 1
     ms = lambda x: None if x is None else round(1000 * x, 1)
     return {
-        "concurrency": a.concurrency, "window_s": round(end, 2), "requests_sent": len(valid),
+        "concurrency": a.concurrency, "window_s": round(a.duration, 2), "window_open_s": round(start, 2), "requests_sent": len(valid),
         "requests_done": len(done), "requests_cut": len(valid) - len(done) - len(failed),
-        "tokens": tokens_in_window, "tok_per_s": round(tokens_in_window / end, 2),
-        "req_per_s": round(sum(1 for r in done if r["times"] and r["times"][-1] <= end) / end, 3),   # inside the window
+        "tokens": tokens_in_window, "tok_per_s": round(tokens_in_window / a.duration, 2),
+        "req_per_s": round(sum(1 for r in done if r["times"] and start <= r["times"][-1] <= end) / a.duration, 3),   # inside the window
         "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
         "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
         "failed": len(failed), "failed_examples": [r.get("error") or r["status"] for r in failed[:3]],
@@ -161,6 +177,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--steady", action="store_true",
+                    help="open the measured window when the first request finishes (steady state), not at the start")
+    ap.add_argument("--max-ramp", type=float, default=300.0, help="with --steady: open the window after this long at the latest")
     ap.add_argument("--malformed", type=float, default=0.0)
     ap.add_argument("--extra", default="", help="JSON merged into every valid request body")
     ap.add_argument("--request-timeout", type=float, default=600.0)

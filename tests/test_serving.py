@@ -412,7 +412,7 @@ def test_prompt_lookup_speculation_in_the_batch_keeps_greedy_outputs(model, tok)
     per_block = 2 * 2 * 2 * 4 * 16 * 4
     for mb in (1, 16 * per_block / 2**20):   # ample blocks, and few enough to preempt
         spec = LLMEngine(model, tok, "fp32", kv_cache_mb=mb, block_size=4, max_num_batched_tokens=16,
-                         speculative="prompt-lookup", num_draft=3)
+                         speculative="prompt-lookup", num_draft=3, spec_max_batch=8)
         got = run(spec, reqs())
         assert got == want
         assert spec.stats.spec_draft_tokens > 0 and spec.stats.spec_accepted_tokens > 0
@@ -420,3 +420,44 @@ def test_prompt_lookup_speculation_in_the_batch_keeps_greedy_outputs(model, tok)
         assert all_free(spec)
     with pytest.raises(LeanLMError, match="prompt-lookup"):
         LLMEngine(model, tok, "fp32", kv_cache_mb=1, speculative="medusa")
+
+
+def test_speculation_drafts_only_at_a_small_batch(model, tok):
+    """spec_max_batch: no sequence drafts while more than that many run; greedy outputs stay those of plain batching."""
+    prompts = [ids(tok, "the fox the fox the fox the fox the fox the"), ids(tok, PROMPTS[0]), ids(tok, PROMPTS[2])]
+    reqs = lambda: [(str(i), p, SamplingParams(max_tokens=4 + 6 * i, ignore_eos=True)) for i, p in enumerate(prompts)]
+    want = run(LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4), reqs())
+    spec = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, speculative="prompt-lookup", num_draft=3, spec_max_batch=1)
+    seen = []
+    lookup = spec.drafter.lookup
+    spec.drafter.lookup = lambda *a: (seen.append(len(spec.scheduler.running)), lookup(*a))[1]
+    assert run(spec, reqs()) == want
+    assert seen and max(seen) == 1 and spec.stats.spec_draft_tokens > 0
+    assert all_free(spec)
+    with pytest.raises(LeanLMError, match="spec_max_batch"):
+        LLMEngine(model, tok, "fp32", kv_cache_mb=1, speculative="prompt-lookup", spec_max_batch=0)
+
+
+def test_int4_layers_run_bf16_copies_from_dense_rows(model, tok):
+    """dense_rows: int4/int8 layers keep a bfloat16 copy of their dequantized weight, used by matmuls of at least that
+    many token rows (close to the packed kernel's result); 0 keeps no copy; outputs and block accounting hold."""
+    from leanlm.serving.engine import RowSwitch
+
+    eng = LLMEngine(model, tok, "int4", kv_cache_mb=1, block_size=4, dense_rows=3)
+    switched = [m for m in eng.model.modules() if isinstance(m, RowSwitch)]
+    assert len(switched) == 4 * model.config.num_hidden_layers + 1   # qkv, o, gate_up, down per layer, and the head
+    assert eng.dense_copy_bytes == sum(2 * m.in_features * m.out_features for m in switched)
+    sw = eng.model.layers[0].gate_up
+    used = []
+    for name in ("packed", "dense"):
+        mod = getattr(sw, name)
+        mod.register_forward_hook(lambda m, i, o, name=name: used.append(name))
+    x = torch.randn(3, sw.in_features).bfloat16()
+    y_dense, y_packed = sw(x), sw(x[:2])
+    assert used == ["dense", "packed"]
+    torch.testing.assert_close(y_dense[:2].float(), y_packed.float(), rtol=0.05, atol=0.05)
+    outs = run(eng, [(str(i), ids(tok, p), SamplingParams(max_tokens=5, ignore_eos=True)) for i, p in enumerate(PROMPTS)])
+    assert sorted(len(v) for v in outs.values()) == [5] * 4 and "dense" in used and all_free(eng)
+    assert LLMEngine(model, tok, "int4", kv_cache_mb=1, dense_rows=0).dense_copy_bytes == 0
+    with pytest.raises(LeanLMError, match="dense_rows"):
+        LLMEngine(model, tok, "int4", kv_cache_mb=1, dense_rows=-1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import LeanLMError
+
+dumps = partial(json.dumps, separators=(",", ":"))   # compact JSON: fewer bytes per streamed token
 from .engine import LLMEngine, RequestOutput
 from .metrics import render
 from .scheduler import SamplingParams
@@ -117,15 +120,23 @@ class AsyncLLM:
                         self.engine.abort(rid)
                 else:
                     outs = [(o.request_id, o) for o in outs]
-                sends = [(self.queues[rid], o) for rid, o in outs if rid in self.queues]
+                sends: dict = {}   # event loop -> [(queue, output)]: one thread-safe wake-up per loop and step
                 for rid, o in outs:
+                    if rid in self.queues:
+                        loop, q = self.queues[rid]
+                        sends.setdefault(loop, []).append((q, o))
                     if not isinstance(o, RequestOutput) or o.finished:
                         self.queues.pop(rid, None)
-            for (loop, q), o in sends:
-                loop.call_soon_threadsafe(q.put_nowait, o)
+            for loop, items in sends.items():
+                loop.call_soon_threadsafe(_deliver, items)
             if not busy:
                 self.wake.wait(0.5)
                 self.wake.clear()
+
+
+def _deliver(items: list) -> None:
+    for q, o in items:
+        q.put_nowait(o)
 
 
 def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_waiting: int = 64) -> FastAPI:
@@ -200,7 +211,8 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
         return SamplingParams(max_tokens, r.temperature or 0.0, r.top_k, r.top_p, r.seed, stop, r.ignore_eos)
 
     async def results(request: Request, rid: str, prompt: list[int], sp: SamplingParams):
-        """Yield the request's outputs; abort it (freeing its blocks) if the client leaves first."""
+        """Yield the request's outputs in batches (every output already queued: a client that reads slower than
+        the engine steps gets several tokens per write); abort it (freeing its blocks) if the client leaves first."""
         try:
             q = llm.add(rid, prompt, sp)
         except LeanLMError as e:
@@ -208,16 +220,22 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
         done = False
         try:
             while not done:
-                try:
-                    out = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if isinstance(out, Exception):
-                    raise APIError(500, f"engine error: {out}", None, "server_error")
-                done = out.finished
-                yield out
+                if q.empty():   # wait_for costs a task and a timer: only when nothing is queued yet
+                    try:
+                        batch = [await asyncio.wait_for(q.get(), timeout=0.5)]
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                else:
+                    batch = [q.get_nowait()]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                for out in batch:
+                    if isinstance(out, Exception):
+                        raise APIError(500, f"engine error: {out}", None, "server_error")
+                done = batch[-1].finished
+                yield batch
         finally:
             if not done:
                 llm.abort(rid)
@@ -234,9 +252,9 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
         gen = results(request, rid, prompt, sp)
         if not r.stream:
             text, last = [], None
-            async for out in gen:
-                text.append(out.text)
-                last = out
+            async for batch in gen:
+                text.extend(out.text for out in batch)
+                last = batch[-1]
             if last is None:   # the client left
                 return _error(499, "client closed the request", None)
             body = "".join(text)
@@ -252,23 +270,29 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
 
         async def sse():
             obj = "chat.completion.chunk" if chat else "text_completion"
-            out, started = first, False
+            batch, started = first, False
+            pre = "data: " + dumps({**head, "object": obj})[:-1] + ',"choices":['   # the per-token constant part, serialized once
             while True:
-                if chat:
-                    delta = {"content": out.text}
-                    if not started:
-                        delta["role"] = "assistant"
-                    choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason}
-                else:
-                    choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-                started = True
-                yield f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
+                events = []   # one event per token, written together (one send for the tokens of a batch)
+                for out in batch:
+                    if chat:
+                        delta = {"content": out.text}
+                        if not started:
+                            delta["role"] = "assistant"
+                        choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason}
+                    else:
+                        choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                    started = True
+                    events.append(pre + dumps(choice) + "]}\n\n")
+                out = batch[-1]
                 if out.finished:
+                    if include_usage:
+                        events.append(f"data: {dumps({**head, 'object': obj, 'choices': [], 'usage': usage(out)})}\n\n")
+                    events.append("data: [DONE]\n\n")
+                    yield "".join(events)
                     break
-                out = await anext(gen)
-            if include_usage:
-                yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage(out)})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield "".join(events)
+                batch = await anext(gen)
 
         async def stream():
             try:

@@ -26,6 +26,11 @@ def serve_args(sp) -> None:
     sp.add_argument("--speculative", choices=["none", "prompt-lookup"], default="none",
                     help="speculation inside the batch: prompt-lookup drafts for greedy requests, verified in the batch's forward")
     sp.add_argument("--num-draft", type=COUNT, default=4, help="tokens drafted per sequence and step with --speculative")
+    sp.add_argument("--spec-max-batch", type=COUNT, default=2,
+                    help="with --speculative: draft only while at most this many sequences run (speculation pays at a small batch)")
+    sp.add_argument("--dense-rows", type=COUNT0, default=16,
+                    help="int4/int8 layers run from bfloat16 copies in steps of at least this many token rows (faster at a large "
+                         "batch; 2 bytes per weight more memory); 0: never")
     sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     sp.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
 
@@ -42,12 +47,15 @@ def run_serve(a, load) -> dict:
     engine = LLMEngine(model, tok, a.weights, group_size=a.group_size, kv_cache_mb=a.kv_cache_mb, block_size=a.block_size,
                        kv_dtype=a.kv_dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                        max_model_len=max_len, prefix_caching=not a.no_prefix_caching,
-                       speculative=None if a.speculative == "none" else a.speculative, num_draft=a.num_draft)
+                       speculative=None if a.speculative == "none" else a.speculative, num_draft=a.num_draft,
+                       spec_max_batch=a.spec_max_batch, dense_rows=a.dense_rows)
     del model
     name = a.served_model_name or a.model
     b = engine.blocks
     print(f"leanlm serve: {name} ({engine.model.weights} weights), KV cache {b.num_blocks} blocks x {b.block_size} tokens, "
-          f"http://{a.host}:{a.port}/v1", file=sys.stderr)
+          f"http://{a.host}:{a.port}/v1"
+          + (f"; bfloat16 copies for steps of >= {a.dense_rows} rows: {engine.dense_copy_bytes / 2**20:.0f} MB"
+             if engine.dense_copy_bytes else ""), file=sys.stderr)
     serve(engine, name, host=a.host, port=a.port, api_key=a.api_key, max_waiting=a.max_waiting)
     return {"model": name, "stopped": True}
 

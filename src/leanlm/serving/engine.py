@@ -8,9 +8,10 @@
 Each step runs ONE forward of the runtime `Decoder` over the scheduled tokens of all sequences, flattened
 into a single row (prefill chunks and decodes alike; each token carries its own position for RoPE). The
 decoder's attention is replaced by `_PagedAttention`: the new K/V are written into per-layer block pools
-(`KVPool`: [num_blocks, block_size, kv_heads, head_dim], float32 or int8) at each token's slot, and each
-sequence attends over the blocks of its block table (gathered with index_select) under a causal mask; all
-decoding sequences of a step attend in one batched call over their padded block tables.
+(`KVPool`: [kv_heads, num_blocks, block_size, head_dim], float32 or int8) at each token's slot, and each
+sequence attends over the blocks of its block table (gathered with index_select into a reused workspace) under
+a causal mask; all decoding sequences of a step attend in one batched call over their padded block tables.
+int4/int8 weight-only layers run from bfloat16 copies in steps of at least `dense_rows` token rows (`RowSwitch`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LeanLMError
+from ..runtime.layouts import DenseWeight
 from ..runtime.model import Decoder
 from ..runtime.sampling import next_token
 from ..speculative.drafters import PromptLookupDrafter
@@ -42,44 +44,68 @@ class RequestOutput:
 
 
 class KVPool:
-    """Per-layer K and V block pools [num_blocks, block_size, kv_heads, head_dim]: float32, or int8 with one
-    float32 scale per (block, slot, head) (symmetric per token and head: about a quarter of the bytes).
-    Slot-major blocks make a step's write one index_copy_ over (block * block_size + offset)."""
+    """Per-layer K and V block pools [kv_heads, num_blocks, block_size, head_dim]: float32, or int8 with one float32
+    scale per (head, block, slot) (symmetric per token and head: about a quarter of the bytes).
+
+    Head-major pools make a gather of block tables land as [kv_heads, sequences, context, head_dim] with one
+    index_select into a reused workspace: attention reads it as one batched matmul without any transpose
+    copy, and no step allocates (and page-faults in) fresh megabytes per layer."""
 
     def __init__(self, layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype: str):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (kv_heads, num_blocks, block_size, head_dim)
         self.int8 = dtype == "int8"
         t = torch.int8 if self.int8 else torch.float32
         self.k = [torch.zeros(shape, dtype=t) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=t) for _ in range(layers)]
         self.ks = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
         self.vs = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
+        self.kv_heads, self.block_size, self.head_dim = kv_heads, block_size, head_dim
+        self._ws: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def block_bytes(layers: int, kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:
         per = head_dim + 4 if dtype == "int8" else head_dim * 4
         return layers * 2 * kv_heads * block_size * per
 
+    def workspace(self, name: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        """A reused buffer (grown, never shrunk) viewed as `shape`."""
+        n = 1
+        for x in shape:
+            n *= x
+        buf = self._ws.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._ws[name] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype)
+        return buf[:n].view(shape)
+
     def write(self, i: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [N, kv_heads, head_dim] float32 into the flat slots block * block_size + offset."""
+        h, d = self.kv_heads, self.head_dim
         for pool, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
+            x = x.transpose(0, 1)   # [kv_heads, N, head_dim]
             if self.int8:
                 sc = x.abs().amax(-1).clamp_min(1e-8) / 127
-                scales[i].view(-1, sc.shape[1]).index_copy_(0, slot, sc)
+                scales[i].view(h, -1).index_copy_(1, slot, sc)
                 x = (x / sc[..., None]).round_().to(torch.int8)
-            pool[i].view(-1, *x.shape[1:]).index_copy_(0, slot, x)
+            pool[i].view(h, -1, d).index_copy_(1, slot, x)
 
-    def gather(self, i: int, tables: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `ctx` slots of each row of block tables [S, blocks] as float32 [S, kv_heads, ctx, head_dim]
-        K and V (one index_select per pool for every sequence at once)."""
+    def gather(self, i: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot of each row of block tables [S, blocks] as float32 K and V [kv_heads, S, blocks * block_size,
+        head_dim], views of the workspace (valid until the next gather)."""
         S, nb = tables.shape
+        flat = tables.reshape(-1)
+        shape = (self.kv_heads, S * nb, self.block_size, self.head_dim)
         out = []
-        for pool, scales in ((self.k, self.ks), (self.v, self.vs)):
-            x = pool[i].index_select(0, tables.reshape(-1))
+        for name, pool, scales in (("k", self.k, self.ks), ("v", self.v, self.vs)):
+            buf = self.workspace(name, shape)
             if self.int8:
-                x = x.float() * scales[i].index_select(0, tables.reshape(-1))[..., None]
-            _, bs, h, d = x.shape
-            out.append(x.view(S, nb * bs, h, d)[:, :ctx].transpose(1, 2))
+                codes = self.workspace(name + "8", shape, torch.int8)
+                sc = self.workspace(name + "s", shape[:3])
+                torch.index_select(pool[i], 1, flat, out=codes)
+                torch.index_select(scales[i], 1, flat, out=sc)
+                torch.mul(codes, sc[..., None], out=buf)
+            else:
+                torch.index_select(pool[i], 1, flat, out=buf)
+            out.append(buf.view(self.kv_heads, S, nb * self.block_size, self.head_dim))
         return out[0], out[1]
 
 
@@ -87,7 +113,7 @@ class _PagedAttention:
     """The `attend` callback of `Decoder.forward` for one engine step.
 
     Decoding sequences (one new token each) attend together: their block tables are padded to the longest
-    one, gathered with one index_select per pool, and masked per row, so one batched matmul pair serves them
+    one, gathered head-major (`KVPool.gather`), and masked per row, so one batched matmul pair serves them
     all. Prefill chunks attend one sequence at a time under a causal mask."""
 
     def __init__(self, dec: Decoder, pool: KVPool, sched: list[Scheduled], tables: dict, block_size: int):
@@ -98,58 +124,106 @@ class _PagedAttention:
         pos, self.seqs, dec_rows, dec_tabs, dec_pos = [], [], [], [], []
         t0 = 0
         for sc in sched:
-            p = torch.arange(sc.start, sc.start + sc.length)
-            pos.append(p)
+            table = tables[sc.seq.request_id]
             ctx = sc.start + sc.length
-            table = tables[sc.seq.request_id][: -(-ctx // block_size)]
+            nb = -(-ctx // block_size)
             if sc.length == 1:
                 dec_rows.append(t0)
-                dec_tabs.append(table)
+                dec_tabs.append(table[:nb])
                 dec_pos.append(sc.start)
+                pos.append(sc.start)
             else:
+                p = torch.arange(sc.start, ctx)
+                pos.extend(p.tolist())
                 keys = torch.arange(ctx)
                 allowed = keys[None, :] <= p[:, None]
                 biases = {}
                 for w in windows:
                     m = allowed if w is None else allowed & (p[:, None] - keys[None, :] < w)
                     biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
-                self.seqs.append((t0, sc.length, torch.tensor(table), ctx, biases))
+                self.seqs.append((t0, sc.length, torch.tensor(table[:nb]), ctx, biases))
             t0 += sc.length
         self.n = t0
-        self.pos = torch.cat(pos)
+        self.pos = torch.tensor(pos)
         self.dec_rows = torch.tensor(dec_rows, dtype=torch.long)
+        self.all_decode = len(dec_rows) == t0
         if dec_rows:
             nb = max(len(t) for t in dec_tabs)
             self.dec_tables = torch.tensor([t + [t[0]] * (nb - len(t)) for t in dec_tabs])
             dp = torch.tensor(dec_pos)
-            self.dec_ctx = int(dp.max()) + 1
-            keys = torch.arange(self.dec_ctx)
+            keys = torch.arange(nb * block_size)
+            S = len(dec_rows)
             self.dec_bias = {}
             for w in windows:
                 m = keys[None, :] <= dp[:, None]
                 if w is not None:
                     m &= dp[:, None] - keys[None, :] < w
-                b = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))        # [S, ctx]
-                self.dec_bias[w] = b[:, None, None, :].expand(-1, s.kv_heads, 1, -1).reshape(-1, 1, self.dec_ctx)
-        tab = torch.cat([torch.tensor(tables[sc.seq.request_id]) for sc in sched])
-        offs = torch.tensor([0] + [len(tables[sc.seq.request_id]) for sc in sched[:-1]]).cumsum(0)
-        seq_of = torch.repeat_interleave(torch.arange(len(sched)), torch.tensor([sc.length for sc in sched]))
-        self.slot = tab[offs[seq_of] + self.pos // block_size] * block_size + self.pos % block_size
+                b = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))        # [S, keys]
+                self.dec_bias[w] = b[None, :, None, :].expand(s.kv_heads, -1, -1, -1).reshape(s.kv_heads * S, 1, -1)
+        # each token's cache slot: its sequence's block at pos // block_size, offset pos % block_size
+        self.slot = torch.tensor([tables[sc.seq.request_id][p // block_size] * block_size + p % block_size
+                                  for sc in sched for p in range(sc.start, sc.start + sc.length)])
+
+    def _decode(self, i: int, q: torch.Tensor, window) -> torch.Tensor:
+        """q [S, H, D] of the decoding rows -> [S, H*D]: one baddbmm / softmax / bmm over [kv_heads * S] batches."""
+        s = self.dec.spec
+        S, H, D = q.shape
+        g = H // s.kv_heads
+        K, V = self.pool.gather(i, self.dec_tables)             # [Hkv, S, N, D]
+        N = K.shape[2]
+        q3 = q.view(S, s.kv_heads, g, D).transpose(0, 1).reshape(s.kv_heads * S, g, D)
+        att = torch.baddbmm(self.dec_bias[window], q3, K.view(-1, N, D).transpose(1, 2), alpha=s.attn_scale)
+        o = torch.bmm(att.softmax(-1), V.view(-1, N, D))        # [Hkv * S, g, D]
+        return o.view(s.kv_heads, S, g, D).transpose(0, 1).reshape(S, H * D)
 
     def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.pool.write(i, self.slot, k[0], v[0])
         window = self.dec.spec.windows[i]
-        if not self.seqs:   # decodes only: the common step under load
-            K, V = self.pool.gather(i, self.dec_tables, self.dec_ctx)
-            return self.dec._attend(q[0][:, None], K, V, self.dec_bias[window]).view(1, self.n, -1)
+        if self.all_decode:   # decodes only: the common step under load
+            return self._decode(i, q[0], window).view(1, self.n, -1)
         out = q.new_empty(1, self.n, q.shape[2] * q.shape[3])
         if len(self.dec_rows):
-            K, V = self.pool.gather(i, self.dec_tables, self.dec_ctx)
-            out[0, self.dec_rows] = self.dec._attend(q[0, self.dec_rows][:, None], K, V, self.dec_bias[window])[:, 0]
+            out[0, self.dec_rows] = self._decode(i, q[0, self.dec_rows], window)
         for t0, T, table, ctx, biases in self.seqs:
-            K, V = self.pool.gather(i, table[None], ctx)
+            K, V = self.pool.gather(i, table[None])              # [Hkv, 1, N, D]
+            K, V = K.transpose(0, 1)[:, :, :ctx], V.transpose(0, 1)[:, :, :ctx]
             out[:, t0:t0 + T] = self.dec._attend(q[:, t0:t0 + T], K, V, biases[window])
         return out
+
+
+class RowSwitch(nn.Module):
+    """A packed int4/int8 weight-only layer plus a bfloat16 copy of its dequantized weight: a matmul over at least
+    `rows` token rows runs the copy (one oneDNN bf16 GEMM), fewer rows the packed kernel. PyTorch's int4/int8 kernels
+    win at a few rows (they read 2-4x fewer bytes) and lose from about 16 rows on, by about 2x at 64
+    (bench/results/serve_profile.md, serve_layouts.md),
+    so a continuous batch picks its layout by its size every step. The copy costs 2 bytes per weight."""
+
+    def __init__(self, packed: nn.Module, rows: int):
+        super().__init__()
+        self.packed, self.rows = packed, rows
+        self.dense = DenseWeight(packed.dequantize(), torch.bfloat16)
+        self.out_features, self.in_features = packed.out_features, packed.in_features
+        for name in ("tiled", "fast"):   # Decoder.fused_rows() looks at the packed layout's batch-1 kernels
+            if hasattr(packed, name):
+                setattr(self, name, getattr(packed, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= self.rows * self.in_features:
+            return self.dense(x.to(torch.bfloat16))
+        return self.packed(x)
+
+
+def _switch_layouts(dec: Decoder, rows: int) -> int:
+    """Wrap every int4/int8 weight-only layer of `dec` (body and head) in a `RowSwitch`; returns the copies' bytes."""
+    extra = 0
+    targets = [(L, n) for L in dec.layers for n in ("qkv", "o", "gate_up", "down")] + [(dec, "head")]
+    for mod, name in targets:
+        lay = getattr(mod, name)
+        if type(lay).__name__ in ("Int4Weight", "Int8Weight"):
+            sw = RowSwitch(lay, rows)
+            setattr(mod, name, sw)
+            extra += sw.dense.weight.numel() * sw.dense.weight.element_size()
+    return extra
 
 
 class LLMEngine:
@@ -157,7 +231,7 @@ class LLMEngine:
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
                  kv_dtype: str = "float32", allow_fallback: bool = False, speculative: str | None = None,
-                 num_draft: int = 4):
+                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
@@ -166,6 +240,10 @@ class LLMEngine:
                                  max_batch=1, allow_fallback=allow_fallback).eval()
         for L in self.model.layers:   # the paged pools below replace the decoder's dense cache
             L.k_cache = L.v_cache = torch.empty(0)
+        if dense_rows < 0:
+            raise LeanLMError(f"dense_rows must be >= 0 (0: never use bfloat16 copies), got {dense_rows}")
+        # steps of >= dense_rows token rows run int4/int8 layers from bfloat16 copies (memory: dense_copy_bytes)
+        self.dense_copy_bytes = _switch_layouts(self.model, dense_rows) if dense_rows else 0
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         s = self.model.spec
         if kv_dtype not in ("float32", "int8"):
@@ -188,8 +266,10 @@ class LLMEngine:
             raise LeanLMError(f"unknown speculation {speculative!r}; choose prompt-lookup (or none)")
         if num_draft < 1:
             raise LeanLMError(f"num_draft must be >= 1, got {num_draft}")
+        if spec_max_batch < 1:
+            raise LeanLMError(f"spec_max_batch must be >= 1, got {spec_max_batch}")
         self.drafter = PromptLookupDrafter() if speculative else None
-        self.num_draft = num_draft
+        self.num_draft, self.spec_max_batch = num_draft, spec_max_batch
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> None:
@@ -233,10 +313,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one iteration
     def _draft(self) -> None:
-        """Prompt-lookup drafts for greedy sequences that are decoding (speculation inside the batch): the
-        draft is verified in the same forward as the other sequences' steps; a greedy output is unchanged."""
+        """Prompt-lookup drafts for greedy sequences that are decoding (speculation inside the batch), while at most
+        `spec_max_batch` sequences run: the draft is verified in the same forward as the other sequences' steps; a
+        greedy output is unchanged."""
+        busy = len(self.scheduler.running) > self.spec_max_batch   # drafts pay at a small batch only (docs/serving.md)
         for seq in self.scheduler.running:
             seq.draft = []
+            if busy:
+                continue
             room = seq.params.max_tokens - len(seq.output) - 1   # the verified step also yields one token of its own
             if seq.params.temperature > 0 or room < 1 or seq.computed != len(seq.tokens) - 1:
                 continue
@@ -258,6 +342,7 @@ class LLMEngine:
             if sc.samples:
                 rows.extend(range(e - len(sc.seq.draft), e + 1))
         logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=torch.tensor(rows, dtype=torch.long))[0]   # only rows that sample
+        greedy = logits.argmax(-1).tolist()   # one call for every greedy row of the step
         outs, r, now = [], 0, time.perf_counter()
         for sc in sched:
             seq = sc.seq
@@ -266,7 +351,10 @@ class LLMEngine:
                 self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
                 continue
             d = len(seq.draft)
-            toks = next_token(logits[r:r + d + 1], seq.params.config(), seq.generator).tolist()
+            if seq.params.temperature == 0:
+                toks = greedy[r:r + d + 1]
+            else:
+                toks = next_token(logits[r:r + d + 1], seq.params.config(), seq.generator).tolist()
             r += d + 1
             keep = 0   # accepted draft tokens: greedy verification keeps the draft while it equals the argmax
             while keep < d and toks[keep] == seq.draft[keep]:

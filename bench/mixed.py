@@ -65,13 +65,14 @@ def evaluate(cfg: QuantConfig, ids, windows: int) -> dict:
             "perplexity_news": perplexity(model, tok, source="news", max_windows=windows, progress=False).perplexity}
 
 
-def search(ids, budget: float, cost: str, probe: int) -> dict:
+def search(ids, budget: float, cost: str, probe: int, sensitivity=None) -> dict:
     model, _ = leanlm.load("smollm2-135m")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    res = mixed_precision(model, ids[:probe], budget, MENU, cost=cost, progress=False)
+    res = mixed_precision(model, ids[:probe], budget, MENU, cost=cost, progress=False, sensitivity=sensitivity)
     total = time.perf_counter() - t0
     return {"budget": budget, "cost": cost, "probe_tokens": list(ids[:probe].shape), "search_seconds": total, "split_seconds": res.seconds,
+            "split_cpu_seconds": res.cpu_seconds, "search_cpu_seconds": sum(res.cpu_seconds.values()),
             "load_average_1min": [load0, os.getloadavg()[0]], "average_bits": res.average_bits, "spent": res.spent, "limit": res.limit,
             "choice": res.choice, "choice_counts": dict(Counter(res.choice.values())), "sensitivity": res.sensitivity}
 
@@ -104,10 +105,11 @@ def main() -> None:
     print(f"float32 perplexity {base:.4f} (news {base_news:.4f})", flush=True)
     tag = f"b{a.budget}-p{a.probe}x{a.seq_len}"
     searches = {}
-    for cost in ("bits", "bytes", "latency"):
+    for cost in ("bits", "bytes", "latency"):   # bytes and latency re-solve with the bits search's sensitivity (no second pass)
         key = "search" if cost == "bits" else f"search-{cost}"
         if want(key) or (cost == "bits" and want("mixed")):
-            s = searches[cost] = cached(f"{key}-{tag}", lambda cost=cost: search(ids, a.budget, cost, a.probe))
+            sens = searches["bits"]["sensitivity"] if cost != "bits" and "bits" in searches else None
+            s = searches[cost] = cached(f"{key}-{tag}", lambda cost=cost, sens=sens: search(ids, a.budget, cost, a.probe, sens))
             print(f"{key}: {s['search_seconds']:.1f} s {s['split_seconds']} -> {s['choice_counts']}, {s['average_bits']:.3f} bits", flush=True)
     alg = ALGORITHMS[a.algorithm]
     algs = [alg()] if alg else []
@@ -115,11 +117,11 @@ def main() -> None:
     if want("mixed"):
         s = searches["bits"]
         cfg = QuantConfig([(f"{n}.weight_quantizer", QuantizerConfig(f)) for n, f in s["choice"].items()] + [("*lm_head*", None)], algs)
-        rows[f"mixed {a.budget} bits ({a.algorithm})"] = cached(f"mixed-{tag}-{a.algorithm}", lambda: evaluate(cfg, ids, a.windows))
-    for fmt in ("int4_g64", "int4_g32"):
+        rows[f"mixed {a.budget} bits ({a.algorithm})"] = cached(f"mixed-{tag}-{a.algorithm}-c{a.samples}-w{a.windows}", lambda: evaluate(cfg, ids, a.windows))
+    for fmt in ("int4_g32", "int4_g64"):
         if want(f"uniform-{fmt}"):
             cfg = QuantConfig([("*weight_quantizer", QuantizerConfig(fmt)), ("*lm_head*", None)], algs)
-            rows[f"uniform {fmt} ({a.algorithm})"] = cached(f"uniform-{fmt}-{a.algorithm}", lambda cfg=cfg: evaluate(cfg, ids, a.windows))
+            rows[f"uniform {fmt} ({a.algorithm})"] = cached(f"uniform-{fmt}-{a.algorithm}-c{a.samples}x{a.seq_len}-w{a.windows}", lambda cfg=cfg: evaluate(cfg, ids, a.windows))
     for k, r in rows.items():
         r["increase"], r["increase_news"] = r["perplexity"] / base - 1, r["perplexity_news"] / base_news - 1
         print(f"{k:32s} {r['average_bits']:.3f} bits  ppl {r['perplexity']:.4f} ({r['increase']:+.2%})  news {r['perplexity_news']:.4f} "
@@ -131,14 +133,17 @@ def report(a, base, base_news, searches, rows) -> None:
     md = [f"# Mixed-precision search, SmolLM2-135M (budget {a.budget} bits/weight over {' / '.join(MENU)})\n",
           f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}. **{a.load}**: every time below was "
           "measured on a loaded machine (the search time target is to be rerun quietly).\n",
-          "## Search time (diagonal-Fisher sensitivity from one forward + backward, then an exact 0/1 program)\n"]
+          "## Search time (diagonal-Fisher sensitivity from one forward + backward, then an exact 0/1 program)\n",
+          "The bytes and latency rows re-solve with the bits row's sensitivity (their time: the cost model and the solve).\n"]
     trows = []
     for cost, s in searches.items():
         sp = s["split_seconds"]
-        trows.append([cost, f"{s['probe_tokens'][0]} x {s['probe_tokens'][1]}", f"{s['search_seconds']:.1f}", f"{sp['costs']:.1f}",
+        trows.append([cost, f"{s['probe_tokens'][0]} x {s['probe_tokens'][1]}", f"{s['search_seconds']:.1f}", f"{s['search_cpu_seconds']:.1f}", f"{sp['costs']:.1f}",
                       f"{sp['sensitivity']:.1f}", f"{sp['solve']:.2f}", f"{s['average_bits']:.3f}",
                       ", ".join(f"{k}: {v}" for k, v in sorted(s["choice_counts"].items()))])
-    md.append(md_table(["cost model", "probe tokens", "search s (loaded)", "cost model s", "sensitivity s", "solve s", "bits/weight", "choice (layers)"], trows))
+    md.append(md_table(["cost model", "probe tokens", "search s (loaded)", "search CPU s (all threads)", "cost model s", "sensitivity s", "solve s", "bits/weight", "choice (layers)"], trows))
+    md.append("\nWall seconds on the loaded machine; CPU seconds are the process's own (both threads), a rough bound for a quiet "
+              f"{machine()['cores']}-core run: wall near CPU / {machine()['threads']} when nothing else runs.\n")
     md.append("\nThe previous search (one full-model forward per layer and format, KL on 4 x 256 tokens; bench/results/ptq.md) took 1556 s.\n")
     md.append(f"## Quality (calibration {a.samples} x {a.seq_len} tokens, {a.algorithm}; perplexity on {a.windows} x 512 tokens)\n")
     qrows = [["float32", "32", f"{base:.4f}", "-", f"{base_news:.4f}", "-", "-"]]

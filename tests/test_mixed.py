@@ -87,8 +87,11 @@ def test_budget_is_met_exactly_and_the_choice_is_applied(tiny_model):
     res = mixed_precision(tiny_model, ids, budget=6.0, menu=MENU, progress=False)
     assert res.average_bits <= 6.0 and set(res.choice.values()) == set(MENU) and "lm_head" not in res.choice
     assert res.seconds.keys() == {"costs", "sensitivity", "solve"}
-    # a budget equal to uniform int4_g64 (4.25 bits at these widths) leaves no room for any int8 layer
-    assert set(mixed_precision(tiny_model, ids, 4.25, MENU, progress=False).choice.values()) == {"int4_g64"}
+    # a budget equal to uniform int4_g64 (4.25 bits at these widths) leaves no room for any int8 layer;
+    # re-solving with the measured sensitivity skips the pass
+    low = mixed_precision(tiny_model, ids, 4.25, MENU, progress=False, sensitivity=res.sensitivity)
+    assert set(low.choice.values()) == {"int4_g64"} and low.sensitivity is res.sensitivity
+    assert mixed_precision(tiny_model, ids, 6.0, MENU, progress=False, sensitivity=res.sensitivity).choice == res.choice
     quantize(tiny_model, res.config(), progress=False)
     fm = {r["name"]: r["format"] for r in summary(tiny_model)}
     assert all(fm[f"{n}.weight_quantizer"] == f for n, f in res.choice.items())

@@ -46,7 +46,8 @@ class MixedPrecisionResult:
     spent: float = 0.0                        # the chosen formats' total cost, in the budget's unit
     limit: float = 0.0                        # the budget in that unit (bits or bytes per weight x weights, or microseconds)
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> format -> loss-increase estimate
-    seconds: dict[str, float] = field(default_factory=dict)                   # sensitivity, costs, solve
+    seconds: dict[str, float] = field(default_factory=dict)                   # wall time of: costs, sensitivity, solve
+    cpu_seconds: dict[str, float] = field(default_factory=dict)               # the process's CPU time of each (all threads)
 
     def config(self, algorithms=None, extra_rules=None) -> QuantConfig:
         """A QuantConfig with one exact rule per layer (ready for `quantize`, e.g. with AWQ())."""
@@ -77,12 +78,13 @@ def format_costs(shape: tuple[int, int], formats: tuple[str, ...], calls: int = 
     """Measured cost on this machine of one [out, in] weight in each format (a quantization format name, or
     bf16 / fp32 for dense), packed as the leanlm runtime packs it: microseconds per batch-1 matmul (median
     of `rounds` rounds of `calls`, formats interleaved), bytes per weight (scales included) and whether the
-    runtime had to fall back to dense weights. The one cost model of mixed precision and `leanlm optimize`."""
+    runtime had to fall back to dense weights (`rounds=0`: bytes only, nothing timed). The one cost model of
+    mixed precision and `leanlm optimize`."""
     packed = {f: _packed(tuple(shape), f, dtype) for f in formats}
     x = torch.randn(1, shape[1], dtype=dtype)
     times: dict[str, list[float]] = {f: [] for f in formats}
     with torch.inference_mode():
-        for f in formats:
+        for f in formats if rounds else ():
             packed[f](x)
         for _ in range(rounds):
             for f in formats:
@@ -93,7 +95,7 @@ def format_costs(shape: tuple[int, int], formats: tuple[str, ...], calls: int = 
     out = {}
     for f in formats:
         nbytes = sum(b.numel() * b.element_size() for b in list(packed[f].buffers()) + list(packed[f].parameters()))
-        out[f] = {"us_per_call": statistics.median(times[f]), "bytes_per_weight": nbytes / (shape[0] * shape[1]),
+        out[f] = {"us_per_call": statistics.median(times[f]) if rounds else None, "bytes_per_weight": nbytes / (shape[0] * shape[1]),
                   "shape": list(shape), "fallback": bool(getattr(packed[f], "fallback", None))}
     return out
 
@@ -108,7 +110,8 @@ def layer_costs(shapes: dict[str, tuple[int, int]], menu: tuple[str, ...], cost:
     if cost == "bits":
         return {n: {f: parse_format(f).bits_per_weight(s[1]) * s[0] * s[1] for f in menu} for n, s in shapes.items()}
     uniq = sorted(set(map(tuple, shapes.values())))
-    per = {s: format_costs(s, menu, calls=calls) for s in tqdm(uniq, desc=f"{cost} per format", unit="shape", disable=not progress)}
+    per = {s: format_costs(s, menu, calls=calls, rounds=5 if cost == "latency" else 0)
+           for s in tqdm(uniq, desc=f"{cost} per format", unit="shape", disable=not progress)}
     if cost == "bytes":
         return {n: {f: per[tuple(s)][f]["bytes_per_weight"] * s[0] * s[1] for f in menu} for n, s in shapes.items()}
     return {n: {f: per[tuple(s)][f]["us_per_call"] for f in menu} for n, s in shapes.items()}
@@ -248,9 +251,11 @@ def mixed_precision(
     progress: bool = True,
     batch: int = 1,
     dtype: str = "bfloat16",
+    sensitivity: dict[str, dict[str, float]] | None = None,
 ) -> MixedPrecisionResult:
     """Score every layer in every menu format on `calib_ids` ([N, L] tokens) and choose formats within `budget`:
-    bits per weight (`cost` bits or bytes) or a bits-equivalent time budget (`cost` latency; see `_budget_limit`)."""
+    bits per weight (`cost` bits or bytes) or a bits-equivalent time budget (`cost` latency; see `_budget_limit`).
+    `sensitivity` (a previous result's) skips the measurement: re-solve under another budget or cost model."""
     if cost not in COSTS:
         raise LeanLMError(f"unknown cost {cost!r}; choose one of: {', '.join(COSTS)}")
     menu = tuple(parse_format(f).name for f in menu)
@@ -262,23 +267,26 @@ def mixed_precision(
     _check_menu(lins, menu)
     shapes = {n: (m.out_features, m.in_features) for n, m in lins.items()}
     bits = layer_costs(shapes, menu, "bits")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     costs = bits if cost == "bits" else layer_costs(shapes, menu, cost, progress)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     limit = _budget_limit(shapes, bits, costs, budget, cost)
     cheapest = sum(min(v.values()) for v in costs.values())
     if cheapest > limit * (1 + 1e-9):
         low = min(parse_format(f).bits_per_weight(min(s[1] for s in shapes.values())) for f in menu)
         raise LeanLMError(f"budget {budget} bits/weight is below the cheapest menu choice (about {low:.3f} by {cost}); raise it or add a smaller format")
-    sens = fisher_sensitivity(model, calib_ids, lins, menu, batch, progress, dtype)
-    t2 = time.perf_counter()
+    if sensitivity is not None and any(set(sensitivity.get(n, {})) != set(menu) for n in lins):
+        raise LeanLMError("the given sensitivity does not cover every layer and menu format of this search; measure it again")
+    sens = sensitivity if sensitivity is not None else fisher_sensitivity(model, calib_ids, lins, menu, batch, progress, dtype)
+    t2, c2 = time.perf_counter(), time.process_time()
     choice = solve_choice(sens, costs, limit)
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     total = sum(s[0] * s[1] for s in shapes.values())
     avg = sum(bits[n][f] for n, f in choice.items()) / total
     spent = sum(costs[n][f] for n, f in choice.items())
     return MixedPrecisionResult(choice, avg, budget, cost, spent, limit, sens,
-                                {"costs": t1 - t0, "sensitivity": t2 - t1, "solve": t3 - t2})
+                                {"costs": t1 - t0, "sensitivity": t2 - t1, "solve": t3 - t2},
+                                {"costs": c1 - c0, "sensitivity": c2 - c1, "solve": c3 - c2})
 
 
 def mixed_config(model: nn.Module, tokenizer, budget: float, menu: tuple[str, ...] = ("int3_g64", "int4_g64", "int8"),

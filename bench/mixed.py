@@ -11,8 +11,9 @@ scheme) and uniform int4_g32 (4.5 bits/weight: uniform W4A16 at the same bits) w
 search is also run with the bytes and latency cost models (choice and time only). Rows are cached in
 bench/.work/mixed/ (delete a file to redo it), so an interrupted run resumes.
 
-    python bench/mixed.py                            # everything, AWQ (about 20 minutes on a loaded 2-core CPU)
-    python bench/mixed.py --algorithm gptq --only mixed,uniform-int4_g64
+    python bench/mixed.py                            # everything, AWQ, PROTOCOL settings (run it on a quiet machine)
+    python bench/mixed.py --only search              # the search time alone (the 3-minute target)
+    python bench/mixed.py --threads 1 --probe 2 --algorithm rtn --windows 4   # what fitted on an oversubscribed machine
 """
 
 from __future__ import annotations
@@ -87,8 +88,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--only", help="comma-separated rows: search,search-bytes,search-latency,mixed,uniform-int4_g64,uniform-int4_g32")
     ap.add_argument("--load", default="loaded: about 7 engineers share the 2 cores", help="how loaded the machine was (stated in the results)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: all cores, per PROTOCOL.md; 1 on an oversubscribed machine, "
+                    "where two threads mostly wait for each other)")
     a = ap.parse_args()
     setup_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     only = set(a.only.split(",")) if a.only else None
     want = lambda k: only is None or k in only  # noqa: E731
     _, tok = leanlm.load("smollm2-135m")

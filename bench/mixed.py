@@ -147,7 +147,7 @@ def report(a, base, base_news, searches, rows) -> None:
                       f"{sp['sensitivity']:.1f}", f"{sp['solve']:.2f}", f"{s['average_bits']:.3f}",
                       ", ".join(f"{k}: {v}" for k, v in sorted(s["choice_counts"].items()))])
     md.append(md_table(["cost model", "probe tokens", "search s (loaded)", "search CPU s (all threads)", "cost model s", "sensitivity s", "solve s", "bits/weight", "choice (layers)"], trows))
-    md.append("\nWall seconds on the loaded machine; CPU seconds are the process's own (both threads), a rough bound for a quiet "
+    md.append("\nWall seconds on the loaded machine; CPU seconds are the process's own (all its threads), a rough bound for a quiet "
               f"{machine()['cores']}-core run: wall near CPU / {machine()['threads']} when nothing else runs.\n")
     md.append("\nThe previous search (one full-model forward per layer and format, KL on 4 x 256 tokens; bench/results/ptq.md) took 1556 s.\n")
     md.append(f"## Quality (calibration {a.samples} x {a.seq_len} tokens, {a.algorithm}; perplexity on {a.windows} x 512 tokens)\n")
@@ -156,8 +156,13 @@ def report(a, base, base_news, searches, rows) -> None:
         qrows.append([k, f"{r['average_bits']:.3f}", f"{r['perplexity']:.4f}", f"{r['increase']:+.2%}", f"{r['perplexity_news']:.4f}",
                       f"{r['increase_news']:+.2%}", f"{r['calib_seconds']:.0f}"])
     md.append(md_table(["model", "bits/weight", "wiki eval ppl", "increase", "news ppl", "increase", "calib s (loaded)"], qrows))
-    md.append("\nbits/weight: over the quantized linear layers, scales included (int4_g64 4.25, int4_g32 4.5, int8 8.03 at 576 inputs); "
-              "the output head stays float in every row.\n")
+    md.append("\nbits/weight: `leanlm.quantization.average_bits` of the quantized model, over every linear weight with the float "
+              "output head (28M of its weights) included, scales included; over the quantized layers alone uniform int4_g64 is 4.25, "
+              "int4_g32 4.5 and the mixed choice the search's figure above.\n")
+    if (a.algorithm, a.windows, a.probe) != ("awq", 40, 8):
+        md.append(f"\nThis run departs from the defaults ({a.algorithm} instead of awq, {a.windows} instead of 40 evaluation windows, "
+                  f"a {a.probe}-row instead of an 8-row probe) to finish on the loaded machine; the full comparison is "
+                  "`python bench/mixed.py` on a quiet one.\n")
     write_results("mixed", {"machine": machine(), "load": a.load, "budget": a.budget, "menu": list(MENU), "algorithm": a.algorithm,
                             "float_perplexity": base, "float_perplexity_news": base_news,
                             "searches": {k: {kk: vv for kk, vv in v.items() if kk != "sensitivity"} for k, v in searches.items()},

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from common import command_line, md_table, setup_threads, write_results
+from common import md_table, setup_threads, write_results
 
 import leanlm
 from leanlm.core.data import calibration_batches

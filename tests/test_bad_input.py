@@ -561,6 +561,36 @@ def test_bin_weights_load_without_running_code(tmp_path, tiny_folder):
     assert not marker.exists()
 
 
+# ------------------------------------------------------------------------------ mixed precision (quantization/mixed.py)
+
+MIXED = [
+    (["quantize", "MODEL", "--mixed", "4.5", "--cost", "watts", "--out", "OUT"], "argument --cost: invalid choice: 'watts'"),
+    (["quantize", "MODEL", "--mixed", "4.5", "--mixed-algorithm", "hqq", "--out", "OUT"], "argument --mixed-algorithm: invalid choice: 'hqq'"),
+    (["quantize", "MODEL", "--scheme", "w8a16", "--cost", "latency", "--out", "OUT"], "apply to mixed precision"),
+    (["quantize", "MODEL", "--scheme", "w8a16", "--mixed-algorithm", "gptq", "--out", "OUT"], "apply to mixed precision"),
+    (["quantize", "MODEL", "--mixed", "2", "--menu", "int4_g64,int8", "--out", "OUT"], "below the cheapest menu choice"),
+    (["quantize", "MODEL", "--mixed", "5", "--menu", "int4_g64,int4_g64", "--out", "OUT"], "names a format twice"),
+    (["quantize", "MODEL", "--mixed", "5", "--menu", "int4_g48,int8", "--out", "OUT"], "multiple of 48"),
+    (["run", "RECIPE:quantize: {mixed: 4.5, cost: watts}", "--out", "OUT"], "unknown mixed-precision cost 'watts'"),
+    (["run", "RECIPE:quantize: {mixed: 4.5, mixed_algorithm: hqq}", "--out", "OUT"], "unknown mixed-precision algorithm 'hqq'"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", MIXED, ids=[m[:30] for _, m in MIXED])
+def test_bad_mixed_precision(capsys, tmp_path, tiny_folder, argv, msg):
+    """An unknown cost model or algorithm, mixed-only flags without --mixed, a budget below the menu, a bad menu:
+    one clear line, nothing written."""
+    def arg(a):
+        if a.startswith("RECIPE:"):
+            (tmp_path / "r.yaml").write_text(f"model: {tiny_folder}\nsteps:\n  - {a[len('RECIPE:'):]}\n")
+            return str(tmp_path / "r.yaml")
+        return {"MODEL": str(tiny_folder), "OUT": str(tmp_path / "out")}.get(a, a)
+
+    code, err = _run(capsys, [arg(a) for a in argv] + (["--samples", "2", "--seq-len", "16"] if argv[0] == "quantize" else []))
+    assert code == 2 and msg in _one_line_error(err), err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------ rotations (quantization/rotate.py)
 
 # (argv, message): MODEL is the tiny Llama folder, GEMMA a tiny Gemma-3 folder, RECIPE a recipe file's text.

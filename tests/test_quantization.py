@@ -174,30 +174,6 @@ def test_cli_quantize(capsys, tiny_folder, tmp_path, text_file):
     assert code == 2 and "--gptq-bf16 applies to schemes that use GPTQ" in capsys.readouterr().err
 
 
-def test_mixed_precision_respects_budget_and_prefers_sensitive_layers(tiny_model):
-    from leanlm.quantization import mixed_precision
-
-    ids = calib(2, 32)
-    res = mixed_precision(tiny_model, ids, budget=6.0, menu=("int4_g64", "int8"), progress=False)
-    assert res.average_bits <= 6.0 + 1e-9
-    assert set(res.choice.values()) == {"int4_g64", "int8"}  # the budget buys some, not all, 8-bit layers
-    assert "lm_head" not in res.choice
-    # measured: above the float noise floor, every int8 probe changes the output less than int4
-    above_noise = [s for s in res.sensitivity.values() if s["int4_g64"] > 1e-5]
-    assert len(above_noise) >= 8 and all(s["int8"] < s["int4_g64"] / 10 for s in above_noise)
-    assert all(v >= 0 for s in res.sensitivity.values() for v in s.values())
-    # the greedy's first pick, the layer with the most KL saved per extra bit, is upgraded
-    mods = dict(tiny_model.named_modules())
-    gain = {n: (s["int4_g64"] - s["int8"]) / mods[n].weight.numel() for n, s in res.sensitivity.items()}
-    assert res.choice[max(gain, key=gain.get)] == "int8"
-    cfg = res.config()
-    quantize(tiny_model, cfg, progress=False)
-    fm = {r["name"]: r["format"] for r in summary(tiny_model)}
-    assert all(fm[f"{n}.weight_quantizer"] == f for n, f in res.choice.items())
-    with pytest.raises(LeanLMError, match="below the cheapest"):
-        mixed_precision(make_llama(), ids, budget=3.0, menu=("int4_g64", "int8"), progress=False)
-
-
 def test_smoothquant_search_in_calibration_beats_fixed_alpha(tiny_tokenizer):
     """The per-layer alpha search lowers (never raises, up to noise) the logit error of W8A8 on a tiny model."""
     from leanlm.quantization import QuantConfig, QuantizerConfig, SmoothQuant

@@ -238,7 +238,7 @@ def cmd_quantize(a) -> dict:
     from .quantization import summary
     from .recipe import QuantizeStep
 
-    step = QuantizeStep(scheme=a.scheme, config=a.config, mixed=a.mixed, menu=a.menu, kv_cache=a.kv_cache, samples=a.samples,
+    step = QuantizeStep(scheme=a.scheme, config=a.config, mixed=a.mixed, menu=a.menu, cost=a.cost, mixed_algorithm=a.mixed_algorithm, kv_cache=a.kv_cache, samples=a.samples,
                         seq_len=a.seq_len, calib=a.calib, gptq_bf16=a.gptq_bf16, eval=a.eval, max_memory=a.max_memory,
                         rotate=a.rotate)
     s, res = _one_step(a, step)
@@ -265,7 +265,9 @@ def show_quantize(r: dict, console) -> None:
         console.print(_table(f"leanlm quantize {r['model']} --scheme {r['scheme']} -> {r['out']}", ["tensor", "format", "mode", "quantizers"], rows))
     if r.get("mixed"):
         m = r["mixed"]
-        console.print(f"mixed precision: budget {m['budget']} -> {m['average_bits']:.3f} bits/weight; "
+        t = m.get("search_seconds", {})
+        console.print(f"mixed precision ({m.get('cost', 'bits')} cost, {m.get('algorithm', 'gptq')}): budget {m['budget']} -> "
+                      f"{m['average_bits']:.3f} bits/weight; search {sum(t.values()):.1f} s; "
                       + ", ".join(f"{f}: {n} layers" for f, n in sorted(Counter(m["choice"].values()).items())))
     console.print(f"calibration {r['calib_seconds']:.1f} s; average {r['average_bits']:.2f} bits per linear weight; "
                   f"checkpoint {_gb(r['checkpoint_bytes'])}; per-layer details: --json")
@@ -589,8 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--scheme", help="preset name, e.g. w4a16 (the best measured int4 weight-only algorithm), w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
     sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
-    sp.add_argument("--mixed", type=BITS, metavar="BITS", help="mixed precision: average bits per weight budget (then GPTQ)")
+    sp.add_argument("--mixed", type=BITS, metavar="BITS", help="mixed precision: average bits per weight budget (then --mixed-algorithm)")
     sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")
+    sp.add_argument("--cost", choices=["bits", "bytes", "latency"], default="bits", help="mixed precision's cost model: bits per weight "
+                    "(default), bytes as the runtime stores them, or measured matmul latency on this machine (docs/quantization.md)")
+    sp.add_argument("--mixed-algorithm", choices=["awq", "gptq", "rtn"], default="awq", help="mixed precision: the algorithm that "
+                    "calibrates the chosen formats (default awq)")
     sp.add_argument("--out", required=True, help="output folder (written atomically)")
     sp.add_argument("--kv-cache", choices=["int8", "fp8"], help="also quantize the KV cache")
     sp.add_argument("--gptq-bf16", action="store_true", help="GPTQ: run the calibration forwards in bfloat16 (faster on CPUs "

@@ -153,12 +153,15 @@ class Step:
 @dataclass
 class QuantizeStep(Step):
     """Post-training quantization: a preset (`scheme`), a QuantConfig (`config`: a dict or a JSON file) or a
-    mixed-precision budget (`mixed` bits per weight, formats from `menu`, then GPTQ)."""
+    mixed-precision budget (`mixed` bits per weight, formats from `menu`, chosen under the `cost` model:
+    bits, runtime bytes or measured latency, then `mixed_algorithm`: awq, gptq or rtn)."""
     name: ClassVar[str] = "quantize"
     scheme: str | None = None
     config: dict | str | None = None
     mixed: float | None = None
     menu: str = "int3_g64,int4_g64,int8"
+    cost: str = "bits"               # mixed precision's cost model: bits | bytes | latency (quantization/mixed.py)
+    mixed_algorithm: str = "awq"     # how the chosen formats are calibrated: awq | gptq | rtn
     kv_cache: str | None = None
     samples: int = 128
     seq_len: int = 512
@@ -178,6 +181,14 @@ class QuantizeStep(Step):
             raise LeanLMError("rotate does not combine with mixed (the precision search runs on the unrotated model); "
                               "use a scheme or a config with the rotation")
 
+        from .quantization.mixed import ALGORITHMS, COSTS
+
+        if self.cost not in COSTS:
+            raise LeanLMError(f"unknown mixed-precision cost {self.cost!r}; choose one of: {', '.join(COSTS)}")
+        if self.mixed_algorithm not in ALGORITHMS:
+            raise LeanLMError(f"unknown mixed-precision algorithm {self.mixed_algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
+        if self.mixed is None and (self.cost != "bits" or self.mixed_algorithm != "awq"):
+            raise LeanLMError("cost and mixed_algorithm (--cost, --mixed-algorithm) apply to mixed precision; add mixed (--mixed BITS) or drop them")
         if (self.scheme is not None) + (self.config is not None) + (self.mixed is not None) != 1:
             raise LeanLMError(f"pass exactly one of scheme ({', '.join(PRESETS)}), config (a QuantConfig) or mixed (bits per weight)")
         _check_offload(self, "mixed precision measures every layer's sensitivity on the whole model: run it once without "
@@ -237,7 +248,8 @@ class QuantizeStep(Step):
 
             r["perplexity_float"] = perplexity(s.model, s.tokenizer, progress=ctx.progress).perplexity
         if self.mixed is not None:
-            cfg, r["mixed"] = mixed_config(s.model, s.tokenizer, self.mixed, tuple(self.menu.split(",")), self.calib, ctx.progress)
+            cfg, r["mixed"] = mixed_config(s.model, s.tokenizer, self.mixed, tuple(self.menu.split(",")), self.calib, ctx.progress,
+                                           cost=self.cost, algorithm=self.mixed_algorithm, samples=min(self.samples, 8), seq_len=self.seq_len)
             cfg.calib_samples, cfg.calib_seq_len = self.samples, self.seq_len
         else:
             cfg = self.quant_config()

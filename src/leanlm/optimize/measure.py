@@ -187,24 +187,10 @@ def serving_prompts(tokenizer, texts: list[str], n: int, lengths: tuple[int, ...
 def format_costs(weight: torch.Tensor, kinds: tuple[str, ...] = ("bf16", "int8", "int4"), calls: int = 50) -> dict:
     """Measured cost of each packed weight format on this machine, for one of the model's own weights at batch 1:
     microseconds per matmul (median of 5 rounds of `calls`, formats interleaved) and bytes per weight (scales included).
-    The cost side of the mixed-precision candidate (AutoQuantize scores formats by bits; here they are timed)."""
-    from ..runtime.layouts import pack_weight
+    The cost side of the mixed-precision candidate (AutoQuantize scores formats by bits; here they are timed): the
+    same cost model as `leanlm quantize --mixed --cost latency|bytes` (`quantization.mixed.format_costs`)."""
+    from ..quantization.mixed import format_costs as measured
 
-    w = weight.detach().float()
-    packed = {k: pack_weight(w, k, torch.bfloat16, 64, allow_fallback=True) for k in kinds}
-    x = torch.randn(1, w.shape[1], dtype=torch.bfloat16)
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    with torch.inference_mode():
-        for k in kinds:
-            packed[k](x)
-        for _ in range(5):
-            for k in kinds:
-                t = time.perf_counter()
-                for _ in range(calls):
-                    packed[k](x)
-                times[k].append((time.perf_counter() - t) / calls * 1e6)
-    out = {}
-    for k in kinds:
-        nbytes = sum(b.numel() * b.element_size() for b in list(packed[k].buffers()) + list(packed[k].parameters()))
-        out[k] = {"us_per_call": statistics.median(times[k]), "bytes_per_weight": nbytes / w.numel(), "shape": list(w.shape)}
-    return out
+    names = {"int4": "int4_g64"}   # the runtime's int4 layout packs groups of 64 by default
+    got = measured(tuple(weight.shape), tuple(names.get(k, k) for k in kinds), calls=calls)
+    return {k: got[names.get(k, k)] for k in kinds}

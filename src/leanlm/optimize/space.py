@@ -69,9 +69,9 @@ def candidates(st: SpaceSettings) -> list[Candidate]:
         Candidate("w4a16-gptq", [q("w4a16-gptq", gptq_bf16=True)], 12 * n * win, after="w4a16-rtn",
                   fmt="int4", note="GPTQ (bfloat16 calibration forwards)"),
         Candidate("w4a16-awq", [q("w4a16-awq")], 25 * n * win, after="w4a16-rtn", fmt="int4", note="AWQ scales and clipping search"),
-        Candidate("mixed-6bit", [QuantizeStep(mixed=6.0, menu="int4_g64,int8", samples=n, seq_len=L)],
-                  2 * st.linears + 12 * n * win, after="w4a16-rtn", reach=6.0,
-                  fmt="int4", note="per-layer int4/int8 within 6 bits per weight (KL sensitivity, then GPTQ)"),
+        Candidate("mixed-6bit", [QuantizeStep(mixed=6.0, menu="int4_g64,int8", mixed_algorithm="gptq", samples=n, seq_len=L)],
+                  4 * min(n, 8) * win + 12 * n * win, after="w4a16-rtn", reach=6.0,   # Fisher pass: forward + backward + a matmul per format
+                  fmt="int4", note="per-layer int4/int8 within 6 bits per weight (Fisher sensitivity, then GPTQ)"),
         Candidate("w4a16-rtn+qad", [QATStep(budget=f"{int(qad_s)}s", scheme="w4a16-rtn", teacher="self", samples=n, seq_len=L)],
                   1, train_s=qad_s + 30, min_budget_s=900, after="w4a16-rtn", reach=8.0,
                   fmt="int4", note="quantization-aware distillation from the float model, when PTQ misses the target"),

@@ -125,7 +125,7 @@ class LlamaCpp:
 
 
 # ------------------------------------------------------------------------------------ checks and splits
-KERNEL_OPS = ("leanlm::int4_gemv", "leanlm::int8_gemv", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
+KERNEL_OPS = ("leanlm::int4_gemv", "leanlm::int8_gemv", "leanlm::int4_gemv_q8", "leanlm::int8_gemv_q8", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
               "aten::mm", "aten::addmm", "aten::_int_mm")
 ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "aten::_softmax")
 

@@ -44,7 +44,9 @@ class Engine:
                 if hasattr(m, "fast"):
                     m.fast = False
             self.model.one_row_f32 = False
-            self.model.step, self.model.step_why = None, "kernels=False"
+            self.model.step_why = "kernels=False"
+        else:   # the whole batch-1 step in one C++ call where every matmul has a fused kernel
+            self.model.step, self.model.step_why = self.model.fused_step()
         from . import kernels as _k
 
         self.kernels = "reference (kernels=False)" if not kernels else _k.path()

@@ -166,7 +166,9 @@ class Decoder(nn.Module):
         for L in self.layers:
             L.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
             L.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
-        self.step, self.step_why = self.fused_step()   # Engine(kernels=False) turns it off
+        # the one-call step is built by `Engine` (fused_step); a Decoder driven through `attend=` (the serving engine,
+        # which frees the dense cache) never runs it
+        self.step, self.step_why = None, "not built (Engine builds it: Decoder.fused_step)"
 
     def fused_step(self):
         """(`torch.classes.leanlm.Step`, None) when a batch-1 decode step can run as one C++ call over this
@@ -325,6 +327,8 @@ class Decoder(nn.Module):
                 x = x + o
                 h = self._rms(x, L.ln2)
             gu = L.gate_up(h.to(dt))
+            if dt != self.dtype:   # fused one-row kernels return float32: the activation runs in bfloat16 as the reference's does
+                gu = gu.to(self.dtype)
             if L.gate_up_bias is not None:
                 gu = gu + L.gate_up_bias.to(gu.dtype)
             g_, u = gu[..., : s.intermediate], gu[..., s.intermediate:]

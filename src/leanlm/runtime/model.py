@@ -166,6 +166,48 @@ class Decoder(nn.Module):
         for L in self.layers:
             L.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
             L.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float32))
+        # the one-call step is built by `Engine` (fused_step); a Decoder driven through `attend=` (the serving engine,
+        # which frees the dense cache) never runs it
+        self.step, self.step_why = None, "not built (Engine builds it: Decoder.fused_step)"
+
+    def fused_step(self):
+        """(`torch.classes.leanlm.Step`, None) when a batch-1 decode step can run as one C++ call over this
+        decoder's own buffers (every matmul a fused int4/int8 kernel, no biases, no online rotation), else
+        (None, why). It computes what `forward` computes, with the same bfloat16 roundings."""
+        from . import kernels
+
+        s = self.spec
+        if not kernels.available() or kernels.mode() != "float":
+            return None, "the fused kernels are off"
+        mats = [getattr(L, n) for L in self.layers for n in ("qkv", "o", "gate_up", "down")] + [self.head]
+        if not all(getattr(m, "tiled", None) is not None or (getattr(m, "fast", False) and not m.q8) for m in mats):
+            return None, "a matmul has no fused kernel (bf16, fp32 or w8a8 weights, or an int4 shape it does not take)"
+        if any(getattr(L, f"{n}_bias") is not None for L in self.layers for n in ("qkv", "o", "gate_up", "down")) or \
+                any(L.down_in is not None for L in self.layers):
+            return None, "biases or an online rotation"
+        if s.rotary_dim % 2 or s.rotary_dim > 1024 or s.heads % s.kv_heads:
+            return None, "a RoPE or head layout the fused step does not take"
+
+        def ab(m):
+            return [m.tiled, m.scales_zeros] if getattr(m, "tiled", None) is not None else [m.qweight, m.scale]
+
+        def grp(m):
+            return m.group_size if getattr(m, "tiled", None) is not None else 0
+
+        none = torch.empty(0)
+        t, per = [], []
+        for i, L in enumerate(self.layers):
+            for n in ("qkv", "o", "gate_up", "down"):
+                t += ab(getattr(L, n))
+            t += [getattr(L, n, None) if getattr(L, n, None) is not None else none for n in ("ln1", "ln2", "ln3", "ln4", "qn", "kn")]
+            t += [L.k_cache, L.v_cache]
+            per += [grp(getattr(L, n)) for n in ("qkv", "o", "gate_up", "down")] + [s.windows[i] or 0, 1 if s.windows[i] else 0]
+        t += ab(self.head) + [self.norm]
+        for w in (0, 1):
+            t += [getattr(self, f"cos{w}", none), getattr(self, f"sin{w}", none)]
+        ints = [s.n_layers, s.heads, s.kv_heads, s.head_dim, s.rotary_dim, s.intermediate, 0 if s.act == "silu" else 1,
+                int(bool(s.ffn_norms)), int(bool(s.qk_norms)), s.hidden, grp(self.head)] + per
+        return torch.classes.leanlm.Step(t, ints, [float(s.eps), float(s.attn_scale), float(s.final_softcap or 0.0)]), None
 
     def fused_rows(self) -> bool:
         """Whether every matmul of a one-row step runs a fused kernel (they take and return float32, so such a
@@ -236,6 +278,11 @@ class Decoder(nn.Module):
         (logits [B, R, V])."""
         s = self.spec
         B, T = ids.shape
+        if B * T == 1 and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
+            x = self.embed.rows(ids.view(1)).float()   # the whole step in one C++ call (fused_step)
+            if self.embed_scale != 1.0:
+                x.mul_(self.embed_scale)
+            return self.step.step(x.view(-1), int(input_pos)).view(1, 1, -1)
         dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
         x = self.embed.rows(ids).float()
         if self.embed_scale != 1.0:
@@ -280,6 +327,8 @@ class Decoder(nn.Module):
                 x = x + o
                 h = self._rms(x, L.ln2)
             gu = L.gate_up(h.to(dt))
+            if dt != self.dtype:   # fused one-row kernels return float32: the activation runs in bfloat16 as the reference's does
+                gu = gu.to(self.dtype)
             if L.gate_up_bias is not None:
                 gu = gu + L.gate_up_bias.to(gu.dtype)
             g_, u = gu[..., : s.intermediate], gu[..., s.intermediate:]

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <chrono>
 #include <cstring>
 
 namespace {
@@ -260,10 +261,10 @@ int path() {
 }  // namespace
 
 // x [K] or [1, K] (float32/bfloat16); w tile16 uint8 [N/16, K*8]; sz bfloat16 [K/G, N, 2] -> [N] in x's dtype
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group, int64_t N) {
+at::Tensor int4_gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group, int64_t N) {
   const int K = (int)x.numel(), G = (int)group;
-  TORCH_CHECK(K % QB == 0 && G % QB == 0 && K % G == 0 && N % 16 == 0, "int4_gemv: K and group must be multiples of 32, N of 16");
-  TORCH_CHECK(w.is_contiguous() && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16, "int4_gemv: bad layout");
+  TORCH_CHECK(K % QB == 0 && G % QB == 0 && K % G == 0 && N % 16 == 0, "int4_gemv_q8: K and group must be multiples of 32, N of 16");
+  TORCH_CHECK(w.is_contiguous() && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16, "int4_gemv_q8: bad layout");
   std::vector<int8_t> xq(K); std::vector<float> xs(K / QB), xsum(K / QB); std::vector<int32_t> xsi(K / QB);
   quantize_row(x, K, xq.data(), xs.data(), xsum.data(), xsi.data());
   std::vector<float> yf(N);
@@ -278,9 +279,9 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 // x [K] or [1, K]; w int8 [N, K]; scale bfloat16 [N] -> [N] in x's dtype
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+at::Tensor int8_gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   const int K = (int)x.numel(), N = (int)w.size(0);
-  TORCH_CHECK(K % QB == 0 && w.size(1) == K && w.is_contiguous() && scale.scalar_type() == at::kBFloat16, "int8_gemv: bad layout");
+  TORCH_CHECK(K % QB == 0 && w.size(1) == K && w.is_contiguous() && scale.scalar_type() == at::kBFloat16, "int8_gemv_q8: bad layout");
   std::vector<int8_t> xq(K); std::vector<float> xs(K / QB), xsum(K / QB); std::vector<int32_t> xsi(K / QB);
   quantize_row(x, K, xq.data(), xs.data(), xsum.data(), xsi.data());
   std::vector<float> yf(N);
@@ -305,17 +306,447 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return finish(yf, x);
 }
 
+
+// ================================================================================================
+// Float-activation kernels (the default). They reproduce the reference layouts' arithmetic: the activation
+// row is rounded to bfloat16 as the reference casts it, the weight is dequantized exactly in registers,
+// products are accumulated in float32 and each output is rounded to bfloat16 as the reference returns it.
+// They differ from PyTorch's kernels only by the order of float32 additions.
+namespace {
+
+inline uint16_t f2bf(float f) {   // round to nearest even, as at::BFloat16
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+inline float rbf(float f) { return bf16f(f2bf(f)); }
+
+int g_fpath = -1;  // 2: avx512-bf16 (int4) / avx512f (int8), 1: avx2, 0: scalar
+int fpath() {
+  if (g_fpath < 0) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")) g_fpath = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_fpath = 1;
+    else g_fpath = 0;
+  }
+  return g_fpath;
+}
+
+// One prepared activation row: bf16-rounded values, their bf16 bits in the int4 kernel's pair order, group sums.
+struct Prep {
+  std::vector<float> xb; std::vector<uint32_t> xp; std::vector<float> gs;
+  void make(const float* x, int K, int G, bool pairs) {
+    xb.resize(K);
+    for (int k = 0; k < K; ++k) xb[k] = rbf(x[k]);
+    if (G > 0) {
+      gs.assign(K / G, 0.f);
+      for (int g = 0; g < K / G; ++g) { float s = 0.f; for (int k = g * G; k < (g + 1) * G; ++k) s += xb[k]; gs[g] = s; }
+    }
+    if (pairs) {   // per 8 k: (k0, k0+2), (k0+1, k0+3), (k0+4, k0+6), (k0+5, k0+7)
+      xp.resize(K / 2);
+      static const int lo[4] = {0, 1, 4, 5};
+      for (int c = 0; c < K / 8; ++c)
+        for (int i = 0; i < 4; ++i)
+          xp[c * 4 + i] = (uint32_t)f2bf(xb[c * 8 + lo[i]]) | ((uint32_t)f2bf(xb[c * 8 + lo[i] + 2]) << 16);
+    }
+  }
+};
+
+struct F4 { const uint8_t* w; const uint32_t* sz; const Prep* p; float* y; int N, K, G; };
+
+void f4_scalar(const F4& a, int nb0, int nb1) {
+  for (int nb = nb0; nb < nb1; ++nb) {
+    float out[16] = {0};
+    const uint8_t* wp = a.w + (size_t)nb * (a.K / 8) * 64;
+    for (int g = 0; g < a.K / a.G; ++g) {
+      float acc[16] = {0};
+      for (int c = g * a.G / 8; c < (g + 1) * a.G / 8; ++c) {
+        const uint8_t* ch = wp + (size_t)c * 64;
+        const float* xc = a.p->xb.data() + c * 8;
+        for (int r = 0; r < 16; ++r)
+          for (int j = 0; j < 4; ++j) {
+            uint8_t v = ch[r * 4 + j];
+            acc[r] += (float)((int)(v & 15) - 8) * xc[j] + (float)((int)(v >> 4) - 8) * xc[4 + j];
+          }
+      }
+      const uint32_t* s = a.sz + (size_t)g * a.N + nb * 16;
+      for (int r = 0; r < 16; ++r) out[r] += acc[r] * bf16_lo(s[r]) + bf16_hi(s[r]) * a.p->gs[g];
+    }
+    std::memcpy(a.y + nb * 16, out, sizeof(out));
+  }
+}
+
+// AVX-512 BF16: each 32-bit lane is one row's 4 bytes; (v >> s) & 0x000F000F puts two codes in the two 16-bit
+// halves, vpermw maps each code u to bfloat16(u - 8) (exact), and vdpbf16ps multiplies the pair by the
+// activation pair (bfloat16, exact products) into float32.
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void f4_avx512(const F4& a, int nb0, int nb1) {
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; ++i) tab[i] = f2bf((float)((i & 15) - 8));
+  const __m512i T = _mm512_load_si512(tab);
+  const __m512i m = _mm512_set1_epi32(0x000F000F);
+  const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  const int cpg = a.G / 8;
+  const uint32_t* xp = a.p->xp.data();
+  for (int nb = nb0; nb < nb1; ++nb) {
+    __m512 out = _mm512_setzero_ps();
+    const uint8_t* wp = a.w + (size_t)nb * (a.K / 8) * 64;
+    for (int g = 0; g < a.K / a.G; ++g) {
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const __m512i v = _mm512_loadu_si512(wp + (size_t)c * 64);
+        const uint32_t* xc = xp + c * 4;
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, m), T), (__m512bh)_mm512_set1_epi32((int)xc[0]));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 8), m), T), (__m512bh)_mm512_set1_epi32((int)xc[1]));
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 4), m), T), (__m512bh)_mm512_set1_epi32((int)xc[2]));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 12), m), T), (__m512bh)_mm512_set1_epi32((int)xc[3]));
+      }
+      const __m512i s = _mm512_loadu_si512(a.sz + (size_t)g * a.N + nb * 16);
+      out = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_castsi512_ps(_mm512_slli_epi32(s, 16)), out);
+      out = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(s, hi16)), _mm512_set1_ps(a.p->gs[g]), out);
+    }
+    _mm512_storeu_ps(a.y + nb * 16, out);
+  }
+}
+
+// AVX2: codes to float32 in registers (shift, mask, convert), FMA with the broadcast activation; sum(u * x)
+// per group, then (sum(u * x) - 8 * sum(x)) * scale + zero * sum(x).
+__attribute__((target("avx2,fma")))
+void f4_avx2(const F4& a, int nb0, int nb1) {
+  const __m256i m = _mm256_set1_epi32(15);
+  const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+  const int cpg = a.G / 8;
+  const float* xb = a.p->xb.data();
+#define LEANLM_F4_STEP(J)                                                                                   \
+  {                                                                                                         \
+    const __m256 xa = _mm256_broadcast_ss(xc + J), xh = _mm256_broadcast_ss(xc + 4 + J);                    \
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v0, 8 * J), m)), xa, acc0);     \
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v1, 8 * J), m)), xa, acc1);     \
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v0, 8 * J + 4), m)), xh, acc0); \
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v1, 8 * J + 4), m)), xh, acc1); \
+  }
+  for (int nb = nb0; nb < nb1; ++nb) {
+    __m256 out0 = _mm256_setzero_ps(), out1 = _mm256_setzero_ps();
+    const uint8_t* wp = a.w + (size_t)nb * (a.K / 8) * 64;
+    for (int g = 0; g < a.K / a.G; ++g) {
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)(wp + (size_t)c * 64));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(wp + (size_t)c * 64 + 32));
+        const float* xc = xb + c * 8;
+        LEANLM_F4_STEP(0) LEANLM_F4_STEP(1) LEANLM_F4_STEP(2) LEANLM_F4_STEP(3)
+      }
+      const uint32_t* sp = a.sz + (size_t)g * a.N + nb * 16;
+      const __m256 gs = _mm256_set1_ps(a.p->gs[g]), e8 = _mm256_set1_ps(8.f);
+      const __m256i s0 = _mm256_loadu_si256((const __m256i*)sp), s1 = _mm256_loadu_si256((const __m256i*)(sp + 8));
+      out0 = _mm256_fmadd_ps(_mm256_fnmadd_ps(e8, gs, acc0), _mm256_castsi256_ps(_mm256_slli_epi32(s0, 16)), out0);
+      out0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(s0, hi16)), gs, out0);
+      out1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(e8, gs, acc1), _mm256_castsi256_ps(_mm256_slli_epi32(s1, 16)), out1);
+      out1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(s1, hi16)), gs, out1);
+    }
+#undef LEANLM_F4_STEP
+    _mm256_storeu_ps(a.y + nb * 16, out0);
+    _mm256_storeu_ps(a.y + nb * 16 + 8, out1);
+  }
+}
+
+struct F8 { const int8_t* w; const uint16_t* scale; const float* xb; float* y; int N, K; };
+
+void f8_scalar(const F8& a, int n0, int n1) {
+  for (int n = n0; n < n1; ++n) {
+    const int8_t* wr = a.w + (size_t)n * a.K;
+    float s = 0.f;
+    for (int k = 0; k < a.K; ++k) s += (float)wr[k] * a.xb[k];
+    a.y[n] = s * bf16f(a.scale[n]);
+  }
+}
+
+// int8 codes sign-extended and converted to float32 in registers, 4 rows per pass sharing the activation loads.
+__attribute__((target("avx512f,avx512bw")))
+void f8_avx512(const F8& a, int n0, int n1) {
+  const int K16 = a.K / 16 * 16;
+  for (int n = n0; n < n1; n += 4) {
+    const int rows = std::min(4, n1 - n);
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int8_t* wr[4];
+    for (int r = 0; r < 4; ++r) wr[r] = a.w + (size_t)(n + std::min(r, rows - 1)) * a.K;
+    for (int k = 0; k < K16; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(a.xb + k);
+      for (int r = 0; r < 4; ++r)
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr[r] + k)))), xv, f[r]);
+    }
+    for (int r = 0; r < rows; ++r) {
+      float s = _mm512_reduce_add_ps(f[r]);
+      for (int k = K16; k < a.K; ++k) s += (float)wr[r][k] * a.xb[k];
+      a.y[n + r] = s * bf16f(a.scale[n + r]);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma")))
+void f8_avx2(const F8& a, int n0, int n1) {
+  const int K8 = a.K / 8 * 8;
+  for (int n = n0; n < n1; n += 2) {
+    const int rows = std::min(2, n1 - n);
+    const int8_t* w0 = a.w + (size_t)n * a.K;
+    const int8_t* w1 = a.w + (size_t)(n + rows - 1) * a.K;
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+    for (int k = 0; k < K8; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(a.xb + k);
+      f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w0 + k)))), xv, f0);
+      f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w1 + k)))), xv, f1);
+    }
+    __m256 fs[2] = {f0, f1};
+    const int8_t* ws[2] = {w0, w1};
+    for (int r = 0; r < rows; ++r) {
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(fs[r]), _mm256_extractf128_ps(fs[r], 1));
+      s4 = _mm_hadd_ps(s4, s4); s4 = _mm_hadd_ps(s4, s4);
+      float s = _mm_cvtss_f32(s4);
+      for (int k = K8; k < a.K; ++k) s += (float)ws[r][k] * a.xb[k];
+      a.y[n + r] = s * bf16f(a.scale[n + r]);
+    }
+  }
+}
+
+// A packed matrix as the step sees it: kind 4 (tile16 codes + [K/G, N, 2] bf16 scale/zero) or 8 (int8 [N, K]
+// codes + bf16 [N] scale).
+struct Mat { int kind = 0; const uint8_t* a = nullptr; const uint16_t* b = nullptr; int G = 0, N = 0, K = 0; };
+
+// y[N] = bf16(x[K] @ W.T): the one entry point of the float kernels.
+void gemv(const Mat& m, const float* x, float* y, Prep& p) {
+  const int path = fpath();
+  if (m.kind == 4) {
+    p.make(x, m.K, m.G, path == 2);
+    F4 a{m.a, (const uint32_t*)m.b, &p, y, m.N, m.K, m.G};
+    at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) {
+      if (path == 2) f4_avx512(a, (int)b0, (int)b1);
+      else if (path == 1) f4_avx2(a, (int)b0, (int)b1);
+      else f4_scalar(a, (int)b0, (int)b1);
+    });
+  } else {
+    p.make(x, m.K, 0, false);
+    F8 a{(const int8_t*)m.a, m.b, p.xb.data(), y, m.N, m.K};
+    at::parallel_for(0, m.N, 256, [&](int64_t n0, int64_t n1) {
+      if (path == 2) f8_avx512(a, (int)n0, (int)n1);
+      else if (path == 1) f8_avx2(a, (int)n0, (int)n1);
+      else f8_scalar(a, (int)n0, (int)n1);
+    });
+  }
+  for (int n = 0; n < m.N; ++n) y[n] = rbf(y[n]);
+}
+
+Mat mat4(const at::Tensor& w, const at::Tensor& sz, int64_t G, int64_t N, int64_t K) {
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte && w.numel() == N * K / 2, "int4 gemv: the codes must be the tile16 layout uint8 [N/16, K*8]");
+  TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 && sz.numel() == 2 * N * (K / G), "int4 gemv: scales_zeros must be bfloat16 [K/G, N, 2]");
+  TORCH_CHECK(G % 8 == 0 && K % G == 0 && N % 16 == 0, "int4 gemv: the group must divide K (multiple of 8), N a multiple of 16");
+  return Mat{4, w.data_ptr<uint8_t>(), (const uint16_t*)sz.data_ptr(), (int)G, (int)N, (int)K};
+}
+
+Mat mat8(const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "int8 gemv: the codes must be int8 [N, K]");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0), "int8 gemv: the scale must be bfloat16 [N]");
+  return Mat{8, (const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), 0, (int)w.size(0), (int)w.size(1)};
+}
+
+at::Tensor run_op(const Mat& m, const at::Tensor& x) {
+  TORCH_CHECK(x.numel() == m.K, "gemv: the activation row has ", x.numel(), " values, the weight ", m.K, " inputs");
+  at::Tensor xf = x.reshape(-1).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m.N}, xf.options());
+  thread_local Prep p;
+  gemv(m, xf.data_ptr<float>(), y.data_ptr<float>(), p);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------ the decode step
+inline void rms(const float* x, const float* w, float* out, int n, float eps) {
+  float ss = 0.f;
+  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / (float)n + eps);
+  for (int i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+inline const float* fptr(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// A whole batch-1 decode step of a packed decoder (every matmul int4 tile16 or int8, no biases) in one call:
+// per layer RMSNorm, qkv GEMV, optional q/k RMSNorm, RoPE, KV-cache write, grouped-query attention over the
+// cache, o GEMV, residual (or Gemma's sandwich norms), gate/up GEMV, SiLU or GELU-tanh times up, down GEMV,
+// residual; then the final norm, the head GEMV and the optional soft-cap. Rounds to bfloat16 where the
+// reference path's tensors are bfloat16 (matmul inputs and outputs, the activation product).
+struct Step : torch::CustomClassHolder {
+  struct L { Mat m[4]; const float* n[6]; float* kc; float* vc; int win, rope; };
+  std::vector<L> layers; Mat head; const float* norm; const float* cs[2][2];
+  std::vector<at::Tensor> keep;
+  int H, Hkv, D, R, I, act, ffn_norms, qk, hidden, S;
+  float eps, scale, softcap;
+  std::vector<float> h, qkv, att, o, gu, hh, dn, sc;
+  Prep p;
+  double t_gemv = 0, t_att = 0, t_all = 0; int64_t n_steps = 0;   // where the steps' time went (timings())
+  using clk = std::chrono::steady_clock;
+  static double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
+  void mv(const Mat& m, const float* x, float* y) { auto t = clk::now(); gemv(m, x, y, p); t_gemv += since(t); }
+
+  // [seconds in the weight GEMVs, in attention (scores, softmax, weighted sum), in whole steps, steps]; reset=True zeroes them
+  std::vector<double> timings(bool reset) {
+    std::vector<double> r{t_gemv, t_att, t_all, (double)n_steps};
+    if (reset) { t_gemv = t_att = t_all = 0; n_steps = 0; }
+    return r;
+  }
+
+  // t: per layer [qkv_a, qkv_b, o_a, o_b, gu_a, gu_b, down_a, down_b, ln1, ln2, ln3, ln4, qn, kn, k_cache, v_cache],
+  // then [head_a, head_b, norm, cos0, sin0, cos1, sin1]; ints: [layers, H, Hkv, D, R, I, act, ffn_norms, qk, hidden,
+  // head_group] then per layer [group qkv, o, gu, down (0: int8), window (0: none), rope table]; floats: eps, attn scale, soft-cap.
+  Step(std::vector<at::Tensor> t, std::vector<int64_t> ii, std::vector<double> ff) : keep(t) {
+    const int n = (int)ii[0];
+    H = ii[1]; Hkv = ii[2]; D = ii[3]; R = ii[4]; I = ii[5]; act = ii[6]; ffn_norms = ii[7]; qk = ii[8]; hidden = ii[9];
+    eps = ff[0]; scale = ff[1]; softcap = ff[2];
+    const int q_dim = H * D, kv_dim = Hkv * D;
+    const int ins[4] = {hidden, q_dim, hidden, I}, outs[4] = {q_dim + 2 * kv_dim, hidden, 2 * I, hidden};
+    for (int l = 0; l < n; ++l) {
+      L x;
+      const at::Tensor* tl = t.data() + l * 16;
+      const int64_t* il = ii.data() + 11 + l * 6;
+      for (int j = 0; j < 4; ++j)
+        x.m[j] = il[j] ? mat4(tl[2 * j], tl[2 * j + 1], il[j], outs[j], ins[j]) : mat8(tl[2 * j], tl[2 * j + 1]);
+      for (int j = 0; j < 4; ++j) TORCH_CHECK(x.m[j].N == outs[j] && x.m[j].K == ins[j], "Step: layer ", l, " matrix ", j, " has the wrong shape");
+      for (int j = 0; j < 6; ++j) x.n[j] = fptr(tl[8 + j]);
+      TORCH_CHECK(tl[14].is_contiguous() && tl[14].size(1) == Hkv && tl[14].size(3) == D, "Step: bad KV cache");
+      x.kc = tl[14].data_ptr<float>(); x.vc = tl[15].data_ptr<float>();
+      S = (int)tl[14].size(2);
+      x.win = (int)il[4]; x.rope = (int)il[5];
+      layers.push_back(x);
+    }
+    const at::Tensor* tg = t.data() + n * 16;
+    head = ii[10] ? mat4(tg[0], tg[1], ii[10], tg[1].size(1), hidden) : mat8(tg[0], tg[1]);
+    norm = fptr(tg[2]);
+    for (int w = 0; w < 2; ++w) { cs[w][0] = fptr(tg[3 + 2 * w]); cs[w][1] = fptr(tg[4 + 2 * w]); }
+    h.resize(std::max(hidden, I)); qkv.resize(q_dim + 2 * kv_dim); att.resize(q_dim); o.resize(hidden);
+    gu.resize(2 * I); hh.resize(I); dn.resize(hidden); sc.resize((size_t)H * S);
+  }
+
+  void rope(float* v, const float* c, const float* s) const {
+    const int half = R / 2;
+    float tmp[1024];
+    std::memcpy(tmp, v, R * sizeof(float));
+    for (int i = 0; i < R; ++i) v[i] = tmp[i] * c[i] + tmp[(i + half) % R] * s[i];
+  }
+
+  at::Tensor step(at::Tensor xt, int64_t pos64) {
+    TORCH_CHECK(xt.is_contiguous() && xt.scalar_type() == at::kFloat && xt.numel() == hidden, "Step: x must be float32 [hidden]");
+    const int pos = (int)pos64;
+    TORCH_CHECK(pos >= 0 && pos < S, "Step: position ", pos, " outside the cache of ", S);
+    const auto t_step = clk::now();
+    float* x = xt.data_ptr<float>();
+    const int q_dim = H * D, kv_dim = Hkv * D, g = H / Hkv;
+    for (const L& l : layers) {
+      rms(x, l.n[0], h.data(), hidden, eps);
+      mv(l.m[0], h.data(), qkv.data());
+      float* q = qkv.data(); float* k = q + q_dim; float* v = k + kv_dim;
+      const float* c = cs[l.rope][0] + (size_t)pos * R; const float* s = cs[l.rope][1] + (size_t)pos * R;
+      for (int i = 0; i < H; ++i) { if (qk) rms(q + i * D, l.n[4], q + i * D, D, eps); rope(q + i * D, c, s); }
+      for (int i = 0; i < Hkv; ++i) {
+        if (qk) rms(k + i * D, l.n[5], k + i * D, D, eps);
+        rope(k + i * D, c, s);
+        std::memcpy(l.kc + ((size_t)i * S + pos) * D, k + i * D, D * sizeof(float));
+        std::memcpy(l.vc + ((size_t)i * S + pos) * D, v + i * D, D * sizeof(float));
+      }
+      const auto t_a = clk::now();
+      const int t0 = l.win ? std::max(0, pos - l.win + 1) : 0, T = pos + 1 - t0;
+      at::parallel_for(0, H, T * D >= 16384 ? 1 : H, [&](int64_t h0, int64_t h1) {
+        for (int hd = (int)h0; hd < (int)h1; ++hd) {
+          const float* qh = q + hd * D;
+          const float* kh = l.kc + ((size_t)(hd / g) * S + t0) * D;
+          const float* vh = l.vc + ((size_t)(hd / g) * S + t0) * D;
+          float* sh = sc.data() + (size_t)hd * S;
+          float mx = -INFINITY;
+          for (int t = 0; t < T; ++t) {
+            float d = 0.f;
+            for (int e = 0; e < D; ++e) d += qh[e] * kh[(size_t)t * D + e];
+            sh[t] = d * scale;
+            mx = std::max(mx, sh[t]);
+          }
+          float sum = 0.f;
+          for (int t = 0; t < T; ++t) { sh[t] = std::exp(sh[t] - mx); sum += sh[t]; }
+          float* oh = att.data() + hd * D;
+          std::fill(oh, oh + D, 0.f);
+          for (int t = 0; t < T; ++t) {
+            const float pt = sh[t] / sum;
+            for (int e = 0; e < D; ++e) oh[e] += pt * vh[(size_t)t * D + e];
+          }
+        }
+      });
+      t_att += since(t_a);
+      mv(l.m[1], att.data(), o.data());
+      if (ffn_norms) {
+        rms(o.data(), l.n[1], dn.data(), hidden, eps);
+        for (int i = 0; i < hidden; ++i) x[i] += dn[i];
+        rms(x, l.n[2], h.data(), hidden, eps);
+      } else {
+        for (int i = 0; i < hidden; ++i) x[i] += o[i];
+        rms(x, l.n[1], h.data(), hidden, eps);
+      }
+      mv(l.m[2], h.data(), gu.data());
+      for (int i = 0; i < I; ++i) {
+        const float a = gu[i];
+        const float f = act == 0 ? a / (1.f + std::exp(-a))
+                                 : 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a)));
+        hh[i] = rbf(rbf(f) * gu[I + i]);
+      }
+      mv(l.m[3], hh.data(), dn.data());
+      if (ffn_norms) {
+        rms(dn.data(), l.n[3], o.data(), hidden, eps);
+        for (int i = 0; i < hidden; ++i) x[i] += o[i];
+      } else {
+        for (int i = 0; i < hidden; ++i) x[i] += dn[i];
+      }
+    }
+    rms(x, norm, h.data(), hidden, eps);
+    at::Tensor logits = at::empty({head.N}, xt.options());
+    float* y = logits.data_ptr<float>();
+    mv(head, h.data(), y);
+    if (softcap > 0)
+      for (int i = 0; i < head.N; ++i) y[i] = std::tanh(y[i] / softcap) * softcap;
+    t_all += since(t_step); ++n_steps;
+    return logits;
+  }
+};
+
+}  // namespace
+
+// x [K] or [1, K] (float32/bfloat16); w tile16 uint8 [N/16, K*8]; sz bfloat16 [K/G, N, 2] -> [N] in x's dtype
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group, int64_t N) {
+  return run_op(mat4(w, sz, group, N, x.numel()), x);
+}
+
+// x [K] or [1, K]; w int8 [N, K]; scale bfloat16 [N] -> [N] in x's dtype
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return run_op(mat8(w, scale), x);
+}
+
 int64_t kernel_path() { return path(); }
-void set_path(int64_t p) { g_path = (int)p; }
+int64_t float_path() { return fpath(); }
+void set_path(int64_t p) {   // tests: force an instruction-set path (-1: the CPU's own choice)
+  g_path = -1; g_fpath = -1;
+  if (p >= 0) { g_path = std::min((int)p, path()); g_fpath = std::min((int)p, fpath()); }
+}
 
 TORCH_LIBRARY(leanlm, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor sz, int group, int n) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int4_gemv_q8(Tensor x, Tensor w, Tensor sz, int group, int n) -> Tensor");
+  m.def("int8_gemv_q8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("kernel_path() -> int", kernel_path);
+  m.def("float_path() -> int", float_path);
   m.def("set_path(int p) -> ()", set_path);
+  m.class_<Step>("Step")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("step", &Step::step)
+      .def("timings", &Step::timings);
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
   m.impl("int4_gemv", int4_gemv);
   m.impl("int8_gemv", int8_gemv);
+  m.impl("int4_gemv_q8", int4_gemv_q8);
+  m.impl("int8_gemv_q8", int8_gemv_q8);
 }

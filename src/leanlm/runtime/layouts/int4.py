@@ -8,8 +8,10 @@ A symmetric code q in [-8, 7] is stored as u = q + 8 with zero 0 (exact); an asy
 that product to the activation dtype).
 
 A batch-1 call (one activation row) runs the fused kernel of `leanlm.runtime.kernels` instead when it is
-built (opt-in, LEANLM_KERNELS=1): it reads the same codes from its own tiled copy (`tiled`, 16 rows x 8 k per 64 bytes) and the same
-scales/zeros table; several rows (prefill, batches) always run PyTorch's kernel (the reference path).
+built (the default; LEANLM_KERNELS=0 turns it off): it reads the same codes from its own tiled copy (`tiled`,
+16 rows x 8 k per 64 bytes) and the same scales/zeros table, with the reference's arithmetic (bfloat16
+activation row and output, float32 accumulation); several rows (prefill, batches) always run PyTorch's
+kernel (the reference path).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Int4Weight(nn.Module):
         self.register_buffer("tiled", tiled)
         self.register_buffer("scales_zeros", scales_zeros)
         self.group_size, self.out_features, self.in_features = group_size, out_features, in_features
+        self.q8 = tiled is not None and kernels.mode() == "q8"   # the opt-in int8-activation kernel
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, dtype: torch.dtype) -> "Int4Weight":
@@ -61,7 +64,7 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled is not None and x.numel() == self.in_features:   # batch 1: the fused kernel
-            y = torch.ops.leanlm.int4_gemv(x.reshape(-1), self.tiled, self.scales_zeros, self.group_size, self.out_features)
+            y = (torch.ops.leanlm.int4_gemv_q8 if self.q8 else torch.ops.leanlm.int4_gemv)(x.reshape(-1), self.tiled, self.scales_zeros, self.group_size, self.out_features)
             return y.reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 

@@ -1,7 +1,7 @@
 """int8 per-output-channel symmetric weights, activations in bfloat16 (or float32):
 `torch.ops.aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])` = x @ (w * s).T; a batch-1 call
 (one activation row) runs the fused kernel of `leanlm.runtime.kernels` on the same codes and scales when it
-is built (in_features a multiple of 32, bfloat16 scales)."""
+is built (bfloat16 scales; the opt-in int8-activation kernel also needs in_features a multiple of 32)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class Int8Weight(nn.Module):
         self.register_buffer("qweight", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.reshape(-1).to(dtype).contiguous())
         self.out_features, self.in_features = self.qweight.shape
-        self.fast = dtype == torch.bfloat16 and self.in_features % 32 == 0 and kernels.available()
+        self.fast = dtype == torch.bfloat16 and kernels.available()
+        self.q8 = self.fast and kernels.mode() == "q8"
+        self.fast = self.fast and (self.in_features % 32 == 0 or not self.q8)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
@@ -35,7 +37,7 @@ class Int8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and x.numel() == self.in_features:   # batch 1: the fused kernel
-            return torch.ops.leanlm.int8_gemv(x.reshape(-1), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
+            return (torch.ops.leanlm.int8_gemv_q8 if self.q8 else torch.ops.leanlm.int8_gemv)(x.reshape(-1), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -394,7 +394,7 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     arch = arch_of(model)
     if not 1 <= draft_vocab:
         raise LeanLMError(f"--draft-vocab must be >= 1, got {draft_vocab}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if data is None:
         from safetensors.torch import load_file, save_file
@@ -437,6 +437,7 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
     log["total_seconds"] = time.perf_counter() - t0
+    log["cpu_seconds"] = time.process_time() - c0   # this process's CPU time (all threads): the work, on a shared machine
     for p in head.parameters():
         p.requires_grad_(False)
     head.eval()

@@ -162,8 +162,12 @@ def main() -> None:
     ap.add_argument("--engine", choices=["leanlm", "hf"], default="leanlm",
                     help="target and draft models run through leanlm.runtime's Engine (float32 target; the int4 copy packed "
                          "in int4) or through the Hugging Face step adapter")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, per PROTOCOL.md; 1 on a "
+                    "heavily shared machine, where two threads stall on each other)")
     a = ap.parse_args()
     setup_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     model, tok = leanlm.load(a.model)
     wanted_rows = set((a.quote_rows + "," + a.continuation_rows).split(","))

@@ -170,7 +170,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     model, tok = leanlm.load(a.model)
-    wanted_rows = set((a.quote_rows + "," + a.continuation_rows).split(","))
+    run_tasks = a.tasks.split(",")
+    wanted_rows = set((a.continuation_rows if "continuation" in run_tasks else "").split(",")) | set(
+        a.quote_rows.split(",") if set(run_tasks) - {"continuation"} else [])   # the rows of the tasks this run times
     eagle_head, eagle_info = None, None
     if any(r.startswith("eagle") for r in wanted_rows):
         from leanlm.speculative.eagle import HEAD_FILE, load_head
@@ -194,7 +196,7 @@ def main() -> None:
 
     log_file = Path(draft_dir) / "leanlm_draft.json"
     draft_log = json.loads(log_file.read_text()) if log_file.is_file() else None
-    need_int4 = any(r.startswith("int4") for r in (a.quote_rows + "," + a.continuation_rows).split(","))
+    need_int4 = any(r.startswith("int4") for r in wanted_rows)
     qdraft = quantized_draft(model, a.quant_scheme, tokenizer=tok) if a.quant_scheme and need_int4 else None
 
     if a.engine == "leanlm":   # the low-bit runtime's lean decoder (issue 4) for target and drafts; float32 target
@@ -232,7 +234,9 @@ def main() -> None:
         methods["eagle-adaptive"] = ("EAGLE-1 head, adaptive k<=8", spec(EagleDrafter(eagle_head), "8"))
     wanted = {"quote": a.quote_rows.split(","), "continuation": a.continuation_rows.split(",")}
     wanted["chat"] = wanted["quote-only"] = wanted["quote"]
-    for keys in wanted.values():
+    for task, keys in wanted.items():
+        if task not in run_tasks:
+            continue
         for key in keys:
             if key not in methods or methods[key][1] is None:
                 raise SystemExit(f"unknown or unavailable row {key!r}; rows: {', '.join(methods)}")

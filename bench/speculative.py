@@ -1,19 +1,24 @@
 """Speculative decoding benchmark on SmolLM2-135M, per PROTOCOL.md.
 
-Two tasks, batch 1, greedy, 128 new tokens with no early stop:
+Tasks, batch 1, greedy, 128 new tokens with no early stop:
   (a) continuation: the first 128 tokens of evaluation articles (the protocol prompt);
-  (b) summarise/quote: a chat-template user turn asking to summarise, or to quote the opening sentences
+  (b) quote: a chat-template user turn asking to summarise, or to quote the opening sentences
       of, a passage (the first `--passage-tokens` tokens of an evaluation article, cut back to the end
-      of its last full sentence); the two instructions alternate over the articles.
+      of its last full sentence); the two instructions alternate over the articles (--instruction);
+  (c) chat: the same chat turn with the summarise instruction only; (d) quote-only: the quote instruction only.
 Rows (all in one process, timed interleaved A B A B ..., median of --runs after a warm-up):
   plain decoding of the float32 target through leanlm.runtime's Engine (`--engine leanlm`, default) or
   the Hugging Face step adapter (`--engine hf`): the speed baseline, same engine as the speculative rows;
   transformers' own generate; leanlm prompt lookup and draft-model speculation (shallow distilled
   draft, int4 copy of the target); and transformers' assisted generation with
-  the same shallow draft (assistant_model=) and with prompt lookup (prompt_lookup_num_tokens=).
-Every row's output is checked token for token against plain greedy decoding, in every run.
+  the same shallow draft (assistant_model=) and with prompt lookup (prompt_lookup_num_tokens=); an EAGLE-1 head
+(`--eagle DIR`, built by `leanlm draft MODEL --method eagle`), chain of k drafts.
+`--target-weights int4` makes the target the packed int4 runtime model (plain = int4 decoding; the EAGLE head
+trained on the float model drafts for it).
+Every row's output is checked token for token against plain greedy decoding, in every run. Each task also reports how
+much of the (plain greedy) continuation repeats its own 4-grams, so that repetition is not mistaken for drafting skill.
 
-    python bench/speculative.py [--runs 5] [--prompts 2] [--draft DIR] [--quick]
+    python bench/speculative.py [--runs 5] [--prompts 2] [--draft DIR] [--eagle DIR] [--target-weights fp32|int4]
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import json
 import os
 import statistics
 import time
+
+from pathlib import Path
 
 import torch
 from common import md_table, setup_threads, write_results
@@ -66,6 +73,19 @@ def passage_prompts(tok, n, passage_tokens, which="alternate"):
                  f"article i (cut to its last full sentence); instruction: {which} of {INSTRUCTIONS}")
 
 
+def repetition(ids: torch.Tensor, start: int, n: int = 4) -> float:
+    """Share of the tokens from `start` on whose n-gram (the n tokens ending at it) occurred earlier in the sequence."""
+    seq = ids[0].tolist()
+    seen, hits, total = set(), 0, 0
+    for i in range(n - 1, len(seq)):
+        g = tuple(seq[i - n + 1: i + 1])
+        if i >= start:
+            total += 1
+            hits += g in seen
+        seen.add(g)
+    return hits / max(total, 1)
+
+
 def hf_generate(model, **extra):
     def run(ids, n):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -74,29 +94,44 @@ def hf_generate(model, **extra):
     return run
 
 
-def write(a, model, nl, draft_info, draft_log, tasks):
+def write(a, model, nl, draft_info, draft_log, tasks, eagle_info=None):
     mach = machine_info()
-    eng = "leanlm.runtime Engine (float32; the int4 copy packed int4)" if a.engine == "leanlm" else "the Hugging Face step adapter"
-    md = [f"# Speculative decoding, {a.model} (float32 target), batch 1, greedy, {a.new_tokens} new tokens\n\n"
+    eng = (f"leanlm.runtime Engine ({a.target_weights} target; the int4 copy packed int4)" if a.engine == "leanlm"
+           else "the Hugging Face step adapter")
+    tw = "float32" if a.target_weights == "fp32" else a.target_weights
+    md = [f"# Speculative decoding, {a.model} ({tw} target), batch 1, greedy, {a.new_tokens} new tokens\n\n"
           f"Target and drafts run through {eng}; 'plain' is greedy decoding of the same target through the same engine.\n\n"
           f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']} "
           f"(shared with other jobs: only the ratios are meaningful). Median of {a.runs} interleaved runs after a warm-up; "
           f"each run generates for {a.prompts} prompts per task. Speedups are end-to-end (prefill included) time ratios. "
-          f"'identical' = every output of every run equals plain greedy decoding token for token.\n\n"
-          f"Shallow draft: first {nl} of {model.config.num_hidden_layers} layers + norm + head, distilled "
-          f"({draft_info}; log {draft_log}).\n"]
+          f"'identical' = every output of every run equals plain greedy decoding token for token.\n"]
+    if draft_log is not None or "built" in draft_info or "loaded" in draft_info:
+        md.append(f"Shallow draft: first {nl} of {model.config.num_hidden_layers} layers + norm + head, distilled "
+                  f"({draft_info}; log {draft_log}).\n")
+    if eagle_info:
+        e = eagle_info
+        md.append(f"EAGLE head: {e['path']}: {e['head_bytes'] / 1e6:.1f} MB on disk = {e['head_bytes'] / e['target_bytes']:.1%} of the "
+                  f"float32 target's {e['target_bytes'] / 1e6:.0f} MB (the draft vocabulary's head rows and the embedding are the "
+                  f"target's, not stored); trained in {e['log'].get('total_seconds', 0) / 60:.1f} min wall on this loaded machine "
+                  f"(text generation {e['log'].get('generation_seconds', 0) / 60:.1f} min, {e['log'].get('steps')} steps); "
+                  f"draft vocabulary {e['log'].get('draft_vocab')}. Draft cost per round: the head's seconds per round over the "
+                  "target's seconds per verification round.\n")
     for task, t in tasks.items():
         rows = []
         for name, r in t["rows"].items():
-            rows.append([name, f"{r['e2e_tok_s']:.2f}", f"{r['speedup_vs_plain']:.2f}x", f"{r['speedup_vs_transformers_generate']:.2f}x",
+            hf = r.get("speedup_vs_transformers_generate")
+            rows.append([name, f"{r['e2e_tok_s']:.2f}", f"{r['speedup_vs_plain']:.2f}x", f"{hf:.2f}x" if hf else "-",
                          f"{r['acceptance_rate']:.0%}" if "acceptance_rate" in r else "-",
                          f"{r['mean_accepted']:.2f}" if "mean_accepted" in r else "-",
+                         f"{r['tokens_per_target_forward']:.2f}" if "tokens_per_target_forward" in r else "-",
+                         f"{r['draft_cost_per_round']:.2f}" if "draft_cost_per_round" in r else "-",
                          f"{r['mean_k']:.1f}" if "mean_k" in r else "-",
                          "yes" if r["identical_to_plain_greedy"] else "NO"])
         md.append(f"## {task} (prompt lengths {t['prompt_lengths']})\n\nPrompts: {t['prompts']}. 1-minute load average of the "
-                  f"machine during the runs: {min(t['load_average_1min']):.1f} to {max(t['load_average_1min']):.1f} on {mach['cores']} cores.\n\n" + md_table(
-            ["method", "tok/s", "vs plain (leanlm)", "vs transformers generate", "acceptance", "drafts kept / round", "mean k",
-             "identical"], rows))
+                  f"machine during the runs: {min(t['load_average_1min']):.1f} to {max(t['load_average_1min']):.1f} on {mach['cores']} cores. "
+                  f"4-gram self-repetition of the continuations: {', '.join(f'{x:.0%}' for x in t['repetition_4gram'])}.\n\n" + md_table(
+            ["method", "tok/s", "vs plain (leanlm)", "vs transformers generate", "acceptance", "drafts kept / round",
+             "tokens / target call", "draft cost / round", "mean k", "identical"], rows))
     path = write_results(a.name, {"machine": mach, "args": vars(a), "draft_log": draft_log, "tasks": tasks}, "\n\n".join(md))
     return path
 
@@ -112,42 +147,63 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, default=4)
     ap.add_argument("--draft-budget", default="8m")
     ap.add_argument("--quant-scheme", default="w4a16-rtn", help="int4 preset for the quantized-copy draft ('' to skip)")
-    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft"
+    ap.add_argument("--eagle", default=None, help="EAGLE head folder (default: the leanlm cache's drafts/MODEL-eagle, if there)")
+    ap.add_argument("--eagle-k", type=int, default=4, help="chain length of the EAGLE rows")
+    ap.add_argument("--target-weights", choices=["fp32", "int4"], default="fp32", help="the target: float32 or packed int4 runtime")
+    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft,eagle,eagle-adaptive"
     ap.add_argument("--quote-rows", default=rows, help=f"rows timed on the summarise/quote task (of {rows})")
     ap.add_argument("--continuation-rows", default=rows, help="rows timed on the continuation task")
     ap.add_argument("--k", type=int, default=4, help="fixed k of the draft-model rows")
     ap.add_argument("--pld-k", type=int, default=8, help="fixed k of the prompt-lookup rows")
-    ap.add_argument("--tasks", default="quote,continuation")
+    ap.add_argument("--tasks", default="quote,continuation", help="of continuation, quote (alternate/--instruction), chat, quote-only")
     ap.add_argument("--instruction", choices=["alternate", "summarise", "quote"], default="alternate",
                     help="summarise/quote task: which instruction the prompts use (alternate: summarise, quote, ...)")
     ap.add_argument("--name", default="speculative", help="results file name under bench/results/")
     ap.add_argument("--engine", choices=["leanlm", "hf"], default="leanlm",
                     help="target and draft models run through leanlm.runtime's Engine (float32 target; the int4 copy packed "
                          "in int4) or through the Hugging Face step adapter")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, per PROTOCOL.md; 1 on a "
+                    "heavily shared machine, where two threads stall on each other)")
     a = ap.parse_args()
     setup_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     model, tok = leanlm.load(a.model)
+    run_tasks = a.tasks.split(",")
+    wanted_rows = set((a.continuation_rows if "continuation" in run_tasks else "").split(",")) | set(
+        a.quote_rows.split(",") if set(run_tasks) - {"continuation"} else [])   # the rows of the tasks this run times
+    eagle_head, eagle_info = None, None
+    if any(r.startswith("eagle") for r in wanted_rows):
+        from leanlm.speculative.eagle import HEAD_FILE, load_head
+
+        edir = a.eagle or str(cache_dir() / "drafts" / f"{a.model}-eagle")
+        eagle_head = load_head(edir, model)
+        eagle_info = {"path": edir, "head_bytes": (Path(edir) / HEAD_FILE).stat().st_size,
+                      "target_bytes": sum(p.numel() * 4 for p in model.parameters()), "log": eagle_head.leanlm_draft}
     draft_dir = a.draft or str(cache_dir() / "drafts" / f"{a.model}-{a.draft_layers}l")
-    try:
-        draft, _ = leanlm.load(draft_dir)
-        draft_info = f"loaded from {draft_dir}"
-    except leanlm.LeanLMError:
-        draft = make_shallow_draft(model, a.draft_layers, a.draft_budget, tokenizer=tok)
-        leanlm.save(draft, draft_dir, tokenizer=tok)
-        draft_info = f"built now: {draft.leanlm_draft}"
-    from pathlib import Path
+    need_draft = bool(wanted_rows & {"draft", "draft-adaptive", "hf-draft"})
+    if not need_draft:   # no shallow-draft row: the target stands in (never timed)
+        draft, draft_info = model, "not used in this run"
+    else:
+        try:
+            draft, _ = leanlm.load(draft_dir)
+            draft_info = f"loaded from {draft_dir}"
+        except leanlm.LeanLMError:
+            draft = make_shallow_draft(model, a.draft_layers, a.draft_budget, tokenizer=tok)
+            leanlm.save(draft, draft_dir, tokenizer=tok)
+            draft_info = f"built now: {draft.leanlm_draft}"
 
     log_file = Path(draft_dir) / "leanlm_draft.json"
     draft_log = json.loads(log_file.read_text()) if log_file.is_file() else None
-    need_int4 = any(r.startswith("int4") for r in (a.quote_rows + "," + a.continuation_rows).split(","))
+    need_int4 = any(r.startswith("int4") for r in wanted_rows)
     qdraft = quantized_draft(model, a.quant_scheme, tokenizer=tok) if a.quant_scheme and need_int4 else None
 
     if a.engine == "leanlm":   # the low-bit runtime's lean decoder (issue 4) for target and drafts; float32 target
         from leanlm.runtime import Engine
 
-        target = Engine(model, "fp32", max_seq_len=1024)
-        draft_step = Engine(draft, "fp32", max_seq_len=1024)
+        target = Engine(model, a.target_weights, max_seq_len=1024)
+        draft_step = Engine(draft, "fp32", max_seq_len=1024) if need_draft else None
         qdraft_step = Engine(qdraft, "auto", max_seq_len=1024) if qdraft is not None else None
     else:
         target, draft_step, qdraft_step = HFStepModel(model), draft, qdraft
@@ -171,18 +227,27 @@ def main() -> None:
         "hf-pld": ("transformers assisted, prompt_lookup_num_tokens=10", hf_generate(model, prompt_lookup_num_tokens=10)),
         "hf-draft": (f"transformers assisted, assistant_model=shallow {nl}-layer draft", hf_generate(model, assistant_model=draft)),
     }
+    if eagle_head is not None:
+        from leanlm.speculative.eagle import EagleDrafter
+
+        methods["eagle"] = (f"EAGLE-1 head, k={a.eagle_k}", spec(EagleDrafter(eagle_head), a.eagle_k))
+        methods["eagle-adaptive"] = ("EAGLE-1 head, adaptive k<=8", spec(EagleDrafter(eagle_head), "8"))
     wanted = {"quote": a.quote_rows.split(","), "continuation": a.continuation_rows.split(",")}
-    for keys in wanted.values():
+    wanted["chat"] = wanted["quote-only"] = wanted["quote"]
+    for task, keys in wanted.items():
+        if task not in run_tasks:
+            continue
         for key in keys:
             if key not in methods or methods[key][1] is None:
                 raise SystemExit(f"unknown or unavailable row {key!r}; rows: {', '.join(methods)}")
 
     tasks = {}
     for task in a.tasks.split(","):
-        prompts, how = (passage_prompts(tok, a.prompts, a.passage_tokens, a.instruction) if task == "quote"
-                        else continuation_prompts(tok, a.prompts))
+        which = {"quote": a.instruction, "chat": "summarise", "quote-only": "quote"}.get(task)
+        prompts, how = (passage_prompts(tok, a.prompts, a.passage_tokens, which) if which else continuation_prompts(tok, a.prompts))
         refs = [generate(target, p, a.new_tokens) for p in prompts]
-        meths = dict(methods[k] for k in ["plain", "generate"] + [k for k in wanted[task] if k not in ("plain", "generate")])
+        first = ["plain"] + (["generate"] if "generate" in wanted[task] else [])
+        meths = dict(methods[k] for k in first + [k for k in wanted[task] if k not in ("plain", "generate")])
         for name, fn in meths.items():  # warm-up
             fn(prompts[0], 8)
         times = {m: [] for m in meths}
@@ -202,21 +267,26 @@ def main() -> None:
                 print(f"[{task}] run {r + 1}/{a.runs} {name}: {times[name][-1]:.1f} s, identical={same[name]}{acc}", flush=True)
             load.append(os.getloadavg()[0])
         base = statistics.median(times["plain (leanlm loop)"])
-        hf = statistics.median(times["transformers generate"])
+        hf = statistics.median(times["transformers generate"]) if "transformers generate" in times else None
         rows = {}
         for name in meths:
             med = statistics.median(times[name])
             st = stats[name]
             row = {"median_s": med, "times_s": times[name], "e2e_tok_s": a.new_tokens * len(prompts) / med,
-                   "speedup_vs_plain": base / med, "speedup_vs_transformers_generate": hf / med, "identical_to_plain_greedy": same[name]}
+                   "speedup_vs_plain": base / med, "speedup_vs_transformers_generate": hf / med if hf else None,
+                   "identical_to_plain_greedy": same[name]}
             if st:
                 drafted, acc, rounds = sum(s.drafted for s in st), sum(s.accepted for s in st), sum(s.rounds for s in st)
                 row.update(acceptance_rate=acc / max(drafted, 1), mean_accepted=acc / rounds, mean_k=drafted / rounds,
-                           tokens_per_target_forward=sum(s.new_tokens - 1 for s in st) / rounds)
+                           tokens_per_target_forward=sum(s.new_tokens - 1 for s in st) / rounds,
+                           draft_seconds_per_round=sum(s.draft_seconds for s in st) / rounds,
+                           target_seconds_per_round=sum(s.target_seconds for s in st) / rounds,
+                           draft_cost_per_round=sum(s.draft_seconds for s in st) / max(sum(s.target_seconds for s in st), 1e-9))
             rows[name] = row
         tasks[task] = {"prompts": how, "load_average_1min": load, "prompt_lengths": [p.shape[1] for p in prompts], "rows": rows,
+                       "repetition_4gram": [repetition(r, p.shape[1]) for r, p in zip(refs, prompts)],
                        "sample_output": tok.decode(refs[0][0, prompts[0].shape[1]:])}
-        path = write(a, model, nl, draft_info, draft_log, tasks)  # after every task, so a cut-short run keeps what it has
+        path = write(a, model, nl, draft_info, draft_log, tasks, eagle_info)  # after every task, so a cut-short run keeps what it has
     print(path.read_text())
 
 

@@ -290,6 +290,33 @@ def test_optimize_bad_options(capsys, tmp_path, extra, msg):
     assert _left(tmp_path) == []
 
 
+@pytest.mark.parametrize("extra,msg", [
+    (["--method", "eagle", "--budget", "0"], "the training budget must be positive"),
+    (["--method", "eagle", "--budget", "0m"], "the training budget must be positive"),
+    (["--method", "eagle", "--layers", "2"], "drop --layers"),
+    (["--method", "eagle", "--calib", "news"], "drop --calib"),
+    (["--method", "medusa"], "argument --method: invalid choice: 'medusa'"),
+    ([], "give layers (build a shallow draft: --layers N)"),
+])
+def test_draft_bad_options(capsys, tmp_path, extra, msg):
+    """leanlm draft --method eagle|shallow: contradictory options and a zero budget, refused before model 'm' is loaded."""
+    code, err = _run(capsys, ["draft", "m", "--out", str(tmp_path / "o")] + extra)
+    line = _one_line_error(err)
+    assert code == 2 and msg in line and "unknown model" not in line, line
+    assert _left(tmp_path) == []
+
+
+def test_generate_refuses_a_head_for_another_model(capsys, tmp_path, tiny_folder):
+    """generate --draft HEAD: an EAGLE head trained for another checkpoint (same shapes) is refused in one line."""
+    from leanlm.speculative.eagle import make_head, save_head
+
+    other = make_llama(vocab_size=300, seed=5)
+    save_head(make_head(other, torch.arange(10)), tmp_path / "head")
+    code, err = _run(capsys, ["generate", str(tiny_folder), "--prompt", "hello", "--draft", str(tmp_path / "head")])
+    line = _one_line_error(err)
+    assert code == 2 and "trained for another checkpoint" in line, line
+
+
 def test_bad_quantize_config_file(capsys, tmp_path, tiny_folder, bad_files):
     path, msg = bad_files["binary"]
     code, err = _run(capsys, ["quantize", str(tiny_folder), "--config", str(path), "--out", str(tmp_path / "q")])

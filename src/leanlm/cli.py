@@ -349,8 +349,10 @@ def _show_sparsify(r: dict, console) -> None:
 def cmd_draft(a) -> dict:
     from .recipe import DraftStep
 
-    _, res = _one_step(a, DraftStep(layers=a.layers, budget=a.budget, tokens=a.tokens, seq_len=a.seq_len, batch=a.batch, lr=a.lr,
-                                    calib=a.calib))
+    budget = a.budget or ("30m" if a.method == "eagle" else "5m")
+    batch = a.batch or (8 if a.method == "eagle" else 4)
+    _, res = _one_step(a, DraftStep(layers=a.layers, budget=budget, tokens=a.tokens, seq_len=a.seq_len, batch=batch, lr=a.lr,
+                                    calib=a.calib, method=a.method, draft_vocab=a.draft_vocab, samples=a.samples))
     return {"model": a.model, **res.figures, "out": a.out, "layers": a.layers}
 
 
@@ -641,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "within this budget, e.g. 2GB (the whole float model is never loaded; docs/scale.md)")
     from .speculative.cli import draft_args
 
-    sp = sub.add_parser("draft", help="build a shallow draft model (first N layers, distilled) for speculative decoding")
+    sp = sub.add_parser("draft", help="build a draft for speculative decoding: a shallow distilled model (first N layers) or "
+                        "an EAGLE head (--method eagle)")
     common(sp)
     draft_args(sp)
     from .serving.cli import serve_args

@@ -609,10 +609,20 @@ class DraftStep(Step):
     batch: int = 4
     lr: float = 1e-3
     calib: str = "wiki"
+    method: str = "shallow"          # shallow (a distilled draft model) or eagle (an EAGLE-1 head, speculative/eagle.py)
+    draft_vocab: int = 8192          # eagle: reduced draft vocabulary
+    samples: int = 384               # eagle: self-generated training sequences
 
     def validate(self) -> None:
-        if (self.layers is None) == (self.model is None):
-            raise LeanLMError("give layers (build a shallow draft) or model (an existing draft), not both")
+        if self.method not in ("shallow", "eagle"):
+            raise LeanLMError(f"unknown draft method {self.method!r}; choose shallow or eagle")
+        if self.method == "eagle":
+            if self.layers is not None or self.model is not None:
+                raise LeanLMError("--method eagle trains a head on the model's own features: drop --layers")
+            if self.calib != "wiki":
+                raise LeanLMError("--method eagle writes its own training text from the protocol's calibration prompts: drop --calib")
+        elif (self.layers is None) == (self.model is None):
+            raise LeanLMError("give layers (build a shallow draft: --layers N) or model (an existing draft), not both")
         from .distill.trainer import parse_budget
 
         parse_budget(self.budget)
@@ -625,6 +635,16 @@ class DraftStep(Step):
                                   "a draft must share the model's tokenizer")
 
     def run(self, s: ModelState, ctx: Context) -> dict:
+        if self.method == "eagle":
+            from .speculative.eagle import save_head, train_eagle
+
+            if s.tokenizer is None:
+                raise LeanLMError("the model has no tokenizer; an EAGLE head writes its training text with it")
+            head = train_eagle(s.model, s.tokenizer, self.budget, draft_vocab=self.draft_vocab, samples=self.samples,
+                               max_tokens=self.tokens, seq_len=self.seq_len, batch=self.batch, lr=self.lr,
+                               checkpoint_dir=ctx.scratch, progress=ctx.progress)
+            save_head(head, ctx.out, head.leanlm_draft)
+            return {**head.leanlm_draft, "out": ctx.out.name}
         if self.model is not None:
             from .speculative.drafts import check_vocab
 

@@ -58,6 +58,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.length = 0
         self.batch = None
+        # keep_hidden (set by an EAGLE drafter): each forward keeps the final norm's output of its tokens in `hidden`
+        # ([B, T, hidden], positions hidden_start..), run eagerly; off, plain decoding is unchanged
+        self.keep_hidden, self.hidden, self.hidden_start = False, None, 0
         self.compiled = compile
         self._step = self.model.forward
         if compile:
@@ -94,10 +97,14 @@ class Engine:
         if lo < 0 or hi >= self.model.spec.vocab:
             raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {lo}..{hi}")
         if T > self.prefill_chunk:   # chunked prefill: each chunk attends to the cache filled so far
-            outs = []
+            outs, hid, start = [], [], self.length
             for i in range(0, T, self.prefill_chunk):
                 logits = self._run(ids[:, i:i + self.prefill_chunk], B)
                 outs = [logits[:, -1]] if last_only else outs + [logits]
+                if self.keep_hidden:
+                    hid.append(self.hidden)
+            if self.keep_hidden:
+                self.hidden, self.hidden_start = torch.cat(hid, 1), start
             return outs[0] if last_only else torch.cat(outs, dim=1)
         logits = self._run(ids, B)
         return logits[:, -1] if last_only else logits
@@ -105,6 +112,10 @@ class Engine:
     def _run(self, ids: torch.Tensor, B: int) -> torch.Tensor:
         end = self.length + ids.shape[1]
         pos = torch.arange(self.length, end)
+        if self.keep_hidden:
+            logits, self.hidden = self.model.forward(ids, pos, end, hidden=True)
+            self.hidden_start, self.length, self.batch = self.length, end, B
+            return logits
         if ids.shape[1] == 1 and self.compiled:   # fixed shapes for the compiled step: a bucket of kv_block cache slots
             fn, kv_len = self._step, min(self.model.max_seq_len, -(-end // self.kv_block) * self.kv_block)
         else:                          # eager: attend over exactly the filled slots

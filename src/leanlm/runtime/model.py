@@ -269,13 +269,14 @@ class Decoder(nn.Module):
             return o.view(B, 1, H * D)
         return o.view(B, s.kv_heads, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
-    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int, attend=None, rows=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int, attend=None, rows=None,
+                hidden: bool = False) -> torch.Tensor:
         """The residual stream and attention run in float32; matmul inputs are cast to the weights'
         activation dtype (bfloat16 for the bf16/int8/int4 layouts). Written for few PyTorch calls per
         layer: at batch 1 a 135M model's decode step is bound by per-op overhead as much as by weights.
         `attend(layer, q [B,T,H,D], k, v [B,T,Hkv,D]) -> [B, T, H*D]` replaces the static cache and its
         attention (the serving engine's paged KV cache); `rows` [R] limits the output head to those token rows
-        (logits [B, R, V])."""
+        (logits [B, R, V]); `hidden`: return (logits, the final norm's output [B, T, hidden] float32) for an EAGLE head."""
         s = self.spec
         B, T = ids.shape
         if B * T == 1 and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
@@ -341,7 +342,8 @@ class Decoder(nn.Module):
             x = x + (self._rms(h.float(), L.ln4) if s.ffn_norms else h)
         if rows is not None:
             x = x[:, rows]
-        logits = self.head(self._rms(x, self.norm).to(dt)).float()
+        xn = self._rms(x, self.norm)
+        logits = self.head(xn.to(dt)).float()
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
-        return logits
+        return (logits, xn) if hidden else logits

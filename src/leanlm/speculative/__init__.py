@@ -7,7 +7,7 @@
 
 Files: step.py (StepModel interface, Hugging Face adapter), drafters.py (draft model, prompt lookup),
 decode.py (the one decode loop: speculative, and plain as its special case), adaptive.py (choice of
-k), drafts.py (vocabulary check, quantized and shallow distilled drafts), cli.py (the `generate` /
+k), drafts.py (vocabulary check, quantized and shallow distilled drafts), eagle.py (EAGLE-1 draft heads), cli.py (the `generate` /
 `draft` options). Sampling settings: `leanlm.runtime.sampling`; budgets: `leanlm.distill.parse_budget`.
 See docs/speculative.md.
 """

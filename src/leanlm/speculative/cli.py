@@ -15,7 +15,8 @@ def speculation_args(sp) -> None:
     """Add the speculation options to the `generate` parser (which has the prompt and sampling options)."""
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--draft", help="draft model (same tokenizer): built-in name, folder, or quant:PRESET for a quantized copy of MODEL")
+    g.add_argument("--draft", help="draft model (same tokenizer): built-in name, folder, quant:PRESET for a quantized copy of MODEL, "
+                   "or an EAGLE head folder (leanlm draft MODEL --method eagle)")
     g.add_argument("--prompt-lookup", action="store_true", help="draft-free speculation: copy n-grams from the prompt and the output")
     k = sp.add_mutually_exclusive_group()
     k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
@@ -31,6 +32,7 @@ def run_generate(a, load, make_target=None) -> dict:
     from .decode import generate, speculative_generate
     from .drafters import PromptLookupDrafter
     from .drafts import check_vocab, quantized_draft
+    from .eagle import EagleDrafter, is_head_folder, load_head
     from .step import HFStepModel
 
     speculative = a.draft is not None or a.prompt_lookup
@@ -60,6 +62,8 @@ def run_generate(a, load, make_target=None) -> dict:
     else:
         if a.prompt_lookup:
             drafter, mode = PromptLookupDrafter(), "prompt lookup"
+        elif is_head_folder(a.draft):
+            drafter, mode = EagleDrafter(load_head(a.draft, model)), f"eagle head {a.draft}"
         elif a.draft.startswith("quant:"):
             drafter, mode = quantized_draft(model, a.draft[len("quant:"):], tokenizer=tok, progress=not a.json), f"draft {a.draft}"
         else:
@@ -92,11 +96,18 @@ def show_generate(r: dict, console) -> None:
 
 
 def draft_args(sp) -> None:
-    sp.add_argument("--layers", type=COUNT, required=True, help="decoder layers the draft keeps (the first N)")
-    sp.add_argument("--budget", default="5m", help="training budget: time (30s, 5m, 1h) or tokens (500k, 2M, 100000); default 5m")
+    sp.add_argument("--method", choices=("shallow", "eagle"), default="shallow",
+                    help="shallow: the first --layers layers, distilled (a draft model); eagle: an EAGLE-1 head on the model's "
+                         "own features (a head folder for generate --draft)")
+    sp.add_argument("--layers", type=COUNT, default=None, help="decoder layers the shallow draft keeps (the first N; --method shallow)")
+    sp.add_argument("--budget", default=None, help="training budget: time (30s, 5m, 1h) or tokens (500k, 2M, 100000); "
+                    "default 5m (shallow), 30m (eagle, the text generation included)")
+    sp.add_argument("--draft-vocab", type=COUNT, default=8192, help="eagle: tokens of the reduced draft vocabulary (the most "
+                    "frequent in the self-generated text; default 8192)")
+    sp.add_argument("--samples", type=COUNT, default=384, help="eagle: sequences the model writes for its own training text (default 384)")
     sp.add_argument("--tokens", type=COUNT, default=None, help="token budget (training stops at whichever budget ends first)")
     sp.add_argument("--seq-len", type=SEQ_LEN, default=128, help="tokens per training sequence")
-    sp.add_argument("--batch", type=COUNT, default=4, help="sequences per batch")
+    sp.add_argument("--batch", type=COUNT, default=None, help="sequences per batch (default 4 shallow, 8 eagle)")
     sp.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate")
     sp.add_argument("--calib", default="wiki", help="training text: wiki (calibration split, default), news or a .txt/.jsonl file")
     sp.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint, written atomically)")
@@ -104,6 +115,12 @@ def draft_args(sp) -> None:
 
 
 def show_draft(r: dict, console) -> None:
+    if r.get("method") == "eagle":
+        fit = f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, top-1 agreement {r['top1_last']:.0%}" if r["steps"] else "no training step ran"
+        console.print(f"EAGLE head -> {r['out']}: {r['sequences']} self-generated sequences ({r['text_tokens']} tokens, "
+                      f"{r['generation_seconds']:.0f} s), {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, {fit}; "
+                      f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)", markup=False, highlight=False)
+        return
     stop = " (interrupted: saved as trained so far)" if r["interrupted"] else ""
     kl = f"KL to the target {r['loss_first']:.3f} -> {r['loss_last']:.3f}" if r["steps"] else "no training step ran"
     console.print(f"draft with {r['layers']} layers -> {r['out']}: {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, "

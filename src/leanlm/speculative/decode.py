@@ -171,6 +171,8 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
     stats = SpecStats()
     target.reset()
     if drafter is not None:
+        if hasattr(drafter, "attach"):   # a drafter that reads the target's hidden states (EAGLE)
+            drafter.attach(target)
         drafter.start(input_ids)
 
     t0 = time.perf_counter()
@@ -218,5 +220,7 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
             for _ in range(n + 1):
                 on_token()
         out, stop = _stop_at_eos(out, input_ids.shape[1], eos_token_id)
+    if hasattr(drafter, "detach"):
+        drafter.detach()
     stats.new_tokens = out.shape[1] - input_ids.shape[1]
     return out, stats

@@ -45,6 +45,9 @@ class HFStepModel:
         self._crop_drops = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
         self.cache = None
         self.length = 0
+        # keep_hidden (set by an EAGLE drafter): each forward keeps the final norm's output in `hidden` (positions
+        # hidden_start..), caught by a hook on the norm; off, nothing is added to plain decoding
+        self.keep_hidden, self.hidden, self.hidden_start = False, None, 0
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +69,18 @@ class HFStepModel:
         kw = {"cache" if self._new_api else "past_key_values": self.cache}  # transformers 5 renamed the argument
         if last_only:
             kw["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, use_cache=True, position_ids=pos, **kw)  # the cache grows in place
+        hook = None
+        if self.keep_hidden:
+            from ..core.arch import arch_of
+
+            norm = arch_of(self.model).body(self.model).norm
+            hook = norm.register_forward_hook(lambda m, i, o: setattr(self, "hidden", o.float()))
+        try:
+            out = self.model(input_ids=ids, use_cache=True, position_ids=pos, **kw)  # the cache grows in place
+        finally:
+            if hook is not None:
+                hook.remove()
+        self.hidden_start = self.length
         self.length += t
         return out.logits[:, -1].float() if last_only else out.logits.float()
 

@@ -279,7 +279,7 @@ class Decoder(nn.Module):
         (logits [B, R, V]); `hidden`: return (logits, the final norm's output [B, T, hidden] float32) for an EAGLE head."""
         s = self.spec
         B, T = ids.shape
-        if B * T == 1 and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
+        if B * T == 1 and not hidden and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
             x = self.embed.rows(ids.view(1)).float()   # the whole step in one C++ call (fused_step)
             if self.embed_scale != 1.0:
                 x.mul_(self.embed_scale)

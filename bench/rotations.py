@@ -85,7 +85,9 @@ def main() -> None:
     setup = {"samples": a.samples, "seq_len": a.seq_len, "windows": a.windows}
     if old.get("setup") != setup:
         old = {}
-    data = {"machine": machine(), "setup": setup, "float": old.get("float"), "rows": old.get("rows", {})}
+    # rotated rows from before massive channels were kept out of the rotation (no "keep") measured the old rotation
+    rows = {k: r for k, r in old.get("rows", {}).items() if not r["rotate"] or "keep" in r}
+    data = {"machine": machine(), "setup": setup, "float": old.get("float"), "rows": rows}
 
     model, tok = leanlm.load("smollm2-135m")
     ids = calibration_batches(tok, a.samples, a.seq_len)
@@ -107,6 +109,7 @@ def main() -> None:
             ppl = evaluate(m, tok, a.windows)
             data["rows"][key] = {"scheme": name, "rotate": rot, "calib_seconds": secs, "perplexity": ppl,
                                  "load_average_1min": [load_before, os.getloadavg()[0]], "command": command_line(),
+                                 **({"keep": m.leanlm_rotation.get("keep", [])} if rot else {}),
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             print(key, {d: f"{p:.3f} ({p / data['float'][d] - 1:+.1%})" for d, p in ppl.items()}, f"{secs:.0f} s", flush=True)
             save(data)
@@ -119,7 +122,8 @@ def save(data: dict) -> None:
     if path.is_file():
         disk = json.loads(path.read_text())
         if disk.get("setup") == data["setup"]:
-            data["rows"] = {**disk.get("rows", {}), **data["rows"]}
+            fresh = {k: r for k, r in disk.get("rows", {}).items() if not r["rotate"] or "keep" in r}
+            data["rows"] = {**fresh, **data["rows"]}
     base = data["float"]
     rows = []
     for name, (_, what) in SCHEMES.items():

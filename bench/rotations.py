@@ -49,8 +49,9 @@ SCHEMES = {   # in the order they run: the targets first
     "mxfp4": (lambda: preset("mxfp4"), "preset mxfp4: MXFP4 W4A4 (32-element blocks, E8M0 scales), round to nearest"),
     "w4a16-awq": (lambda: preset("w4a16-awq"), "W4A16 int4 g64 symmetric, AWQ (scales + clipping)"),
     "w4a16-gptq": (lambda: preset("w4a16-gptq"), "W4A16 int4 g64 symmetric, GPTQ (act_order)"),
-    "nvfp4-gptq": (lambda: _cfg("nvfp4", "nvfp4", [GPTQ()]), "NVFP4 W4A4, GPTQ weights"),
-    "w4a8-gptq": (lambda: _cfg("int4_g64", "int8_token", [GPTQ()]), "int4 g64 weights, int8 per-token activations, GPTQ only"),
+    "nvfp4-gptq": (lambda: _cfg("nvfp4", "nvfp4", [GPTQ()]), "NVFP4 W4A4, GPTQ weights (with the rotation: the nvfp4-quarot preset)"),
+    "w4a8-gptq": (lambda: _cfg("int4_g64", "int8_token", [GPTQ()]), "int4 g64 weights, int8 per-token activations, GPTQ only "
+                  "(with the rotation: the w4a8-quarot preset)"),
     "w4a4-int-gptq": (lambda: _cfg("int4_g64", "int4_token", [GPTQ()]), "int4 g64 weights, int4 per-token activations, GPTQ"),
     "mxfp4-gptq": (lambda: _cfg("mxfp4", "mxfp4", [GPTQ()]), "MXFP4 W4A4, GPTQ weights"),
 }

@@ -25,6 +25,18 @@ signs (QuaRot's randomised Hadamard, seeded). A size with no such factorisation 
 orthogonal matrix for its odd part (folded rotations only: the online one must be rebuilt exactly on load,
 so there a size without a Hadamard is an error).
 
+**Massive channels stay out** (``keep``; `quantize` detects them on its calibration text with `massive_channels`). A
+few residual channels carry massive activations on a few tokens (SmolLM2-135M: channel 507 reaches ~25,000 on the
+attention-sink token, channel 247 ~1,900, against a median channel maximum of ~50), and the norms that read them
+scale them almost to zero (post-attention norm weight -0.0006 on channel 507). Unrotated, a 4-bit grid keeps such
+a near-zero column near zero. Rotated, the sink token's input is that one huge channel spread over every input
+column and the weights' rounding error is no longer suppressed on it, so the sink token's q/k/v and MLP outputs
+are corrupted and every later token's attention with them (measured: RTN int4 g64 weights alone went from +59%
+to +171% perplexity with a full rotation). The residual rotation is therefore block-diagonal: identity on the
+kept channels, whose norm scales stay in the norm (a diagonal scale commutes with it there), and a randomised
+orthogonal rotation of the other n - k channels (a Hadamard when n - k has one, else a seeded random orthogonal
+odd part: it is folded, never rebuilt).
+
 Families: Llama, Mistral, Qwen2, Qwen3 and Phi-3. Gemma-3 is refused: its post-attention and
 post-feedforward norms scale each block's output after normalising it, right before the residual add, and
 that per-channel scale cannot move through a rotation of the residual stream.

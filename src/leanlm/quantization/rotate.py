@@ -31,8 +31,8 @@ attention-sink token, channel 247 ~1,900, against a median channel maximum of ~5
 scale them almost to zero (post-attention norm weight -0.0006 on channel 507). Unrotated, a 4-bit grid keeps such
 a near-zero column near zero. Rotated, the sink token's input is that one huge channel spread over every input
 column and the weights' rounding error is no longer suppressed on it, so the sink token's q/k/v and MLP outputs
-are corrupted and every later token's attention with them (measured: RTN int4 g64 weights alone went from +59%
-to +171% perplexity with a full rotation). The residual rotation is therefore block-diagonal: identity on the
+are corrupted and every later token's attention with them (measured on 2 x 512 held-out tokens: RTN int4 g64
+weights alone went from +59% to +171% perplexity with a full rotation). The residual rotation is therefore block-diagonal: identity on the
 kept channels, whose norm scales stay in the norm (a diagonal scale commutes with it there), and a randomised
 orthogonal rotation of the other n - k channels (a Hadamard when n - k has one, else a seeded random orthogonal
 odd part: it is folded, never rebuilt).

@@ -49,8 +49,9 @@ SCHEMES = {   # in the order they run: the targets first
     "mxfp4": (lambda: preset("mxfp4"), "preset mxfp4: MXFP4 W4A4 (32-element blocks, E8M0 scales), round to nearest"),
     "w4a16-awq": (lambda: preset("w4a16-awq"), "W4A16 int4 g64 symmetric, AWQ (scales + clipping)"),
     "w4a16-gptq": (lambda: preset("w4a16-gptq"), "W4A16 int4 g64 symmetric, GPTQ (act_order)"),
-    "nvfp4-gptq": (lambda: _cfg("nvfp4", "nvfp4", [GPTQ()]), "NVFP4 W4A4, GPTQ weights"),
-    "w4a8-gptq": (lambda: _cfg("int4_g64", "int8_token", [GPTQ()]), "int4 g64 weights, int8 per-token activations, GPTQ only"),
+    "nvfp4-gptq": (lambda: _cfg("nvfp4", "nvfp4", [GPTQ()]), "NVFP4 W4A4, GPTQ weights (with the rotation: the nvfp4-quarot preset)"),
+    "w4a8-gptq": (lambda: _cfg("int4_g64", "int8_token", [GPTQ()]), "int4 g64 weights, int8 per-token activations, GPTQ only "
+                  "(with the rotation: the w4a8-quarot preset)"),
     "w4a4-int-gptq": (lambda: _cfg("int4_g64", "int4_token", [GPTQ()]), "int4 g64 weights, int4 per-token activations, GPTQ"),
     "mxfp4-gptq": (lambda: _cfg("mxfp4", "mxfp4", [GPTQ()]), "MXFP4 W4A4, GPTQ weights"),
 }
@@ -85,7 +86,9 @@ def main() -> None:
     setup = {"samples": a.samples, "seq_len": a.seq_len, "windows": a.windows}
     if old.get("setup") != setup:
         old = {}
-    data = {"machine": machine(), "setup": setup, "float": old.get("float"), "rows": old.get("rows", {})}
+    # rotated rows from before massive channels were kept out of the rotation (no "keep") measured the old rotation
+    rows = {k: r for k, r in old.get("rows", {}).items() if not r["rotate"] or "keep" in r}
+    data = {"machine": machine(), "setup": setup, "float": old.get("float"), "rows": rows}
 
     model, tok = leanlm.load("smollm2-135m")
     ids = calibration_batches(tok, a.samples, a.seq_len)
@@ -107,6 +110,7 @@ def main() -> None:
             ppl = evaluate(m, tok, a.windows)
             data["rows"][key] = {"scheme": name, "rotate": rot, "calib_seconds": secs, "perplexity": ppl,
                                  "load_average_1min": [load_before, os.getloadavg()[0]], "command": command_line(),
+                                 **({"keep": m.leanlm_rotation.get("keep", [])} if rot else {}),
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             print(key, {d: f"{p:.3f} ({p / data['float'][d] - 1:+.1%})" for d, p in ppl.items()}, f"{secs:.0f} s", flush=True)
             save(data)
@@ -119,7 +123,8 @@ def save(data: dict) -> None:
     if path.is_file():
         disk = json.loads(path.read_text())
         if disk.get("setup") == data["setup"]:
-            data["rows"] = {**disk.get("rows", {}), **data["rows"]}
+            fresh = {k: r for k, r in disk.get("rows", {}).items() if not r["rotate"] or "keep" in r}
+            data["rows"] = {**fresh, **data["rows"]}
     base = data["float"]
     rows = []
     for name, (_, what) in SCHEMES.items():

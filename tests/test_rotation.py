@@ -160,3 +160,34 @@ def test_cli_rotate_and_export_refusal(tmp_path, tiny_folder, capsys):
         code = e.code
     assert code == 2 and "gguf cannot carry the online Hadamard" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_massive_channels_kept_out_of_the_rotation():
+    """A planted massive residual channel (as SmolLM2's channel 507 on the attention-sink token) is detected
+    from calibration text, left unrotated with its norm scales kept, and the float logits stay the same."""
+    from leanlm.quantization.rotate import massive_channels
+
+    model = make_llama(vocab_size=V, seed=2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] = 200.0
+    calib = _ids(32, rows=2, seed=3)
+    assert massive_channels(model, calib) == [5]
+    ids = _ids(20, rows=2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    g = model.model.layers[0].input_layernorm.weight[5].item()
+    emb = model.model.embed_tokens.weight[:, 5].clone()
+    rec = rotate(model, "hadamard", keep=[5])
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    assert rec["keep"] == [5] and model.model.layers[0].input_layernorm.weight[5].item() == g
+    assert torch.equal(model.model.embed_tokens.weight[:, 5], emb)   # channel 5 is not mixed with the others
+    m = make_llama(vocab_size=V, seed=2)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, 5] = 200.0
+    leanlm.quantize(m, QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g32")), ("*lm_head*", None)], rotate="hadamard"),
+                    calib, progress=False)
+    assert m.leanlm_rotation["keep"] == [5]
+    with pytest.raises(LeanLMError, match="keep channels"):
+        rotate(make_model("llama"), keep=[10_000])

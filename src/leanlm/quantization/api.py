@@ -81,9 +81,10 @@ def quantize(
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise LeanLMError(f"calib_data must be a 2-D LongTensor of token ids [N, L], got {tuple(ids.shape)} {ids.dtype}")
     if config.rotate:
-        from .rotate import rotate
+        from .rotate import massive_channels, rotate
 
-        rotate(model, config.rotate)
+        sample = calib_data if isinstance(calib_data, torch.Tensor) and calib_data.dim() == 2 else ids
+        rotate(model, config.rotate, keep=massive_channels(model, sample) if sample is not None else None)
     insert_quantizers(model, resolved)
     was_training = model.training
     model.eval()

@@ -255,6 +255,9 @@ PRESETS: dict[str, callable] = {
     "w4a16-awq-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(clip=False), GPTQ()]),
     "w3a16-gptq": lambda: QuantConfig([_w("int3_g64"), HEAD], [GPTQ()]),
     "w4a8": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.5), GPTQ()]),
+    # QuaRot's recipe (rotation, then GPTQ on the rotated weights; docs/quantization.md "Rotations").
+    "w4a8-quarot": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [GPTQ()], rotate="hadamard"),
+    "nvfp4-quarot": lambda: QuantConfig([_w("nvfp4"), _a_dyn("nvfp4"), HEAD], [GPTQ()], rotate="hadamard"),
     "fp8": lambda: QuantConfig([_w("fp8_e4m3_channel"), _a_dyn("fp8_e4m3_token"), HEAD]),
     "nvfp4": lambda: QuantConfig([_w("nvfp4"), _a_dyn("nvfp4"), HEAD]),
     "nvfp4-w4a16": lambda: QuantConfig([_w("nvfp4"), HEAD]),

@@ -130,21 +130,9 @@ def _register_fakes() -> None:
     if _state.get("fakes"):
         return
 
-    @torch.library.register_fake("leanlm::int4_gemv")
-    def _(x, w, sz, group, n):
-        return x.new_empty(n)
-
-    @torch.library.register_fake("leanlm::int8_gemv")
-    def _(x, w, scale):
-        return x.new_empty(w.shape[0])
-
-    @torch.library.register_fake("leanlm::int4_gemv_q8")
-    def _(x, w, sz, group, n):
-        return x.new_empty(n)
-
-    @torch.library.register_fake("leanlm::int8_gemv_q8")
-    def _(x, w, scale):
-        return x.new_empty(w.shape[0])
+    for suffix in ("", "_q8"):   # the float and the int8-activation ops have the same shapes
+        torch.library.register_fake(f"leanlm::int4_gemv{suffix}")(lambda x, w, sz, group, n: x.new_empty(n))
+        torch.library.register_fake(f"leanlm::int8_gemv{suffix}")(lambda x, w, scale: x.new_empty(w.shape[0]))
 
     _state["fakes"] = True
 

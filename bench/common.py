@@ -38,3 +38,17 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
 def md_table(columns: list[str], rows: list[list]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
     return head + "\n".join("| " + " | ".join(str(x) for x in r) + " |" for r in rows)
+
+
+def step_clocks(eng, tok, steps: int) -> tuple[float, float, float, float]:
+    """Time `steps` one-token forwards of an engine whose decode step is the one-call C++ step (torch.profiler sees
+    one opaque call, so the step's own clocks split it): (wall s, weight GEMVs s, attention s, inside the step s)."""
+    import time
+
+    eng.model.step.timings(True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.forward(tok)
+    wall = time.perf_counter() - t0
+    g, att, inside, _ = eng.model.step.timings(True)
+    return wall, g, att, inside

@@ -35,7 +35,7 @@ import torch
 
 os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused float kernels (the default), timed next to PyTorch's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, setup_threads, write_results  # noqa: E402
+from common import md_table, setup_threads, step_clocks, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venvs" / "llamacpp"
@@ -149,12 +149,7 @@ def step_split(eng, prompt: torch.Tensor, steps: int = 10) -> dict:
     eng.rewind(n0)
     step = getattr(eng.model, "step", None)
     if step is not None:   # one C++ call per step: its own clocks (torch.profiler sees one opaque call)
-        step.timings(True)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.forward(one)
-        wall_s = time.perf_counter() - t0
-        g, att, inside, n = step.timings(True)
+        wall_s, g, att, inside = step_clocks(eng, one, steps)
         eng.reset()
         return {"step_ms": wall, "profiled_ms": wall_s / steps * 1e3, "kernel_share": g / wall_s, "attention_share": att / wall_s,
                 "overhead_share": 1 - (g + att) / wall_s, "python_share": 1 - inside / wall_s, "timer": "the step's own clocks"}

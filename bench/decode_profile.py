@@ -19,7 +19,7 @@ import torch
 
 os.environ.setdefault("LEANLM_KERNELS", "1")  # the fused float kernels (the default)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, setup_threads, write_results  # noqa: E402
+from common import md_table, setup_threads, step_clocks, write_results  # noqa: E402
 
 
 def step_ms(eng, ids, steps):
@@ -41,12 +41,7 @@ def profile(eng, ids, steps):
     eng.rewind(ids.shape[1])
     step = getattr(eng.model, "step", None)
     if step is not None:   # one opaque C++ call: its own clocks
-        step.timings(True)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.forward(tok)
-        wall = time.perf_counter() - t0
-        g, att, inside, n = step.timings(True)
+        wall, g, att, inside = step_clocks(eng, tok, steps)
         eng.rewind(ids.shape[1])
         top = [["weight GEMVs (C++)", 4 * len(eng.model.layers) + 1, f"{g / steps * 1e3:.3f}", f"{g / wall:.0%}"],
                ["attention (C++)", 1, f"{att / steps * 1e3:.3f}", f"{att / wall:.0%}"],

@@ -185,6 +185,13 @@ def test_head_format_is_a_choice(capsys, cmd):
     assert code == 2 and "argument --head: invalid choice: 'int3'" in _one_line_error(err)
 
 
+@pytest.mark.parametrize("cmd", ["generate", "serve"])
+def test_device_is_checked(capsys, cmd):
+    """--device takes cpu, cuda or cuda:N; a typo is a one-line usage error before any model loads."""
+    code, err = _run(capsys, ARGV[cmd] + ["--device", "gpu0"])
+    assert code == 2 and "argument --device: must be cpu, cuda or cuda:N, got 'gpu0'" in _one_line_error(err)
+
+
 # ------------------------------------------------------------------------------ outputs (defect 4)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .cli_args import BITS, COUNT, COUNT0, FRACTION, NONNEG, POSITIVE, PROBABILITY, SEED, SEQ_LEN, memory, size, state_ranges
+from .cli_args import BITS, COUNT, COUNT0, FRACTION, NONNEG, POSITIVE, PROBABILITY, SEED, SEQ_LEN, device, memory, size, state_ranges
 from .core.errors import LeanLMError
 
 
@@ -414,7 +414,7 @@ def _generate_runtime(a) -> dict:
     if ids.shape[1] == 0:
         raise LeanLMError("--prompt is empty after tokenization; give some text")
     eng = Engine(model, a.weights, group_size=a.group_size, head=a.head, max_seq_len=a.max_seq_len or ids.shape[1] + a.max_new_tokens,
-                 compile=a.compile, allow_fallback=a.allow_fallback)
+                 compile=a.compile, allow_fallback=a.allow_fallback, device=a.device)
     # compile (and build the kernels) before the clock starts: compile time is reported on its own
     compile_s = eng.warmup(ids.shape[1], a.max_new_tokens) if a.compile else None
     ticks: list[float] = []
@@ -445,6 +445,8 @@ def cmd_generate(a) -> dict:
         if a.num_draft is not None or a.adaptive or a.chat:
             raise LeanLMError("--num-draft, --adaptive and --chat go with --draft DRAFT or --prompt-lookup")
         return _generate_runtime(a)
+    if a.device != "cpu":
+        raise LeanLMError("speculative decoding runs on the CPU; drop --device or drop --draft / --prompt-lookup")
     from .runtime import Engine
     from .speculative.cli import run_generate
 
@@ -585,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     sp.add_argument("--allow-fallback", action="store_true", help="run formats without a fast kernel as dense weights (reported)")
+    sp.add_argument("--device", type=device, default="cpu", help="cpu (default) or cuda[:N]: run the packed model on a GPU "
+                    "(PyTorch's CUDA kernels; not with --draft or --prompt-lookup)")
     sp.add_argument("--json", action="store_true", help="print JSON instead of text")
     sp.add_argument("--threads", type=COUNT, default=None, help="torch threads (default: all cores)")
     sp.add_argument("--trust-remote-code", action="store_true")

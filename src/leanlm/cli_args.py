@@ -51,6 +51,14 @@ BITS = Number(float, 1, 16)
 PORT = Number(int, 1, 65535)
 
 
+def device(text: str) -> str:
+    """`--device`: cpu, cuda or cuda:N (argparse `type=`; whether a GPU is there is checked when the model moves)."""
+    t = text.strip().lower()
+    if t == "cpu" or t == "cuda" or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+
+
 def size(text: str) -> int:
     """A parameter count such as 90M, 0.09B or 90000000 (argparse `type=`)."""
     from .core.errors import LeanLMError

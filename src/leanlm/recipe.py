@@ -580,6 +580,7 @@ class QATStep(Step):
         return {"mode": res.mode, "ptq_seconds": res.ptq_seconds, "steps": tr.steps, "tokens": tr.tokens, "seconds": tr.seconds,
                 "start_perplexity": tr.start_perplexity, "final_perplexity": tr.final_perplexity, "evals": tr.evals,
                 "eval_windows": self.eval_windows, "resumed_from": tr.resumed_from, "checkpoint": tr.checkpoint,
+                "loss_first": tr.history[0]["loss"] if tr.history else None, "loss_last": tr.history[-1]["loss"] if tr.history else None,
                 "average_bits": average_bits(s.model)}
 
 

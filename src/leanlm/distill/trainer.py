@@ -73,6 +73,7 @@ class TrainConfig:
     resume: bool = True                # continue from the newest checkpoint in checkpoint_dir
     seed: int = 0
     progress: bool = True
+    device: str = "auto"               # auto: this process's GPU when torch sees one (torchrun: GPU LOCAL_RANK), else cpu
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
@@ -265,11 +266,38 @@ def train(
     for perplexity (None = no evaluation). Sparsity masks and a quantized model's grid are kept
     without being asked (`keep_established`).
     """
+    dist.setup()
+    dev = train_device(config.device)
+    home = next(model.parameters()).device
+    # the student, a loss module and a distillation teacher train on `dev`, and come back where they were
+    mods = [m for m in (model, loss_fn, getattr(loss_fn, "teacher", None)) if isinstance(m, nn.Module)]
+    if dev != home:
+        for m in mods:
+            m.to(dev)
     keep, finish = keep_established(model)
     try:
         return _train(model, loss_fn, train_ids, config, eval_ids=eval_ids, params=params, after_step=[*keep, *after_step])
     finally:
         finish()
+        if dev != home:
+            for m in mods:
+                m.to(home)
+
+
+def train_device(spec: str = "auto") -> torch.device:
+    """The device training runs on: ``auto`` is the GPU torch sees (under torchrun with NCCL, this process's own
+    GPU, pinned by `core.dist.setup`), else the CPU; ``cpu`` / ``cuda[:N]`` choose."""
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        d = torch.device(spec)
+    except RuntimeError:
+        raise LeanLMError(f"unknown training device {spec!r}; choose auto, cpu or cuda[:N]") from None
+    if d.type not in ("cpu", "cuda"):
+        raise LeanLMError(f"unknown training device {spec!r}; choose auto, cpu or cuda[:N]")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise LeanLMError(f"training device {spec!r}: no CUDA GPU is visible to PyTorch here; use cpu (or auto)")
+    return d
 
 
 class _LossStep(nn.Module):
@@ -383,7 +411,7 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
         return str(target)
 
     def evaluate() -> float | None:
-        if eval_ids is None:
+        if eval_ids is None or cfg.eval_windows == 0:   # --eval-windows 0: no held-out evaluation
             return None
         from ..evaluation.perplexity import perplexity
 
@@ -457,7 +485,7 @@ def _train(model, loss_fn, train_ids, config, *, eval_ids, params, after_step) -
                 total = 0.0
                 for micro in range(cfg.grad_accum):
                     starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=gen)[w.rank :: w.size]
-                    batch = torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()])
+                    batch = torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()]).to(device)
                     # DDP reduces the gradients once per optimizer step, after the last micro-batch
                     sync = runner.no_sync() if w.parallel and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with sync:

@@ -11,6 +11,9 @@ Batch-1 steps run the fused int4/int8 kernels of `leanlm.runtime.kernels` when t
 LEANLM_KERNELS=0 or ``kernels=False``: PyTorch's kernels, the reference path), as one C++ call per step
 (`Decoder.fused_step`) when every matmul has a fused kernel; `Engine.kernels` names the path that runs.
 
+With ``device="cuda"`` the packed model runs on a GPU (PyTorch's CUDA kernels for each layout, no fused CPU
+kernels); `forward` takes ids on any device and returns logits on the CPU, where the decode loop and the sampler run.
+
 With ``compile=True`` the one-token decode step is compiled by torch.compile (inductor, fixed shapes:
 the attention reads a bucket of `kv_block` cache slots, so a new bucket compiles once); prefill and
 multi-token verification steps run eagerly.
@@ -31,13 +34,16 @@ from .sampling import Sampling
 class Engine:
     def __init__(self, model: nn.Module, weights: str | None = None, *, group_size: int = 64, head: str | None = None,
                  max_seq_len: int = 1024, max_batch: int = 1, compile: bool = False, kv_block: int = 256,
-                 allow_fallback: bool = False, prefill_chunk: int = 512, kernels: bool = True):
+                 allow_fallback: bool = False, prefill_chunk: int = 512, kernels: bool = True, device: str = "cpu"):
         if max_seq_len < 1 or max_batch < 1 or prefill_chunk < 1:
             raise LeanLMError(f"max_seq_len, max_batch and prefill_chunk must be >= 1, got {max_seq_len}, {max_batch} and {prefill_chunk}")
         with torch.no_grad():
             self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_seq_len,
                                  max_batch=max_batch, allow_fallback=allow_fallback).eval()
-        if not kernels:   # PyTorch's own int4/int8 kernels at batch 1 too (the reference path)
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            self.model.to_device(self.device)
+        elif not kernels:   # PyTorch's own int4/int8 kernels at batch 1 too (the reference path)
             for m in self.model.modules():
                 if hasattr(m, "tiled"):
                     m.tiled = None
@@ -49,7 +55,8 @@ class Engine:
             self.model.step, self.model.step_why = self.model.fused_step()
         from . import kernels as _k
 
-        self.kernels = "reference (kernels=False)" if not kernels else _k.path()
+        self.kernels = f"PyTorch's {self.device.type} kernels" if self.device.type != "cpu" else \
+            "reference (kernels=False)" if not kernels else _k.path()
         if self.model.step is not None:
             self.kernels += ", one-call decode step"
         self.config = getattr(model, "config", None)
@@ -96,6 +103,8 @@ class Engine:
         lo, hi = (v := int(ids), v) if ids.numel() == 1 else (int(ids.min()), int(ids.max()))   # one read for a decode step
         if lo < 0 or hi >= self.model.spec.vocab:
             raise LeanLMError(f"token ids must lie in [0, {self.model.spec.vocab}); got {lo}..{hi}")
+        if ids.device != self.device:
+            ids = ids.to(self.device)
         if T > self.prefill_chunk:   # chunked prefill: each chunk attends to the cache filled so far
             outs, hid, start = [], [], self.length
             for i in range(0, T, self.prefill_chunk):
@@ -105,13 +114,15 @@ class Engine:
                     hid.append(self.hidden)
             if self.keep_hidden:
                 self.hidden, self.hidden_start = torch.cat(hid, 1), start
-            return outs[0] if last_only else torch.cat(outs, dim=1)
+            out = outs[0] if last_only else torch.cat(outs, dim=1)
+            return out if out.device.type == "cpu" else out.cpu()
         logits = self._run(ids, B)
-        return logits[:, -1] if last_only else logits
+        logits = logits[:, -1] if last_only else logits
+        return logits if logits.device.type == "cpu" else logits.cpu()
 
     def _run(self, ids: torch.Tensor, B: int) -> torch.Tensor:
         end = self.length + ids.shape[1]
-        pos = torch.arange(self.length, end)
+        pos = torch.arange(self.length, end, device=self.device)
         if self.keep_hidden:
             logits, self.hidden = self.model.forward(ids, pos, end, hidden=True)
             self.hidden_start, self.length, self.batch = self.length, end, B
@@ -132,7 +143,7 @@ class Engine:
 
         t0 = time.perf_counter()
         end = min(self.model.max_seq_len, prompt_tokens + new_tokens)
-        one = torch.zeros(1, 1, dtype=torch.long)
+        one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         ends = [max(1, prompt_tokens)]   # one step ending in each kv_block bucket the generation reaches
         if self.compiled:
             ends += [k * self.kv_block + 1 for k in range(1, end // self.kv_block + 1) if prompt_tokens < k * self.kv_block + 1 <= end]

@@ -170,6 +170,29 @@ class Decoder(nn.Module):
         # which frees the dense cache) never runs it
         self.step, self.step_why = None, "not built (Engine builds it: Decoder.fused_step)"
 
+    def to_device(self, device) -> "Decoder":
+        """Move the packed weights, tables and cache to `device` ("cpu" or "cuda[:N]"). Layouts whose packing is
+        device-specific repack themselves (`for_device`); the fused batch-1 kernels and the one-call step are CPU
+        code, so on a GPU every matmul runs PyTorch's kernel for its layout (docs/runtime.md, "On a GPU")."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        if device.type != "cuda":
+            raise LeanLMError(f"unknown device {str(device)!r}; choose cpu or cuda")
+        if not torch.cuda.is_available():
+            raise LeanLMError("--device cuda: no CUDA GPU is visible to PyTorch here (torch.cuda.is_available() is False); "
+                              "use --device cpu")
+        for m in list(self.modules()):
+            if hasattr(m, "for_device"):
+                m.for_device(device)
+        self.step, self.step_why = None, f"the one-call step is CPU code (this decoder runs on {device})"
+        self.one_row_f32 = False
+        return self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
     def fused_step(self):
         """(`torch.classes.leanlm.Step`, None) when a batch-1 decode step can run as one C++ call over this
         decoder's own buffers (every matmul a fused int4/int8 kernel, no biases, no online rotation), else
@@ -298,7 +321,7 @@ class Decoder(nn.Module):
                 if attend is not None:
                     continue
                 m = getattr(self, f"mask{w}")[input_pos, :kv_len]
-                biases[w] = torch.zeros(m.shape).masked_fill_(~m, float("-inf")).repeat(g, 1)
+                biases[w] = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf")).repeat(g, 1)
         for i, L in enumerate(self.layers):
             sl = 1 if s.windows[i] else 0
             cos, sin = ropes[sl]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli_args import COUNT, COUNT0, PORT, POSITIVE, SEQ_LEN
+from ..cli_args import COUNT, COUNT0, PORT, POSITIVE, SEQ_LEN, device
 from ..core.errors import LeanLMError
 
 
@@ -31,6 +31,8 @@ def serve_args(sp) -> None:
     sp.add_argument("--dense-rows", type=COUNT0, default=16,
                     help="int4/int8 layers run from bfloat16 copies in steps of at least this many token rows (faster at a large "
                          "batch; 2 bytes per weight more memory); 0: never")
+    sp.add_argument("--device", type=device, default="cpu", help="cpu (default) or cuda[:N]: the engine, its weights and its KV "
+                    "cache on a GPU (PyTorch's CUDA kernels for each weight format)")
     sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     sp.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
 
@@ -48,11 +50,11 @@ def run_serve(a, load) -> dict:
                        kv_dtype=a.kv_dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                        max_model_len=max_len, prefix_caching=not a.no_prefix_caching,
                        speculative=None if a.speculative == "none" else a.speculative, num_draft=a.num_draft,
-                       spec_max_batch=a.spec_max_batch, dense_rows=a.dense_rows)
+                       spec_max_batch=a.spec_max_batch, dense_rows=a.dense_rows, device=a.device)
     del model
     name = a.served_model_name or a.model
     b = engine.blocks
-    print(f"leanlm serve: {name} ({engine.model.weights} weights), KV cache {b.num_blocks} blocks x {b.block_size} tokens, "
+    print(f"leanlm serve: {name} ({engine.model.weights} weights on {engine.device}), KV cache {b.num_blocks} blocks x {b.block_size} tokens, "
           f"http://{a.host}:{a.port}/v1"
           + (f"; bfloat16 copies for steps of >= {a.dense_rows} rows: {engine.dense_copy_bytes / 2**20:.0f} MB"
              if engine.dense_copy_bytes else ""), file=sys.stderr)

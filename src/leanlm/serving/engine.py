@@ -51,14 +51,16 @@ class KVPool:
     index_select into a reused workspace: attention reads it as one batched matmul without any transpose
     copy, and no step allocates (and page-faults in) fresh megabytes per layer."""
 
-    def __init__(self, layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype: str):
+    def __init__(self, layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype: str,
+                 device: torch.device = torch.device("cpu")):
         shape = (kv_heads, num_blocks, block_size, head_dim)
         self.int8 = dtype == "int8"
+        self.device = device
         t = torch.int8 if self.int8 else torch.float32
-        self.k = [torch.zeros(shape, dtype=t) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=t) for _ in range(layers)]
-        self.ks = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
-        self.vs = [torch.zeros(shape[:3]) for _ in range(layers)] if self.int8 else None
+        self.k = [torch.zeros(shape, dtype=t, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=t, device=device) for _ in range(layers)]
+        self.ks = [torch.zeros(shape[:3], device=device) for _ in range(layers)] if self.int8 else None
+        self.vs = [torch.zeros(shape[:3], device=device) for _ in range(layers)] if self.int8 else None
         self.kv_heads, self.block_size, self.head_dim = kv_heads, block_size, head_dim
         self._ws: dict[str, torch.Tensor] = {}
 
@@ -74,7 +76,7 @@ class KVPool:
             n *= x
         buf = self._ws.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._ws[name] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype)
+            buf = self._ws[name] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype, device=self.device)
         return buf[:n].view(shape)
 
     def write(self, i: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -163,6 +165,14 @@ class _PagedAttention:
         # each token's cache slot: its sequence's block at pos // block_size, offset pos % block_size
         self.slot = torch.tensor([tables[sc.seq.request_id][p // block_size] * block_size + p % block_size
                                   for sc in sched for p in range(sc.start, sc.start + sc.length)])
+        dev = pool.device
+        if dev.type != "cpu":   # built on the CPU (small index and mask tensors), moved once per step
+            self.pos, self.dec_rows, self.slot = self.pos.to(dev), self.dec_rows.to(dev), self.slot.to(dev)
+            if dec_rows:
+                self.dec_tables = self.dec_tables.to(dev)
+                self.dec_bias = {w: b.to(dev) for w, b in self.dec_bias.items()}
+            self.seqs = [(t0, T, table.to(dev), ctx, {w: b.to(dev) for w, b in biases.items()})
+                         for t0, T, table, ctx, biases in self.seqs]
 
     def _decode(self, i: int, q: torch.Tensor, window) -> torch.Tensor:
         """q [S, H, D] of the decoding rows -> [S, H*D]: one baddbmm / softmax / bmm over [kv_heads * S] batches."""
@@ -231,7 +241,7 @@ class LLMEngine:
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
                  kv_dtype: str = "float32", allow_fallback: bool = False, speculative: str | None = None,
-                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16):
+                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16, device: str = "cpu"):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
@@ -244,6 +254,8 @@ class LLMEngine:
             raise LeanLMError(f"dense_rows must be >= 0 (0: never use bfloat16 copies), got {dense_rows}")
         # steps of >= dense_rows token rows run int4/int8 layers from bfloat16 copies (memory: dense_copy_bytes)
         self.dense_copy_bytes = _switch_layouts(self.model, dense_rows) if dense_rows else 0
+        self.device = torch.device(device)
+        self.model.to_device(self.device)   # a GPU: PyTorch's CUDA kernels for every layout (runtime/model.py)
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         s = self.model.spec
         if kv_dtype not in ("float32", "int8"):
@@ -253,7 +265,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise LeanLMError(f"--kv-cache-mb {kv_cache_mb} holds no block of {block_size} tokens "
                               f"({per_block / 2**20:.2f} MB each); raise it")
-        self.pool = KVPool(s.n_layers, num_blocks, s.kv_heads, block_size, s.head_dim, kv_dtype)
+        self.pool = KVPool(s.n_layers, num_blocks, s.kv_heads, block_size, s.head_dim, kv_dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -334,15 +346,17 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        ids = torch.tensor([t for sc in sched for t in sc.seq.feed[sc.start:sc.start + sc.length]])
+        ids = torch.tensor([t for sc in sched for t in sc.seq.feed[sc.start:sc.start + sc.length]], device=self.device)
         attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
         ends = torch.tensor([sc.length for sc in sched]).cumsum(0) - 1
         rows = []   # logits rows: the last token of each sampling chunk, and the positions of its draft
         for sc, e in zip(sched, ends.tolist()):
             if sc.samples:
                 rows.extend(range(e - len(sc.seq.draft), e + 1))
-        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=torch.tensor(rows, dtype=torch.long))[0]   # only rows that sample
+        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=torch.tensor(rows, dtype=torch.long, device=self.device))[0]   # only rows that sample
         greedy = logits.argmax(-1).tolist()   # one call for every greedy row of the step
+        if logits.device.type != "cpu" and any(sc.samples and sc.seq.params.temperature > 0 for sc in sched):
+            logits = logits.cpu()   # sampled rows draw with their request's CPU generator
         outs, r, now = [], 0, time.perf_counter()
         for sc in sched:
             seq = sc.seq

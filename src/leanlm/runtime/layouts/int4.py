@@ -12,6 +12,9 @@ built (the default; LEANLM_KERNELS=0 turns it off): it reads the same codes from
 16 rows x 8 k per 64 bytes) and the same scales/zeros table, with the reference's arithmetic (bfloat16
 activation row and output, float32 accumulation); several rows (prefill, batches) always run PyTorch's
 kernel (the reference path).
+
+On CUDA (`for_device`) the codes are repacked for PyTorch's CUDA int4 kernel (`_convert_weight_to_int4pack`
++ `_weight_int4pack_mm`, the tinygemm kernel: bfloat16 activations, the same scales/zeros table and formula).
 """
 
 from __future__ import annotations
@@ -70,11 +73,45 @@ class Int4Weight(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's int4 kernel (any number of rows)."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_zeros)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def codes(self) -> torch.Tensor:
+        """The unsigned codes u [out, in] (int32 in [0, 15]), recovered exactly from the dequantized weight:
+        W = (u - 8) * scale + zero, and the bfloat16 rounding of W (at most |W| / 256 <= scale / 16) is far
+        below half a step."""
+        w = self.dequantize()
+        sz = self.scales_zeros.float().transpose(0, 1)   # [out, in/g, 2]
+        s = sz[..., 0].repeat_interleave(self.group_size, 1)
+        z = sz[..., 1].repeat_interleave(self.group_size, 1)
+        u = torch.where(s == 0, torch.zeros_like(w), (w - z) / s.masked_fill(s == 0, 1)).round_() + 8
+        return u.clamp_(0, 15).to(torch.int32)
+
+    def for_device(self, device: torch.device) -> None:
+        """Repack for `device` before the module moves there (CPU: nothing to do). CUDA takes groups of
+        32-256 and in_features a multiple of 32 (the int4 layouts here always are), out_features a multiple of 8."""
+        if device.type == "cpu" or self.packed.is_cuda:
+            return
+        from ...core.errors import LeanLMError
+
+        if device.type != "cuda":
+            raise LeanLMError(f"int4 weights run on the CPU or CUDA, not {device.type}; use --device cpu or cuda")
+        if self.out_features % 8 or self.in_features % 32:
+            raise LeanLMError(f"the CUDA int4 kernel needs out_features % 8 == 0 and in_features % 32 == 0, got "
+                              f"{self.out_features} x {self.in_features}; run this model with int8 or bf16 weights on CUDA")
+        u = self.codes()
+        pairs = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).to(device)   # two codes a byte, the first in the high nibble
+        tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+        self.tiled, self.q8 = None, False   # the fused batch-1 kernels are CPU code
+        self.scales_zeros = self.scales_zeros.to(torch.bfloat16)
 
     def dequantize(self) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype, device=self.packed.device)
         return self.reference(eye).float().t().contiguous()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """int8 per-output-channel symmetric weights, activations in bfloat16 (or float32):
 `torch.ops.aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])` = x @ (w * s).T; a batch-1 call
 (one activation row) runs the fused kernel of `leanlm.runtime.kernels` on the same codes and scales when it
-is built (bfloat16 scales; the opt-in int8-activation kernel also needs in_features a multiple of 32)."""
+is built (bfloat16 scales; the opt-in int8-activation kernel also needs in_features a multiple of 32). On CUDA
+the codes are converted to the activation dtype inside the matmul (x @ w.T * s: the same product)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,14 @@ class Int8Weight(nn.Module):
             return (torch.ops.leanlm.int8_gemv_q8 if self.q8 else torch.ops.leanlm.int8_gemv)(x.reshape(-1), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
+    def for_device(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            self.fast = self.q8 = False   # the fused batch-1 kernels are CPU code
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's int8 kernel (any number of rows)."""
+        if self.qweight.is_cuda:
+            return torch.nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
         return y.reshape(*x.shape[:-1], self.out_features)
 

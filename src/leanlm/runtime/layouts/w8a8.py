@@ -31,6 +31,13 @@ class W8A8Weight(nn.Module):
 
         return cls(*int8_rtn(w), dtype)
 
+    def for_device(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            from ...core.errors import LeanLMError
+
+            raise LeanLMError(f"w8a8 weights run on the CPU only (torch._int_mm's {device.type} kernel takes no small batches); "
+                              "use int8 or int4 weight-only formats there")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         fmt, qp = (_PER_TOKEN, compute_qparams(x2, _PER_TOKEN)) if self.x_scale is None else (_PER_TENSOR, QParams(self.x_scale))

@@ -244,7 +244,7 @@ def qat(
             setattr(train_config, k, v)
     train_config.check()
     ids = _train_ids(train_data, tokenizer)
-    if not evaluate:
+    if not evaluate or train_config.eval_windows == 0:
         eval_ids = None
     elif eval_ids is None and tokenizer is not None:
         from ..core.data import evaluation_texts, join_and_tokenize

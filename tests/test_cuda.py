@@ -15,20 +15,22 @@ from leanlm.runtime.layouts import Int4Weight
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (128, True)])
-def test_int4_codes_are_recovered_exactly(group, symmetric):
-    """A CUDA repack starts from the codes recovered from the CPU layout: they must be the codes that were packed."""
-    torch.manual_seed(0)
-    out_f, in_f = 48, 256
+def _int4(out_f, in_f, group, symmetric, seed):
+    """Random int4 codes (signed for a symmetric grid, unsigned with integer zero points otherwise) and their layout."""
+    torch.manual_seed(seed)
     scale = torch.rand(out_f, in_f // group, 1) * 0.05 + 1e-3
     if symmetric:
         codes, zero = torch.randint(-8, 8, (out_f, in_f), dtype=torch.int8), None
-        u = codes.to(torch.int32) + 8
     else:
         codes, zero = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8), torch.randint(0, 16, (out_f, in_f // group, 1)).float()
-        u = codes.to(torch.int32)
-    lay = Int4Weight.from_codes(codes, scale, zero, group, torch.bfloat16)
-    assert torch.equal(lay.codes(), u)
+    return codes, zero, Int4Weight.from_codes(codes, scale, zero, group, torch.bfloat16)
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (128, True)])
+def test_int4_codes_are_recovered_exactly(group, symmetric):
+    """A CUDA repack starts from the codes recovered from the CPU layout: they must be the codes that were packed."""
+    codes, zero, lay = _int4(48, 256, group, symmetric, seed=0)
+    assert torch.equal(lay.codes(), codes.to(torch.int32) + (8 if symmetric else 0))
 
 
 def test_device_errors_are_one_line(tiny_model):
@@ -51,14 +53,8 @@ def _model(vocab=300, seed=0):
 @cuda
 @pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (128, True)])
 def test_int4_cuda_kernel_equals_the_dequantized_weight(group, symmetric):
-    torch.manual_seed(1)
-    out_f, in_f = 96, 384
-    scale = torch.rand(out_f, in_f // group, 1) * 0.05 + 1e-3
-    if symmetric:
-        codes, zero = torch.randint(-8, 8, (out_f, in_f), dtype=torch.int8), None
-    else:
-        codes, zero = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8), torch.randint(0, 16, (out_f, in_f // group, 1)).float()
-    lay = Int4Weight.from_codes(codes, scale, zero, group, torch.bfloat16)
+    in_f = 384
+    _, _, lay = _int4(96, in_f, group, symmetric, seed=1)
     w = lay.dequantize()
     lay.for_device(torch.device("cuda"))
     lay.cuda()

@@ -461,3 +461,33 @@ def test_int4_layers_run_bf16_copies_from_dense_rows(model, tok):
     assert LLMEngine(model, tok, "int4", kv_cache_mb=1, dense_rows=0).dense_copy_bytes == 0
     with pytest.raises(LeanLMError, match="dense_rows"):
         LLMEngine(model, tok, "int4", kv_cache_mb=1, dense_rows=-1)
+
+
+def test_one_sequence_decodes_through_the_fused_step(model, tok):
+    """A request decoding alone runs the runtime's one-call step over a dense KV copy that mirrors into the pools:
+    its greedy tokens equal the runtime engine's batch-1 decode; when a second request joins (paged batch) and the
+    first finishes, the second takes the solo path again from the pools; outputs equal those of an engine with
+    the solo path off, and every block is freed."""
+    from leanlm.runtime import Engine
+    from leanlm.runtime import kernels
+
+    if not kernels.available():
+        pytest.skip("the fused kernels are not built here")
+    prompts = [ids(tok, p) for p in PROMPTS[:2]]
+    sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)
+    eng = LLMEngine(model, tok, "int4", kv_cache_mb=1, block_size=4, dense_rows=0)
+    assert eng.solo is not None
+    got = run(eng, [("a", prompts[0], sp(12))])
+    alone = Engine(model, "int4", max_seq_len=128).generate(torch.tensor([prompts[0]]), 12)[0, len(prompts[0]):].tolist()
+    assert got["a"] == alone and eng.stats.solo_steps == 11 and eng.stats.solo_loads == 1
+    outs = {}
+    for fused in (True, False):
+        e = LLMEngine(model, tok, "int4", kv_cache_mb=1, block_size=4, dense_rows=0, fused_step=fused)
+        e.add_request("a", prompts[0], sp(6))
+        for _ in range(3):   # a decodes alone for a while
+            e.step()
+        got = run(e, [("b", prompts[1], sp(14))])   # b joins; a finishes; b decodes alone
+        outs[fused] = (got, e.stats.solo_steps, e.stats.solo_loads)
+        assert all_free(e)
+    assert outs[True][0] == outs[False][0] and outs[False][1] == 0
+    assert outs[True][1] > 0 and outs[True][2] >= 2   # a's solo steps, then b's (loaded from the pools)

@@ -532,6 +532,17 @@ def show_distill(r: dict, console) -> None:
                   f"({d['eval_windows']} x 512) {d['perplexity_start']:.3f} -> {d['perplexity_end']:.3f}")
 
 
+def _calibration_args(sp, samples_help: str) -> None:
+    """The calibration options `quantize` and `sparsify` share."""
+    sp.add_argument("--samples", type=COUNT, default=128, help=samples_help)
+    sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence")
+    sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
+    sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--max-memory", type=memory, metavar="SIZE", help="calibrate block by block from the checkpoint on disk "
+                    "within this budget, e.g. 2GB (the whole float model is never loaded; docs/scale.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="Make language models smaller, faster and cheaper to run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -609,13 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with AVX512-BF16/AMX, slightly worse result; see docs/quantization.md)")
     sp.add_argument("--rotate", choices=["hadamard", "hadamard-fold"], help="fold a Hadamard rotation into the model first "
                     "(QuaRot; hadamard adds an online one before down_proj, which GGUF / compressed-tensors / hf cannot carry)")
-    sp.add_argument("--samples", type=COUNT, default=128, help="calibration sequences")
-    sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence")
-    sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
-    sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
-    sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("--max-memory", type=memory, metavar="SIZE", help="calibrate block by block from the checkpoint on disk "
-                    "within this budget, e.g. 2GB (the whole float model is never loaded; docs/scale.md)")
+    _calibration_args(sp, "calibration sequences")
     sp.add_argument("--tokenizer", help="ONNX input, int8-static: model whose tokenizer cuts the calibration text (default: the .onnx file's folder)")
     _nproc_args(sp)
     sp = sub.add_parser("profile", help="roofline analysis of batch-1 decode on this machine")
@@ -638,13 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rule", action="append", metavar="GLOB=VALUE",
                     help="per-layer override, later wins: a fraction, a pattern (2:4) or dense, e.g. '*.layers.0.*=dense'")
     sp.add_argument("--out", required=True, help="output folder: a Hugging Face folder plus masks and recipe (written atomically)")
-    sp.add_argument("--samples", type=COUNT, default=128, help="calibration sequences (wanda, sparsegpt)")
-    sp.add_argument("--seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence")
-    sp.add_argument("--calib", default="wiki", help="calibration text: wiki (default), news or a .txt/.jsonl file")
-    sp.add_argument("--eval", action="store_true", help="report held-out perplexity before and after")
-    sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("--max-memory", type=memory, metavar="SIZE", help="calibrate block by block from the checkpoint on disk "
-                    "within this budget, e.g. 2GB (the whole float model is never loaded; docs/scale.md)")
+    _calibration_args(sp, "calibration sequences (wanda, sparsegpt)")
     from .speculative.cli import draft_args
 
     sp = sub.add_parser("draft", help="build a draft for speculative decoding: a shallow distilled model (first N layers) or "

@@ -232,6 +232,14 @@ class Decoder(nn.Module):
                 int(bool(s.ffn_norms)), int(bool(s.qk_norms)), s.hidden, grp(self.head)] + per
         return torch.classes.leanlm.Step(t, ints, [float(s.eps), float(s.attn_scale), float(s.final_softcap or 0.0)]), None
 
+    def fused_one(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [V] of one token at `pos` through the one-call step (`self.step`), which reads and writes the
+        dense caches `k_cache` / `v_cache` of every layer."""
+        x = self.embed.rows(token).float()
+        if self.embed_scale != 1.0:
+            x.mul_(self.embed_scale)
+        return self.step.step(x.view(-1), pos)
+
     def fused_rows(self) -> bool:
         """Whether every matmul of a one-row step runs a fused kernel (they take and return float32, so such a
         step skips the bfloat16 casts around each matmul)."""
@@ -303,10 +311,7 @@ class Decoder(nn.Module):
         s = self.spec
         B, T = ids.shape
         if B * T == 1 and not hidden and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
-            x = self.embed.rows(ids.view(1)).float()   # the whole step in one C++ call (fused_step)
-            if self.embed_scale != 1.0:
-                x.mul_(self.embed_scale)
-            return self.step.step(x.view(-1), int(input_pos)).view(1, 1, -1)
+            return self.fused_one(ids.view(1), int(input_pos)).view(1, 1, -1)
         dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
         x = self.embed.rows(ids).float()
         if self.embed_scale != 1.0:

@@ -12,6 +12,12 @@ decoder's attention is replaced by `_PagedAttention`: the new K/V are written in
 sequence attends over the blocks of its block table (gathered with index_select into a reused workspace) under
 a causal mask; all decoding sequences of a step attend in one batched call over their padded block tables.
 int4/int8 weight-only layers run from bfloat16 copies in steps of at least `dense_rows` token rows (`RowSwitch`).
+
+A step whose only work is ONE sequence's one-token decode (a single client) runs the runtime's one-call fused step
+(`Decoder.fused_step`, the batch-1 path of `leanlm generate`) over a dense copy of that sequence's KV cache: the copy is
+loaded from the paged pools when another sequence (or a resumed one) takes the solo path, and each solo step mirrors
+its new K/V into the pools, so the paged cache stays the one source of truth for batches, the prefix cache and
+preemption (float32 KV blocks, CPU, fused kernels built; `fused_step=False` turns it off).
 """
 
 from __future__ import annotations
@@ -241,20 +247,28 @@ class LLMEngine:
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
                  kv_dtype: str = "float32", allow_fallback: bool = False, speculative: str | None = None,
-                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16, device: str = "cpu"):
+                 num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16, device: str = "cpu",
+                 fused_step: bool = True):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
         with torch.no_grad():
             self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_model_len,
                                  max_batch=1, allow_fallback=allow_fallback).eval()
-        for L in self.model.layers:   # the paged pools below replace the decoder's dense cache
-            L.k_cache = L.v_cache = torch.empty(0)
+        self.device = torch.device(device)
+        # one sequence decoding alone runs the one-call step over the decoder's dense caches (built before the layouts
+        # are wrapped: it holds the packed tensors themselves); otherwise the paged pools below replace those caches
+        if fused_step and self.device.type == "cpu" and kv_dtype == "float32":
+            self.model.step, self.model.step_why = self.model.fused_step()
+        self.solo = self.model.step
+        self._solo_at: tuple[str, int] | None = None   # (request id, tokens) whose KV the dense caches hold
+        if self.solo is None:
+            for L in self.model.layers:
+                L.k_cache = L.v_cache = torch.empty(0)
         if dense_rows < 0:
             raise LeanLMError(f"dense_rows must be >= 0 (0: never use bfloat16 copies), got {dense_rows}")
         # steps of >= dense_rows token rows run int4/int8 layers from bfloat16 copies (memory: dense_copy_bytes)
         self.dense_copy_bytes = _switch_layouts(self.model, dense_rows) if dense_rows else 0
-        self.device = torch.device(device)
         self.model.to_device(self.device)   # a GPU: PyTorch's CUDA kernels for every layout (runtime/model.py)
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         s = self.model.spec
@@ -346,14 +360,16 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        ids = torch.tensor([t for sc in sched for t in sc.seq.feed[sc.start:sc.start + sc.length]], device=self.device)
-        attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
-        ends = torch.tensor([sc.length for sc in sched]).cumsum(0) - 1
-        rows = []   # logits rows: the last token of each sampling chunk, and the positions of its draft
-        for sc, e in zip(sched, ends.tolist()):
-            if sc.samples:
-                rows.extend(range(e - len(sc.seq.draft), e + 1))
-        logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=torch.tensor(rows, dtype=torch.long, device=self.device))[0]   # only rows that sample
+        logits = self._solo_step(sched)
+        if logits is None:
+            ids = torch.tensor([t for sc in sched for t in sc.seq.feed[sc.start:sc.start + sc.length]], device=self.device)
+            attend = _PagedAttention(self.model, self.pool, sched, self.blocks.tables, self.blocks.block_size)
+            ends = torch.tensor([sc.length for sc in sched]).cumsum(0) - 1
+            rows = []   # logits rows: the last token of each sampling chunk, and the positions of its draft
+            for sc, e in zip(sched, ends.tolist()):
+                if sc.samples:
+                    rows.extend(range(e - len(sc.seq.draft), e + 1))
+            logits = self.model(ids[None], attend.pos, 0, attend=attend, rows=torch.tensor(rows, dtype=torch.long, device=self.device))[0]   # only rows that sample
         greedy = logits.argmax(-1).tolist()   # one call for every greedy row of the step
         if logits.device.type != "cpu" and any(sc.samples and sc.seq.params.temperature > 0 for sc in sched):
             logits = logits.cpu()   # sampled rows draw with their request's CPU generator
@@ -384,6 +400,29 @@ class LLMEngine:
             else:
                 self.blocks.commit(seq.request_id, seq.tokens, seq.computed)
         return outs
+
+    def _solo_step(self, sched: list[Scheduled]) -> torch.Tensor | None:
+        """Logits [1, V] when the step is one sequence's one-token decode and the one-call step is built, else None."""
+        if self.solo is None or len(sched) != 1 or sched[0].length != 1 or sched[0].seq.draft:
+            return None
+        seq, pos = sched[0].seq, sched[0].start
+        bs, table = self.blocks.block_size, self.blocks.tables[seq.request_id]
+        layers = self.model.layers
+        if self._solo_at != (seq.request_id, pos):   # load the sequence's cached tokens from the pools
+            if pos:
+                tab = torch.tensor(table[: -(-pos // bs)])[None]
+                for i, L in enumerate(layers):
+                    K, V = self.pool.gather(i, tab)            # [Hkv, 1, blocks * bs, D]
+                    L.k_cache[0, :, :pos] = K[:, 0, :pos]
+                    L.v_cache[0, :, :pos] = V[:, 0, :pos]
+            self.stats.solo_loads += 1
+        logits = self.model.fused_one(torch.tensor([seq.feed[pos]]), pos).view(1, -1)
+        slot = torch.tensor([table[pos // bs] * bs + pos % bs])
+        for i, L in enumerate(layers):   # mirror the new K/V into the pools
+            self.pool.write(i, slot, L.k_cache[0, :, pos][None], L.v_cache[0, :, pos][None])
+        self._solo_at = (seq.request_id, pos + 1)
+        self.stats.solo_steps += 1
+        return logits
 
     def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
         seq.output.append(tok)

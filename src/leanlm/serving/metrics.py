@@ -37,6 +37,8 @@ class Stats:
     e2e: Histogram = field(default_factory=Histogram)
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    solo_steps: int = 0     # steps run by the one-call fused step (one sequence decoding alone)
+    solo_loads: int = 0     # times its dense KV copy was loaded from the paged pools
 
 
 def render(engine, model_name: str) -> str:

@@ -559,9 +559,21 @@ at::Tensor run_op(const Mat& m, const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------------------------------ the decode step
+// sum of a[i] * b[i] in sixteen partial sums (one or two vector registers once the compiler vectorizes the inner
+// loop: a single running sum is a chain of dependent adds that no compiler reorders), folded pairwise
+inline float dot(const float* a, const float* b, int n) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  for (int w = 8; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return acc[0];
+}
+
 inline void rms(const float* x, const float* w, float* out, int n, float eps) {
-  float ss = 0.f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float ss = dot(x, x, n);
   const float r = 1.f / std::sqrt(ss / (float)n + eps);
   for (int i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
@@ -652,7 +664,7 @@ struct Step : torch::CustomClassHolder {
       }
       const auto t_a = clk::now();
       const int t0 = l.win ? std::max(0, pos - l.win + 1) : 0, T = pos + 1 - t0;
-      at::parallel_for(0, H, T * D >= 16384 ? 1 : H, [&](int64_t h0, int64_t h1) {
+      at::parallel_for(0, H, T * D >= 65536 ? 1 : H, [&](int64_t h0, int64_t h1) {
         for (int hd = (int)h0; hd < (int)h1; ++hd) {
           const float* qh = q + hd * D;
           const float* kh = l.kc + ((size_t)(hd / g) * S + t0) * D;
@@ -660,9 +672,7 @@ struct Step : torch::CustomClassHolder {
           float* sh = sc.data() + (size_t)hd * S;
           float mx = -INFINITY;
           for (int t = 0; t < T; ++t) {
-            float d = 0.f;
-            for (int e = 0; e < D; ++e) d += qh[e] * kh[(size_t)t * D + e];
-            sh[t] = d * scale;
+            sh[t] = dot(qh, kh + (size_t)t * D, D) * scale;
             mx = std::max(mx, sh[t]);
           }
           float sum = 0.f;

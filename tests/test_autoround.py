@@ -87,3 +87,34 @@ def test_gptq_sink_tokens_leave_the_first_positions_out_of_the_hessian(monkeypat
         return (rest @ (w - wq).T).pow(2).mean().item()
 
     assert err_on_rest(x[:, 1:]) < err_on_rest(x)
+
+
+def test_autoround_float_targets_are_the_float_models_layer_outputs(monkeypatch):
+    """float_targets: every layer trains against the float model's own outputs of that layer (a float
+    stream kept beside the quantized one), not the float layer on its quantized inputs."""
+    from leanlm.quantization import autoround
+
+    model = make_llama(vocab_size=300, hidden=64, layers=3, intermediate=128)
+    ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    ref = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: ref.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    got, orig = [], autoround._float_targets
+
+    def record(step):
+        y = orig(step)
+        got.append(torch.cat(y))
+        return y
+
+    monkeypatch.setattr(autoround, "_float_targets", record)
+    q = copy.deepcopy(model)
+    quantize(q, _cfg("int4_g32", AutoRound(iters=3, batch=2, float_targets=True)), ids, progress=False)
+    assert len(got) == 3
+    for i, (y, r) in enumerate(zip(got, ref)):
+        assert torch.allclose(y, r, atol=1e-4), i
+    # the quantized stream leaves the float one after layer 0, so later targets differ from the old ones
+    assert not torch.allclose(_layer0_outputs(q, ids), ref[0], atol=1e-4)

@@ -143,8 +143,11 @@ class AutoRound:
 
     ``iters`` signed-SGD steps per decoder layer, each on ``batch`` calibration rows drawn at random,
     with step size ``lr`` (default ``1 / iters``, the paper's choice) decaying linearly to 0;
-    ``clip`` learns the clipping factors (in [``min_clip``, 1]) as well as the rounding. Defaults
-    measured on SmolLM2-135M (docs/quantization.md, "AutoRound").
+    ``clip`` learns the clipping factors (in [``min_clip``, 1]) as well as the rounding.
+    ``float_targets``: each layer's targets are the float model's outputs (a float stream of hidden
+    states kept beside the quantized one, as the reference implementation does), so a layer also
+    corrects the error of the layers before it; off: the float layer's outputs on its quantized
+    inputs. Defaults measured on SmolLM2-135M (docs/quantization.md, "AutoRound").
     """
 
     iters: int = 50
@@ -153,6 +156,7 @@ class AutoRound:
     clip: bool = True
     min_clip: float = 0.5
     seed: int = 0
+    float_targets: bool = False
 
     def __post_init__(self):
         if self.iters < 1 or self.batch < 1:

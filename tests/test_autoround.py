@@ -125,9 +125,9 @@ def test_w4a16_default_awq_then_autoround_beats_awq_alone_on_held_out_logits():
     against AutoRound trained on its quantized-stream targets, on a tiny model's held-out logits."""
     from leanlm.quantization import AWQ, preset
 
-    model = make_llama(vocab_size=300, hidden=64, layers=3, intermediate=128)
+    model = make_llama(vocab_size=300, hidden=64, layers=2, intermediate=128)
     g = torch.Generator().manual_seed(0)
-    ids, held = torch.randint(0, 300, (16, 32), generator=g), torch.randint(0, 300, (8, 32), generator=g)
+    ids, held = torch.randint(0, 300, (8, 32), generator=g), torch.randint(0, 300, (8, 32), generator=g)
     with torch.no_grad():
         ref = model(held, use_cache=False).logits
     stale = preset("w4a16")

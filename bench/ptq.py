@@ -58,8 +58,13 @@ VARIANTS = {
     "awq duo+x scales": lambda: QuantConfig(G64, [AWQ(scales="both")]),
     "awq signed clip": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096)]),
     "awq duo+x scales + signed clip": lambda: QuantConfig(G64, [AWQ(scales="both", clip_signed=True, clip_samples=4096)]),
-    "awq + autoround": lambda: QuantConfig(G64, [AWQ(), AutoRound()]),
-    "awq signed clip + autoround": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound()]),
+    # AutoRound's targets: the float layer on its quantized inputs (float_targets=False, the first version) or the
+    # float model's outputs (the default since bench/results/ptq_w4.md; = preset w4a16-awq-autoround after AWQ).
+    "awq + autoround": lambda: QuantConfig(G64, [AWQ(), AutoRound(float_targets=False)]),
+    "awq signed clip + autoround": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=False)]),
+    "awq + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(), AutoRound(float_targets=True)]),
+    "autoround (quantized-stream targets)": lambda: QuantConfig(G64, [AutoRound(float_targets=False)]),
+    "awq signed clip + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=True)]),
 }
 
 # (peer tool, leanlm preset it is compared with, peer scheme name), most important first.
@@ -170,6 +175,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="keep what this run does not redo from the existing results file")
     ap.add_argument("--merge-also", help="comma-separated results names whose leanlm rows are merged in too (runs made side by side)")
     ap.add_argument("--name", default="ptq", help="results file: bench/results/NAME.md and .json (default ptq)")
+    ap.add_argument("--note", help="a paragraph added to the report after the leanlm table (e.g. where a peer figure comes from)")
     a = ap.parse_args()
     global SKIP_REASON
     SKIP_REASON = a.peers_cached_only
@@ -299,6 +305,8 @@ def report(a, base, rows, mixed, peers, timing, final):
         ["scheme", "wiki perplexity (vs float32)", "news perplexity (vs float32)", "calibration s", "load", "avg bits (linears)"],
         [[k, _pct(v, "perplexity", base), _pct(v, "perplexity_news", bn), f"{v['calib_seconds']:.1f}", load(v), f"{v['average_bits']:.2f}"]
          for k, v in rows.items()]))
+    if getattr(a, "note", None):
+        md.append(a.note)
     if mixed:
         md.append(f"## Mixed precision (budget 4.5 bits/weight over int3_g64 / int4_g64 / int8, KL sensitivity on 4 x 256 tokens, then GPTQ)\n\n"
                   f"Choice: {mixed['choice_counts']}, {mixed['achieved_bits']:.3f} bits/weight over the quantized layers; search {mixed['search_seconds']:.0f} s; "

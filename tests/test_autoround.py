@@ -87,3 +87,55 @@ def test_gptq_sink_tokens_leave_the_first_positions_out_of_the_hessian(monkeypat
         return (rest @ (w - wq).T).pow(2).mean().item()
 
     assert err_on_rest(x[:, 1:]) < err_on_rest(x)
+
+
+def test_autoround_float_targets_are_the_float_models_layer_outputs(monkeypatch):
+    """float_targets: every layer trains against the float model's own outputs of that layer (a float
+    stream kept beside the quantized one), not the float layer on its quantized inputs."""
+    from leanlm.quantization import autoround
+
+    model = make_llama(vocab_size=300, hidden=64, layers=3, intermediate=128)
+    ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    ref = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: ref.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    got, orig = [], autoround._float_targets
+
+    def record(step):
+        y = orig(step)
+        got.append(torch.cat(y))
+        return y
+
+    monkeypatch.setattr(autoround, "_float_targets", record)
+    q = copy.deepcopy(model)
+    quantize(q, _cfg("int4_g32", AutoRound(iters=3, batch=2, float_targets=True)), ids, progress=False)
+    assert len(got) == 3
+    for i, (y, r) in enumerate(zip(got, ref)):
+        assert torch.allclose(y, r, atol=1e-4), i
+    # the quantized stream leaves the float one after layer 0, so later targets differ from the old ones
+    assert not torch.allclose(_layer0_outputs(q, ids), ref[0], atol=1e-4)
+
+
+def test_w4a16_default_awq_then_autoround_beats_awq_alone_on_held_out_logits():
+    """The w4a16 preset (AWQ, then AutoRound against the float model's outputs) against AWQ alone and
+    against AutoRound trained on its quantized-stream targets, on a tiny model's held-out logits."""
+    from leanlm.quantization import AWQ, preset
+
+    model = make_llama(vocab_size=300, hidden=64, layers=2, intermediate=128)
+    g = torch.Generator().manual_seed(0)
+    ids, held = torch.randint(0, 300, (8, 32), generator=g), torch.randint(0, 300, (8, 32), generator=g)
+    with torch.no_grad():
+        ref = model(held, use_cache=False).logits
+    stale = preset("w4a16")
+    stale.algorithms = [AWQ(), AutoRound(float_targets=False)]
+    err = {}
+    for name, cfg in (("w4a16", preset("w4a16")), ("awq", preset("w4a16-awq")), ("stale targets", stale)):
+        q = copy.deepcopy(model)
+        quantize(q, cfg, ids, progress=False)
+        with torch.no_grad():
+            err[name] = (q(held, use_cache=False).logits - ref).pow(2).mean().item()
+    assert err["w4a16"] < 0.95 * err["awq"] and err["w4a16"] < err["stale targets"], err

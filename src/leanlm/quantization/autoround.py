@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.calibrate import LayerStep, register
+from ..core.calibrate import LayerStep, register, run_layer
 from .calibrate import _weight_quantizer, finish_weight
 from .config import AutoRound
 from .formats import QParams, _grouped, compute_qparams, fake_quantize_with
@@ -104,18 +104,38 @@ def _layer_output(layer, weights: dict, x: torch.Tensor, kw: dict) -> torch.Tens
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+_FLOAT_STREAM = "autoround_float_stream"
+
+
+def _float_targets(step: LayerStep) -> list[torch.Tensor]:
+    """The float model's outputs of this layer (its still-float weights on the float model's inputs),
+    kept in the run's ``stats`` from layer to layer as a second, float stream of hidden states beside
+    the quantized one (the reference AutoRound's "quantized inputs, float targets": each layer also
+    learns to undo the error the layers before it left). The first layer, or a layer whose predecessor
+    left no float stream (a resumed run), starts it from its own inputs."""
+    prev = step.stats.get(_FLOAT_STREAM)
+    x = prev[1] if prev is not None and prev[0] == step.index - 1 else step.hidden
+    y = run_layer(step.layer, x, step.kw)
+    step.stats[_FLOAT_STREAM] = (step.index, y)
+    return y
+
+
 @register("autoround")
 def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
     """Train V / alpha / beta of every quantized Linear of ``step.layer`` against its float outputs,
     then store the rounded weights (``finish_weight``)."""
     layer = step.layer
     lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
+    with torch.no_grad():
+        y_float = _float_targets(step) if cfg.float_targets else None
     if not lins:
         return
     dev = step.hidden[0].device
     x_all = torch.cat(step.hidden)
     with torch.no_grad():
-        y_all = torch.cat(step.run()).float()  # the float layer's outputs on this layer's inputs
+        # The targets: the float model's outputs (float_targets), else the float layer's outputs on
+        # this layer's (quantized-stream) inputs.
+        y_all = torch.cat(y_float if y_float is not None else step.run()).float()
     clip_amax = step.state.get("clip_amax", {})  # AWQ's clipping ranges, when AWQ ran first: the starting clip
     params = {n: RoundingParams(m.weight.data, _weight_quantizer(m).fmt, getattr(m, "weight_mask", None), cfg.clip,
                                 clip_amax.get(id(m)))

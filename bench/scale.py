@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--big", help="a 1.5B model folder written before (python bench/scale.py --write DIR); kept")
     ap.add_argument("--threads", type=int, help="torch/OpenMP threads of the leanlm children (default: torch's)")
     ap.add_argument("--parallel", action="store_true", help="run the 1.5B schemes and the twins side by side")
+    ap.add_argument("--name", default="scale", help="results name: bench/results/NAME.md and NAME.json")
     ap.add_argument("--write", help=argparse.SUPPRESS)   # internal: write a random model there and print its size
     ap.add_argument("--shape", choices=["big", "twin"], default="big", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -206,7 +207,7 @@ def main() -> None:
               + md_table(["model", "scheme", "path", "--max-memory", "estimate", "peak RSS", "peak RSS / float bytes", "wall time",
                           "output vs in-memory"], rows))
         with lock:
-            write_results("scale", data, md)
+            write_results(a.name, data, md)
 
     try:
         free = shutil.disk_usage(work).free
@@ -227,6 +228,8 @@ def main() -> None:
             print(f"1.5B {s}: peak RSS {r['peak_rss_bytes'] / 1e9:.3f} GB (budget {a.budget}), {r['wall_seconds'] / 60:.1f} min", flush=True)
             shutil.rmtree(work / f"big-{s}")
             report()
+
+        twin = work / "twin"
 
         def twin_run(s):
             mem = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-mem"), *calib])
@@ -251,7 +254,6 @@ def main() -> None:
                   f"budget {a.budget} = {budget / (4 * n):.3f} of the float bytes", flush=True)
 
         def twins():
-            twin = work / "twin"
             n = write_in_child(twin, "twin", 1)
             data["twin"] = {"params": n, "float_bytes": 4 * n, "shape": TWIN, "runs": {}}
             for s in schemes:
@@ -273,7 +275,7 @@ def main() -> None:
                     big_run(s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {Path(__file__).resolve().parent / 'results' / 'scale.md'}")
+    print(f"wrote {Path(__file__).resolve().parent / 'results' / f'{a.name}.md'}")
 
 
 if __name__ == "__main__":

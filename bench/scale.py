@@ -1,6 +1,7 @@
 """Calibration beyond RAM: a ~1.5B-parameter Llama quantized within --max-memory (docs/scale.md).
 
     python bench/scale.py [--budget 1.5GB] [--schemes w4a16-gptq,w4a16-awq] [--samples 4] [--seq-len 128]
+                          [--threads N] [--parallel] [--big DIR]
 
 Writes a randomly initialised Llama-architecture model (hidden 2048, intermediate 3072, 50 layers, SmolLM2's tokenizer and
 vocabulary, tied embeddings: ~1.51B parameters, ~6.0 GB of float32) as one safetensors shard per block
@@ -8,7 +9,10 @@ into a temporary folder, without ever holding it whole; then runs ``leanlm quant
 in a subprocess per scheme and records that child's peak resident memory as the kernel counts it (its VmHWM,
 and ``os.wait4``'s ru_maxrss, /usr/bin/time's "Maximum resident set size"), with its wall time. A ~100M
 twin of the same shape family is quantized both in memory and offloaded (same calibration), and the
-two output folders are compared tensor by tensor. Everything written is deleted at the end.
+two output folders are compared tensor by tensor. Everything written is deleted at the end (``--big DIR``
+reuses a 1.5B model written before with ``--write DIR``, and keeps it). ``--threads N`` runs the children with N
+torch/OpenMP threads (recorded); ``--parallel`` runs the 1.5B schemes and the twins side by side (peak memory is
+each child's own; wall times then share the CPU).
 """
 
 from __future__ import annotations
@@ -84,9 +88,12 @@ def write_random_llama(folder: Path, shape: dict, seed: int = 0) -> int:
     return total
 
 
+THREADS: dict = {}   # OMP_NUM_THREADS for the children (--threads), empty: torch's default
+
+
 def run_child(argv: list[str]) -> dict:
     """Run `python -m leanlm ARGV --json` as a child: its JSON answer, wall seconds and peak RSS from the OS (wait4)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **THREADS}
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "leanlm", *argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     # wait4 gives this child's own rusage; read its pipes on threads so it never blocks on a full pipe
@@ -146,6 +153,10 @@ def main() -> None:
     ap.add_argument("--twin-budget", default="1GB")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary models are written")
     ap.add_argument("--skip-big", action="store_true", help="only the twin (equality) runs")
+    ap.add_argument("--big", help="a 1.5B model folder written before (python bench/scale.py --write DIR); kept")
+    ap.add_argument("--threads", type=int, help="torch/OpenMP threads of the leanlm children (default: torch's)")
+    ap.add_argument("--parallel", action="store_true", help="run the 1.5B schemes and the twins side by side")
+    ap.add_argument("--name", default="scale", help="results name: bench/results/NAME.md and NAME.json")
     ap.add_argument("--write", help=argparse.SUPPRESS)   # internal: write a random model there and print its size
     ap.add_argument("--shape", choices=["big", "twin"], default="big", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -155,42 +166,52 @@ def main() -> None:
     if a.write:
         print(write_random_llama(Path(a.write), BIG if a.shape == "big" else TWIN, seed=a.seed))
         return
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from leanlm.core.offload import parse_bytes
 
+    if a.threads:
+        THREADS["OMP_NUM_THREADS"] = str(a.threads)
+    lock = threading.Lock()
     schemes = a.schemes.split(",")
     calib = ["--samples", str(a.samples), "--seq-len", str(a.seq_len)]
     work = Path(tempfile.mkdtemp(prefix="leanlm-scale-", dir=a.dir))
     data = {"machine": machine(), "load": a.load,
             "calibration": f"{a.samples} x {a.seq_len} tokens of the protocol's Wikipedia calibration text", "budget": a.budget,
-            "big": {}, "twin": {}}
+            "threads": a.threads or f"torch default ({torch.get_num_threads()})", "parallel": a.parallel, "big": {}, "twin": {}}
 
     def report():
         rows = []
         b = data["big"]
         for s, r in b.get("runs", {}).items():
             rows.append([f"{b['params'] / 1e9:.2f}B ({b['float_bytes'] / 1e9:.2f} GB float32)", s, "offloaded", a.budget,
-                         f"{r['peak_rss_bytes'] / 1e9:.2f} GB", f"{r['peak_rss_bytes'] / b['float_bytes']:.3f}",
-                         f"{r['wall_seconds'] / 60:.1f} min", "-"])
+                         f"{r['estimated_bytes'] / 1e9:.2f} GB", f"{r['peak_rss_bytes'] / 1e9:.2f} GB",
+                         f"{r['peak_rss_bytes'] / b['float_bytes']:.3f}", f"{r['wall_seconds'] / 60:.1f} min", "-"])
         t = data["twin"]
         for s, r in t.get("runs", {}).items():
             for mode in ("in_memory", "offloaded"):
                 x = r[mode]
+                est = x.get("estimated_bytes")
                 rows.append([f"{t['params'] / 1e6:.0f}M twin ({t['float_bytes'] / 1e9:.2f} GB)", s, mode.replace("_", " "),
-                             a.twin_budget if mode == "offloaded" else "-", f"{x['peak_rss_bytes'] / 1e9:.2f} GB",
+                             a.twin_budget if mode == "offloaded" else "-", f"{est / 1e9:.2f} GB" if est else "-",
+                             f"{x['peak_rss_bytes'] / 1e9:.2f} GB",
                              f"{x['peak_rss_bytes'] / t['float_bytes']:.3f}", f"{x['wall_seconds']:.0f} s",
                              "bit-identical" if r["identical"] else "DIFFERENT"])
-        md = (f"# Calibration beyond RAM (bench/scale.py)\n\nMachine: {data['machine']}. **{data['load']}.**\n\n"
+        md = (f"# Calibration beyond RAM (bench/scale.py)\n\nMachine: {data['machine']}. **{data['load']}.** Threads per "
+              f"leanlm process: {data['threads']}{'; the runs ran side by side' if a.parallel else ''}.\n\n"
               f"Calibration: {data['calibration']}. Peak RSS is the `leanlm quantize` child's own high-water mark of resident memory as the "
               f"kernel keeps it (VmHWM in /proc/PID/status, which leanlm reports), interpreter and libraries included; "
               f"wait4's ru_maxrss for the same child, kept in the JSON, agrees once the parent stays small (Linux carries a "
               f"parent's peak into its child's ru_maxrss at exec, so this script writes the models in children too).\n\n"
-              + md_table(["model", "scheme", "path", "--max-memory", "peak RSS", "peak RSS / float bytes", "wall time",
+              + md_table(["model", "scheme", "path", "--max-memory", "estimate", "peak RSS", "peak RSS / float bytes", "wall time",
                           "output vs in-memory"], rows))
-        write_results("scale", data, md)
+        with lock:
+            write_results(a.name, data, md)
 
     try:
         free = shutil.disk_usage(work).free
-        if not a.skip_big:
+        if not a.skip_big and not a.big:
             need = 4 * 1.6e9 * 1.25
             if free < need:
                 raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the 1.5B model needs ~{need / 1e9:.1f} GB; pass --dir")
@@ -199,7 +220,7 @@ def main() -> None:
         def big_run(s):
             r = run_child(["quantize", str(big), "--scheme", s, "--out", str(work / f"big-{s}"), *calib, "--max-memory", a.budget])
             ans = r["answer"]
-            data["big"]["runs"][s] = {"wall_seconds": r["wall_seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
+            data["big"]["runs"][s] = {"threads": a.threads, "wall_seconds": r["wall_seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
                                       "wait4_maxrss_bytes": r["wait4_maxrss_bytes"],
                                       "self_reported_peak_rss_bytes": ans.get("peak_rss_bytes"), "estimated_bytes": ans.get("estimated_bytes"),
                                       "calib_seconds": ans.get("calib_seconds"), "checkpoint_bytes": ans.get("checkpoint_bytes"),
@@ -208,37 +229,53 @@ def main() -> None:
             shutil.rmtree(work / f"big-{s}")
             report()
 
+        twin = work / "twin"
+
         def twin_run(s):
             mem = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-mem"), *calib])
             offl = run_child(["quantize", str(twin), "--scheme", s, "--out", str(work / f"twin-{s}-off"), *calib, "--max-memory", a.twin_budget])
             ident = same_folders(work / f"twin-{s}-mem", work / f"twin-{s}-off")
             data["twin"]["runs"][s] = {"in_memory": {k: mem[k] for k in ("wall_seconds", "peak_rss_bytes", "wait4_maxrss_bytes")},
-                                       "offloaded": {k: offl[k] for k in ("wall_seconds", "peak_rss_bytes", "wait4_maxrss_bytes")}, "identical": ident}
+                                       "offloaded": {**{k: offl[k] for k in ("wall_seconds", "peak_rss_bytes", "wait4_maxrss_bytes")},
+                                                     "estimated_bytes": offl["answer"].get("estimated_bytes")}, "identical": ident}
             print(f"twin {s}: identical={ident}, peak RSS in memory {mem['peak_rss_bytes'] / 1e9:.2f} GB, "
                   f"offloaded {offl['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
             report()
 
-        # order: the 1.5B model with the first scheme, the twins, then the 1.5B with the other schemes
-        big = work / "big"
+        # order: the 1.5B model with the first scheme, the twins, then the 1.5B with the other schemes (--parallel: all at once)
+        big = Path(a.big) if a.big else work / "big"
         if not a.skip_big:
             t0 = time.perf_counter()
-            n = write_in_child(big, "big", 0)
-            data["big"] = {"params": n, "float_bytes": 4 * n, "shape": BIG, "write_seconds": time.perf_counter() - t0, "runs": {}}
-            print(f"wrote {n / 1e9:.2f}B parameters ({4 * n / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s; budget {a.budget} = "
-                  f"{budget / (4 * n):.3f} of the float bytes", flush=True)
-            big_run(schemes[0])
-        twin = work / "twin"
-        n = write_in_child(twin, "twin", 1)
-        data["twin"] = {"params": n, "float_bytes": 4 * n, "shape": TWIN, "runs": {}}
-        for s in schemes:
-            twin_run(s)
-        shutil.rmtree(twin)
-        if not a.skip_big:
-            for s in schemes[1:]:
-                big_run(s)
+            n = (json.loads((big / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 4
+                 if a.big else write_in_child(big, "big", 0))
+            data["big"] = {"params": n, "float_bytes": 4 * n, "shape": BIG, "write_seconds": None if a.big else time.perf_counter() - t0,
+                           "runs": {}}
+            print(f"{'reused' if a.big else 'wrote'} {n / 1e9:.2f}B parameters ({4 * n / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s; "
+                  f"budget {a.budget} = {budget / (4 * n):.3f} of the float bytes", flush=True)
+
+        def twins():
+            n = write_in_child(twin, "twin", 1)
+            data["twin"] = {"params": n, "float_bytes": 4 * n, "shape": TWIN, "runs": {}}
+            for s in schemes:
+                twin_run(s)
+            shutil.rmtree(twin)
+
+        if a.parallel:
+            with ThreadPoolExecutor(len(schemes) + 1) as pool:
+                jobs = [] if a.skip_big else [pool.submit(big_run, s) for s in schemes]
+                jobs.append(pool.submit(twins))
+                for j in jobs:
+                    j.result()
+        else:
+            if not a.skip_big:
+                big_run(schemes[0])
+            twins()
+            if not a.skip_big:
+                for s in schemes[1:]:
+                    big_run(s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {Path(__file__).resolve().parent / 'results' / 'scale.md'}")
+    print(f"wrote {Path(__file__).resolve().parent / 'results' / f'{a.name}.md'}")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,49 @@ def test_gguf_source_is_dequantized_tensor_by_tensor(tmp_path, tiny_tokenizer, m
     quantize_offloaded(str(tmp_path / "m.gguf"), preset("w4a16-gptq"), tmp_path / "off", max_memory="8GB", calib_data=IDS.clone(),
                        progress=False)
     _same_folders(tmp_path / "mem", tmp_path / "off", "quantization")
+
+
+def test_gptq_solve_in_place_gives_the_same_bits_in_less_memory():
+    """GPTQ's inverse Cholesky reuses one float64 matrix for the factor, the inverse and its factor (the peak of a
+    wide down_proj's solve): the same bits as separate matrices, and the in-place mirror of the Hessian accumulator
+    equals ``triu(H) + triu(H, 1).T``."""
+    from pathlib import Path
+
+    from leanlm.quantization import algorithms as alg
+
+    g = torch.Generator().manual_seed(0)
+    n = 1100   # several of the accumulator's row blocks and of the permuted copy's row slices
+    x = torch.randn(3 * n, n, generator=g) * torch.rand(n, generator=g)
+    x[:, :3] = 0                                    # dead inputs
+    acc = alg.HessianAccumulator(n)
+    acc.add(x[:n])
+    acc.add(x[n:])
+    upper = acc._H.clone()
+    H = acc.H
+    assert torch.equal(H, torch.triu(upper) + torch.triu(upper, 1).T)
+    perm = torch.argsort(torch.where(H.diagonal() == 0, 1.0, H.diagonal()).double(), descending=True, stable=True)
+    for p in (None, perm):
+        ref = H.double() if p is None else H.double()[p][:, p]
+        dead = ref.diagonal() == 0
+        ref[dead, :] = 0
+        ref[:, dead] = 0
+        ref[dead, dead] = 1
+        ref.diagonal().add_(0.01 * ref.diagonal().abs().mean())
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True).float()
+        assert torch.equal(alg.inverse_cholesky(H, torch.device("cpu"), "GPTQ", 0.01, p), U)
+    from leanlm.core.offload import _malloc_returns_memory
+
+    _malloc_returns_memory()   # freed matrices go back to the OS, as in an offloaded run, so the peak is the solve's
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # reset the kernel's peak (VmHWM) to the current RSS
+    except OSError:
+        pytest.skip("no /proc/self/clear_refs to measure the peak with")
+
+    def kb(field):
+        return next(int(ln.split()[1]) for ln in status.read_text().splitlines() if ln.startswith(field)) * 1024
+
+    before = kb("VmRSS")
+    alg.inverse_cholesky(H, torch.device("cpu"), "GPTQ", 0.01, perm)
+    # one float64 matrix and the float32 result (12 n^2 bytes; separate matrices: over 40 n^2) plus slack
+    assert kb("VmHWM") - before < 16 * n * n

@@ -300,7 +300,8 @@ class HessianAccumulator:
     ``H`` is float32 ``[in, in]`` on the device of the first input (``device=`` overrides); zeros
     before any input. Updated as a running mean, so its magnitude does not grow with n. Only the
     upper triangle is accumulated, in blocks of ``BLOCK`` rows (about 40% fewer flops than a full
-    ``x^T x``; BLAS ``syrk`` is not exposed by torch), and mirrored when ``H`` is read.
+    ``x^T x``; BLAS ``syrk`` is not exposed by torch), and mirrored in place when ``H`` is read (the
+    returned matrix is the accumulator's own storage: a later ``add`` changes it).
     """
 
     BLOCK = 192
@@ -352,17 +353,37 @@ class HessianAccumulator:
     def H(self) -> torch.Tensor:
         if self._H is None:
             return torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self._device)
-        if self._full is None:
-            self._full = torch.triu(self._H) + torch.triu(self._H, 1).T
+        if self._full is None:   # mirror the upper triangle into the lower one in place: no second [in, in] matrix
+            H, n, b = self._H, self.in_features, self.BLOCK
+            for i in range(0, n, b):
+                j = min(i + b, n)
+                D = H[i:j, i:j]   # add() wrote the whole diagonal block: its lower half is replaced too
+                D.copy_(torch.triu(D) + torch.triu(D, 1).T)
+                H[j:, i:j] = H[i:j, j:].T
+            self._full = H
         return self._full
 
 
-def prepared_hessian(H: torch.Tensor, dev: torch.device, who: str) -> torch.Tensor:
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``, checked 256 rows at a time (isfinite of a whole [n, n] matrix makes temporaries of its size)."""
+    return all(bool(torch.isfinite(c).all()) for c in t.split(256))
+
+
+def prepared_hessian(H: torch.Tensor, dev: torch.device, who: str, perm: torch.Tensor | None = None) -> torch.Tensor:
     """A float64 copy of the Hessian on `dev` (float32 on MPS) with dead inputs (diagonal 0: never
-    active in calibration) made independent unit columns, so the Cholesky factor exists."""
+    active in calibration) made independent unit columns, so the Cholesky factor exists. ``perm``:
+    its rows and columns in that order, gathered a slice of rows at a time (no permuted float32
+    copy). The copy is column-major (LAPACK's layout; as ``H`` is symmetric, the values are ``H``'s)."""
     hdt = torch.float32 if dev.type == "mps" else torch.float64
-    Hf = H.detach().to(dev, hdt).clone()
-    if not torch.isfinite(Hf).all():
+    n = H.shape[0]
+    Hf = torch.empty((n, n), dtype=hdt, device=dev).T
+    if perm is None:
+        Hf.copy_(H.detach().T)
+    else:
+        p = perm.to(H.device)
+        for i in range(0, n, 512):
+            Hf[i : i + 512] = H.detach()[p[i : i + 512]][:, p]
+    if not _finite(Hf.T):
         raise ValueError(f"{who}: the Hessian contains NaN/inf")
     dead = Hf.diagonal() == 0
     if dead.any():
@@ -372,25 +393,43 @@ def prepared_hessian(H: torch.Tensor, dev: torch.device, who: str) -> torch.Tens
     return Hf
 
 
-def _inv_chol_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, raising d tenfold until it succeeds."""
-    mean = H.diagonal().abs().mean()
-    if not mean > 0:
-        mean = torch.ones_like(mean)
-    d = damp
+def inverse_cholesky(H: torch.Tensor, dev: torch.device, who: str, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 upper Cholesky factor of ``(H' + d*mean(diag H')*I)^-1``, with ``H'`` the prepared
+    (``prepared_hessian``) float64 Hessian, its rows and columns in the order ``perm``; ``d`` starts at
+    ``damp`` and is raised tenfold (with a RuntimeWarning) while a factorisation fails.
+
+    Memory: one float64 ``[n, n]`` matrix besides ``H``. It is made in LAPACK's column-major layout
+    and factorised, inverted and factorised again in place
+    (``out=`` of ``cholesky_ex`` and ``cholesky_inverse``): the same LAPACK calls on the same values as
+    separate matrices, so the same bits, at a third of the memory (GPTQ's peak on wide inputs). A failed
+    attempt rebuilds the matrix from ``H``."""
+    return _inv_chol_upper(lambda: prepared_hessian(H, dev, who, perm), damp, who).float()
+
+
+def _inv_chol_upper(make, damp: float, who: str = "GPTQ") -> torch.Tensor:
+    """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1 for ``H = make()`` (a fresh matrix on each
+    attempt, overwritten in place), raising d tenfold until it succeeds."""
+    d, mean = damp, None
     for attempt in range(7):
-        Hd = H.clone()
-        Hd.diagonal().add_(d * mean)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        A = make()
+        if mean is None:
+            mean = A.diagonal().abs().mean()
+            if not mean > 0:
+                mean = torch.ones_like(mean)
+        A.diagonal().add_(d * mean)
+        info = torch.empty((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+            if info.item() == 0 and _finite(A.T):
                 if attempt:
-                    warnings.warn(f"GPTQ: Hessian not positive definite with damp={damp}; used damp={d:g}",
-                                  RuntimeWarning, stacklevel=3)
-                return U
+                    warnings.warn(f"{who}: Hessian not positive definite with damp={damp}; used damp={d:g}",
+                                  RuntimeWarning, stacklevel=4)
+                return A
+        del A
         d = d * 10 if d > 0 else 0.01
-    raise ValueError(f"GPTQ: Hessian is not positive definite even with damp={d / 10:g} "
+    raise ValueError(f"{who}: Hessian is not positive definite even with damp={d / 10:g} "
                      "(too few or degenerate calibration samples?)")
 
 
@@ -460,16 +499,15 @@ def gptq(
     def qparams(t: torch.Tensor) -> QParams:
         return weight_qparams(t, fmt, weight_method, **kw, **gkw)
 
-    Hf = prepared_hessian(H, dev, "GPTQ")
     perm = None
-    W = W0.clone()
-    if act_order:
-        perm = torch.argsort(Hf.diagonal(), descending=True, stable=True)
-        W = W[:, perm]
-        Hf = Hf[perm][:, perm]
+    if act_order:   # by the prepared Hessian's diagonal (dead inputs count as 1)
+        diag = H.diagonal().to(dev, torch.float64 if dev.type != "mps" else torch.float32)
+        perm = torch.argsort(torch.where(diag == 0, torch.ones_like(diag), diag), descending=True, stable=True)
+        W = W0[:, perm]
         keep = keep[:, perm] if keep is not None else None
-    U = _inv_chol_upper(Hf, damp).float()
-    del Hf
+    else:
+        W = W0.clone()
+    U = inverse_cholesky(H, dev, "GPTQ", damp, perm)
     order = perm.tolist() if perm is not None else None
 
     grouped = fmt.granularity == "group"
@@ -533,6 +571,7 @@ def gptq(
         if i2 < in_f:
             W[:, i2:] -= E1.T @ U[i1:i2, i2:]
 
+    del W, U   # before the result's copies: the solve's peak is its working matrices or its result, not both
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     qp = QParams(scale=scale, zero=zero, global_scale=gscale)

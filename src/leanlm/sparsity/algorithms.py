@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantization.algorithms import _inv_chol_upper, prepared_hessian
+from ..quantization.algorithms import inverse_cholesky
 from .config import Target
 
 
@@ -78,9 +78,7 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, target: Target, *, block_size: i
     """
     out_f, in_f = w.shape
     dev = w.device
-    Hf = prepared_hessian(H, dev, "SparseGPT")
-    U = _inv_chol_upper(Hf, damp).float()
-    del Hf
+    U = inverse_cholesky(H, dev, "SparseGPT", damp)
     W = w.detach().float().clone()
     keep = torch.ones(out_f, in_f, dtype=torch.bool, device=dev)
     m = target.m

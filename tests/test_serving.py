@@ -476,7 +476,7 @@ def test_one_sequence_decodes_through_the_fused_step(model, tok):
     prompts = [ids(tok, p) for p in PROMPTS[:2]]
     sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)
     eng = LLMEngine(model, tok, "int4", kv_cache_mb=1, block_size=4, dense_rows=0)
-    assert eng.solo is not None
+    assert eng.model.step is not None
     got = run(eng, [("a", prompts[0], sp(12))])
     alone = Engine(model, "int4", max_seq_len=128).generate(torch.tensor([prompts[0]]), 12)[0, len(prompts[0]):].tolist()
     assert got["a"] == alone and eng.stats.solo_steps == 11 and eng.stats.solo_loads == 1

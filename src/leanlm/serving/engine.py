@@ -260,9 +260,8 @@ class LLMEngine:
         # are wrapped: it holds the packed tensors themselves); otherwise the paged pools below replace those caches
         if fused_step and self.device.type == "cpu" and kv_dtype == "float32":
             self.model.step, self.model.step_why = self.model.fused_step()
-        self.solo = self.model.step
         self._solo_at: tuple[str, int] | None = None   # (request id, tokens) whose KV the dense caches hold
-        if self.solo is None:
+        if self.model.step is None:
             for L in self.model.layers:
                 L.k_cache = L.v_cache = torch.empty(0)
         if dense_rows < 0:
@@ -403,7 +402,7 @@ class LLMEngine:
 
     def _solo_step(self, sched: list[Scheduled]) -> torch.Tensor | None:
         """Logits [1, V] when the step is one sequence's one-token decode and the one-call step is built, else None."""
-        if self.solo is None or len(sched) != 1 or sched[0].length != 1 or sched[0].seq.draft:
+        if self.model.step is None or len(sched) != 1 or sched[0].length != 1 or sched[0].seq.draft:
             return None
         seq, pos = sched[0].seq, sched[0].start
         bs, table = self.blocks.block_size, self.blocks.tables[seq.request_id]

@@ -812,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # SIGTERM behaves like Ctrl-C: a KeyboardInterrupt, so every atomic write removes its temporary folder.
     old_term = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    clean = False
     try:
         from .core.io import check_output
 
@@ -826,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         _ARGS = a
         dist.setup()
         result = run(a)
+        clean = True
     except LeanLMError as e:
         print("leanlm: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -836,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         _ARGS = None
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        dist.teardown()
+        dist.teardown(clean)
     if not started.main:   # rank 0 reports
         return 0
     from rich.console import Console

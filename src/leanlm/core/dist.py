@@ -73,11 +73,21 @@ def world() -> World:
     return World()
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
+    """Leave the process group. On a clean finish every rank first frees what still holds the group (a
+    DistributedDataParallel wrapper sits in a reference cycle until the collector runs; left to interpreter
+    shutdown, its gloo work aborts the process with "terminate called without an active exception") and
+    waits for the others, so no rank destroys the group while a peer still talks to it."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def barrier() -> None:

@@ -69,6 +69,10 @@ def candidates(st: SpaceSettings) -> list[Candidate]:
         Candidate("w4a16-gptq", [q("w4a16-gptq", gptq_bf16=True)], 12 * n * win, after="w4a16-rtn",
                   fmt="int4", note="GPTQ (bfloat16 calibration forwards)"),
         Candidate("w4a16-awq", [q("w4a16-awq")], 25 * n * win, after="w4a16-rtn", fmt="int4", note="AWQ scales and clipping search"),
+        # AutoRound trains each block's rounding against the float model's outputs after AWQ: about 3x AWQ's time
+        # (bench/results/ptq_w4.md), for the best measured 4-bit quality (the `w4a16` preset)
+        Candidate("w4a16-awq-autoround", [q("w4a16-awq-autoround")], 75 * n * win, after="w4a16-rtn", reach=3.5, fmt="int4",
+                  note="AWQ, then AutoRound's signed-gradient rounding against the float model's outputs"),
         Candidate("mixed-6bit", [QuantizeStep(mixed=6.0, menu="int4_g64,int8", mixed_algorithm="gptq", samples=n, seq_len=L)],
                   4 * min(n, 8) * win + 12 * n * win, after="w4a16-rtn", reach=6.0,   # Fisher pass: forward + backward + a matmul per format
                   fmt="int4", note="per-layer int4/int8 within 6 bits per weight (Fisher sensitivity, then GPTQ)"),

@@ -26,6 +26,7 @@ from torch import nn
 
 from .core.errors import LeanLMError
 from .core.io import check_output
+from .prune.api import PruneSizes
 from .state import load, manifest_of, read_manifest, save, steps_of
 
 # ------------------------------------------------------------------------------------------ what a step needs
@@ -405,21 +406,14 @@ def _check_teacher_vocab(step: str, teacher: str | None, f: Facts) -> None:
 
 
 @dataclass
-class PruneStep(TrainOptions, Step):
-    """Structured pruning (Minitron-style) to `target_params` or given sizes; with `distill_minutes` or
-    `distill_tokens`, then distilled from the unpruned model (`prune_and_distill`)."""
+class PruneStep(TrainOptions, PruneSizes, Step):
+    """Structured pruning (Minitron-style) to `target_params` or given sizes (`PruneSizes`); with `distill_minutes`
+    or `distill_tokens`, then distilled from the unpruned model (`prune_and_distill`)."""
     name: ClassVar[str] = "prune"
     changes_model: ClassVar[bool] = True
     target_params: str | int | None = None
-    hidden: int | None = None
-    intermediate: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    layers: int | None = None
-    axes: str = "width"
     samples: int = 32
     depth_metric: str = "ppl"
-    multiple_of: int = 64
     distill_minutes: float | None = None
     distill_tokens: int | None = None
     eval: bool = False
@@ -427,8 +421,7 @@ class PruneStep(TrainOptions, Step):
     def target(self):
         from .prune import PruneTarget
 
-        return PruneTarget(params=self.target_params, hidden=self.hidden, intermediate=self.intermediate, heads=self.heads,
-                           kv_heads=self.kv_heads, layers=self.layers, axes=self.axes, multiple_of=self.multiple_of)
+        return PruneTarget(params=self.target_params, **self.sizes())
 
     def check(self, f: Facts) -> None:
         if f.quantized:

@@ -4,7 +4,7 @@ and whole layers by activation importance, giving a smaller standard Hugging Fac
     from leanlm.prune import PruneTarget, prune, prune_and_distill
 """
 
-from .api import PruneTarget, parse_count, prune, prune_and_distill, solve_dims
+from .api import PruneSizes, PruneTarget, parse_count, prune, prune_and_distill, solve_dims
 from .importance import Importance, activation_importance, layer_importance
 from .structure import Dims, Keep, count_params, dims_of, slice_model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,8 +26,8 @@ AXES = ("width", "depth", "both")
 
 
 @dataclass
-class PruneTarget:
-    """What the pruned model should be. Dimensions given are fixed; `params` shrinks the others along `axes`.
+class PruneSizes:
+    """Sizes to prune to (None: keep, or let `PruneTarget.params` choose). The recipe's prune step shares them.
 
     axes: "width" shrinks hidden and intermediate by one common factor (intermediate a multiple of
     `multiple_of`, hidden a multiple of lcm(multiple_of, heads) since transformers needs hidden % heads == 0;
@@ -36,7 +36,6 @@ class PruneTarget:
     Attention heads change only when `heads`/`kv_heads` are given. `multiple_of` (default 64) makes the chosen
     sizes ones that quantization groups (32, 64) and packed kernels accept; sizes given explicitly are kept.
     """
-    params: int | str | None = None
     hidden: int | None = None
     intermediate: int | None = None
     heads: int | None = None
@@ -44,6 +43,16 @@ class PruneTarget:
     layers: int | None = None
     axes: str = "width"
     multiple_of: int = 64
+
+    def sizes(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(PruneSizes)}
+
+
+@dataclass
+class PruneTarget(PruneSizes):
+    """What the pruned model should be: the sizes given are fixed; `params` (a count, "90M") shrinks the others
+    along `axes`."""
+    params: int | str | None = None
 
 
 def parse_count(x: int | str) -> int:

@@ -284,3 +284,47 @@ def test_missing_compiler_says_so_and_uses_the_reference_path(monkeypatch, capsy
     finally:
         kernels._state.clear()
         kernels._state.update(saved)
+
+
+def _attention_reference(q, k, v, tables, pos, bs, window, scale):
+    """Each sequence's keys gathered one by one, attended in float64."""
+    S, H, D = q.shape
+    g = H // k.shape[0]
+    out = torch.empty(S, H * D, dtype=torch.float64)
+    for s in range(S):
+        p = int(pos[s])
+        keys = torch.arange(max(0, p - window + 1) if window else 0, p + 1)
+        slots = tables[s][keys // bs] * bs + keys % bs
+        K, V = k[:, slots].double(), v[:, slots].double()                 # [Hkv, T, D]
+        qs = q[s].double().view(-1, g, D)
+        out[s] = ((qs @ K.transpose(1, 2)) * scale).softmax(-1).matmul(V).reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads,group,window", [(3, 3, 0), (2, 1, 0), (1, 4, 7), (2, 2, 16)])
+def test_paged_attention_matches_gathered_attention(kv_heads, group, window):
+    """The serving engine's decode attention read in place from paged pools (float32, and int8 codes with their
+    per-token scales) equals attention over the gathered keys, for any block placement, length and sliding window."""
+    g = torch.Generator().manual_seed(kv_heads * 10 + group)
+    bs, blocks, D = 4, 96, 32
+    pos = torch.tensor([0, 3, 4, 17, 41, 9])
+    nb = int(pos.max()) // bs + 1
+    tables = torch.randperm(blocks, generator=g)[: len(pos) * nb].view(len(pos), nb).contiguous()
+    q = torch.randn(len(pos), kv_heads * group, D, generator=g)
+    k, v = torch.randn(kv_heads, blocks * bs, D, generator=g), torch.randn(kv_heads, blocks * bs, D, generator=g)
+    got = torch.ops.leanlm.paged_attention(q, k, v, None, None, tables, pos, bs, window, D ** -0.5)
+    torch.testing.assert_close(got.double(), _attention_reference(q, k, v, tables, pos, bs, window, D ** -0.5), rtol=1e-5, atol=1e-5)
+    ks, vs = torch.rand(kv_heads, blocks * bs, generator=g) / 50, torch.rand(kv_heads, blocks * bs, generator=g) / 50
+    k8 = torch.randint(-127, 128, k.shape, generator=g, dtype=torch.int8)
+    v8 = torch.randint(-127, 128, v.shape, generator=g, dtype=torch.int8)
+    got8 = torch.ops.leanlm.paged_attention(q, k8, v8, ks, vs, tables, pos, bs, window, D ** -0.5)
+    want8 = _attention_reference(q, k8.float() * ks[..., None], v8.float() * vs[..., None], tables, pos, bs, window, D ** -0.5)
+    torch.testing.assert_close(got8.double(), want8, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_refuses_tables_outside_the_pools():
+    q, k = torch.zeros(1, 2, 8), torch.zeros(2, 16, 8)
+    with pytest.raises(RuntimeError, match="outside the pools"):
+        torch.ops.leanlm.paged_attention(q, k, k, None, None, torch.tensor([[4]]), torch.tensor([2]), 4, 0, 1.0)
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        torch.ops.leanlm.paged_attention(q, k, k, None, None, torch.tensor([[0]]), torch.tensor([4]), 4, 0, 1.0)

@@ -491,3 +491,38 @@ def test_one_sequence_decodes_through_the_fused_step(model, tok):
         assert all_free(e)
     assert outs[True][0] == outs[False][0] and outs[False][1] == 0
     assert outs[True][1] > 0 and outs[True][2] >= 2   # a's solo steps, then b's (loaded from the pools)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_paged_attention_kernel_keeps_batch_outputs_with_sliding_windows(kv_dtype):
+    """Decode steps read the paged pools in place (the C++ kernel) or through a gather and batched matmuls: the same
+    greedy tokens on a Gemma-3 model whose sliding window is shorter than the outputs, in a continuous batch."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from leanlm.runtime import kernels
+
+    if not kernels.available():
+        pytest.skip("the C++ kernels are not built here")
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, sliding_window=6, max_position_embeddings=256,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    m = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.model.norm.weight.add_(20)
+    prompts = [torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 14)]
+    reqs = lambda: [(str(i), p, SamplingParams(max_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
+    outs = []
+    for in_place in (True, False):
+        eng = LLMEngine(m, None, "fp32", kv_cache_mb=1, block_size=4, kv_dtype=kv_dtype, fused_step=False)
+        assert eng.pool.paged_kernel
+        eng.pool.paged_kernel = in_place
+        outs.append(run(eng, reqs()))
+        assert all_free(eng)
+    assert outs[0] == outs[1]
+    if kv_dtype == "float32":   # and both equal the runtime engine's one-sequence decode
+        from leanlm.runtime import Engine
+
+        ref = Engine(m, "fp32", max_seq_len=64)
+        for i, p in enumerate(prompts):
+            assert outs[0][str(i)] == ref.generate(torch.tensor([p]), 12)[0, len(p):].tolist(), i

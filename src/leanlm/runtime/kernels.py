@@ -7,6 +7,8 @@
   order of float32 additions, so greedy tokens equal the reference path's except at exact ties.
 - `torch.classes.leanlm.Step`: a whole batch-1 decode step (every layer and the head) in one call, built once
   per `Decoder` over its own buffers (`model.Decoder.fused_step`).
+- `torch.ops.leanlm.paged_attention`: the serving engine's decode attention read straight from its paged KV
+  pools (no gather into a contiguous copy; `serving/engine.py`).
 - `int4_gemv_q8` / `int8_gemv_q8` (opt-in, ``LEANLM_KERNELS=q8``): the activation row quantized to int8 per 32
   values (llama.cpp's Q8_0) with VNNI integer dot products; not token-identical (docs/runtime.md).
 
@@ -133,6 +135,8 @@ def _register_fakes() -> None:
     for suffix in ("", "_q8"):   # the float and the int8-activation ops have the same shapes
         torch.library.register_fake(f"leanlm::int4_gemv{suffix}")(lambda x, w, sz, group, n: x.new_empty(n))
         torch.library.register_fake(f"leanlm::int8_gemv{suffix}")(lambda x, w, scale: x.new_empty(w.shape[0]))
+    torch.library.register_fake("leanlm::paged_attention")(
+        lambda q, k, v, ks, vs, tables, pos, block_size, window, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
 
     _state["fakes"] = True
 

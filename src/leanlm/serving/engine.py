@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LeanLMError
+from ..runtime import kernels
 from ..runtime.layouts import DenseWeight
 from ..runtime.model import Decoder
 from ..runtime.sampling import next_token
@@ -69,6 +70,8 @@ class KVPool:
         self.vs = [torch.zeros(shape[:3], device=device) for _ in range(layers)] if self.int8 else None
         self.kv_heads, self.block_size, self.head_dim = kv_heads, block_size, head_dim
         self._ws: dict[str, torch.Tensor] = {}
+        # decode attention reads the CPU pools in place with the runtime's C++ kernel (LEANLM_KERNELS=0: off)
+        self.paged_kernel = self.device.type == "cpu" and kernels.available()
 
     @staticmethod
     def block_bytes(layers: int, kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:
@@ -154,6 +157,7 @@ class _PagedAttention:
         self.n = t0
         self.pos = torch.tensor(pos)
         self.dec_rows = torch.tensor(dec_rows, dtype=torch.long)
+        self.dec_pos = torch.tensor(dec_pos, dtype=torch.long)
         self.all_decode = len(dec_rows) == t0
         if dec_rows:
             nb = max(len(t) for t in dec_tabs)
@@ -181,8 +185,14 @@ class _PagedAttention:
                          for t0, T, table, ctx, biases in self.seqs]
 
     def _decode(self, i: int, q: torch.Tensor, window) -> torch.Tensor:
-        """q [S, H, D] of the decoding rows -> [S, H*D]: one baddbmm / softmax / bmm over [kv_heads * S] batches."""
+        """q [S, H, D] of the decoding rows -> [S, H*D]: the C++ kernel reading the pools in place (`paged_kernel`),
+        else a gather and one baddbmm / softmax / bmm over [kv_heads * S] batches."""
         s = self.dec.spec
+        if self.pool.paged_kernel:
+            p, flat = self.pool, (self.pool.kv_heads, -1, self.pool.head_dim)
+            ks, vs = (p.ks[i], p.vs[i]) if p.int8 else (None, None)
+            return torch.ops.leanlm.paged_attention(q.float().contiguous(), p.k[i].view(flat), p.v[i].view(flat), ks, vs,
+                                                    self.dec_tables, self.dec_pos, p.block_size, window or 0, s.attn_scale)
         S, H, D = q.shape
         g = H // s.kv_heads
         K, V = self.pool.gather(i, self.dec_tables)             # [Hkv, S, N, D]

@@ -733,6 +733,141 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return run_op(mat8(w, scale), x);
 }
 
+// Decode attention of a continuous batch straight from paged KV pools, without gathering them: q [S, H, D] float32
+// (one new token per sequence); k, v [Hkv, slots, D] float32, or int8 with float32 scales ks, vs [Hkv, slots] (one
+// per token and head) (slot = block * block_size + offset); tables int64 [S, blocks] (each sequence's block ids);
+// pos int64 [S] (its new token's position: it attends to keys 0..pos, or the last `window` of them) -> [S, H * D].
+// One task per (sequence, KV head) reads each key row once for the head's whole query group; scores, softmax and
+// the weighted sum in float32, as the batched-matmul path computes them up to the order of additions.
+inline float dotk(const float* a, const float* b, int n) { return dot(a, b, n); }
+inline float dotk(const float* a, const int8_t* b, int n) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * (float)b[i + j];
+  for (int w = 8; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  for (; i < n; ++i) acc[0] += a[i] * (float)b[i];
+  return acc[0];
+}
+
+// exp(x) for x <= 0 within a few ulp (Cody-Waite reduction and Cephes' expf polynomial), written as plain arithmetic
+// so that a loop over it vectorizes: std::exp is one libm call per element
+inline float exp_le0(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+template <typename T>
+void paged_attention_impl(const float* qd, const T* kd, const T* vd, const float* ksd, const float* vsd, const int64_t* tab,
+                          const int64_t* ps, float* od, float* scd, int S, int H, int D, int Hkv, int64_t slots, int64_t nb,
+                          int64_t bs, int64_t window, int64_t maxT, float sc) {
+  const int g = H / Hkv;
+  at::parallel_for(0, (int64_t)S * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> mx(g), inv(g);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int s = (int)(it / Hkv), kh = (int)(it % Hkv);
+      const int64_t p = ps[s], t0 = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, T_ = p + 1 - t0;
+      const float* qs = qd + ((size_t)s * H + (size_t)kh * g) * D;
+      float* w = scd + (size_t)it * g * maxT;
+      const int64_t* row = tab + (size_t)s * nb;
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      // keys t0..p, block by block (no division per key)
+      for (int64_t b = t0 / bs, t = 0; b <= p / bs; ++b) {
+        const int64_t base = (size_t)kh * slots + row[b] * bs;
+        const int64_t o0 = b == t0 / bs ? t0 % bs : 0, o1 = b == p / bs ? p % bs + 1 : bs;
+        for (int64_t o = o0; o < o1; ++o, ++t) {
+          const T* kp = kd + (base + o) * D;
+          const float f = ksd ? ksd[base + o] * sc : sc;
+          for (int j = 0; j < g; ++j) {
+            const float x = dotk(qs + (size_t)j * D, kp, D) * f;
+            w[j * maxT + t] = x;
+            mx[j] = std::max(mx[j], x);
+          }
+        }
+      }
+      for (int j = 0; j < g; ++j) {
+        float* wj = w + j * maxT;
+        const float m = mx[j];
+        for (int64_t t = 0; t < T_; ++t) wj[t] = exp_le0(wj[t] - m);
+        float acc[16] = {};
+        int64_t t = 0;
+        for (; t + 16 <= T_; t += 16)
+          for (int e = 0; e < 16; ++e) acc[e] += wj[t + e];
+        for (; t < T_; ++t) acc[0] += wj[t];
+        float sum = 0.f;
+        for (int e = 0; e < 16; ++e) sum += acc[e];
+        inv[j] = 1.f / sum;
+      }
+      float* o = od + ((size_t)s * H + (size_t)kh * g) * D;
+      std::fill(o, o + (size_t)g * D, 0.f);
+      for (int64_t b = t0 / bs, t = 0; b <= p / bs; ++b) {
+        const int64_t base = (size_t)kh * slots + row[b] * bs;
+        const int64_t o0 = b == t0 / bs ? t0 % bs : 0, o1 = b == p / bs ? p % bs + 1 : bs;
+        for (int64_t oo = o0; oo < o1; ++oo, ++t) {
+          const T* vp = vd + (base + oo) * D;
+          const float f = vsd ? vsd[base + oo] : 1.f;
+          for (int j = 0; j < g; ++j) {
+            const float pt = w[j * maxT + t] * inv[j] * f;
+            float* oj = o + (size_t)j * D;
+            for (int e = 0; e < D; ++e) oj[e] += pt * (float)vp[e];
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& ks,
+                           const c10::optional<at::Tensor>& vs, const at::Tensor& tables, const at::Tensor& pos,
+                           int64_t block_size, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "paged_attention: q must be contiguous float32 [S, H, D]");
+  const bool i8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && (i8 || k.scalar_type() == at::kFloat) && v.scalar_type() == k.scalar_type() &&
+              k.is_contiguous() && v.is_contiguous(), "paged_attention: k and v must be contiguous float32 or int8 [Hkv, slots, D]");
+  TORCH_CHECK(i8 == (ks.has_value() && vs.has_value()), "paged_attention: int8 pools need their scales ks, vs (and float32 pools none)");
+  if (i8)
+    TORCH_CHECK(ks->scalar_type() == at::kFloat && vs->scalar_type() == at::kFloat && ks->is_contiguous() && vs->is_contiguous() &&
+                ks->numel() == k.size(0) * k.size(1) && vs->numel() == ks->numel(), "paged_attention: scales must be contiguous float32 [Hkv, slots]");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kLong && tables.is_contiguous() && tables.size(0) == q.size(0),
+              "paged_attention: tables must be contiguous int64 [S, blocks]");
+  TORCH_CHECK(pos.dim() == 1 && pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.size(0) == q.size(0),
+              "paged_attention: pos must be contiguous int64 [S]");
+  const int S = (int)q.size(0), H = (int)q.size(1), D = (int)q.size(2), Hkv = (int)k.size(0);
+  const int64_t slots = k.size(1), nb = tables.size(1), bs = block_size;
+  TORCH_CHECK(k.size(2) == D && Hkv > 0 && H % Hkv == 0 && bs > 0, "paged_attention: shapes do not match");
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  int64_t maxT = 1;
+  for (int s = 0; s < S; ++s) {   // every key a sequence reads lies in its table and in the pools
+    TORCH_CHECK(ps[s] >= 0 && ps[s] / bs < nb, "paged_attention: position ", ps[s], " outside the block table");
+    for (int64_t b = 0; b <= ps[s] / bs; ++b)
+      TORCH_CHECK(tab[s * nb + b] >= 0 && (tab[s * nb + b] + 1) * bs <= slots, "paged_attention: block ", tab[s * nb + b], " outside the pools");
+    maxT = std::max(maxT, ps[s] + 1);
+  }
+  at::Tensor out = at::empty({S, H * D}, q.options());
+  at::Tensor scratch = at::empty({(int64_t)S * Hkv, H / Hkv, maxT}, q.options());
+  if (i8)
+    paged_attention_impl<int8_t>(q.data_ptr<float>(), k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), ks->data_ptr<float>(), vs->data_ptr<float>(),
+                                 tab, ps, out.data_ptr<float>(), scratch.data_ptr<float>(), S, H, D, Hkv, slots, nb, bs, window, maxT, (float)scale);
+  else
+    paged_attention_impl<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), nullptr, nullptr,
+                                tab, ps, out.data_ptr<float>(), scratch.data_ptr<float>(), S, H, D, Hkv, slots, nb, bs, window, maxT, (float)scale);
+  return out;
+}
+
 int64_t kernel_path() { return path(); }
 int64_t float_path() { return fpath(); }
 void set_path(int64_t p) {   // tests: force an instruction-set path (-1: the CPU's own choice)
@@ -745,6 +880,7 @@ TORCH_LIBRARY(leanlm, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_gemv_q8(Tensor x, Tensor w, Tensor sz, int group, int n) -> Tensor");
   m.def("int8_gemv_q8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor? ks, Tensor? vs, Tensor tables, Tensor pos, int block_size, int window, float scale) -> Tensor");
   m.def("kernel_path() -> int", kernel_path);
   m.def("float_path() -> int", float_path);
   m.def("set_path(int p) -> ()", set_path);
@@ -757,6 +893,7 @@ TORCH_LIBRARY(leanlm, m) {
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
   m.impl("int4_gemv", int4_gemv);
   m.impl("int8_gemv", int8_gemv);
+  m.impl("paged_attention", paged_attention);
   m.impl("int4_gemv_q8", int4_gemv_q8);
   m.impl("int8_gemv_q8", int8_gemv_q8);
 }

@@ -42,6 +42,20 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
+class _APIKey:
+    """`--api-key`: /v1 routes need `Authorization: Bearer KEY`. A plain ASGI middleware: Starlette's
+    `@app.middleware("http")` would route every streamed chunk through an extra task and memory stream."""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and dict(scope["headers"]).get(b"authorization") != self.want:
+            msg = "missing or wrong API key (send 'Authorization: Bearer KEY')"
+            return await _error(401, msg, None, "authentication_error")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -167,12 +181,8 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
     async def api_error(request, exc: APIError):
         return _error(exc.status, exc.message, exc.param, exc.kind)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None, "authentication_error")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_APIKey, key=api_key)
 
     @app.get("/health")
     async def health():

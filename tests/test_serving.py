@@ -526,3 +526,23 @@ def test_paged_attention_kernel_keeps_batch_outputs_with_sliding_windows(kv_dtyp
         ref = Engine(m, "fp32", max_seq_len=64)
         for i, p in enumerate(prompts):
             assert outs[0][str(i)] == ref.generate(torch.tensor([p]), 12)[0, len(p):].tolist(), i
+
+
+def test_incremental_detokenization_equals_whole_decode(model, tok):
+    """Streamed text, decoded a few tokens at a time, equals decoding the whole output: with multi-byte UTF-8
+    characters split over byte-level tokens (held back until complete, never sent as U+FFFD) and special tokens."""
+    from leanlm.serving.scheduler import Sequence
+
+    eng = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4)
+    texts = ["héllo wörld, 日本語 and emoji 🙂 end", "Paris is the capital of France.<eos> more"]
+    rng = torch.Generator().manual_seed(0)
+    cases = [ids(tok, t) for t in texts] + [torch.randint(0, len(tok), (60,), generator=rng).tolist() for _ in range(3)]
+    for out in cases:
+        seq = Sequence("x", [1], SamplingParams(max_tokens=len(out)))
+        pieces = []
+        for i, t in enumerate(out):
+            seq.output.append(t)
+            pieces.append(eng._detokenize(seq, final=i == len(out) - 1))
+        assert "".join(pieces) == tok.decode(out, skip_special_tokens=True)
+        if out in cases[:2]:   # valid UTF-8: no piece carries a replacement character
+            assert not any("\ufffd" in p for p in pieces)

@@ -433,6 +433,19 @@ class LLMEngine:
         self.stats.solo_steps += 1
         return logits
 
+    def _detokenize(self, seq: Sequence, final: bool) -> str:
+        """The text the newest output tokens add, decoding only them and a few tokens of context before them
+        (the incremental detokenization of vLLM and TGI; decoding the whole output per token costs O(length^2)
+        over a stream). A token that ends inside a UTF-8 character adds nothing until the character is complete
+        (or the sequence finishes)."""
+        a, b = seq.detok
+        prefix = self.tokenizer.decode(seq.output[a:b], skip_special_tokens=True)
+        full = self.tokenizer.decode(seq.output[a:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            seq.detok = (b, len(seq.output))
+            return full[len(prefix):]
+        return ""
+
     def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
         seq.output.append(tok)
         self.stats.generation_tokens += 1
@@ -450,13 +463,13 @@ class LLMEngine:
             seq.finish_reason = "length"
         held = 0
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+            text = seq.text + self._detokenize(seq, seq.finish_reason is not None)
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, seq.finish_reason = text[:cut], "stop"
             seq.text = text
-            if seq.finish_reason is None:   # hold back a possible start of a stop string or a partial UTF-8 character
-                held = max([len(s) - 1 for s in p.stop] + [1 if text.endswith("\ufffd") else 0])
+            if seq.finish_reason is None:   # hold back a possible start of a stop string
+                held = max([len(s) - 1 for s in p.stop] + [0])
         end = max(seq.sent, len(seq.text) - held)
         delta, seq.sent = seq.text[seq.sent:end], end
         finished = seq.finish_reason is not None

@@ -45,6 +45,7 @@ class Sequence:
     computed: int = 0            # tokens whose K/V is in the cache
     text: str = ""               # detokenized output (stop strings cut off)
     sent: int = 0                # characters of `text` already returned
+    detok: tuple[int, int] = (0, 0)   # incremental detokenization: output[a:b] is the context decoded before output[b:]
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     first_token_time: float | None = None

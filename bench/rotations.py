@@ -47,7 +47,7 @@ SCHEMES = {   # in the order they run: the targets first
              "per-token dynamic activations, SmoothQuant 0.5 + GPTQ"),
     "nvfp4-awq-autoround": (lambda: preset("nvfp4-awq-autoround"), "preset nvfp4-awq-autoround: NVFP4 W4A4, AWQ then AutoRound "
                             "trained with the NVFP4 activation quantizers"),
-    "w4a8-awq-autoround": (lambda: preset("w4a8"), "preset w4a8: int4 g64 weights, int8 per-token activations, AWQ then "
+    "w4a8-awq-autoround": (lambda: preset("w4a8-awq-autoround"), "preset w4a8-awq-autoround: int4 g64 weights, int8 per-token activations, AWQ then "
                            "AutoRound trained with the activation quantizers"),
     "w4a8-rtn": (lambda: _cfg("int4_g64", "int8_token"), "int4 g64 weights, int8 per-token dynamic activations, round to nearest"),
     "w4a16-rtn": (lambda: preset("w4a16-rtn"), "W4A16 int4 g64 symmetric, round to nearest"),

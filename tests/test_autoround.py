@@ -169,7 +169,7 @@ def test_autoround_trains_through_the_activation_quantizers():
 
 
 def test_w4a8_and_nvfp4_calibrated_presets_beat_round_to_nearest_on_held_out_logits():
-    """Presets w4a8 (AWQ, then AutoRound with int8 activations) and nvfp4-awq-autoround against the same
+    """Presets w4a8-awq-autoround (AWQ, then AutoRound with int8 activations) and nvfp4-awq-autoround against the same
     formats rounded to nearest, on a tiny model's held-out logits."""
     from leanlm.quantization import preset
 
@@ -179,7 +179,7 @@ def test_w4a8_and_nvfp4_calibrated_presets_beat_round_to_nearest_on_held_out_log
     with torch.no_grad():
         ref = model(held, use_cache=False).logits
     # NVFP4's fine blocks leave little for calibration to win on a random tiny model (no outlier channels)
-    for calibrated, plain, ratio in (("w4a8", "w4a8-gptq", 0.9), ("nvfp4-awq-autoround", "nvfp4", 1.0)):
+    for calibrated, plain, ratio in (("w4a8-awq-autoround", "w4a8-gptq", 0.9), ("nvfp4-awq-autoround", "nvfp4", 1.0)):
         err = {}
         for name in (calibrated, plain):
             cfg = preset(name)

@@ -8,6 +8,7 @@ split and the news domain (40 x 512 tokens each, by default). PTQ only, no train
     python bench/rotations.py                       # every row, 40 windows per domain (the protocol)
     python bench/rotations.py --windows 8 --only nvfp4,w4a8-rtn   # what was run (machine loaded); rows already in the
                                                                   # results file are kept, parallel runs merge their rows
+    python bench/rotations.py --only nvfp4-awq-autoround --rotate hadamard --name rotations_nvfp4   # one rotated row
 
 Rows are written to bench/results/rotations.json after each one, so an interrupted run keeps what it
 measured and a rerun skips rows already there (``--redo`` measures them again).
@@ -42,7 +43,12 @@ def _cfg(weights: str, acts: str | None, algorithms=()) -> QuantConfig:
 # name -> (config factory, what it is). The presets are the ones bench/ptq.py measures without a rotation.
 SCHEMES = {   # in the order they run: the targets first
     "nvfp4": (lambda: preset("nvfp4"), "preset nvfp4: NVFP4 W4A4 (16-element blocks, FP8 scales), round to nearest"),
-    "w4a8": (lambda: preset("w4a8"), "preset w4a8: int4 g64 weights, int8 per-token dynamic activations, SmoothQuant 0.5 + GPTQ"),
+    "w4a8": (lambda: preset("w4a8-gptq"), "preset w4a8-gptq (preset w4a8 until issue 22's W4A8 work): int4 g64 weights, int8 "
+             "per-token dynamic activations, SmoothQuant 0.5 + GPTQ"),
+    "nvfp4-awq-autoround": (lambda: preset("nvfp4-awq-autoround"), "preset nvfp4-awq-autoround: NVFP4 W4A4, AWQ then AutoRound "
+                            "trained with the NVFP4 activation quantizers"),
+    "w4a8-awq-autoround": (lambda: preset("w4a8-awq-autoround"), "preset w4a8-awq-autoround: int4 g64 weights, int8 per-token activations, AWQ then "
+                           "AutoRound trained with the activation quantizers"),
     "w4a8-rtn": (lambda: _cfg("int4_g64", "int8_token"), "int4 g64 weights, int8 per-token dynamic activations, round to nearest"),
     "w4a16-rtn": (lambda: preset("w4a16-rtn"), "W4A16 int4 g64 symmetric, round to nearest"),
     "w4a4-int": (lambda: _cfg("int4_g64", "int4_token"), "int4 g64 weights, int4 per-token dynamic activations, round to nearest"),
@@ -57,6 +63,7 @@ SCHEMES = {   # in the order they run: the targets first
 }
 ROTATIONS = (None, "hadamard")
 DOMAINS = ("wiki", "news")
+NAME = "rotations"  # the results file (--name)
 
 
 def machine() -> dict:
@@ -75,13 +82,21 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--redo", action="store_true", help="measure rows again that the results file already has")
+    ap.add_argument("--rotate", default="none,hadamard",
+                    help="comma-separated rotations to run per scheme: none, hadamard (default: both)")
+    ap.add_argument("--name", default="rotations", help="results file: bench/results/NAME.md and .json (default rotations)")
     a = ap.parse_args()
+    global NAME
+    NAME = a.name
+    rots = [None if r == "none" else r for r in a.rotate.split(",")]
+    if any(r not in ROTATIONS for r in rots):
+        raise SystemExit(f"unknown rotation in --rotate {a.rotate!r}; choose from none, hadamard")
     setup_threads()
     names = a.only.split(",") if a.only else list(SCHEMES)
     unknown = [n for n in names if n not in SCHEMES]
     if unknown:
         raise SystemExit(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
-    path = RESULTS / "rotations.json"
+    path = RESULTS / f"{NAME}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     setup = {"samples": a.samples, "seq_len": a.seq_len, "windows": a.windows}
     if old.get("setup") != setup:
@@ -96,7 +111,7 @@ def main() -> None:
         data["float"] = evaluate(model, tok, a.windows)
         save(data)
     for name in names:
-        for rot in ROTATIONS:
+        for rot in rots:
             key = f"{name} + {rot}" if rot else name
             if key in data["rows"] and not a.redo:
                 continue
@@ -119,7 +134,7 @@ def main() -> None:
 
 def save(data: dict) -> None:
     """Write the results, keeping rows another run of this script (a parallel --only) wrote meanwhile."""
-    path = RESULTS / "rotations.json"
+    path = RESULTS / f"{NAME}.json"
     if path.is_file():
         disk = json.loads(path.read_text())
         if disk.get("setup") == data["setup"]:
@@ -150,7 +165,7 @@ def save(data: dict) -> None:
           + md_table(["scheme", "wiki", "wiki + hadamard", "news", "news + hadamard", "calib s", "calib s + hadamard"], rows)
           + "\n\n" + "\n".join(f"- `{n}`: {w}" for n, (_, w) in SCHEMES.items()
                                if any(r["scheme"] == n for r in data["rows"].values())))
-    write_results("rotations", data, md)
+    write_results(NAME, data, md)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,11 @@ def test_gptq_sink_tokens_leave_the_first_positions_out_of_the_hessian(monkeypat
     assert err_on_rest(x[:, 1:]) < err_on_rest(x)
 
 
-def test_autoround_float_targets_are_the_float_models_layer_outputs(monkeypatch):
+@pytest.mark.parametrize("acts", [None, "int4_token"])
+def test_autoround_float_targets_are_the_float_models_layer_outputs(monkeypatch, acts):
     """float_targets: every layer trains against the float model's own outputs of that layer (a float
-    stream kept beside the quantized one), not the float layer on its quantized inputs."""
+    stream kept beside the quantized one), not the float layer on its quantized inputs; with activation
+    quantizers, the targets are still the float model's (activations unquantized)."""
     from leanlm.quantization import autoround
 
     model = make_llama(vocab_size=300, hidden=64, layers=3, intermediate=128)
@@ -112,7 +114,10 @@ def test_autoround_float_targets_are_the_float_models_layer_outputs(monkeypatch)
 
     monkeypatch.setattr(autoround, "_float_targets", record)
     q = copy.deepcopy(model)
-    quantize(q, _cfg("int4_g32", AutoRound(iters=3, batch=2, float_targets=True)), ids, progress=False)
+    cfg = _cfg("int4_g32", AutoRound(iters=3, batch=2, float_targets=True))
+    if acts:
+        cfg.rules.insert(1, ("*input_quantizer", QuantizerConfig(acts, dynamic=True)))
+    quantize(q, cfg, ids, progress=False)
     assert len(got) == 3
     for i, (y, r) in enumerate(zip(got, ref)):
         assert torch.allclose(y, r, atol=1e-4), i
@@ -139,3 +144,49 @@ def test_w4a16_default_awq_then_autoround_beats_awq_alone_on_held_out_logits():
         with torch.no_grad():
             err[name] = (q(held, use_cache=False).logits - ref).pow(2).mean().item()
     assert err["w4a16"] < 0.95 * err["awq"] and err["w4a16"] < err["stale targets"], err
+
+
+def test_autoround_trains_through_the_activation_quantizers():
+    """W4A8 / W4A4: training runs with the dynamic activation quantizers in the loop (straight-through),
+    so the Linears before a quantized input (q/k/v before o_proj, gate/up before down_proj) still get
+    gradients and leave round-to-nearest; the quantizers are back to plain quantizing afterwards."""
+    from leanlm.quantization.algorithms import weight_qparams
+
+    model = make_llama(vocab_size=300, hidden=64, layers=1, intermediate=128)
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    float_w = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("q_proj", "gate_proj"))}
+    cfg = _cfg("int4_g32", AutoRound(iters=20, batch=4, clip=False))
+    cfg.rules.insert(1, ("*input_quantizer", QuantizerConfig("int8_token", dynamic=True)))
+    quantize(model, cfg, ids, progress=False)
+    mods = dict(model.named_modules())
+    fmt = mods["model.layers.0.self_attn.q_proj"].weight_quantizer.fmt
+    for n, w in float_w.items():
+        rtn = fake_quantize(w.float(), fmt, weight_qparams(w.float(), fmt, "max"))
+        assert not torch.equal(mods[n].weight.detach().float(), rtn), f"{n} got no gradient through the activation quantizers"
+    for q in quantizers(model).values():
+        if q.enabled and q.role == "input":
+            assert q.mode == "quant" and not q.ste
+
+
+def test_w4a8_and_nvfp4_calibrated_presets_beat_round_to_nearest_on_held_out_logits():
+    """Presets w4a8-awq-autoround (AWQ, then AutoRound with int8 activations) and nvfp4-awq-autoround against the same
+    formats rounded to nearest, on a tiny model's held-out logits."""
+    from leanlm.quantization import preset
+
+    model = make_llama(vocab_size=300, hidden=64, layers=2, intermediate=128)
+    g = torch.Generator().manual_seed(0)
+    ids, held = torch.randint(0, 300, (8, 32), generator=g), torch.randint(0, 300, (8, 32), generator=g)
+    with torch.no_grad():
+        ref = model(held, use_cache=False).logits
+    # NVFP4's fine blocks leave little for calibration to win on a random tiny model (no outlier channels)
+    for calibrated, plain, ratio in (("w4a8-awq-autoround", "w4a8-gptq", 0.9), ("nvfp4-awq-autoround", "nvfp4", 1.0)):
+        err = {}
+        for name in (calibrated, plain):
+            cfg = preset(name)
+            if name == plain:
+                cfg.algorithms = []  # round to nearest, same formats
+            q = copy.deepcopy(model)
+            quantize(q, cfg, ids, progress=False)
+            with torch.no_grad():
+                err[name] = (q(held, use_cache=False).logits - ref).pow(2).mean().item()
+        assert err[calibrated] < ratio * err[plain], err

@@ -16,9 +16,16 @@ nf4), while nvfp4 / MX scales (rounded to E4M3 / powers of two) keep their max-b
 ``V`` is trained. After AWQ (``[AWQ(), AutoRound()]``) the scaled weights are trained and the
 clip factors start from AWQ's clipping search instead of 1. A sparsified Linear's ``weight_mask``
 zeros stay exactly 0 and its ranges come from the kept weights only.
+
+With activation quantization (W4A8, NVFP4 W4A4), training sees the layer's dynamic activation
+quantizers, with straight-through gradients, while the targets are computed with them off: the
+rounding learns to make up for the activation error as well as its own. Static activation ranges
+are calibrated after the weights and pass through while AutoRound trains.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -28,6 +35,7 @@ from ..core.calibrate import LayerStep, register, run_layer
 from .calibrate import _weight_quantizer, finish_weight
 from .config import AutoRound
 from .formats import QParams, _grouped, compute_qparams, fake_quantize_with
+from .modules import TensorQuantizer
 
 __all__ = ["autoround_step", "RoundingParams"]
 
@@ -107,6 +115,32 @@ def _layer_output(layer, weights: dict, x: torch.Tensor, kw: dict) -> torch.Tens
 _FLOAT_STREAM = "autoround_float_stream"
 
 
+def _act_quantizers(layer: nn.Module) -> list[TensorQuantizer]:
+    """The layer's enabled activation / KV quantizers that quantize during calibration (dynamic ones:
+    static ranges are calibrated after the weights, so they pass through while AutoRound runs)."""
+    return [q for q in layer.modules() if isinstance(q, TensorQuantizer) and q.enabled and q.role != "weight"
+            and q.mode == "quant" and not q.folded]
+
+
+@contextlib.contextmanager
+def _acts(layer: nn.Module, *, off: bool = False, ste: bool = False):
+    """Activation quantizers of ``layer`` switched off (the float model's targets), or quantizing with
+    straight-through gradients (training sees what will run, and gradients still reach the Linears
+    before them: o_proj's input quantizer would otherwise stop every gradient to q/k/v)."""
+    qs = _act_quantizers(layer)
+    saved = [(q.mode, q.ste) for q in qs]
+    for q in qs:
+        if off:
+            q.mode = "off"
+        if ste:
+            q.ste = True
+    try:
+        yield qs
+    finally:
+        for q, (mode, st) in zip(qs, saved):
+            q.mode, q.ste = mode, st
+
+
 def _float_targets(step: LayerStep) -> list[torch.Tensor]:
     """The float model's outputs of this layer (its still-float weights on the float model's inputs),
     kept in the run's ``stats`` from layer to layer as a second, float stream of hidden states beside
@@ -115,7 +149,8 @@ def _float_targets(step: LayerStep) -> list[torch.Tensor]:
     left no float stream (a resumed run), starts it from its own inputs."""
     prev = step.stats.get(_FLOAT_STREAM)
     x = prev[1] if prev is not None and prev[0] == step.index - 1 else step.hidden
-    y = run_layer(step.layer, x, step.kw)
+    with _acts(step.layer, off=True):
+        y = run_layer(step.layer, x, step.kw)
     step.stats[_FLOAT_STREAM] = (step.index, y)
     return y
 
@@ -134,8 +169,11 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
     x_all = torch.cat(step.hidden)
     with torch.no_grad():
         # The targets: the float model's outputs (float_targets), else the float layer's outputs on
-        # this layer's (quantized-stream) inputs.
-        y_all = torch.cat(y_float if y_float is not None else step.run()).float()
+        # this layer's (quantized-stream) inputs; activations unquantized in both.
+        if y_float is None:
+            with _acts(layer, off=True):
+                y_float = step.run()
+        y_all = torch.cat(y_float).float()
     clip_amax = step.state.get("clip_amax", {})  # AWQ's clipping ranges, when AWQ ran first: the starting clip
     params = {n: RoundingParams(m.weight.data, _weight_quantizer(m).fmt, getattr(m, "weight_mask", None), cfg.clip,
                                 clip_amax.get(id(m)))
@@ -150,7 +188,7 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
     lr0 = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
     best_loss, best, first_loss = float("inf"), None, None
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _acts(layer, ste=True):
             for it in range(cfg.iters):
                 idx = torch.randperm(n_rows, generator=gen)[:bs].to(dev)
                 weights = {f"{n}.weight": rp() for n, rp in params.items()}

@@ -260,12 +260,19 @@ PRESETS: dict[str, callable] = {
     "w4a16-awq-autoround": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(), AutoRound()]),
     "w4a16-awq-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(clip=False), GPTQ()]),
     "w3a16-gptq": lambda: QuantConfig([_w("int3_g64"), HEAD], [GPTQ()]),
-    "w4a8": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.5), GPTQ()]),
+    # W4A8 (docs/quantization.md, "W4A8 and NVFP4 W4A4"): w4a8 is an alias of the best measured recipe.
+    # w4a8-awq-autoround: the w4a16 weights recipe, AutoRound trained with the int8 activation quantizers in the
+    # loop; w4a8-gptq: SmoothQuant 0.5 + GPTQ.
+    "w4a8": lambda: PRESETS["w4a8-awq-autoround"](),
+    "w4a8-awq-autoround": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [AWQ(), AutoRound()]),
+    "w4a8-gptq": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.5), GPTQ()]),
     # QuaRot's recipe (rotation, then GPTQ on the rotated weights; docs/quantization.md "Rotations").
     "w4a8-quarot": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [GPTQ()], rotate="hadamard"),
     "nvfp4-quarot": lambda: QuantConfig([_w("nvfp4"), _a_dyn("nvfp4"), HEAD], [GPTQ()], rotate="hadamard"),
     "fp8": lambda: QuantConfig([_w("fp8_e4m3_channel"), _a_dyn("fp8_e4m3_token"), HEAD]),
     "nvfp4": lambda: QuantConfig([_w("nvfp4"), _a_dyn("nvfp4"), HEAD]),
+    # NVFP4 W4A4 calibrated: AWQ's scales, then AutoRound's rounding trained with the NVFP4 activation quantizers.
+    "nvfp4-awq-autoround": lambda: QuantConfig([_w("nvfp4"), _a_dyn("nvfp4"), HEAD], [AWQ(), AutoRound()]),
     "nvfp4-w4a16": lambda: QuantConfig([_w("nvfp4"), HEAD]),
     "mxfp4": lambda: QuantConfig([_w("mxfp4"), _a_dyn("mxfp4"), HEAD]),
     "mxfp8": lambda: QuantConfig([_w("mxfp8"), _a_dyn("mxfp8"), HEAD]),

@@ -206,3 +206,12 @@ def test_gptq_bfloat16_forwards_close_to_float32(tiny_model):
     assert (lb - ref).norm() < 1.2 * (la - ref).norm()                     # no worse than float32 forwards (to noise)
     with pytest.raises(LeanLMError, match="forward_dtype"):
         GPTQ(forward_dtype="float16")
+
+
+def test_aliases_build_their_targets_config():
+    """`w4a16` and `w4a8` name the best measured recipe of their format: the same config as the preset they point to."""
+    from leanlm.quantization import ALIASES, PRESETS, preset
+
+    assert set(ALIASES) <= set(PRESETS) and set(ALIASES.values()) <= set(PRESETS)
+    for alias, target in ALIASES.items():
+        assert preset(alias).to_dict() == preset(target).to_dict(), alias

@@ -250,7 +250,6 @@ PRESETS: dict[str, callable] = {
     "w8a8-static": lambda: QuantConfig([_w("int8"), (A, QuantizerConfig("int8_tensor", method="percentile")), HEAD], [SmoothQuant(0.5)]),
     # The 4-bit weight-only preset to reach for first: the best measured algorithm on SmolLM2 (docs/quantization.md,
     # "W4A16: the default algorithm"); the w4a16-* presets name one algorithm (or one chain) each.
-    "w4a16": lambda: PRESETS["w4a16-awq-autoround"](),
     "w4a16-rtn": lambda: QuantConfig([_w("int4_g64"), HEAD]),
     "w4a16-mse": lambda: QuantConfig([_w("int4_g64", "mse"), HEAD]),
     "w4a16-awq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ()]),
@@ -263,7 +262,6 @@ PRESETS: dict[str, callable] = {
     # W4A8 (docs/quantization.md, "W4A8 and NVFP4 W4A4"): w4a8 is an alias of the best measured recipe.
     # w4a8-awq-autoround: the w4a16 weights recipe, AutoRound trained with the int8 activation quantizers in the
     # loop; w4a8-gptq: SmoothQuant 0.5 + GPTQ.
-    "w4a8": lambda: PRESETS["w4a8-awq-autoround"](),
     "w4a8-awq-autoround": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [AWQ(), AutoRound()]),
     "w4a8-gptq": lambda: QuantConfig([_w("int4_g64"), _a_dyn("int8_token"), HEAD], [SmoothQuant(0.5), GPTQ()]),
     # QuaRot's recipe (rotation, then GPTQ on the rotated weights; docs/quantization.md "Rotations").
@@ -278,6 +276,10 @@ PRESETS: dict[str, callable] = {
     "mxfp8": lambda: QuantConfig([_w("mxfp8"), _a_dyn("mxfp8"), HEAD]),
     "nf4": lambda: QuantConfig([_w("nf4"), HEAD]),
 }
+# Short names for the best measured recipe of a format (docs/quantization.md: "W4A16: the default algorithm",
+# "W4A8 and NVFP4 W4A4"); each is a preset too, building its target's config.
+ALIASES = {"w4a16": "w4a16-awq-autoround", "w4a8": "w4a8-awq-autoround"}
+PRESETS.update({a: (lambda t=t: PRESETS[t]()) for a, t in ALIASES.items()})
 # KV-cache rules that can be added to any preset (``--kv-cache int8|fp8``): per token and head, dynamic.
 KV_CACHE = {
     "int8": [("*k_quantizer", QuantizerConfig("int8_token", dynamic=True)), ("*v_quantizer", QuantizerConfig("int8_token", dynamic=True))],

@@ -162,11 +162,11 @@ class _PagedAttention:
         if dec_rows:
             nb = max(len(t) for t in dec_tabs)
             self.dec_tables = torch.tensor([t + [t[0]] * (nb - len(t)) for t in dec_tabs])
-            dp = torch.tensor(dec_pos)
+            dp = self.dec_pos
             keys = torch.arange(nb * block_size)
             S = len(dec_rows)
             self.dec_bias = {}
-            for w in windows:
+            for w in ([] if pool.paged_kernel else windows):   # the in-place kernel masks by position itself
                 m = keys[None, :] <= dp[:, None]
                 if w is not None:
                     m &= dp[:, None] - keys[None, :] < w

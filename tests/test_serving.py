@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -346,16 +347,29 @@ def test_api_key_401_and_queue_429(server):
     with pytest.raises(openai.AuthenticationError):
         client(url, "wrong").models.list()
     assert http(url + "/v1/models", key=None)[0] == 401
-    # max_num_seqs 2 + max_waiting 2: the fifth concurrent request is refused
-    with llm.lock:   # the engine thread steps under this lock
+    # max_num_seqs 2 + max_waiting 2: the fifth concurrent request is refused. Four long requests are opened
+    # through the server's own front door (AsyncLLM.add, from an event loop of the test's) and held open.
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+
+    async def fill():
         for i in range(4):
-            eng.add_request(f"filler{i}", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+            llm.add(f"filler{i}", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+
     try:
+        asyncio.run_coroutine_threadsafe(fill(), loop).result(timeout=10)
         with pytest.raises(openai.RateLimitError):
             client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
     finally:
         for i in range(4):
             llm.abort(f"filler{i}")
+    for _ in range(100):   # the engine thread takes the aborts before its next step
+        if not eng.has_unfinished():
+            break
+        time.sleep(0.05)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(timeout=10)
     assert all_free(eng)
 
 

@@ -11,6 +11,7 @@ app's shutdown stops the engine thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from functools import partial
 import threading
@@ -89,12 +90,17 @@ class ChatRequest(_Sampling):
 
 
 class AsyncLLM:
-    """The engine in one background thread; requests talk to it through per-request asyncio queues."""
+    """The engine in one background thread; requests talk to it through per-request asyncio queues.
+
+    Only the engine thread touches the engine's state: the event loop hands it new requests and aborts through
+    an inbox it drains before each step. (A lock held across each step made a new request wait for the engine
+    thread to let go of it, which Python's locks do not promise, and froze the event loop, every other stream
+    included, while it waited.)"""
 
     def __init__(self, engine: LLMEngine, max_waiting: int = 64):
         self.engine, self.max_waiting = engine, max_waiting
-        self.lock = threading.Lock()
-        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.inbox: collections.deque = collections.deque()   # ("add", id, prompt, params, arrival) | ("abort", id)
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}   # open requests
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="leanlm-engine", daemon=True)
@@ -108,42 +114,58 @@ class AsyncLLM:
         self.thread.join(timeout=30)
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
+        if len(self.queues) >= self.engine.scheduler.max_num_seqs + self.max_waiting:
+            raise APIError(429, "the server's request queue is full; retry later", None, "rate_limit_exceeded")
+        self.engine.check_request(prompt, params)   # a request the engine can never serve fails here, as a 400
         q: asyncio.Queue = asyncio.Queue()
-        with self.lock:
-            if self.engine.num_unfinished() >= self.engine.scheduler.max_num_seqs + self.max_waiting:
-                raise APIError(429, "the server's request queue is full; retry later", None, "rate_limit_exceeded")
-            self.engine.add_request(request_id, prompt, params)
-            self.queues[request_id] = (asyncio.get_running_loop(), q)
+        self.queues[request_id] = (asyncio.get_running_loop(), q)
+        self.inbox.append(("add", request_id, prompt, params, time.perf_counter()))
         self.wake.set()
         return q
 
     def abort(self, request_id: str) -> None:
-        with self.lock:
-            self.queues.pop(request_id, None)
-            self.engine.abort(request_id)
+        if self.queues.pop(request_id, None) is not None:
+            self.inbox.append(("abort", request_id))
+            self.wake.set()
+
+    def _take_inbox(self) -> list:
+        """Hand the queued requests and aborts to the engine; returns (id, error) for adds it refused."""
+        failed = []
+        while self.inbox:
+            msg = self.inbox.popleft()
+            if msg[0] == "abort":
+                self.engine.abort(msg[1])
+            elif msg[1] in self.queues:   # not aborted while queued
+                try:
+                    self.engine.add_request(msg[1], msg[2], msg[3], arrival=msg[4])
+                except Exception as e:
+                    failed.append((msg[1], e))
+        return failed
 
     def _run(self) -> None:
         while not self.stopping:
-            with self.lock:
-                busy = self.engine.has_unfinished()
-                try:
-                    outs = self.engine.step() if busy else []
-                except Exception as e:   # a bug must not hang every client: fail them all, keep serving
-                    outs = [(rid, e) for rid in list(self.queues)]
-                    for rid, _ in outs:
-                        self.engine.abort(rid)
-                else:
-                    outs = [(o.request_id, o) for o in outs]
-                sends: dict = {}   # event loop -> [(queue, output)]: one thread-safe wake-up per loop and step
-                for rid, o in outs:
-                    if rid in self.queues:
-                        loop, q = self.queues[rid]
-                        sends.setdefault(loop, []).append((q, o))
-                    if not isinstance(o, RequestOutput) or o.finished:
-                        self.queues.pop(rid, None)
+            outs = self._take_inbox()
+            busy = self.engine.has_unfinished()
+            try:
+                outs += [(o.request_id, o) for o in self.engine.step()] if busy else []
+            except Exception as e:   # a bug must not hang every client: fail them all, keep serving
+                outs += [(rid, e) for rid in list(self.queues)]
+                for rid, _ in outs:
+                    self.engine.abort(rid)
+            sends: dict = {}   # event loop -> [(queue, output)]: one thread-safe wake-up per loop and step
+            for rid, o in outs:
+                entry = self.queues.get(rid)
+                if entry is not None:
+                    sends.setdefault(entry[0], []).append((entry[1], o))
+                if not isinstance(o, RequestOutput) or o.finished:
+                    self.queues.pop(rid, None)
             for loop, items in sends.items():
-                loop.call_soon_threadsafe(_deliver, items)
-            if not busy:
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:   # that event loop is closed: nobody reads these requests any more
+                    for rid in [r for r, (lp, _) in list(self.queues.items()) if lp is loop]:
+                        self.abort(rid)
+            if not busy and not self.inbox:
                 self.wake.wait(0.5)
                 self.wake.clear()
 
@@ -190,8 +212,7 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
 
     @app.get("/metrics")
     async def metrics():
-        with llm.lock:
-            text = render(engine, model_name)
+        text = render(engine, model_name)   # read while the engine thread steps: counters may be one step apart
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -307,11 +307,24 @@ class LLMEngine:
         self.num_draft, self.spec_max_batch = num_draft, spec_max_batch
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None = None,
+                    arrival: float | None = None) -> None:
+        """Queue a request (``arrival``: its ``time.perf_counter()`` when it reached the server, for TTFT)."""
         params = params or SamplingParams()
-        params.config()   # validates temperature / top_k / top_p
         if request_id in self.seqs:
             raise LeanLMError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt, params)
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        seq = Sequence(request_id, list(prompt), params, time.perf_counter() if arrival is None else arrival, generator=gen)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise LeanLMError if the engine can never serve this request. Reads only the engine's fixed
+        configuration, so another thread may call it while the engine steps (the server does)."""
+        params.config()   # validates temperature / top_k / top_p
         if not prompt:
             raise LeanLMError("the prompt is empty; give at least one token")
         if params.max_tokens < 1:
@@ -325,12 +338,6 @@ class LLMEngine:
         if self.blocks.blocks_for(need) > self.blocks.num_blocks:
             raise LeanLMError(f"{need} tokens need more KV blocks than the whole cache holds ({self.blocks.num_blocks} x "
                               f"{self.blocks.block_size}); lower max_tokens or raise --kv-cache-mb")
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        seq = Sequence(request_id, list(prompt), params, time.perf_counter(), generator=gen)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks at once; False when it is unknown or already finished."""

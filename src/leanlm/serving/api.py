@@ -90,7 +90,8 @@ class ChatRequest(_Sampling):
 
 
 class AsyncLLM:
-    """The engine in one background thread; requests talk to it through per-request asyncio queues.
+    """The engine loop (in the main thread under `serve`, else a background thread); requests talk to it through
+    per-request asyncio queues.
 
     Only the engine thread touches the engine's state: the event loop hands it new requests and aborts through
     an inbox it drains before each step. (A lock held across each step made a new request wait for the engine
@@ -103,15 +104,17 @@ class AsyncLLM:
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}   # open requests
         self.wake = threading.Event()
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="leanlm-engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="leanlm-engine", daemon=True)
 
     def start(self) -> None:
+        """Step the engine in a background thread (for an app served by someone else's event loop)."""
         self.thread.start()
 
     def stop(self) -> None:
         self.stopping = True
         self.wake.set()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
         if len(self.queues) >= self.engine.scheduler.max_num_seqs + self.max_waiting:
@@ -142,8 +145,9 @@ class AsyncLLM:
                     failed.append((msg[1], e))
         return failed
 
-    def _run(self) -> None:
-        while not self.stopping:
+    def run(self, until=None) -> None:
+        """The engine loop: until `stop()` (or `until()` is true), take the inbox, step, hand out the outputs."""
+        while not self.stopping and not (until is not None and until()):
             outs = self._take_inbox()
             busy = self.engine.has_unfinished()
             try:
@@ -175,13 +179,17 @@ def _deliver(items: list) -> None:
         q.put_nowait(o)
 
 
-def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_waiting: int = 64) -> FastAPI:
+def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_waiting: int = 64,
+               engine_thread: bool = True) -> FastAPI:
+    """The ASGI app. ``engine_thread``: step the engine in a thread the app starts (else the caller runs
+    ``app.state.llm.run``, as ``serve`` does in the main thread)."""
     llm = AsyncLLM(engine, max_waiting)
     tok = engine.tokenizer
 
     @asynccontextmanager
     async def lifespan(app):
-        llm.start()
+        if engine_thread:
+            llm.start()
         yield
         llm.stop()
 
@@ -359,8 +367,30 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
 
 def serve(engine: LLMEngine, model_name: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int = 64) -> None:
-    """Run the server until SIGINT/SIGTERM (which drains open requests first)."""
+    """Run the server until SIGINT/SIGTERM (which drains open requests first).
+
+    The engine steps in the calling (main) thread and uvicorn's event loop runs in a second thread, not the other
+    way round: the model was loaded and packed in the main thread, so its OpenMP thread pool lives there, and a
+    second thread running torch's parallel regions adds a second pool; with more pool threads than cores libgomp
+    stops spinning between regions, and each of a decode step's ~150 small regions then waits for a futex
+    wake-up (measured: one-sequence steps took 10 ms from a second thread against 4-5 ms from the main one).
+    """
+    import signal
+
     import uvicorn
 
-    uvicorn.run(create_app(engine, model_name, api_key=api_key, max_waiting=max_waiting), host=host, port=port,
-                log_level="info")
+    app = create_app(engine, model_name, api_key=api_key, max_waiting=max_waiting, engine_thread=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    http = threading.Thread(target=server.run, name="leanlm-http", daemon=True)
+    # uvicorn listens to signals only from the main thread: here they ask it to drain and stop (twice: at once)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        app.state.llm.run(until=lambda: not http.is_alive())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        app.state.llm.stop()
+    if not server.started:
+        raise LeanLMError(f"the server did not start on {host}:{port} (the port may be in use, see the log above); "
+                          "choose another --port")

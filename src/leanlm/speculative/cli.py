@@ -21,6 +21,9 @@ def speculation_args(sp) -> None:
     k = sp.add_mutually_exclusive_group()
     k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
     k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
+    sp.add_argument("--tree", nargs="?", const="default", default=None, metavar="TREE",
+                    help="with an EAGLE head: draft a static token tree verified in one target call (default shape when "
+                         "given alone; or chain:K, a JSON list of child-rank paths such as [[0],[1],[0,0]], or a .json file)")
     sp.add_argument("--max-draft", type=COUNT, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
     sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
 
@@ -35,9 +38,19 @@ def run_generate(a, load, make_target=None) -> dict:
     from .eagle import EagleDrafter, is_head_folder, load_head
     from .step import HFStepModel
 
+    from .tree import parse_tree
+
     speculative = a.draft is not None or a.prompt_lookup
     if not speculative and (a.num_draft is not None or a.adaptive):
         raise LeanLMError("--num-draft and --adaptive need --draft DRAFT or --prompt-lookup")
+    tree = None
+    if a.tree is not None:
+        if a.draft is None or not is_head_folder(a.draft):
+            raise LeanLMError("--tree drafts with an EAGLE head: give --draft HEAD_DIR (leanlm draft MODEL --method eagle); "
+                              "draft models and prompt lookup draft chains")
+        if a.num_draft is not None or a.adaptive:
+            raise LeanLMError("--tree has a fixed shape; drop --num-draft / --adaptive (or drop --tree for a chain)")
+        tree = parse_tree(a.tree)
     if a.max_new_tokens < 1:
         raise LeanLMError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     sampling = Sampling(a.temperature, a.top_k, a.top_p)
@@ -64,6 +77,8 @@ def run_generate(a, load, make_target=None) -> dict:
             drafter, mode = PromptLookupDrafter(), "prompt lookup"
         elif is_head_folder(a.draft):
             drafter, mode = EagleDrafter(load_head(a.draft, model)), f"eagle head {a.draft}"
+            if tree is not None:
+                mode += f", tree of {tree.size} drafts (depth {tree.max_depth})"
         elif a.draft.startswith("quant:"):
             drafter, mode = quantized_draft(model, a.draft[len("quant:"):], tokenizer=tok, progress=not a.json), f"draft {a.draft}"
         else:
@@ -75,7 +90,8 @@ def run_generate(a, load, make_target=None) -> dict:
         else:
             k = a.num_draft if a.num_draft is not None else (8 if a.prompt_lookup else 4)
         t0 = time.perf_counter()
-        out, st = speculative_generate(target, drafter, ids, a.max_new_tokens, k, sampling, generator=gen, eos_token_id=eos)
+        out, st = speculative_generate(target, drafter, ids, a.max_new_tokens, k, sampling, generator=gen, eos_token_id=eos,
+                                       tree=tree)
         stats = st.to_dict()
         stats.pop("ks")
         stats["mean_k"] = st.drafted / st.rounds if st.rounds else 0.0

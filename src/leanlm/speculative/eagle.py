@@ -98,11 +98,15 @@ class EagleHead(nn.Module):
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("body.embed_tokens")}
 
-    def forward(self, feats: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None):
-        """feats [B, T, H] (f_t), next_ids [B, T] (x_{t+1}) -> (predicted f_{t+1} [B, T, H], logits [B, T, draft_vocab])."""
+    def forward(self, feats: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
+                attention_mask: torch.Tensor | None = None):
+        """feats [B, T, H] (f_t), next_ids [B, T] (x_{t+1}) -> (predicted f_{t+1} [B, T, H], logits [B, T, draft_vocab]).
+        `attention_mask`: an additive [B, 1, T, cached + T] mask (tree drafts); default causal."""
         e = self.embed(next_ids).to(feats.dtype)
         x = self.fc(torch.cat([feats, e], -1))
         kw = {"cache" if self._new_api else "past_key_values": cache} if cache is not None else {}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
         h = self.body(inputs_embeds=x, position_ids=position_ids, use_cache=cache is not None, **kw).last_hidden_state
         return h, h @ self.head_rows.to(h.dtype).T
 
@@ -224,8 +228,9 @@ class EagleDrafter:
         else:
             self.feats = self.feats[:, :n]
 
-    @torch.inference_mode()
-    def propose(self, ctx: torch.Tensor, k: int, sampling: Sampling, generator=None):
+    def _catch_up(self, ctx: torch.Tensor):
+        """Feed the head the committed tokens it has not seen with their real target features; returns (n, the
+        predicted feature [B, 1, H] and draft logits [B, draft_vocab] after ctx)."""
         self._collect()
         n = self.feats.shape[1]                         # = ctx length - 1: the features of every committed token but the last
         keep = min(self.real, n - 1)
@@ -235,9 +240,53 @@ class EagleDrafter:
         pos = torch.arange(keep, n)[None]
         h, logits = self.head(self.feats[:, keep:n], ctx[:, keep + 1: n + 1], pos, self.cache)
         self.real = n
+        return n, h[:, -1:], logits[:, -1]
+
+    @torch.inference_mode()
+    def propose_tree(self, ctx: torch.Tensor, tree, sampling: Sampling, generator=None):
+        """Fill a static `DraftTree` (batch 1): each node's children are the head's top-ranked draft tokens there
+        (deterministic, so q is None: exact under sampling too, see tree.verify_tree). The head expands one depth
+        per pass: the non-leaf nodes of that depth go in together at position n + depth - 1 under a tree mask
+        (the committed positions plus their own ancestors), so a tree costs one head pass per level."""
+        if ctx.shape[0] != 1:
+            raise LeanLMError(f"tree drafts take one prompt row, got {ctx.shape[0]}; use a chain (k) for a batch")
+        n, f_root, lg_root = self._catch_up(ctx)
+        vmap = self.head.vocab_map
+        tokens = torch.zeros(tree.size + 1, dtype=torch.long)
+        feats, logits, slot = {0: f_root[0, 0]}, {0: lg_root[0]}, {}    # per expanded node
+        base = self.cache.get_seq_length()
+        for d in range(tree.max_depth):
+            level = [u for u in range(tree.size + 1) if int(tree.depth[u]) == d and tree.children[u]]
+            for u in level:   # children = the head's top ranks at u
+                kids = tree.children[u]
+                top = logits[u].topk(min(int(tree.rank[kids[-1]]) + 1, logits[u].numel())).indices
+                for c in kids:
+                    tokens[c] = vmap[top[min(int(tree.rank[c]), len(top) - 1)]]
+            grow = [c for u in level for c in tree.children[u] if tree.children[c]]
+            if not grow:
+                continue
+            held = self.cache.get_seq_length()
+            allowed = torch.zeros(len(grow), held + len(grow), dtype=torch.bool)
+            allowed[:, :base] = True
+            for i, c in enumerate(grow):
+                allowed[i, held + i] = True
+                a = int(tree.parent[c])
+                while a > 0:
+                    allowed[i, slot[a]] = True
+                    a = int(tree.parent[a])
+            bias = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+            x_f = torch.stack([feats[int(tree.parent[c])] for c in grow])[None]
+            pos = torch.full((1, len(grow)), n + d)
+            h, lg = self.head(x_f, tokens[grow][None], pos, self.cache, attention_mask=bias)
+            for i, c in enumerate(grow):
+                feats[c], logits[c], slot[c] = h[0, i], lg[0, i], held + i
+        return tokens[1:][None], None
+
+    @torch.inference_mode()
+    def propose(self, ctx: torch.Tensor, k: int, sampling: Sampling, generator=None):
+        n, f, lg = self._catch_up(ctx)
         vmap = self.head.vocab_map
         toks, qs = [], []
-        f, lg = h[:, -1:], logits[:, -1]
         for i in range(k):
             if sampling.greedy:
                 t = vmap[lg.argmax(-1)]

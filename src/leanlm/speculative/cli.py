@@ -21,9 +21,10 @@ def speculation_args(sp) -> None:
     k = sp.add_mutually_exclusive_group()
     k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
     k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
-    sp.add_argument("--tree", nargs="?", const="default", default=None, metavar="TREE",
-                    help="with an EAGLE head: draft a static token tree verified in one target call (default shape when "
-                         "given alone; or chain:K, a JSON list of child-rank paths such as [[0],[1],[0,0]], or a .json file)")
+    sp.add_argument("--tree", nargs="?", const="auto", default=None, metavar="TREE",
+                    help="with an EAGLE head: draft a static token tree verified in one target call; alone (auto): the tree "
+                         "measured when the head was trained, else the default shape; or default, chain:K, a JSON list of "
+                         "child-rank paths such as [[0],[1],[0,0]], or a .json file holding one")
     sp.add_argument("--max-draft", type=COUNT, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
     sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
 
@@ -45,12 +46,12 @@ def run_generate(a, load, make_target=None) -> dict:
         raise LeanLMError("--num-draft and --adaptive need --draft DRAFT or --prompt-lookup")
     tree = None
     if a.tree is not None:
+        tree = parse_tree(a.tree) if a.tree != "auto" else "auto"
         if a.draft is None or not is_head_folder(a.draft):
             raise LeanLMError("--tree drafts with an EAGLE head: give --draft HEAD_DIR (leanlm draft MODEL --method eagle); "
                               "draft models and prompt lookup draft chains")
         if a.num_draft is not None or a.adaptive:
             raise LeanLMError("--tree has a fixed shape; drop --num-draft / --adaptive (or drop --tree for a chain)")
-        tree = parse_tree(a.tree)
     if a.max_new_tokens < 1:
         raise LeanLMError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     sampling = Sampling(a.temperature, a.top_k, a.top_p)
@@ -77,6 +78,8 @@ def run_generate(a, load, make_target=None) -> dict:
             drafter, mode = PromptLookupDrafter(), "prompt lookup"
         elif is_head_folder(a.draft):
             drafter, mode = EagleDrafter(load_head(a.draft, model)), f"eagle head {a.draft}"
+            if tree == "auto":   # the tree measured at training (train_eagle), else the default shape
+                tree = parse_tree(drafter.head.leanlm_draft.get("tree") or "default")
             if tree is not None:
                 mode += f", tree of {tree.size} drafts (depth {tree.max_depth})"
         elif a.draft.startswith("quant:"):

@@ -426,7 +426,7 @@ class EagleLoss:
 def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, draft_vocab: int = 8192, samples: int = 128,
                 prompt_tokens: int = 64, new_tokens: int = 128, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
                 max_tokens: int | None = None, checkpoint_dir=None, progress: bool = True, seed: int = 0,
-                data: dict | None = None, gen_share: float = 0.4) -> EagleHead:
+                data: dict | None = None, gen_share: float = 0.4, tree_nodes: int = 12) -> EagleHead:
     """Train an EAGLE-1 head for the Hugging Face `model` (Li et al. 2024) by self-distillation.
     Ctrl-C raises `TrainingInterrupted` after saving a checkpoint (with `checkpoint_dir`); the same call resumes.
 
@@ -434,6 +434,8 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     of a time budget; `samples` sequences of `prompt_tokens` + `new_tokens`) and the training.
     The generated text and the head's training state are kept in `checkpoint_dir` (if given): a run interrupted
     (Ctrl-C) and started again resumes; with a token budget the resumed head equals an uninterrupted one.
+    After training, `measure_tree` chooses a draft tree of `tree_nodes` drafts from the head's measured acceptance on
+    calibration prompts (0: skip), stored in the log as "tree" (`generate --tree` uses it).
     Returns the head with `head.leanlm_draft` holding the training log."""
     from ..distill import TrainConfig, parse_budget, train
 
@@ -485,10 +487,40 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     finally:
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
-    log["total_seconds"] = time.perf_counter() - t0
-    log["cpu_seconds"] = time.process_time() - c0   # this process's CPU time (all threads): the work, on a shared machine
     for p in head.parameters():
         p.requires_grad_(False)
     head.eval()
+    if tree_nodes and log["steps"]:
+        ts = time.perf_counter()
+        paths, acc = measure_tree(model, head, [ids[i:i + 1] for ids in _prompts(tokenizer, 4, prompt_tokens, 0.5) for i in range(len(ids))],
+                                  tree_nodes)
+        log.update(tree=paths, tree_acceptance=acc, tree_seconds=time.perf_counter() - ts)
+    log["total_seconds"] = time.perf_counter() - t0
+    log["cpu_seconds"] = time.process_time() - c0   # this process's CPU time (all threads): the work, on a shared machine
     head.leanlm_draft = log
     return head
+
+
+MEASURE_WIDTHS = (8, 4, 4, 3, 3)   # the comb tree measure_tree drafts: children of the root and of each rank-0 node, by depth
+
+
+@torch.inference_mode()
+def measure_tree(model: nn.Module, head: EagleHead, prompts: list[torch.Tensor], nodes: int = 12, new_tokens: int = 64,
+                 widths=MEASURE_WIDTHS) -> tuple[list[list[int]], list[list[float]]]:
+    """Choose a draft tree for `head` from measured acceptance: greedy tree decoding of `prompts` (each [1, L]) on the
+    float32 runtime with a comb tree (a spine of rank-0 drafts, each with `widths[d]` children) counts, per depth and
+    rank, how often the target took the head's draft when its parent was accepted (one phantom rejection per cell, so a
+    rarely tried rank is not taken for certain); `tree.tree_from_acceptance` builds the `nodes`-draft tree from that.
+    Returns (the tree's paths, the acceptance table)."""
+    from ..runtime import Engine
+    from .decode import speculative_generate
+    from .tree import DraftTree, RankCounts, tree_from_acceptance
+
+    comb = DraftTree.from_paths([(0,) * d + (r,) for d, w in enumerate(widths) for r in range(w)])
+    total = RankCounts()
+    eng = Engine(model, "fp32", max_seq_len=max(p.shape[1] for p in prompts) + new_tokens + comb.size + 1)
+    for ids in prompts:
+        _, st = speculative_generate(eng, EagleDrafter(head), ids, new_tokens, tree=comb)
+        total.merge(st.ranks)
+    acc = total.acceptance(prior=1)
+    return tree_from_acceptance(acc, nodes).to_list(), acc

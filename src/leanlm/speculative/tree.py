@@ -30,7 +30,9 @@ and a head's rank-0 draft is accepted far more often than its rank-1, so the dep
 and the width to shallow levels. `tree_from_acceptance` builds a tree of any size from measured
 per-depth, per-rank acceptance (`SpecStats.rank_acceptance()` of a run with a wide tree): best-first on
 the path probability, the product of the acceptance rates along the path (Medusa's construction), which
-maximises the expected accepted length under its independence assumption.
+maximises the expected accepted length under its independence assumption. `eagle.measure_tree` runs that
+measurement on calibration prompts after a head is trained (`leanlm draft --method eagle`) and stores the
+tree in the head's eagle.json, which `generate --tree` then uses.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -130,22 +131,18 @@ def parse_tree(spec) -> DraftTree:
     if not isinstance(spec, str):
         return DraftTree.from_paths(spec)
     s = spec.strip()
-    if s == "default":
+    if s in ("default", "auto"):   # auto: the head's measured tree where one is known (the CLI), else the default
         return DraftTree.from_paths(DEFAULT_TREE)
     if s.startswith("chain:"):
         k = s[len("chain:"):]
         if not k.isdigit() or not 1 <= int(k) <= TREE_MAX:
             raise LeanLMError(f"--tree {spec}: the chain length must be an integer in 1..{TREE_MAX}")
         return DraftTree.chain(int(k))
-    if not s.startswith("["):
-        p = Path(s).expanduser()
-        if not p.is_file():
-            raise LeanLMError(f"--tree {spec}: not 'default', 'chain:K', a JSON list of paths such as [[0],[1],[0,0]] "
-                              "nor an existing .json file")
-        try:
-            s = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LeanLMError(f"cannot read the tree file {p}: {e}; give a UTF-8 JSON list of paths") from None
+    if not s.startswith("["):   # a file (not 'default', 'chain:K' nor JSON)
+        from ..core.data import read_text_file
+
+        s = read_text_file(s, "tree file (--tree takes default, chain:K, a JSON list of paths such as [[0],[1],[0,0]] or a "
+                              ".json file holding one)")
     try:
         paths = json.loads(s)
     except ValueError:
@@ -240,6 +237,16 @@ class RankCounts:
         for c in path:
             self.hits[int(tree.depth[c]) - 1][int(tree.rank[c])] += 1
 
-    def acceptance(self) -> list[list[float]]:
-        """acc[d][r] = hits / tried (0 where never tried), the input of `tree_from_acceptance`."""
-        return [[h / t if t else 0.0 for h, t in zip(hs, ts)] for hs, ts in zip(self.hits, self.tried)]
+    def merge(self, other: "RankCounts") -> None:
+        for mine, theirs in ((self.tried, other.tried), (self.hits, other.hits)):
+            for d, row in enumerate(theirs):
+                while len(mine) <= d:
+                    mine.append([])
+                mine[d].extend([0] * (len(row) - len(mine[d])))
+                for r, v in enumerate(row):
+                    mine[d][r] += v
+
+    def acceptance(self, prior: float = 0.0) -> list[list[float]]:
+        """acc[d][r] = hits / (tried + prior) (0 where never tried), the input of `tree_from_acceptance`; `prior`
+        phantom rejections keep a rank tried once or twice from counting as certain."""
+        return [[h / (t + prior) if t else 0.0 for h, t in zip(hs, ts)] for hs, ts in zip(self.hits, self.tried)]

@@ -218,6 +218,8 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
             raise LeanLMError("a draft tree has a fixed shape; drop adaptive k or the tree")
     else:
         _check_k(adaptive)
+        if drafter is not None and not hasattr(drafter, "propose"):
+            raise LeanLMError(f"{type(drafter).__name__} drafts trees only; pass tree= (e.g. tree='default')")
     stats = SpecStats(ranks=RankCounts() if tree is not None else None)
     target.reset()
     if drafter is not None:

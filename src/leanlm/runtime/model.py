@@ -328,9 +328,8 @@ class Decoder(nn.Module):
                 ropes[w] = (getattr(self, f"cos{w}")[rp][None, :, None], getattr(self, f"sin{w}")[rp][None, :, None])
                 if attend is not None:
                     continue
-                m = getattr(self, f"mask{w}")[input_pos, :kv_len]
-                if tree is not None:
-                    m = _tree_mask(m, tree, input_pos, kv_len, getattr(self, "mask1", None) is not None and w == 1, s.windows)
+                m = getattr(self, f"mask{w}")[input_pos, :kv_len] if tree is None else \
+                    _tree_mask(tree, input_pos, kv_len, next((x for x in s.windows if x), None) if w == 1 else None)
                 biases[w] = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf")).repeat(g, 1)
         for i, L in enumerate(self.layers):
             sl = 1 if s.windows[i] else 0
@@ -382,15 +381,15 @@ class Decoder(nn.Module):
         return (logits, xn) if hidden else logits
 
 
-def _tree_mask(causal: torch.Tensor, tree, input_pos: torch.Tensor, kv_len: int, sliding: bool, windows) -> torch.Tensor:
-    """The [T, kv_len] attention mask of T draft-tree nodes in cache slots `input_pos` (the last T of kv_len): every
-    earlier slot, plus the nodes of the tree mask; a sliding layer also drops keys a window or more behind (by position)."""
+def _tree_mask(tree, input_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """The [T, kv_len] attention mask of T draft-tree nodes in cache slots `input_pos`: every other filled slot (the
+    committed text, slot = position) plus the nodes the tree mask marks; with a sliding `window`, only keys less than
+    a window behind the node's position."""
     rope_pos, tmask = tree
-    m = causal.clone()
+    m = torch.ones(len(input_pos), kv_len, dtype=torch.bool, device=input_pos.device)
     m[:, input_pos] = tmask.to(m.device)
-    if sliding:
-        win = next(w for w in windows if w)
+    if window:
         kpos = torch.arange(kv_len, device=m.device)
         kpos[input_pos] = rope_pos.to(m.device)
-        m &= (rope_pos.to(m.device)[:, None] - kpos[None, :]) < win
+        m &= (rope_pos.to(m.device)[:, None] - kpos[None, :]) < window
     return m

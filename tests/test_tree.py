@@ -207,3 +207,22 @@ def test_tree_on_a_sliding_window_model():
     assert torch.equal(out, ref) and st.accepted >= 2 * st.rounds
     with pytest.raises(LeanLMError, match="sliding window"):
         speculative_generate(HFStepModel(gemma), OracleTreeDrafter(ref, 120), ids, 20, tree=PATHS)
+
+
+def test_cli_generate_with_a_tree(tiny_folder, tiny_model, tmp_path, capsys):
+    """leanlm generate --draft HEAD --tree (the default shape, and a JSON tree) returns plain decoding's text."""
+    import json
+
+    from leanlm.cli import main
+    from leanlm.speculative.eagle import save_head
+
+    save_head(make_head(tiny_model, torch.arange(0, tiny_model.config.vocab_size, 2)), tmp_path / "head")
+    base = ["generate", str(tiny_folder), "--prompt", "The quick brown fox", "--max-new-tokens", "12", "--no-stop", "--json"]
+    texts = []
+    for extra in ([], ["--draft", str(tmp_path / "head"), "--tree"], ["--draft", str(tmp_path / "head"), "--tree", "[[0],[1],[0,0]]"]):
+        assert main(base + extra) == 0
+        r = json.loads(capsys.readouterr().out)
+        texts.append(r["text"])
+        if extra:
+            assert "tree of" in r["mode"] and r["stats"]["ranks"] is not None
+    assert texts[0] == texts[1] == texts[2]

@@ -138,7 +138,9 @@ def show_draft(r: dict, console) -> None:
         fit = f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, top-1 agreement {r['top1_last']:.0%}" if r["steps"] else "no training step ran"
         console.print(f"EAGLE head -> {r['out']}: {r['sequences']} self-generated sequences ({r['text_tokens']} tokens, "
                       f"{r['generation_seconds']:.0f} s), {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, {fit}; "
-                      f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)", markup=False, highlight=False)
+                      f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)"
+                      + (f"; draft tree of {len(r['tree'])} measured (generate --tree)" if r.get("tree") else ""),
+                      markup=False, highlight=False)
         return
     stop = " (interrupted: saved as trained so far)" if r["interrupted"] else ""
     kl = f"KL to the target {r['loss_first']:.3f} -> {r['loss_last']:.3f}" if r["steps"] else "no training step ran"

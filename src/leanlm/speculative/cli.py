@@ -78,10 +78,12 @@ def run_generate(a, load, make_target=None) -> dict:
             drafter, mode = PromptLookupDrafter(), "prompt lookup"
         elif is_head_folder(a.draft):
             drafter, mode = EagleDrafter(load_head(a.draft, model)), f"eagle head {a.draft}"
+            src = ""
             if tree == "auto":   # the tree measured at training (train_eagle), else the default shape
-                tree = parse_tree(drafter.head.leanlm_draft.get("tree") or "default")
+                measured = drafter.head.leanlm_draft.get("tree")
+                tree, src = parse_tree(measured or "default"), " measured at training" if measured else " default"
             if tree is not None:
-                mode += f", tree of {tree.size} drafts (depth {tree.max_depth})"
+                mode += f", tree of {tree.size} drafts (depth {tree.max_depth}{',' + src if src else ''})"
         elif a.draft.startswith("quant:"):
             drafter, mode = quantized_draft(model, a.draft[len("quant:"):], tokenizer=tok, progress=not a.json), f"draft {a.draft}"
         else:

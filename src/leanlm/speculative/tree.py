@@ -147,8 +147,8 @@ def parse_tree(spec) -> DraftTree:
         paths = json.loads(s)
     except ValueError:
         raise LeanLMError(f"--tree: cannot read {spec[:60]!r} as JSON; give a list of paths such as [[0],[1],[0,0]]") from None
-    if isinstance(paths, dict):
-        paths = paths.get("tree", paths)
+    if isinstance(paths, dict):   # {"tree": paths}, or a head's eagle.json (its measured tree)
+        paths = paths.get("tree") or (paths.get("training") or {}).get("tree") or paths
     if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
         raise LeanLMError(f"--tree: a draft tree is a JSON list of paths such as [[0],[1],[0,0]], got {spec[:60]!r}")
     return DraftTree.from_paths(paths)

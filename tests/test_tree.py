@@ -104,7 +104,7 @@ def test_greedy_tree_identical_to_plain_decoding(model):
 
 def test_kv_compaction_gives_a_fresh_forwards_logits(model):
     """After a tree forward and keeping one path (through branch 1), the next step's logits equal those of one forward
-    over the whole kept sequence, on every target."""
+    over the whole kept sequence, on every target (the packed int4 engine too)."""
     tree = DraftTree.from_paths(PATHS)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 120, (1, 9), generator=g)
@@ -113,7 +113,8 @@ def test_kv_compaction_gives_a_fresh_forwards_logits(model):
     assert [int(tree.parent[c]) for c in path] == [0, 2, 7, 10]
     kept = torch.cat([prefix, nodes[:, [c - 1 for c in path]]], 1)
     nxt = torch.tensor([[42]])
-    for name, target in _targets(model).items():
+    targets = {**_targets(model), "int4": Engine(model, "int4", group_size=32, max_seq_len=128)}
+    for name, target in targets.items():
         target.reset()
         target.forward(prefix[:, :-1])
         base = target.length
@@ -123,7 +124,7 @@ def test_kv_compaction_gives_a_fresh_forwards_logits(model):
         got = target.forward(nxt)[0, -1]
         target.reset()
         want = target.forward(torch.cat([kept, nxt], 1))[0]
-        tol = 1e-4 if name != "int8" else 5e-2
+        tol = 1e-4 if name in ("hf", "fp32") else 1e-2   # packed: bfloat16 activations; a wrong cache moves these by ~0.07
         assert torch.allclose(got, want[-1], atol=tol), name
         # the tree forward's logits at the kept nodes are the fresh forward's at those positions
         assert torch.allclose(tl[0, [0] + path], want[base:base + len(path) + 1], atol=tol), name

@@ -127,12 +127,19 @@ class HFStepModel:
         keep = keep.long()
         if not 0 <= start <= self.length or (len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= tail)):
             raise LeanLMError(f"cannot keep offsets {keep.tolist()} after position {start}: the cache holds {self.length}")
-        for layer in self.cache.layers:
+        def gather(t):
+            n = t.shape[-2]
+            return torch.cat([t[..., : n - tail, :], t[..., n - tail + keep, :]], -2)
+
+        if not hasattr(self.cache, "layers"):   # transformers 4.x: per-layer key and value lists
+            for lst in (self.cache.key_cache, self.cache.value_cache):
+                lst[:] = [gather(t) if t is not None and t.numel() else t for t in lst]
+            if hasattr(self.cache, "_seen_tokens"):
+                self.cache._seen_tokens = start + len(keep)
+        for layer in getattr(self.cache, "layers", []):
             if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
                 continue
-            n = layer.keys.shape[-2]
-            layer.keys = torch.cat([layer.keys[..., : n - tail, :], layer.keys[..., n - tail + keep, :]], -2)
-            layer.values = torch.cat([layer.values[..., : n - tail, :], layer.values[..., n - tail + keep, :]], -2)
+            layer.keys, layer.values = gather(layer.keys), gather(layer.values)
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length -= tail - len(keep)
         if self.keep_hidden and self.hidden is not None and self.hidden_start == start:

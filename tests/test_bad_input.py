@@ -327,7 +327,7 @@ def test_generate_refuses_a_head_for_another_model(capsys, tmp_path, tiny_folder
 
 @pytest.mark.parametrize("extra,msg", [
     (["--tree"], "--num-draft, --adaptive, --tree and --chat go with --draft DRAFT or --prompt-lookup"),
-    (["--prompt-lookup", "--tree"], "--tree drafts with an EAGLE head"),
+    (["--prompt-lookup", "--tree"], "--tree drafts with an EAGLE head or a draft model"),
     (["--draft", "HEAD", "--tree", "--num-draft", "3"], "--tree has a fixed shape"),
     (["--draft", "HEAD", "--tree", "--adaptive"], "--tree has a fixed shape"),
     (["--draft", "HEAD", "--tree", "[[0, 0]]"], "has path [0, 0] but not its parent [0]"),

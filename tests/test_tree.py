@@ -118,7 +118,7 @@ def test_kv_compaction_gives_a_fresh_forwards_logits(model):
         target.reset()
         target.forward(prefix[:, :-1])
         base = target.length
-        tl = target.forward_tree(torch.cat([prefix[:, -1:], nodes], 1), tree.depth, tree.mask)
+        tl = target.forward_tree(torch.cat([prefix[:, -1:], nodes], 1), base + tree.depth, tree.mask)
         target.compact(base, torch.tensor([0] + path))
         assert target.length == kept.shape[1]
         got = target.forward(nxt)[0, -1]
@@ -227,3 +227,20 @@ def test_cli_generate_with_a_tree(tiny_folder, tiny_model, tmp_path, capsys):
         if extra:
             assert "tree of" in r["mode"] and r["stats"]["ranks"] is not None
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_draft_model_trees(model):
+    """A draft model fills trees one depth per forward: the target drafting for itself (Hugging Face and runtime
+    drafts) gets nearly every rank-0 path accepted, a random other model's trees change nothing; output always equals
+    plain greedy decoding."""
+    from leanlm.speculative import ModelDrafter
+
+    ids = torch.tensor([[5, 17, 33, 8, 91, 2, 64]])
+    target = Engine(model, "fp32", max_seq_len=128)
+    ref = generate(target, ids, 24)
+    other = make_llama(vocab_size=120, hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, seed=9)
+    for draft, good in ((HFStepModel(model), True), (Engine(model, "fp32", max_seq_len=128), True), (HFStepModel(other), False)):
+        out, st = speculative_generate(target, ModelDrafter(draft), ids, 24, tree="default")
+        assert torch.equal(out, ref)
+        if good:   # depth 5 along the rank-0 path: 5 drafts kept per round but near a tie or at the truncated end
+            assert st.accepted >= 0.8 * (out.shape[1] - ids.shape[1] - 1 - st.rounds) and st.rounds <= 6, (st.accepted, st.rounds)

@@ -121,10 +121,11 @@ class Engine:
         return logits if logits.device.type == "cpu" else logits.cpu()
 
     @torch.inference_mode()
-    def forward_tree(self, ids: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append T draft-tree nodes `ids` [B, T] (leanlm.speculative.tree): node i is rotated at position
-        length + depth[i] and attends to the cache and to the nodes mask[i] marks; float32 logits [B, T, vocab].
-        Every weight layout takes it (the mask lives in the attention, which is float32 for all)."""
+    def forward_tree(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append T draft-tree nodes `ids` [B, T] (leanlm.speculative.tree): node i is rotated at position pos[i] and
+        sees what mask[i] ([T, S], S >= T) marks among the last S - T cached entries and the T new ones, every earlier
+        cached entry too; float32 logits [B, T, vocab]. Every weight layout takes it (the mask lives in the
+        attention, which is float32 for all)."""
         B, T = ids.shape
         end = self.length + T
         if end > self.model.max_seq_len:
@@ -133,9 +134,8 @@ class Engine:
         if self.batch is not None and self.length and B != self.batch:
             raise LeanLMError(f"the cache holds {self.batch} rows, got {B}; call reset() first")
         dev = self.device
-        pos = torch.arange(self.length, end, device=dev)
-        tree = (self.length + depth.to(dev).long(), mask.to(dev).bool())
-        out = self.model.forward(ids.to(dev), pos, end, hidden=self.keep_hidden, tree=tree)
+        slots = torch.arange(self.length, end, device=dev)
+        out = self.model.forward(ids.to(dev), slots, end, hidden=self.keep_hidden, tree=(pos.to(dev).long(), mask.to(dev).bool()))
         if self.keep_hidden:
             out, self.hidden = out
         self.hidden_start, self.length, self.batch = self.length, end, B

@@ -308,8 +308,9 @@ class Decoder(nn.Module):
         `attend(layer, q [B,T,H,D], k, v [B,T,Hkv,D]) -> [B, T, H*D]` replaces the static cache and its
         attention (the serving engine's paged KV cache); `rows` [R] limits the output head to those token rows
         (logits [B, R, V]); `hidden`: return (logits, the final norm's output [B, T, hidden] float32) for an EAGLE head;
-        `tree` = (rope_pos [T], mask [T, T] bool): the T tokens are draft-tree nodes written to cache slots `input_pos`,
-        rotated at `rope_pos`, each attending to the cache before them and to the nodes its mask row marks."""
+        `tree` = (rope_pos [T], mask [T, S] bool, S >= T): the T tokens are draft-tree nodes written to cache slots
+        `input_pos`, rotated at `rope_pos`, each attending to the slots before the last S (all of them) and to those
+        of the last S its mask row marks."""
         s = self.spec
         B, T = ids.shape
         if B * T == 1 and not hidden and tree is None and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
@@ -382,12 +383,14 @@ class Decoder(nn.Module):
 
 
 def _tree_mask(tree, input_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
-    """The [T, kv_len] attention mask of T draft-tree nodes in cache slots `input_pos`: every other filled slot (the
-    committed text, slot = position) plus the nodes the tree mask marks; with a sliding `window`, only keys less than
-    a window behind the node's position."""
+    """The [T, kv_len] attention mask of T draft-tree nodes (the last T of kv_len slots): every slot before the last S,
+    plus those of the last S the tree mask [T, S] marks; with a sliding `window`, only keys less than a window behind
+    the node's position (a slot before the new nodes counts as its own position: exact for the committed text, which
+    is all a verification sees)."""
     rope_pos, tmask = tree
-    m = torch.ones(len(input_pos), kv_len, dtype=torch.bool, device=input_pos.device)
-    m[:, input_pos] = tmask.to(m.device)
+    t, s = tmask.shape
+    m = torch.ones(t, kv_len, dtype=torch.bool, device=input_pos.device)
+    m[:, kv_len - s:] = tmask.to(m.device)
     if window:
         kpos = torch.arange(kv_len, device=m.device)
         kpos[input_pos] = rope_pos.to(m.device)

@@ -22,8 +22,8 @@ def speculation_args(sp) -> None:
     k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
     k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
     sp.add_argument("--tree", nargs="?", const="auto", default=None, metavar="TREE",
-                    help="with an EAGLE head: draft a static token tree verified in one target call; alone (auto): the tree "
-                         "measured when the head was trained, else the default shape; or default, chain:K, a JSON list of "
+                    help="with --draft (an EAGLE head or a draft model): draft a static token tree verified in one target call; "
+                         "alone (auto): the tree measured when the head was trained, else the default shape; or default, chain:K, a JSON list of "
                          "child-rank paths such as [[0],[1],[0,0]], or a .json file holding one")
     sp.add_argument("--max-draft", type=COUNT, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
     sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
@@ -47,9 +47,9 @@ def run_generate(a, load, make_target=None) -> dict:
     tree = None
     if a.tree is not None:
         tree = parse_tree(a.tree) if a.tree != "auto" else "auto"
-        if a.draft is None or not is_head_folder(a.draft):
-            raise LeanLMError("--tree drafts with an EAGLE head: give --draft HEAD_DIR (leanlm draft MODEL --method eagle); "
-                              "draft models and prompt lookup draft chains")
+        if a.draft is None:
+            raise LeanLMError("--tree drafts with an EAGLE head or a draft model: give --draft HEAD_DIR or --draft MODEL; "
+                              "prompt lookup drafts chains")
         if a.num_draft is not None or a.adaptive:
             raise LeanLMError("--tree has a fixed shape; drop --num-draft / --adaptive (or drop --tree for a chain)")
     if a.max_new_tokens < 1:
@@ -90,6 +90,10 @@ def run_generate(a, load, make_target=None) -> dict:
             drafter, dtok = load(a.draft, a.draft_dtype or a.dtype, a.trust_remote_code)
             check_vocab(model, drafter, tok, dtok)
             mode = f"draft {a.draft}"
+        if tree == "auto":   # a draft model: the default shape
+            tree = parse_tree("default")
+        if tree is not None and not is_head_folder(a.draft):
+            mode += f", tree of {tree.size} drafts (depth {tree.max_depth})"
         if a.adaptive:
             k = AdaptiveK(k_max=a.max_draft or (16 if a.prompt_lookup else 8))
         else:

@@ -162,7 +162,7 @@ def _tree_round(target, drafter, tree: DraftTree, out: torch.Tensor, sampling: S
     d, q = drafter.propose_tree(out, tree, sampling, generator)            # [1, N] node tokens, q [1, N, V] or None
     t1 = time.perf_counter()
     base = target.length
-    logits = target.forward_tree(torch.cat([out[:, -1:], d], 1), tree.depth, tree.mask)
+    logits = target.forward_tree(torch.cat([out[:, -1:], d], 1), base + tree.depth, tree.mask)
     path, y = verify_tree(logits[0], d[0], tree, sampling, q[0] if q is not None else None, generator)
     target.compact(base, torch.tensor([0] + path, dtype=torch.long))
     t2 = time.perf_counter()
@@ -208,7 +208,7 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
         tree = parse_tree(tree)
         if not hasattr(drafter, "propose_tree"):
             raise LeanLMError(f"{type(drafter).__name__ if drafter is not None else 'no drafter'} cannot draft a tree; tree drafts "
-                              "need an EAGLE head (EagleDrafter), other drafters draft chains (drop tree=)")
+                              "need an EAGLE head (EagleDrafter) or a draft model (ModelDrafter); prompt lookup drafts chains (drop tree=)")
         if not hasattr(target, "forward_tree"):
             raise LeanLMError(f"{type(target).__name__} cannot verify a draft tree (no forward_tree); use the leanlm runtime "
                               "Engine or a Hugging Face model as the target, or a chain")

@@ -5,10 +5,11 @@
 after the first ``n`` (how a rejected draft is undone), ``reset()`` empties the cache. Every row of a
 batch holds the same number of positions. Anything engine-specific lives in the adapter.
 
-A StepModel that verifies draft trees (`leanlm.speculative.tree`) also has ``forward_tree(ids, depth,
-mask)``: append T tree nodes, node i at position ``length + depth[i]`` attending to every cached position
-and the nodes ``mask[i]`` marks (itself and its ancestors), and ``compact(start, keep)``: keep the cached
-positions ``start + keep`` (ascending) at ``start..`` and drop every other one after ``start``.
+A StepModel that drafts or verifies trees (`leanlm.speculative.tree`) also has ``forward_tree(ids, pos,
+mask)``: append T tree nodes, node i rotated at position ``pos[i]``; ``mask`` [T, S] (S >= T) marks what
+node i sees among the last S - T cached entries and the T new ones (itself and its ancestors), every
+earlier cached entry being visible; and ``compact(start, keep)``: keep the cached entries ``start + keep``
+(ascending) at ``start..`` and drop every other one after ``start``.
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ class HFStepModel:
         return out.logits[:, -1].float() if last_only else out.logits.float()
 
     @torch.inference_mode()
-    def forward_tree(self, ids: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_tree(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] of T tree nodes (see the module docstring): a custom 4-D attention mask, which
-        transformers passes to the attention as is; positions by depth (RoPE)."""
+        transformers passes to the attention as is; RoPE at `pos`."""
         if self.cache is None:
             self.reset()
         b, t = ids.shape
@@ -101,9 +102,9 @@ class HFStepModel:
             raise LeanLMError(f"a draft tree over {self.length} cached tokens would pass this model's sliding window ({win}) "
                               "through transformers; use the leanlm runtime Engine as the target, or a chain (drop --tree)")
         dtype = next(self.model.parameters()).dtype
-        allowed = torch.cat([torch.ones(t, self.length, dtype=torch.bool), mask.bool()], 1)
+        allowed = torch.cat([torch.ones(t, self.length + t - mask.shape[1], dtype=torch.bool), mask.bool()], 1)
         bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        pos = (self.length + depth.long())[None].expand(b, -1)
+        pos = pos.long()[None].expand(b, -1)
         kw = {"cache" if self._new_api else "past_key_values": self.cache}
         hook = None
         if self.keep_hidden:

@@ -38,7 +38,6 @@ def run_generate(a, load, make_target=None) -> dict:
     from .drafts import check_vocab, quantized_draft
     from .eagle import EagleDrafter, is_head_folder, load_head
     from .step import HFStepModel
-
     from .tree import parse_tree
 
     speculative = a.draft is not None or a.prompt_lookup

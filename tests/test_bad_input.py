@@ -265,6 +265,7 @@ FILE_OPTIONS = {   # every option that names a user text file, with what the com
     "qat": ["qat", "MODEL", "--scheme", "w8a16", "--budget", "64", "--samples", "1", "--calib-seq-len", "8",
             "--batch-size", "1", "--grad-accum", "1", "--seq-len", "8", "--out", "OUT", "--text"],
     "optimize": ["optimize", "MODEL", "--max-quality-loss", "5%", "--out", "OUT", "--quality-text"],
+    "generate": ["generate", "MODEL", "--prompt", "hi", "--draft", "MODEL", "--tree"],
 }
 
 
@@ -322,6 +323,30 @@ def test_generate_refuses_a_head_for_another_model(capsys, tmp_path, tiny_folder
     code, err = _run(capsys, ["generate", str(tiny_folder), "--prompt", "hello", "--draft", str(tmp_path / "head")])
     line = _one_line_error(err)
     assert code == 2 and "trained for another checkpoint" in line, line
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--tree"], "--num-draft, --adaptive, --tree and --chat go with --draft DRAFT or --prompt-lookup"),
+    (["--prompt-lookup", "--tree"], "--tree drafts with an EAGLE head or a draft model"),
+    (["--draft", "HEAD", "--tree", "--num-draft", "3"], "--tree has a fixed shape"),
+    (["--draft", "HEAD", "--tree", "--adaptive"], "--tree has a fixed shape"),
+    (["--draft", "HEAD", "--tree", "[[0, 0]]"], "has path [0, 0] but not its parent [0]"),
+    (["--draft", "HEAD", "--tree", "[[0], [0]]"], "repeats a path"),
+    (["--draft", "HEAD", "--tree", "[[0], [-2]]"], "integers >= 0"),
+    (["--draft", "HEAD", "--tree", "[[0],"], "cannot read"),
+    (["--draft", "HEAD", "--tree", "chain:0"], "the chain length must be an integer in 1..64"),
+    (["--draft", "HEAD", "--tree", "[" + ",".join(f"[{i}]" for i in range(65)) + "]"], "use at most 64"),
+])
+def test_generate_bad_tree(capsys, tmp_path, extra, msg):
+    """generate --tree: without an EAGLE head, with --num-draft / --adaptive, and malformed trees; refused in one line
+    before model 'm' is loaded."""
+    from leanlm.speculative.eagle import make_head, save_head
+
+    save_head(make_head(make_llama(vocab_size=300), torch.arange(10)), tmp_path / "head")
+    argv = ["generate", "m", "--prompt", "hello"] + [str(tmp_path / "head") if a == "HEAD" else a for a in extra]
+    code, err = _run(capsys, argv)
+    line = _one_line_error(err)
+    assert code == 2 and msg in line and "unknown model" not in line, line
 
 
 def test_bad_quantize_config_file(capsys, tmp_path, tiny_folder, bad_files):

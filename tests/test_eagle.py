@@ -12,7 +12,7 @@ from leanlm.runtime import Engine
 from leanlm.runtime.sampling import Sampling
 from leanlm.speculative import HFStepModel, generate, speculative_generate
 from leanlm.speculative.eagle import (
-    EagleDrafter, EagleLoss, _frequent_tokens, load_head, make_head, save_head, self_distill_data, train_eagle,
+    EagleDrafter, EagleLoss, _frequent_tokens, load_head, make_head, measure_tree, save_head, self_distill_data, train_eagle,
 )
 
 
@@ -35,30 +35,41 @@ def _prompt(tok):
 
 def _train(model, tok, data, tokens, ckpt=None):
     return train_eagle(model, tok, tokens, draft_vocab=64, seq_len=16, batch=2, lr=3e-3, data=data, checkpoint_dir=ckpt,
-                       progress=False)
+                       progress=False, tree_nodes=0)
 
 
 def test_greedy_identical_with_random_and_trained_heads(setup):
-    """Chain drafts of a random and of a trained head: the output is plain greedy decoding token for token, on the
-    Hugging Face target and on the runtime's float32 and int8 targets; a trained head gets drafts accepted."""
+    """Chain and tree drafts of a random and of a trained head: the output is plain greedy decoding token for token, on
+    the Hugging Face target and on the runtime's float32 and int8 targets; a trained head gets drafts accepted."""
     model, tok, data = setup
     ids = _prompt(tok)
     random_head = make_head(model, torch.arange(0, model.config.vocab_size, 3))
     trained = _train(model, tok, data, 1024)
     assert trained.leanlm_draft["steps"] == 1024 // 32
     accepted = 0
-    runs = [("hf", random_head, 4), ("hf", trained, 1), ("hf", trained, 4), ("fp32", random_head, 4), ("int8", trained, 4)]
+    runs = [("hf", random_head, 4), ("hf", trained, 1), ("hf", trained, 4), ("fp32", random_head, 4), ("int8", trained, 4),
+            ("hf", trained, "default"), ("fp32", trained, "default"), ("int8", trained, "[[0],[1],[0,0],[1,0],[0,0,0]]"),
+            ("fp32", random_head, "default")]
     targets = {"hf": HFStepModel(model), "fp32": Engine(model, "fp32", max_seq_len=96), "int8": Engine(model, "int8", max_seq_len=96)}
     refs = {name: generate(t, ids, 32) for name, t in targets.items()}
     for name, head, k in runs:
-        out, st = speculative_generate(targets[name], EagleDrafter(head), ids, 32, k=k)
+        tree = k if isinstance(k, str) else None
+        out, st = speculative_generate(targets[name], EagleDrafter(head), ids, 32, k=4 if tree else k, tree=tree)
         assert torch.equal(out, refs[name]), (name, k)
         assert not targets[name].keep_hidden      # plain decoding afterwards pays nothing
         accepted += st.accepted if head is trained else 0
     assert accepted > 0
+    # the tree measured from the trained head's acceptance (what train_eagle stores for generate --tree)
+    paths, acc = measure_tree(model, trained, [ids], nodes=6, new_tokens=16)
+    assert len(paths) == 6 and acc and all(0 <= a < 1 for row in acc for a in row)
+    out, st = speculative_generate(targets["fp32"], EagleDrafter(trained), ids, 32, tree=paths)
+    assert torch.equal(out, refs["fp32"]) and st.accepted > 0
     # sampling: runs through the loop's rejection sampling with the head's q (zero outside the draft vocabulary)
     gen = torch.Generator().manual_seed(0)
     out, st = speculative_generate(HFStepModel(model), EagleDrafter(trained), ids, 30, k=3, sampling=Sampling(0.9), generator=gen)
+    assert out.shape[1] == ids.shape[1] + 30 and st.drafted > 0
+    out, st = speculative_generate(Engine(model, "fp32", max_seq_len=96), EagleDrafter(trained), ids, 30, sampling=Sampling(0.9),
+                                   generator=gen, tree="default")
     assert out.shape[1] == ids.shape[1] + 30 and st.drafted > 0
 
 

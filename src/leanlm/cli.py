@@ -442,8 +442,8 @@ def cmd_generate(a) -> dict:
     """Runtime engine decoding; with --draft / --prompt-lookup, lossless speculative decoding with the
     same engine as the target (the draft model, if any, runs through transformers)."""
     if a.draft is None and not a.prompt_lookup:
-        if a.num_draft is not None or a.adaptive or a.chat:
-            raise LeanLMError("--num-draft, --adaptive and --chat go with --draft DRAFT or --prompt-lookup")
+        if a.num_draft is not None or a.adaptive or a.chat or a.tree is not None:
+            raise LeanLMError("--num-draft, --adaptive, --tree and --chat go with --draft DRAFT or --prompt-lookup")
         return _generate_runtime(a)
     if a.device != "cpu":
         raise LeanLMError("speculative decoding runs on the CPU; drop --device or drop --draft / --prompt-lookup")

@@ -120,6 +120,42 @@ class Engine:
         logits = logits[:, -1] if last_only else logits
         return logits if logits.device.type == "cpu" else logits.cpu()
 
+    @torch.inference_mode()
+    def forward_tree(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append T draft-tree nodes `ids` [B, T] (leanlm.speculative.tree): node i is rotated at position pos[i] and
+        sees what mask[i] ([T, S], S >= T) marks among the last S - T cached entries and the T new ones, every earlier
+        cached entry too; float32 logits [B, T, vocab]. Every weight layout takes it (the mask lives in the
+        attention, which is float32 for all)."""
+        B, T = ids.shape
+        end = self.length + T
+        if end > self.model.max_seq_len:
+            raise LeanLMError(f"{self.length} cached tokens + a draft tree of {T} exceed the cache of {self.model.max_seq_len} "
+                              f"tokens; create the Engine with max_seq_len >= {end}")
+        if self.batch is not None and self.length and B != self.batch:
+            raise LeanLMError(f"the cache holds {self.batch} rows, got {B}; call reset() first")
+        dev = self.device
+        slots = torch.arange(self.length, end, device=dev)
+        out = self.model.forward(ids.to(dev), slots, end, hidden=self.keep_hidden, tree=(pos.to(dev).long(), mask.to(dev).bool()))
+        if self.keep_hidden:
+            out, self.hidden = out
+        self.hidden_start, self.length, self.batch = self.length, end, B
+        return out if out.device.type == "cpu" else out.cpu()
+
+    def compact(self, start: int, keep: torch.Tensor) -> None:
+        """Keep the cached positions start + keep (ascending offsets) at start.. and drop the others after start
+        (the accepted path of a draft tree)."""
+        keep = keep.long()
+        if not 0 <= start <= self.length or (len(keep) and (int(keep.min()) < 0 or start + int(keep.max()) >= self.length)):
+            raise LeanLMError(f"cannot keep offsets {keep.tolist()} after position {start}: the cache holds {self.length}")
+        idx = (start + keep).to(self.device)
+        n = len(keep)
+        for L in self.model.layers:
+            for c in (L.k_cache, L.v_cache):
+                c[:, :, start:start + n] = c.index_select(2, idx)
+        if self.keep_hidden and self.hidden is not None and self.hidden_start == start:
+            self.hidden = self.hidden[:, keep.to(self.hidden.device)]
+        self.length = start + n
+
     def _run(self, ids: torch.Tensor, B: int) -> torch.Tensor:
         end = self.length + ids.shape[1]
         pos = torch.arange(self.length, end, device=self.device)

@@ -301,16 +301,19 @@ class Decoder(nn.Module):
         return o.view(B, s.kv_heads, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int, attend=None, rows=None,
-                hidden: bool = False) -> torch.Tensor:
+                hidden: bool = False, tree=None) -> torch.Tensor:
         """The residual stream and attention run in float32; matmul inputs are cast to the weights'
         activation dtype (bfloat16 for the bf16/int8/int4 layouts). Written for few PyTorch calls per
         layer: at batch 1 a 135M model's decode step is bound by per-op overhead as much as by weights.
         `attend(layer, q [B,T,H,D], k, v [B,T,Hkv,D]) -> [B, T, H*D]` replaces the static cache and its
         attention (the serving engine's paged KV cache); `rows` [R] limits the output head to those token rows
-        (logits [B, R, V]); `hidden`: return (logits, the final norm's output [B, T, hidden] float32) for an EAGLE head."""
+        (logits [B, R, V]); `hidden`: return (logits, the final norm's output [B, T, hidden] float32) for an EAGLE head;
+        `tree` = (rope_pos [T], mask [T, S] bool, S >= T): the T tokens are draft-tree nodes written to cache slots
+        `input_pos`, rotated at `rope_pos`, each attending to the slots before the last S (all of them) and to those
+        of the last S its mask row marks."""
         s = self.spec
         B, T = ids.shape
-        if B * T == 1 and not hidden and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
+        if B * T == 1 and not hidden and tree is None and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
             return self.fused_one(ids.view(1), int(input_pos)).view(1, 1, -1)
         dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
         x = self.embed.rows(ids).float()
@@ -322,10 +325,12 @@ class Decoder(nn.Module):
         ropes, biases = {}, {}
         for w in (0, 1):
             if hasattr(self, f"cos{w}"):
-                ropes[w] = (getattr(self, f"cos{w}")[input_pos][None, :, None], getattr(self, f"sin{w}")[input_pos][None, :, None])
+                rp = input_pos if tree is None else tree[0]
+                ropes[w] = (getattr(self, f"cos{w}")[rp][None, :, None], getattr(self, f"sin{w}")[rp][None, :, None])
                 if attend is not None:
                     continue
-                m = getattr(self, f"mask{w}")[input_pos, :kv_len]
+                m = getattr(self, f"mask{w}")[input_pos, :kv_len] if tree is None else \
+                    _tree_mask(tree, input_pos, kv_len, next((x for x in s.windows if x), None) if w == 1 else None)
                 biases[w] = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf")).repeat(g, 1)
         for i, L in enumerate(self.layers):
             sl = 1 if s.windows[i] else 0
@@ -375,3 +380,19 @@ class Decoder(nn.Module):
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return (logits, xn) if hidden else logits
+
+
+def _tree_mask(tree, input_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """The [T, kv_len] attention mask of T draft-tree nodes (the last T of kv_len slots): every slot before the last S,
+    plus those of the last S the tree mask [T, S] marks; with a sliding `window`, only keys less than a window behind
+    the node's position (a slot before the new nodes counts as its own position: exact for the committed text, which
+    is all a verification sees)."""
+    rope_pos, tmask = tree
+    t, s = tmask.shape
+    m = torch.ones(t, kv_len, dtype=torch.bool, device=input_pos.device)
+    m[:, kv_len - s:] = tmask.to(m.device)
+    if window:
+        kpos = torch.arange(kv_len, device=m.device)
+        kpos[input_pos] = rope_pos.to(m.device)
+        m &= (rope_pos.to(m.device)[:, None] - kpos[None, :]) < window
+    return m

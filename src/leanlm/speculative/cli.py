@@ -21,6 +21,10 @@ def speculation_args(sp) -> None:
     k = sp.add_mutually_exclusive_group()
     k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
     k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
+    sp.add_argument("--tree", nargs="?", const="auto", default=None, metavar="TREE",
+                    help="with --draft (an EAGLE head or a draft model): draft a static token tree verified in one target call; "
+                         "alone (auto): the tree measured when the head was trained, else the default shape; or default, chain:K, a JSON list of "
+                         "child-rank paths such as [[0],[1],[0,0]], or a .json file holding one")
     sp.add_argument("--max-draft", type=COUNT, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
     sp.add_argument("--draft-dtype", default=None, help="dtype of the draft model (default: --dtype)")
 
@@ -34,10 +38,19 @@ def run_generate(a, load, make_target=None) -> dict:
     from .drafts import check_vocab, quantized_draft
     from .eagle import EagleDrafter, is_head_folder, load_head
     from .step import HFStepModel
+    from .tree import parse_tree
 
     speculative = a.draft is not None or a.prompt_lookup
     if not speculative and (a.num_draft is not None or a.adaptive):
         raise LeanLMError("--num-draft and --adaptive need --draft DRAFT or --prompt-lookup")
+    tree = None
+    if a.tree is not None:
+        tree = parse_tree(a.tree) if a.tree != "auto" else "auto"
+        if a.draft is None:
+            raise LeanLMError("--tree drafts with an EAGLE head or a draft model: give --draft HEAD_DIR or --draft MODEL; "
+                              "prompt lookup drafts chains")
+        if a.num_draft is not None or a.adaptive:
+            raise LeanLMError("--tree has a fixed shape; drop --num-draft / --adaptive (or drop --tree for a chain)")
     if a.max_new_tokens < 1:
         raise LeanLMError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     sampling = Sampling(a.temperature, a.top_k, a.top_p)
@@ -64,18 +77,29 @@ def run_generate(a, load, make_target=None) -> dict:
             drafter, mode = PromptLookupDrafter(), "prompt lookup"
         elif is_head_folder(a.draft):
             drafter, mode = EagleDrafter(load_head(a.draft, model)), f"eagle head {a.draft}"
+            src = ""
+            if tree == "auto":   # the tree measured at training (train_eagle), else the default shape
+                measured = drafter.head.leanlm_draft.get("tree")
+                tree, src = parse_tree(measured or "default"), " measured at training" if measured else " default"
+            if tree is not None:
+                mode += f", tree of {tree.size} drafts (depth {tree.max_depth}{',' + src if src else ''})"
         elif a.draft.startswith("quant:"):
             drafter, mode = quantized_draft(model, a.draft[len("quant:"):], tokenizer=tok, progress=not a.json), f"draft {a.draft}"
         else:
             drafter, dtok = load(a.draft, a.draft_dtype or a.dtype, a.trust_remote_code)
             check_vocab(model, drafter, tok, dtok)
             mode = f"draft {a.draft}"
+        if tree == "auto":   # a draft model: the default shape
+            tree = parse_tree("default")
+        if tree is not None and not is_head_folder(a.draft):
+            mode += f", tree of {tree.size} drafts (depth {tree.max_depth})"
         if a.adaptive:
             k = AdaptiveK(k_max=a.max_draft or (16 if a.prompt_lookup else 8))
         else:
             k = a.num_draft if a.num_draft is not None else (8 if a.prompt_lookup else 4)
         t0 = time.perf_counter()
-        out, st = speculative_generate(target, drafter, ids, a.max_new_tokens, k, sampling, generator=gen, eos_token_id=eos)
+        out, st = speculative_generate(target, drafter, ids, a.max_new_tokens, k, sampling, generator=gen, eos_token_id=eos,
+                                       tree=tree)
         stats = st.to_dict()
         stats.pop("ks")
         stats["mean_k"] = st.drafted / st.rounds if st.rounds else 0.0
@@ -119,7 +143,9 @@ def show_draft(r: dict, console) -> None:
         fit = f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, top-1 agreement {r['top1_last']:.0%}" if r["steps"] else "no training step ran"
         console.print(f"EAGLE head -> {r['out']}: {r['sequences']} self-generated sequences ({r['text_tokens']} tokens, "
                       f"{r['generation_seconds']:.0f} s), {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, {fit}; "
-                      f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)", markup=False, highlight=False)
+                      f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)"
+                      + (f"; draft tree of {len(r['tree'])} measured (generate --tree)" if r.get("tree") else ""),
+                      markup=False, highlight=False)
         return
     stop = " (interrupted: saved as trained so far)" if r["interrupted"] else ""
     kl = f"KL to the target {r['loss_first']:.3f} -> {r['loss_last']:.3f}" if r["steps"] else "no training step ran"

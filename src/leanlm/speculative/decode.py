@@ -19,6 +19,12 @@ Caches: the target holds every committed token but the last (which is fed with t
 a round that keeps n drafts it is rewound to drop the rejected positions. The draft model's cache is
 rewound by `ModelDrafter` to the prefix it shares with the committed text.
 
+Tree drafts (``tree=``, a `leanlm.speculative.tree.DraftTree`, batch 1): the drafter fills a static
+token tree (`propose_tree`), the target scores every node in one forward under a tree attention mask
+(`forward_tree`), `verify_tree` accepts the longest path the target agrees with (greedy: token for token
+the target's greedy output; sampling: multi-candidate speculative sampling, exact), and the target's
+cache keeps only that path's entries (`compact`). See tree.py.
+
 Batch > 1 (rows of equal length, no padding): every row keeps n = the smallest number of drafts
 kept by any row, so the caches stay rectangular. A row that kept more than n emits its draft n+1,
 which it had accepted, in place of a correction token: still exact, since each emitted token is
@@ -38,6 +44,7 @@ from .adaptive import AdaptiveK
 from ..runtime.sampling import Sampling, next_token, sample
 from .drafters import ModelDrafter
 from .step import as_step_model, vocab_size
+from .tree import DraftTree, RankCounts, parse_tree, verify_tree
 
 K_MAX = 64  # largest speculation length accepted
 
@@ -51,6 +58,12 @@ class SpecStats:
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     ks: list[int] = field(default_factory=list)   # drafts proposed per round
+    ranks: RankCounts | None = None               # tree drafts: tries and acceptances per depth and rank
+
+    def rank_acceptance(self) -> list[list[float]]:
+        """Tree drafts: acc[d][r], how often the target took the rank-r draft at depth d + 1 when its parent was
+        accepted (the input of `tree.tree_from_acceptance`)."""
+        return self.ranks.acceptance() if self.ranks is not None else []
 
     @property
     def acceptance_rate(self) -> float:
@@ -68,6 +81,7 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["ranks"] = self.rank_acceptance() if self.ranks is not None else None
         d.update(acceptance_rate=self.acceptance_rate, mean_accepted=self.mean_accepted, tokens_per_round=self.tokens_per_round)
         return d
 
@@ -142,24 +156,47 @@ def _accept_sampled(p, d, q, generator):
     return n, y
 
 
+def _tree_round(target, drafter, tree: DraftTree, out: torch.Tensor, sampling: Sampling, generator, stats: SpecStats):
+    """One tree round: draft the tree, verify all its nodes in one target forward, keep the accepted path."""
+    t0 = time.perf_counter()
+    d, q = drafter.propose_tree(out, tree, sampling, generator)            # [1, N] node tokens, q [1, N, V] or None
+    t1 = time.perf_counter()
+    base = target.length
+    logits = target.forward_tree(torch.cat([out[:, -1:], d], 1), base + tree.depth, tree.mask)
+    path, y = verify_tree(logits[0], d[0], tree, sampling, q[0] if q is not None else None, generator)
+    target.compact(base, torch.tensor([0] + path, dtype=torch.long))
+    t2 = time.perf_counter()
+    new = torch.tensor([[int(d[0, c - 1]) for c in path] + [y]], dtype=torch.long)
+    stats.rounds += 1
+    stats.drafted += tree.size
+    stats.accepted += len(path)
+    stats.ks.append(tree.size)
+    stats.ranks.add(tree, path)
+    stats.draft_seconds += t1 - t0
+    stats.target_seconds += t2 - t1
+    return torch.cat([out, new], 1), len(path)
+
+
 @torch.inference_mode()
 def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_tokens: int, k: int | str | AdaptiveK = 4,
                          sampling: Sampling | None = None, *, generator: torch.Generator | None = None,
-                         eos_token_id: int | None = None, on_token: Callable[[], None] | None = None
-                         ) -> tuple[torch.Tensor, SpecStats]:
+                         eos_token_id: int | None = None, on_token: Callable[[], None] | None = None,
+                         tree: DraftTree | str | list | None = None) -> tuple[torch.Tensor, SpecStats]:
     """Generate `max_new_tokens` tokens after `input_ids` [B, L] with `drafter` proposing and `target` verifying.
 
     `target`: a StepModel or a Hugging Face causal LM. `drafter`: a `ModelDrafter`,
     `PromptLookupDrafter` or a Hugging Face model (wrapped in a ModelDrafter); None drafts nothing
     (plain decoding, one target forward per token). `k`: drafts per round
-    (1..64), or "adaptive" / an `AdaptiveK` to choose it each round. Returns (ids [B, L + new], stats).
+    (1..64), or "adaptive" / an `AdaptiveK` to choose it each round. `tree`: draft a static tree instead of a
+    chain (a `DraftTree`, its paths, or "default"; `k` is then unused; batch 1; a drafter with `propose_tree`,
+    a target with `forward_tree`). Returns (ids [B, L + new], stats).
     """
     _check_prompt(input_ids, max_new_tokens)
     sampling = sampling or Sampling()
     target = as_step_model(target)
     if isinstance(drafter, torch.nn.Module) or hasattr(drafter, "rewind"):
         drafter = ModelDrafter(drafter)
-    if drafter is not None and not hasattr(drafter, "propose"):
+    if drafter is not None and not hasattr(drafter, "propose") and not hasattr(drafter, "propose_tree"):
         raise LeanLMError(f"{type(drafter).__name__} is not a drafter; pass a draft model, ModelDrafter or PromptLookupDrafter")
     if isinstance(drafter, ModelDrafter):
         vt, vd = vocab_size(target), vocab_size(drafter.step)
@@ -167,8 +204,23 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
             raise LeanLMError(f"the draft model's vocabulary has {vd} tokens, the target's {vt}: a draft must use the target's "
                               "tokenizer; pick a draft of the same model family, or use prompt lookup")
     adaptive = AdaptiveK() if k == "adaptive" else k
-    _check_k(adaptive)
-    stats = SpecStats()
+    if tree is not None:
+        tree = parse_tree(tree)
+        if not hasattr(drafter, "propose_tree"):
+            raise LeanLMError(f"{type(drafter).__name__ if drafter is not None else 'no drafter'} cannot draft a tree; tree drafts "
+                              "need an EAGLE head (EagleDrafter) or a draft model (ModelDrafter); prompt lookup drafts chains (drop tree=)")
+        if not hasattr(target, "forward_tree"):
+            raise LeanLMError(f"{type(target).__name__} cannot verify a draft tree (no forward_tree); use the leanlm runtime "
+                              "Engine or a Hugging Face model as the target, or a chain")
+        if input_ids.shape[0] != 1:
+            raise LeanLMError(f"tree drafts take one prompt row, got {input_ids.shape[0]}; use a chain (k) for a batch")
+        if isinstance(adaptive, AdaptiveK):
+            raise LeanLMError("a draft tree has a fixed shape; drop adaptive k or the tree")
+    else:
+        _check_k(adaptive)
+        if drafter is not None and not hasattr(drafter, "propose"):
+            raise LeanLMError(f"{type(drafter).__name__} drafts trees only; pass tree= (e.g. tree='default')")
+    stats = SpecStats(ranks=RankCounts() if tree is not None else None)
     target.reset()
     if drafter is not None:
         if hasattr(drafter, "attach"):   # a drafter that reads the target's hidden states (EAGLE)
@@ -184,6 +236,14 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
         on_token()
     out, stop = _stop_at_eos(out, input_ids.shape[1], eos_token_id)
     while not stop and emitted < max_new_tokens:
+        if tree is not None and max_new_tokens - emitted > 1:
+            out, n = _tree_round(target, drafter, tree.truncate(max_new_tokens - emitted - 1), out, sampling, generator, stats)
+            emitted += n + 1
+            if on_token:
+                for _ in range(n + 1):
+                    on_token()
+            out, stop = _stop_at_eos(out, input_ids.shape[1], eos_token_id)
+            continue
         want = adaptive.choose() if isinstance(adaptive, AdaptiveK) else adaptive
         want = min(want, max_new_tokens - emitted - 1)
         t0 = time.perf_counter()

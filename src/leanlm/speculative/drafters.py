@@ -7,7 +7,7 @@ where ``ctx`` is every committed token so far ([B, L], the last one not yet seen
 
 - `ModelDrafter`: a smaller causal LM with the same vocabulary (Leviathan et al. 2023; Chen et al.
   2023). Its KV cache is kept across rounds and rewound to the longest prefix it shares with the
-  committed text.
+  committed text. It drafts chains (`propose`) or static trees (`propose_tree`, tree.py).
 - `PromptLookupDrafter`: no model; copies the tokens that followed the latest earlier occurrence of
   the text's last n-gram (prompt lookup decoding, Saxena 2023; the "copy" drafts of LLMA, Yang et al. 2023).
 """
@@ -58,6 +58,48 @@ class ModelDrafter:
         # the last draft token is never fed: the cache holds ctx + toks[:-1]
         self.held = torch.cat([ctx, torch.stack(toks[:-1], 1)], 1) if k > 1 else ctx
         return torch.stack(toks, 1), (torch.stack(qs, 1) if qs else None)
+
+
+    @torch.inference_mode()
+    def propose_tree(self, ctx: torch.Tensor, tree, sampling: Sampling, generator=None):
+        """Fill a static `DraftTree` (batch 1): each node's children are the draft model's top-ranked tokens there
+        (deterministic: q is None, exact through `tree.verify_tree`'s one-hot rule). One draft forward per depth: the
+        non-leaf nodes of a depth go in together (`forward_tree`), each seeing the committed text and its ancestors
+        fed at earlier depths; the tree's entries are dropped from the draft's cache afterwards."""
+        if ctx.shape[0] != 1:
+            raise LeanLMError(f"tree drafts take one prompt row, got {ctx.shape[0]}; use a chain (k) for a batch")
+        if not hasattr(self.step, "forward_tree"):
+            raise LeanLMError(f"the draft {type(self.step).__name__} cannot run a tree (no forward_tree); use a chain")
+        keep = min(common_prefix(self.held, ctx), ctx.shape[1] - 1)
+        self.step.rewind(keep)
+        logits = {0: self.step.forward(ctx[:, keep:])[0, -1]}
+        self.held = ctx
+        base = self.step.length
+        tokens = torch.zeros(tree.size + 1, dtype=torch.long)
+        slot = {}                                             # node -> its entry after base in the draft's cache
+        for d in range(tree.max_depth):
+            level = [u for u in range(tree.size + 1) if int(tree.depth[u]) == d and tree.children[u]]
+            for u in level:
+                kids = tree.children[u]
+                top = logits[u].topk(min(int(tree.rank[kids[-1]]) + 1, logits[u].numel())).indices
+                for c in kids:
+                    tokens[c] = top[min(int(tree.rank[c]), len(top) - 1)]
+            grow = [c for u in level for c in tree.children[u] if tree.children[c]]
+            if not grow:
+                continue
+            fed = self.step.length - base
+            mask = torch.zeros(len(grow), fed + len(grow), dtype=torch.bool)
+            for i, c in enumerate(grow):
+                mask[i, fed + i] = True
+                a = int(tree.parent[c])
+                while a > 0:
+                    mask[i, slot[a]] = True
+                    a = int(tree.parent[a])
+            lg = self.step.forward_tree(tokens[grow][None], torch.full((len(grow),), base + d), mask)[0]
+            for i, c in enumerate(grow):
+                logits[c], slot[c] = lg[i], fed + i
+        self.step.rewind(base)
+        return tokens[1:][None], None
 
 
 class PromptLookupDrafter:

@@ -98,11 +98,15 @@ class EagleHead(nn.Module):
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("body.embed_tokens")}
 
-    def forward(self, feats: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None):
-        """feats [B, T, H] (f_t), next_ids [B, T] (x_{t+1}) -> (predicted f_{t+1} [B, T, H], logits [B, T, draft_vocab])."""
+    def forward(self, feats: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
+                attention_mask: torch.Tensor | None = None):
+        """feats [B, T, H] (f_t), next_ids [B, T] (x_{t+1}) -> (predicted f_{t+1} [B, T, H], logits [B, T, draft_vocab]).
+        `attention_mask`: an additive [B, 1, T, cached + T] mask (tree drafts); default causal."""
         e = self.embed(next_ids).to(feats.dtype)
         x = self.fc(torch.cat([feats, e], -1))
         kw = {"cache" if self._new_api else "past_key_values": cache} if cache is not None else {}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
         h = self.body(inputs_embeds=x, position_ids=position_ids, use_cache=cache is not None, **kw).last_hidden_state
         return h, h @ self.head_rows.to(h.dtype).T
 
@@ -224,8 +228,9 @@ class EagleDrafter:
         else:
             self.feats = self.feats[:, :n]
 
-    @torch.inference_mode()
-    def propose(self, ctx: torch.Tensor, k: int, sampling: Sampling, generator=None):
+    def _catch_up(self, ctx: torch.Tensor):
+        """Feed the head the committed tokens it has not seen with their real target features; returns (n, the
+        predicted feature [B, 1, H] and draft logits [B, draft_vocab] after ctx)."""
         self._collect()
         n = self.feats.shape[1]                         # = ctx length - 1: the features of every committed token but the last
         keep = min(self.real, n - 1)
@@ -235,9 +240,53 @@ class EagleDrafter:
         pos = torch.arange(keep, n)[None]
         h, logits = self.head(self.feats[:, keep:n], ctx[:, keep + 1: n + 1], pos, self.cache)
         self.real = n
+        return n, h[:, -1:], logits[:, -1]
+
+    @torch.inference_mode()
+    def propose_tree(self, ctx: torch.Tensor, tree, sampling: Sampling, generator=None):
+        """Fill a static `DraftTree` (batch 1): each node's children are the head's top-ranked draft tokens there
+        (deterministic, so q is None: exact under sampling too, see tree.verify_tree). The head expands one depth
+        per pass: the non-leaf nodes of that depth go in together at position n + depth - 1 under a tree mask
+        (the committed positions plus their own ancestors), so a tree costs one head pass per level."""
+        if ctx.shape[0] != 1:
+            raise LeanLMError(f"tree drafts take one prompt row, got {ctx.shape[0]}; use a chain (k) for a batch")
+        n, f_root, lg_root = self._catch_up(ctx)
+        vmap = self.head.vocab_map
+        tokens = torch.zeros(tree.size + 1, dtype=torch.long)
+        feats, logits, slot = {0: f_root[0, 0]}, {0: lg_root[0]}, {}    # per expanded node
+        base = self.cache.get_seq_length()
+        for d in range(tree.max_depth):
+            level = [u for u in range(tree.size + 1) if int(tree.depth[u]) == d and tree.children[u]]
+            for u in level:   # children = the head's top ranks at u
+                kids = tree.children[u]
+                top = logits[u].topk(min(int(tree.rank[kids[-1]]) + 1, logits[u].numel())).indices
+                for c in kids:
+                    tokens[c] = vmap[top[min(int(tree.rank[c]), len(top) - 1)]]
+            grow = [c for u in level for c in tree.children[u] if tree.children[c]]
+            if not grow:
+                continue
+            held = self.cache.get_seq_length()
+            allowed = torch.zeros(len(grow), held + len(grow), dtype=torch.bool)
+            allowed[:, :base] = True
+            for i, c in enumerate(grow):
+                allowed[i, held + i] = True
+                a = int(tree.parent[c])
+                while a > 0:
+                    allowed[i, slot[a]] = True
+                    a = int(tree.parent[a])
+            bias = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+            x_f = torch.stack([feats[int(tree.parent[c])] for c in grow])[None]
+            pos = torch.full((1, len(grow)), n + d)
+            h, lg = self.head(x_f, tokens[grow][None], pos, self.cache, attention_mask=bias)
+            for i, c in enumerate(grow):
+                feats[c], logits[c], slot[c] = h[0, i], lg[0, i], held + i
+        return tokens[1:][None], None
+
+    @torch.inference_mode()
+    def propose(self, ctx: torch.Tensor, k: int, sampling: Sampling, generator=None):
+        n, f, lg = self._catch_up(ctx)
         vmap = self.head.vocab_map
         toks, qs = [], []
-        f, lg = h[:, -1:], logits[:, -1]
         for i in range(k):
             if sampling.greedy:
                 t = vmap[lg.argmax(-1)]
@@ -377,7 +426,7 @@ class EagleLoss:
 def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, draft_vocab: int = 8192, samples: int = 128,
                 prompt_tokens: int = 64, new_tokens: int = 128, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
                 max_tokens: int | None = None, checkpoint_dir=None, progress: bool = True, seed: int = 0,
-                data: dict | None = None, gen_share: float = 0.4) -> EagleHead:
+                data: dict | None = None, gen_share: float = 0.4, tree_nodes: int = 12) -> EagleHead:
     """Train an EAGLE-1 head for the Hugging Face `model` (Li et al. 2024) by self-distillation.
     Ctrl-C raises `TrainingInterrupted` after saving a checkpoint (with `checkpoint_dir`); the same call resumes.
 
@@ -385,6 +434,8 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     of a time budget; `samples` sequences of `prompt_tokens` + `new_tokens`) and the training.
     The generated text and the head's training state are kept in `checkpoint_dir` (if given): a run interrupted
     (Ctrl-C) and started again resumes; with a token budget the resumed head equals an uninterrupted one.
+    After training, `measure_tree` chooses a draft tree of `tree_nodes` drafts from the head's measured acceptance on
+    calibration prompts (0: skip), stored in the log as "tree" (`generate --tree` uses it).
     Returns the head with `head.leanlm_draft` holding the training log."""
     from ..distill import TrainConfig, parse_budget, train
 
@@ -436,10 +487,40 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     finally:
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
-    log["total_seconds"] = time.perf_counter() - t0
-    log["cpu_seconds"] = time.process_time() - c0   # this process's CPU time (all threads): the work, on a shared machine
     for p in head.parameters():
         p.requires_grad_(False)
     head.eval()
+    if tree_nodes and log["steps"]:
+        ts = time.perf_counter()
+        paths, acc = measure_tree(model, head, [ids[i:i + 1] for ids in _prompts(tokenizer, 4, prompt_tokens, 0.5) for i in range(len(ids))],
+                                  tree_nodes)
+        log.update(tree=paths, tree_acceptance=acc, tree_seconds=time.perf_counter() - ts)
+    log["total_seconds"] = time.perf_counter() - t0
+    log["cpu_seconds"] = time.process_time() - c0   # this process's CPU time (all threads): the work, on a shared machine
     head.leanlm_draft = log
     return head
+
+
+MEASURE_WIDTHS = (8, 4, 4, 3, 3)   # the comb tree measure_tree drafts: children of the root and of each rank-0 node, by depth
+
+
+@torch.inference_mode()
+def measure_tree(model: nn.Module, head: EagleHead, prompts: list[torch.Tensor], nodes: int = 12, new_tokens: int = 64,
+                 widths=MEASURE_WIDTHS) -> tuple[list[list[int]], list[list[float]]]:
+    """Choose a draft tree for `head` from measured acceptance: greedy tree decoding of `prompts` (each [1, L]) on the
+    float32 runtime with a comb tree (a spine of rank-0 drafts, each with `widths[d]` children) counts, per depth and
+    rank, how often the target took the head's draft when its parent was accepted (one phantom rejection per cell, so a
+    rarely tried rank is not taken for certain); `tree.tree_from_acceptance` builds the `nodes`-draft tree from that.
+    Returns (the tree's paths, the acceptance table)."""
+    from ..runtime import Engine
+    from .decode import speculative_generate
+    from .tree import DraftTree, RankCounts, tree_from_acceptance
+
+    comb = DraftTree.from_paths([(0,) * d + (r,) for d, w in enumerate(widths) for r in range(w)])
+    total = RankCounts()
+    eng = Engine(model, "fp32", max_seq_len=max(p.shape[1] for p in prompts) + new_tokens + comb.size + 1)
+    for ids in prompts:
+        _, st = speculative_generate(eng, EagleDrafter(head), ids, new_tokens, tree=comb)
+        total.merge(st.ranks)
+    acc = total.acceptance(prior=1)
+    return tree_from_acceptance(acc, nodes).to_list(), acc

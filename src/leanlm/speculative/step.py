@@ -4,6 +4,12 @@
 ``forward(ids)`` appends new tokens and returns their logits, ``rewind(n)`` drops cached positions
 after the first ``n`` (how a rejected draft is undone), ``reset()`` empties the cache. Every row of a
 batch holds the same number of positions. Anything engine-specific lives in the adapter.
+
+A StepModel that drafts or verifies trees (`leanlm.speculative.tree`) also has ``forward_tree(ids, pos,
+mask)``: append T tree nodes, node i rotated at position ``pos[i]``; ``mask`` [T, S] (S >= T) marks what
+node i sees among the last S - T cached entries and the T new ones (itself and its ancestors), every
+earlier cached entry being visible; and ``compact(start, keep)``: keep the cached entries ``start + keep``
+(ascending) at ``start..`` and drop every other one after ``start``.
 """
 
 from __future__ import annotations
@@ -83,6 +89,63 @@ class HFStepModel:
         self.hidden_start = self.length
         self.length += t
         return out.logits[:, -1].float() if last_only else out.logits.float()
+
+    @torch.inference_mode()
+    def forward_tree(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] of T tree nodes (see the module docstring): a custom 4-D attention mask, which
+        transformers passes to the attention as is; RoPE at `pos`."""
+        if self.cache is None:
+            self.reset()
+        b, t = ids.shape
+        win = getattr(self.model.config, "sliding_window", None)
+        if win and self.length + t >= win and "sliding_attention" in (getattr(self.model.config, "layer_types", None) or []):
+            raise LeanLMError(f"a draft tree over {self.length} cached tokens would pass this model's sliding window ({win}) "
+                              "through transformers; use the leanlm runtime Engine as the target, or a chain (drop --tree)")
+        dtype = next(self.model.parameters()).dtype
+        allowed = torch.cat([torch.ones(t, self.length + t - mask.shape[1], dtype=torch.bool), mask.bool()], 1)
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        pos = pos.long()[None].expand(b, -1)
+        kw = {"cache" if self._new_api else "past_key_values": self.cache}
+        hook = None
+        if self.keep_hidden:
+            from ..core.arch import arch_of
+
+            norm = arch_of(self.model).body(self.model).norm
+            hook = norm.register_forward_hook(lambda m, i, o: setattr(self, "hidden", o.float()))
+        try:
+            out = self.model(input_ids=ids, use_cache=True, position_ids=pos, attention_mask=bias[None, None].expand(b, 1, -1, -1),
+                             **kw)
+        finally:
+            if hook is not None:
+                hook.remove()
+        self.hidden_start = self.length
+        self.length += t
+        return out.logits.float()
+
+    def compact(self, start: int, keep: torch.Tensor) -> None:
+        """Keep the cached positions start + keep (ascending offsets) at start.., drop the others after start."""
+        tail = self.length - start
+        keep = keep.long()
+        if not 0 <= start <= self.length or (len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= tail)):
+            raise LeanLMError(f"cannot keep offsets {keep.tolist()} after position {start}: the cache holds {self.length}")
+        def gather(t):
+            n = t.shape[-2]
+            return torch.cat([t[..., : n - tail, :], t[..., n - tail + keep, :]], -2)
+
+        if not hasattr(self.cache, "layers"):   # transformers 4.x: per-layer key and value lists
+            for lst in (self.cache.key_cache, self.cache.value_cache):
+                lst[:] = [gather(t) if t is not None and t.numel() else t for t in lst]
+            if hasattr(self.cache, "_seen_tokens"):
+                self.cache._seen_tokens = start + len(keep)
+        for layer in getattr(self.cache, "layers", []):
+            if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+                continue
+            layer.keys, layer.values = gather(layer.keys), gather(layer.values)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length -= tail - len(keep)
+        if self.keep_hidden and self.hidden is not None and self.hidden_start == start:
+            self.hidden = self.hidden[:, keep]
+        self.length = start + len(keep)
 
     def rewind(self, length: int) -> None:
         if not 0 <= length <= self.length:

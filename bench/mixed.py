@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--load", default="loaded: about 7 engineers share the 2 cores", help="how loaded the machine was (stated in the results)")
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores, per PROTOCOL.md; 1 on an oversubscribed machine, "
                     "where two threads mostly wait for each other)")
+    ap.add_argument("--name", default="mixed", help="results name: bench/results/NAME.md and NAME.json")
     a = ap.parse_args()
     setup_threads()
     if a.threads:
@@ -163,7 +164,7 @@ def report(a, base, base_news, searches, rows) -> None:
         md.append(f"\nThis run departs from the defaults ({a.algorithm} instead of awq, {a.windows} instead of 40 evaluation windows, "
                   f"a {a.probe}-row instead of an 8-row probe) to finish on the loaded machine; the full comparison is "
                   "`python bench/mixed.py` on a quiet one.\n")
-    write_results("mixed", {"machine": machine(), "load": a.load, "budget": a.budget, "menu": list(MENU), "algorithm": a.algorithm,
+    write_results(a.name, {"machine": machine(), "load": a.load, "budget": a.budget, "menu": list(MENU), "algorithm": a.algorithm,
                             "float_perplexity": base, "float_perplexity_news": base_news,
                             "searches": {k: {kk: vv for kk, vv in v.items() if kk != "sensitivity"} for k, v in searches.items()},
                             "rows": rows}, "\n".join(md))

@@ -560,3 +560,49 @@ def test_incremental_detokenization_equals_whole_decode(model, tok):
         assert "".join(pieces) == tok.decode(out, skip_special_tokens=True)
         if out in cases[:2]:   # valid UTF-8: no piece carries a replacement character
             assert not any("\ufffd" in p for p in pieces)
+
+
+def test_serve_steps_the_engine_in_the_main_thread(model, tok, monkeypatch):
+    """`serve` runs uvicorn in a second thread and the engine loop in the calling one: torch's OpenMP pool lives in
+    the thread that loaded the model, and a second pool made every decode step about twice as slow (docs/serving.md).
+    uvicorn is replaced by a stand-in whose run() makes one request through the app's own front door."""
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    from leanlm.serving import api
+
+    eng = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, max_num_seqs=2, max_model_len=64)
+    stepped = set()
+    step = eng.step
+    monkeypatch.setattr(eng, "step", lambda: (stepped.add(threading.current_thread()), step())[1])
+    got = []
+
+    class FakeServer:
+        def __init__(self, config):
+            self.app, self.started = config.app, False
+
+        def handle_exit(self, sig, frame):
+            pass
+
+        def run(self):
+            self.started = True
+
+            async def one():
+                q = self.app.state.llm.add("r1", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+                while not got or not got[-1].finished:
+                    got.append(await q.get())
+
+            asyncio.run(one())
+
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    api.serve(eng, "tiny")
+    assert stepped == {threading.main_thread()} and len(got) == 3 and got[-1].finished
+    assert not eng.has_unfinished()
+
+    class DeadServer(FakeServer):   # a server that never starts (a port in use): a clear error, not a silent return
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", DeadServer)
+    with pytest.raises(LeanLMError, match="did not start"):
+        api.serve(eng, "tiny")

@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--only", help="comma-separated rows: search,search-bytes,search-latency,mixed,uniform-int4_g64,uniform-int4_g32")
-    ap.add_argument("--load", default="loaded: about 7 engineers share the 2 cores", help="how loaded the machine was (stated in the results)")
+    ap.add_argument("--load", required=True, help="how loaded the machine was, stated in the results (e.g. \"quiet machine\")")
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores, per PROTOCOL.md; 1 on an oversubscribed machine, "
                     "where two threads mostly wait for each other)")
     ap.add_argument("--name", default="mixed", help="results name: bench/results/NAME.md and NAME.json")
@@ -137,8 +137,8 @@ def main() -> None:
 
 def report(a, base, base_news, searches, rows) -> None:
     md = [f"# Mixed-precision search, SmolLM2-135M (budget {a.budget} bits/weight over {' / '.join(MENU)})\n",
-          f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}. **{a.load}**: every time below was "
-          "measured on a loaded machine (the search time target is to be rerun quietly).\n",
+          f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}. Machine load during the run: "
+          f"**{a.load}** (times depend on it; perplexities do not).\n",
           "## Search time (diagonal-Fisher sensitivity from one forward + backward, then an exact 0/1 program)\n",
           "The bytes and latency rows re-solve with the bits row's sensitivity (their time: the cost model and the solve).\n"]
     trows = []
@@ -147,8 +147,8 @@ def report(a, base, base_news, searches, rows) -> None:
         trows.append([cost, f"{s['probe_tokens'][0]} x {s['probe_tokens'][1]}", f"{s['search_seconds']:.1f}", f"{s['search_cpu_seconds']:.1f}", f"{sp['costs']:.1f}",
                       f"{sp['sensitivity']:.1f}", f"{sp['solve']:.2f}", f"{s['average_bits']:.3f}",
                       ", ".join(f"{k}: {v}" for k, v in sorted(s["choice_counts"].items()))])
-    md.append(md_table(["cost model", "probe tokens", "search s (loaded)", "search CPU s (all threads)", "cost model s", "sensitivity s", "solve s", "bits/weight", "choice (layers)"], trows))
-    md.append("\nWall seconds on the loaded machine; CPU seconds are the process's own (all its threads), a rough bound for a quiet "
+    md.append(md_table(["cost model", "probe tokens", "search s (wall)", "search CPU s (all threads)", "cost model s", "sensitivity s", "solve s", "bits/weight", "choice (layers)"], trows))
+    md.append("\nWall seconds under the load stated above; CPU seconds are the process's own (all its threads), a rough bound for a quiet "
               f"{machine()['cores']}-core run: wall near CPU / {machine()['threads']} when nothing else runs.\n")
     md.append("\nThe previous search (one full-model forward per layer and format, KL on 4 x 256 tokens; bench/results/ptq.md) took 1556 s.\n")
     md.append(f"## Quality (calibration {a.samples} x {a.seq_len} tokens, {a.algorithm}; perplexity on {a.windows} x 512 tokens)\n")
@@ -156,13 +156,13 @@ def report(a, base, base_news, searches, rows) -> None:
     for k, r in rows.items():
         qrows.append([k, f"{r['average_bits']:.3f}", f"{r['perplexity']:.4f}", f"{r['increase']:+.2%}", f"{r['perplexity_news']:.4f}",
                       f"{r['increase_news']:+.2%}", f"{r['calib_seconds']:.0f}"])
-    md.append(md_table(["model", "bits/weight", "wiki eval ppl", "increase", "news ppl", "increase", "calib s (loaded)"], qrows))
+    md.append(md_table(["model", "bits/weight", "wiki eval ppl", "increase", "news ppl", "increase", "calib s (wall)"], qrows))
     md.append("\nbits/weight: `leanlm.quantization.average_bits` of the quantized model, over every linear weight with the float "
               "output head (28M of its weights) included, scales included; over the quantized layers alone uniform int4_g64 is 4.25, "
               "int4_g32 4.5 and the mixed choice the search's figure above.\n")
     if (a.algorithm, a.windows, a.probe) != ("awq", 40, 8):
         md.append(f"\nThis run departs from the defaults ({a.algorithm} instead of awq, {a.windows} instead of 40 evaluation windows, "
-                  f"a {a.probe}-row instead of an 8-row probe) to finish on the loaded machine; the full comparison is "
+                  f"a {a.probe}-row instead of an 8-row probe) to finish sooner; the full comparison is "
                   "`python bench/mixed.py` on a quiet one.\n")
     write_results(a.name, {"machine": machine(), "load": a.load, "budget": a.budget, "menu": list(MENU), "algorithm": a.algorithm,
                             "float_perplexity": base, "float_perplexity_news": base_news,

@@ -42,6 +42,21 @@ def make_llama(vocab_size: int = 300, hidden: int = 64, layers: int = 2, heads: 
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_gemma3(vocab_size: int = 300, seed: int = 0):
+    """A tiny Gemma-3 whose first two layers slide over a window of 6 tokens (shorter than the tests' outputs), with a
+    final norm scaled up so its greedy tokens are not near ties."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, sliding_window=6, max_position_embeddings=256,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.norm.weight.add_(20)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_llama
+from conftest import make_gemma3, make_llama
 from leanlm.core.errors import LeanLMError
 from leanlm.runtime import Engine, Sampling
 from leanlm.runtime.sampling import filter_logits
@@ -176,15 +176,7 @@ def test_bad_input_errors(llama):
 
 
 def test_gemma3_matches_hf():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, sliding_window=6, max_position_embeddings=256,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention"], query_pre_attn_scalar=16)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.model.norm.weight.add_(20)
+    model = make_gemma3(V)
     ids = torch.randint(1, V, (1, 9), generator=torch.Generator().manual_seed(2))
     eng = Engine(model, "fp32", max_seq_len=64, kv_block=8)
     with torch.no_grad():

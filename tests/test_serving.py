@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_llama
+from conftest import make_gemma3, make_llama
 from leanlm.core.errors import LeanLMError
 from leanlm.serving import BlockManager, LLMEngine, SamplingParams, Scheduler
 from leanlm.serving.scheduler import Sequence
@@ -511,19 +511,11 @@ def test_one_sequence_decodes_through_the_fused_step(model, tok):
 def test_paged_attention_kernel_keeps_batch_outputs_with_sliding_windows(kv_dtype):
     """Decode steps read the paged pools in place (the C++ kernel) or through a gather and batched matmuls: the same
     greedy tokens on a Gemma-3 model whose sliding window is shorter than the outputs, in a continuous batch."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from leanlm.runtime import kernels
 
     if not kernels.available():
         pytest.skip("the C++ kernels are not built here")
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, sliding_window=6, max_position_embeddings=256,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention"], query_pre_attn_scalar=16)
-    m = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        m.model.norm.weight.add_(20)
+    m = make_gemma3(300)
     prompts = [torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 14)]
     reqs = lambda: [(str(i), p, SamplingParams(max_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
     outs = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_llama
+from conftest import make_gemma3, make_llama
 from leanlm.core.errors import LeanLMError
 from leanlm.runtime import Engine
 from leanlm.runtime.sampling import Sampling
@@ -192,15 +192,7 @@ def test_tree_refusals(model):
 def test_tree_on_a_sliding_window_model():
     """Gemma-3 (sliding-window layers, window 6) on the runtime Engine: oracle trees across the window give plain greedy
     decoding token for token; through transformers a tree is refused once the context reaches the window."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, sliding_window=6, max_position_embeddings=256,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention"], query_pre_attn_scalar=16)
-    gemma = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        gemma.model.norm.weight.add_(20)
+    gemma = make_gemma3(120)
     ids = torch.tensor([[5, 17, 33, 8, 91, 2, 64, 7, 9]])
     eng = Engine(gemma, "fp32", max_seq_len=96)
     ref = generate(eng, ids, 20)

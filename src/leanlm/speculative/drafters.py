@@ -78,23 +78,14 @@ class ModelDrafter:
         tokens = torch.zeros(tree.size + 1, dtype=torch.long)
         slot = {}                                             # node -> its entry after base in the draft's cache
         for d in range(tree.max_depth):
-            level = [u for u in range(tree.size + 1) if int(tree.depth[u]) == d and tree.children[u]]
+            level = tree.inner(d)
             for u in level:
-                kids = tree.children[u]
-                top = logits[u].topk(min(int(tree.rank[kids[-1]]) + 1, logits[u].numel())).indices
-                for c in kids:
-                    tokens[c] = top[min(int(tree.rank[c]), len(top) - 1)]
+                tree.fill_children(u, logits[u], tokens)
             grow = [c for u in level for c in tree.children[u] if tree.children[c]]
             if not grow:
                 continue
             fed = self.step.length - base
-            mask = torch.zeros(len(grow), fed + len(grow), dtype=torch.bool)
-            for i, c in enumerate(grow):
-                mask[i, fed + i] = True
-                a = int(tree.parent[c])
-                while a > 0:
-                    mask[i, slot[a]] = True
-                    a = int(tree.parent[a])
+            mask = tree.feed_mask(grow, slot, fed + len(grow))
             lg = self.step.forward_tree(tokens[grow][None], torch.full((len(grow),), base + d), mask)[0]
             for i, c in enumerate(grow):
                 logits[c], slot[c] = lg[i], fed + i

@@ -256,24 +256,15 @@ class EagleDrafter:
         feats, logits, slot = {0: f_root[0, 0]}, {0: lg_root[0]}, {}    # per expanded node
         base = self.cache.get_seq_length()
         for d in range(tree.max_depth):
-            level = [u for u in range(tree.size + 1) if int(tree.depth[u]) == d and tree.children[u]]
+            level = tree.inner(d)
             for u in level:   # children = the head's top ranks at u
-                kids = tree.children[u]
-                top = logits[u].topk(min(int(tree.rank[kids[-1]]) + 1, logits[u].numel())).indices
-                for c in kids:
-                    tokens[c] = vmap[top[min(int(tree.rank[c]), len(top) - 1)]]
+                tree.fill_children(u, logits[u], tokens, vmap)
             grow = [c for u in level for c in tree.children[u] if tree.children[c]]
             if not grow:
                 continue
             held = self.cache.get_seq_length()
-            allowed = torch.zeros(len(grow), held + len(grow), dtype=torch.bool)
+            allowed = tree.feed_mask(grow, slot, held + len(grow))
             allowed[:, :base] = True
-            for i, c in enumerate(grow):
-                allowed[i, held + i] = True
-                a = int(tree.parent[c])
-                while a > 0:
-                    allowed[i, slot[a]] = True
-                    a = int(tree.parent[a])
             bias = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
             x_f = torch.stack([feats[int(tree.parent[c])] for c in grow])[None]
             pos = torch.full((1, len(grow)), n + d)

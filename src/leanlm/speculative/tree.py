@@ -123,6 +123,31 @@ class DraftTree:
     def to_list(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
 
+    # ---- filling a tree one depth at a time (the drafters' shared loop)
+    def inner(self, d: int) -> list[int]:
+        """The nodes at depth d that have children."""
+        return [u for u in range(self.size + 1) if int(self.depth[u]) == d and self.children[u]]
+
+    def fill_children(self, u: int, logits: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Set `tokens` of node u's children to the top ranks of `logits` (through `ids`, a reduced vocabulary's map)."""
+        kids = self.children[u]
+        top = logits.topk(min(int(self.rank[kids[-1]]) + 1, logits.numel())).indices
+        for c in kids:
+            t = top[min(int(self.rank[c]), len(top) - 1)]
+            tokens[c] = t if ids is None else ids[t]
+
+    def feed_mask(self, grow: list[int], slot: dict[int, int], width: int) -> torch.Tensor:
+        """[len(grow), width] bool for feeding the nodes `grow` together as the last len(grow) of `width` cache entries:
+        each sees itself and its ancestors (fed earlier at the entries `slot[a]`)."""
+        m = torch.zeros(len(grow), width, dtype=torch.bool)
+        for i, c in enumerate(grow):
+            m[i, width - len(grow) + i] = True
+            a = int(self.parent[c])
+            while a > 0:
+                m[i, slot[a]] = True
+                a = int(self.parent[a])
+        return m
+
 
 def parse_tree(spec) -> DraftTree:
     """A `DraftTree` from "default", "chain:K", a JSON list of paths, a .json file holding one, or a list of paths."""

@@ -72,9 +72,13 @@ class HFStepModel:
             self.reset()
         t = ids.shape[1]
         pos = torch.arange(self.length, self.length + t).unsqueeze(0).expand(ids.shape[0], -1)
-        kw = {"cache" if self._new_api else "past_key_values": self.cache}  # transformers 5 renamed the argument
-        if last_only:
-            kw["logits_to_keep"] = 1
+        out = self._run(ids, position_ids=pos, **({"logits_to_keep": 1} if last_only else {}))
+        return out.logits[:, -1].float() if last_only else out.logits.float()
+
+    def _run(self, ids: torch.Tensor, **kw):
+        """The model over new tokens `ids`, the cache growing in place; with `keep_hidden`, the final norm's output
+        is caught in `hidden`."""
+        kw["cache" if self._new_api else "past_key_values"] = self.cache  # transformers 5 renamed the argument
         hook = None
         if self.keep_hidden:
             from ..core.arch import arch_of
@@ -82,13 +86,13 @@ class HFStepModel:
             norm = arch_of(self.model).body(self.model).norm
             hook = norm.register_forward_hook(lambda m, i, o: setattr(self, "hidden", o.float()))
         try:
-            out = self.model(input_ids=ids, use_cache=True, position_ids=pos, **kw)  # the cache grows in place
+            out = self.model(input_ids=ids, use_cache=True, **kw)
         finally:
             if hook is not None:
                 hook.remove()
         self.hidden_start = self.length
-        self.length += t
-        return out.logits[:, -1].float() if last_only else out.logits.float()
+        self.length += ids.shape[1]
+        return out
 
     @torch.inference_mode()
     def forward_tree(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,22 +108,7 @@ class HFStepModel:
         dtype = next(self.model.parameters()).dtype
         allowed = torch.cat([torch.ones(t, self.length + t - mask.shape[1], dtype=torch.bool), mask.bool()], 1)
         bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        pos = pos.long()[None].expand(b, -1)
-        kw = {"cache" if self._new_api else "past_key_values": self.cache}
-        hook = None
-        if self.keep_hidden:
-            from ..core.arch import arch_of
-
-            norm = arch_of(self.model).body(self.model).norm
-            hook = norm.register_forward_hook(lambda m, i, o: setattr(self, "hidden", o.float()))
-        try:
-            out = self.model(input_ids=ids, use_cache=True, position_ids=pos, attention_mask=bias[None, None].expand(b, 1, -1, -1),
-                             **kw)
-        finally:
-            if hook is not None:
-                hook.remove()
-        self.hidden_start = self.length
-        self.length += t
+        out = self._run(ids, position_ids=pos.long()[None].expand(b, -1), attention_mask=bias[None, None].expand(b, 1, -1, -1))
         return out.logits.float()
 
     def compact(self, start: int, keep: torch.Tensor) -> None:

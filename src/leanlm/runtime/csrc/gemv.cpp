@@ -820,12 +820,20 @@ void paged_attention_impl(const float* qd, const T* kd, const T* vd, const float
       float* w = scd + (size_t)it * g * maxT;
       const int64_t* row = tab + (size_t)s * nb;
       std::fill(mx.begin(), mx.end(), -INFINITY);
-      // keys t0..p, block by block (no division per key)
+      // keys t0..p, block by block (no division per key). Each block is a separate bs * D run of the pool, too
+      // short for the hardware prefetcher: every key prefetches the same key of the next block and its own value
+      // row (read after the softmax): 13.6 -> 6.8 ms for 30 layers of 16 sequences' float32 KV blocks read cold
+      // (9 -> 18 GB/s; prefetching two blocks ahead measured no better).
       for (int64_t b = t0 / bs, t = 0; b <= p / bs; ++b) {
         const int64_t base = (size_t)kh * slots + row[b] * bs;
+        const int64_t next = b < p / bs ? (size_t)kh * slots + row[b + 1] * bs : -1;
         const int64_t o0 = b == t0 / bs ? t0 % bs : 0, o1 = b == p / bs ? p % bs + 1 : bs;
         for (int64_t o = o0; o < o1; ++o, ++t) {
           const T* kp = kd + (base + o) * D;
+          for (size_t off = 0; off < D * sizeof(T); off += 64) {
+            if (next >= 0) _mm_prefetch((const char*)(kd + (next + o) * D) + off, _MM_HINT_T0);
+            _mm_prefetch((const char*)(vd + (base + o) * D) + off, _MM_HINT_T1);
+          }
           const float f = ksd ? ksd[base + o] * sc : sc;
           for (int j = 0; j < g; ++j) {
             const float x = dotk(qs + (size_t)j * D, kp, D) * f;

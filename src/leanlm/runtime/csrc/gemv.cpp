@@ -536,7 +536,7 @@ struct Mat { int kind = 0; const uint8_t* a = nullptr; const uint16_t* b = nullp
 void gemv(const Mat& m, const float* x, float* y, Prep& p) {
   const int path = fpath();
   // each thread rounds its own outputs to bfloat16 (a serial pass over Gemma-3's 262144 logits costs 0.1 ms)
-  auto round = [y](int64_t n0, int64_t n1) { for (int64_t n = n0; n < n1; ++n) y[n] = rbf(y[n]); };
+  auto round_out = [y](int64_t n0, int64_t n1) { for (int64_t n = n0; n < n1; ++n) y[n] = rbf(y[n]); };
   if (m.kind == 4) {
     p.make(x, m.K, m.G, path == 2);
     F4 a{m.a, (const uint32_t*)m.b, &p, y, m.N, m.K, m.G};
@@ -544,7 +544,7 @@ void gemv(const Mat& m, const float* x, float* y, Prep& p) {
       if (path == 2) f4_avx512(a, (int)b0, (int)b1);
       else if (path == 1) f4_avx2(a, (int)b0, (int)b1);
       else f4_scalar(a, (int)b0, (int)b1);
-      round(b0 * 16, b1 * 16);
+      round_out(b0 * 16, b1 * 16);
     });
   } else {
     p.make(x, m.K, 0, false);
@@ -553,7 +553,7 @@ void gemv(const Mat& m, const float* x, float* y, Prep& p) {
       if (path == 2) f8_avx512(a, (int)n0, (int)n1);
       else if (path == 1) f8_avx2(a, (int)n0, (int)n1);
       else f8_scalar(a, (int)n0, (int)n1);
-      round(n0, n1);
+      round_out(n0, n1);
     });
   }
 }

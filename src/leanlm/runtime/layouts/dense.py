@@ -1,8 +1,9 @@
 """Dense float weights (float32 or bfloat16): oneDNN/MKL GEMM.
 
-float32 weights are stored transposed ([in, out], `x @ weight_t`): MKL's float32 kernels for a few activation rows
-were slow on the usual [out, in] layout (SmolLM2-135M's layers read cold, 2 threads: 26.0 ms for one row and 38.0 ms
-for five, against 21.9 and 27.2 ms transposed), and a few rows is what decoding and speculative verification run.
+float32 weights are stored transposed (`stored` is [in, out], the layer computes `x @ stored`): MKL's float32
+kernels for a few activation rows were slow on the usual [out, in] layout (SmolLM2-135M's layers read cold, 2
+threads: 26.0 ms for one row and 38.0 ms for five, against 21.9 and 27.2 ms transposed), and a few rows is what
+decoding and speculative verification run.
 bfloat16 keeps [out, in] (`F.linear`: 9.9 / 10.5 ms, where transposed measured 13.2 / 14.1 ms).
 """
 

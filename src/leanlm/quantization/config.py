@@ -252,6 +252,9 @@ PRESETS: dict[str, callable] = {
     # "W4A16: the default algorithm"); the w4a16-* presets name one algorithm (or one chain) each.
     "w4a16-rtn": lambda: QuantConfig([_w("int4_g64"), HEAD]),
     "w4a16-mse": lambda: QuantConfig([_w("int4_g64", "mse"), HEAD]),
+    # asymmetric groups of 32 (llama.cpp Q4_1's grid), round to nearest: Gemma-3-270M keeps +6.8% perplexity where
+    # symmetric g64 RTN loses +231% (bench/results/gemma_int4_quality.md)
+    "w4a16-rtn-asym": lambda: QuantConfig([_w("int4_g32_asym"), HEAD]),
     "w4a16-awq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ()]),
     "w4a16-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [GPTQ()]),
     "w4a16-autoround": lambda: QuantConfig([_w("int4_g64"), HEAD], [AutoRound()]),

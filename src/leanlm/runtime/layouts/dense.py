@@ -20,9 +20,12 @@ class DenseWeight(nn.Module):
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         w = w.detach().to(dtype)
-        self.transposed = dtype == torch.float32
-        self.register_buffer("stored", (w.t() if self.transposed else w).contiguous())
+        self.register_buffer("stored", (w.t() if dtype == torch.float32 else w).contiguous())
         self.out_features, self.in_features = w.shape
+
+    @property
+    def transposed(self) -> bool:
+        return self.stored.dtype == torch.float32
 
     @property
     def weight(self) -> torch.Tensor:

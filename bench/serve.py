@@ -359,8 +359,9 @@ def report(done: dict, a, dist: dict, mach: dict, sys_tokens: int) -> None:
         after = m.get("after_drain", {})
         checks = [
             ["valid requests sent / finished", f"{m['requests_sent']} / {m['requests_done']}",
-             f"{m['done_with_wrong_token_count']} finished with a token count other than {a.max_tokens}; open requests "
-             f"were let finish after the window (up to {a.finish_timeout:g} s)"],
+             f"{m.get('usage_mismatch', '?')} with a `usage` completion count other than {a.max_tokens}; "
+             f"{m['done_with_wrong_token_count']} streamed a different number of chunks (a token that ends inside a UTF-8 "
+             f"character is sent with the next one); open requests were let finish after the window (up to {a.finish_timeout:g} s)"],
             ["valid requests failed", m["failed"], ""],
             ["malformed requests sent", m["malformed_sent"], json.dumps(m["malformed_status"])],
             ["malformed answered other than 4xx", m["malformed_not_4xx"], ""],

@@ -81,7 +81,7 @@ def test_int4_gemv_matches_reference(N, K, G):
         w = torch.randn(N, K, generator=g) * (1 + torch.rand(N, 1, generator=g))
         lay = Int4Weight.from_float(w, G, torch.bfloat16)
         assert lay.tiled is not None
-        assert torch.equal(kernels.untile16(lay.tiled, N, K).int() - 8, _codes(lay))
+        assert torch.equal(kernels.untile16(lay.tiled, N, K).int(), lay.codes())
         tiled, sz, dq = lay.tiled, lay.scales_zeros, None
     x = torch.randn(1, K, generator=g)
     ref = lay.reference(x.bfloat16()).float().reshape(-1) if lay is not None else _exact(dq, x.bfloat16().float()).float().bfloat16()
@@ -125,10 +125,27 @@ def test_asymmetric_int4_matches_reference():
     _same_as_reference(lay(x), lay.reference(x.bfloat16()))
 
 
-def _codes(lay: Int4Weight) -> torch.Tensor:
-    """Signed codes of a symmetric int4 layout, recovered from the reference kernel's dequantized weight."""
-    s = lay.scales_zeros[..., 0].float().t().repeat_interleave(lay.group_size, dim=1)  # [N, K]
-    return torch.round(lay.dequantize() / s).int()
+def test_int4_from_float_takes_the_grid_with_the_lower_error():
+    """Round-to-nearest packing compares the symmetric and the asymmetric grid per matrix (same bytes, same kernel) and
+    keeps the one whose dequantized weight, as the kernel computes it, is closer to the float weight."""
+    g = torch.Generator().manual_seed(7)
+    err = lambda lay, w: float((lay.dequantize() - w).square().sum())  # noqa: E731
+    on_sym = torch.randint(-7, 8, (32, 128), generator=g).float()   # codes -7..7 times 2^-7, every group reaching +-7
+    on_sym[:, ::64], on_sym[:, 1::64] = 7, -7
+    on_sym = on_sym / 128
+    on_asym = torch.randint(0, 16, (32, 128), generator=g).float()  # codes 0..15 around zero point 3, step 2^-6
+    on_asym[:, ::64], on_asym[:, 1::64] = 0, 15
+    on_asym = (on_asym - 3) / 64
+    skewed = torch.rand(32, 128, generator=g) + 0.5                 # all positive
+    for w, want in ((on_sym, "sym"), (on_asym, "asym"), (skewed, "asym")):
+        lays = {grid: Int4Weight.from_float(w, 64, torch.bfloat16, grid=grid) for grid in ("auto", "sym", "asym")}
+        errs = {grid: err(lay, w) for grid, lay in lays.items()}
+        assert errs["auto"] == errs[want] < errs["sym" if want == "asym" else "asym"], errs
+        assert torch.equal(lays["auto"].scales_zeros, lays[want].scales_zeros)
+        if w is not skewed:
+            assert errs[want] == 0   # weights on a grid come back exactly
+    with pytest.raises(ValueError, match="grid"):
+        Int4Weight.from_float(skewed, 64, torch.bfloat16, grid="nf4")
 
 
 @pytest.mark.parametrize("N,K", [(16, 32), (576, 576), (1536, 576), (576, 1536), (49152, 576), (40, 96), (300, 64),
@@ -301,12 +318,25 @@ def _attention_reference(q, k, v, tables, pos, bs, window, scale):
     return out
 
 
-@pytest.mark.parametrize("kv_heads,group,window", [(3, 3, 0), (2, 1, 0), (1, 4, 7), (2, 2, 16)])
-def test_paged_attention_matches_gathered_attention(kv_heads, group, window):
-    """The serving engine's decode attention read in place from paged pools (float32, and int8 codes with their
-    per-token scales) equals attention over the gathered keys, for any block placement, length and sliding window."""
+@pytest.mark.parametrize("kv_heads,group,window,D", [(3, 3, 0, 32), (2, 1, 0, 64), (1, 4, 7, 32), (2, 2, 16, 48),
+                                                      (1, 6, 0, 16), (1, 7, 0, 32), (2, 3, 0, 24)])
+@pytest.mark.parametrize("portable", [False, True])
+def test_paged_attention_matches_gathered_attention(kv_heads, group, window, D, portable):
+    """The serving engine's decode attention read in place from paged pools (float32, bfloat16, and int8 codes with
+    their per-token scales) equals attention over the gathered keys, for any block placement, length and sliding window;
+    on the AVX-512 path (query groups up to 6, head_dim a multiple of 16) and the portable one (forced, or any other
+    shape)."""
     g = torch.Generator().manual_seed(kv_heads * 10 + group)
-    bs, blocks, D = 4, 96, 32
+    bs, blocks = 4, 96
+    if portable:
+        torch.ops.leanlm.set_path(1)
+    try:
+        _check_paged_attention(g, kv_heads, group, window, D, bs, blocks)
+    finally:
+        torch.ops.leanlm.set_path(-1)
+
+
+def _check_paged_attention(g, kv_heads, group, window, D, bs, blocks):
     pos = torch.tensor([0, 3, 4, 17, 41, 9])
     nb = int(pos.max()) // bs + 1
     tables = torch.randperm(blocks, generator=g)[: len(pos) * nb].view(len(pos), nb).contiguous()
@@ -314,6 +344,10 @@ def test_paged_attention_matches_gathered_attention(kv_heads, group, window):
     k, v = torch.randn(kv_heads, blocks * bs, D, generator=g), torch.randn(kv_heads, blocks * bs, D, generator=g)
     got = torch.ops.leanlm.paged_attention(q, k, v, None, None, tables, pos, bs, window, D ** -0.5)
     torch.testing.assert_close(got.double(), _attention_reference(q, k, v, tables, pos, bs, window, D ** -0.5), rtol=1e-5, atol=1e-5)
+    kb, vb = k.bfloat16(), v.bfloat16()   # bfloat16 pools: read as the float32 values they hold
+    gotb = torch.ops.leanlm.paged_attention(q, kb, vb, None, None, tables, pos, bs, window, D ** -0.5)
+    torch.testing.assert_close(gotb.double(), _attention_reference(q, kb.float(), vb.float(), tables, pos, bs, window, D ** -0.5),
+                               rtol=1e-5, atol=1e-5)
     ks, vs = torch.rand(kv_heads, blocks * bs, generator=g) / 50, torch.rand(kv_heads, blocks * bs, generator=g) / 50
     k8 = torch.randint(-127, 128, k.shape, generator=g, dtype=torch.int8)
     v8 = torch.randint(-127, 128, v.shape, generator=g, dtype=torch.int8)

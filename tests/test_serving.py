@@ -403,16 +403,31 @@ def test_cli_serve_rejects_a_kv_budget_without_a_block(tiny_folder, capsys):
     assert "--kv-cache-mb" in capsys.readouterr().err
 
 
-def test_int8_kv_blocks_hold_more_tokens_and_keep_greedy_outputs(model, tok):
+@pytest.mark.parametrize("kv_dtype,per_token", [("int8", lambda D: D + 4), ("bfloat16", lambda D: 2 * D)])
+def test_low_precision_kv_blocks_hold_more_tokens_and_keep_greedy_outputs(model, tok, kv_dtype, per_token):
     prompts = [ids(tok, p) for p in PROMPTS]
     reqs = lambda: [(str(i), p, SamplingParams(max_tokens=6, ignore_eos=True)) for i, p in enumerate(prompts)]
     f32 = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4)
-    i8 = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, kv_dtype="int8")
+    low = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, kv_dtype=kv_dtype)
     D = model.config.hidden_size // model.config.num_attention_heads
-    assert i8.blocks.num_blocks == f32.blocks.num_blocks * (4 * D) // (D + 4)
-    assert i8.pool.k[0].dtype == torch.int8
-    assert run(i8, reqs()) == run(f32, reqs())
-    assert all_free(i8)
+    assert f32.kv_dtype == "float32"   # auto, for float32 weights
+    assert low.blocks.num_blocks == f32.blocks.num_blocks * (4 * D) // per_token(D)
+    assert low.pool.k[0].dtype == {"int8": torch.int8, "bfloat16": torch.bfloat16}[kv_dtype]
+    assert run(low, reqs()) == run(f32, reqs())
+    assert all_free(low)
+
+
+def test_auto_kv_dtype_follows_the_weights(model, tok):
+    """auto: bfloat16 KV blocks for weights whose matmuls run in bfloat16 (int4 here), float32 for float32 weights;
+    a lone request on bfloat16 blocks still takes the fused one-call step; an unknown dtype is refused."""
+    eng = LLMEngine(model, tok, "int4", kv_cache_mb=1, block_size=4, group_size=32, allow_fallback=True)
+    assert eng.kv_dtype == "bfloat16" and eng.pool.k[0].dtype == torch.bfloat16
+    out = run(eng, [("a", ids(tok, PROMPTS[0]), SamplingParams(max_tokens=6, ignore_eos=True))])
+    assert len(out["a"]) == 6 and all_free(eng)
+    if eng.model.step is not None:   # the fused kernels are built here
+        assert eng.stats.solo_steps == 5
+    with pytest.raises(LeanLMError, match="KV-cache dtype"):
+        LLMEngine(model, tok, "fp32", kv_dtype="float16")
 
 
 def test_prompt_lookup_speculation_in_the_batch_keeps_greedy_outputs(model, tok):
@@ -507,7 +522,7 @@ def test_one_sequence_decodes_through_the_fused_step(model, tok):
     assert outs[True][1] > 0 and outs[True][2] >= 2   # a's solo steps, then b's (loaded from the pools)
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 def test_paged_attention_kernel_keeps_batch_outputs_with_sliding_windows(kv_dtype):
     """Decode steps read the paged pools in place (the C++ kernel) or through a gather and batched matmuls: the same
     greedy tokens on a Gemma-3 model whose sliding window is shorter than the outputs, in a continuous batch."""

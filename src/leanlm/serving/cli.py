@@ -19,8 +19,9 @@ def serve_args(sp) -> None:
     sp.add_argument("--max-model-len", type=SEQ_LEN, default=None,
                     help="most tokens (prompt + output) of one request (default: the model's context, at most 2048)")
     sp.add_argument("--kv-cache-mb", type=POSITIVE, default=256, help="memory of the paged KV cache in MB")
-    sp.add_argument("--kv-dtype", choices=["float32", "int8"], default="float32",
-                    help="KV block storage: float32, or int8 with a scale per token and head (about 3.5x the tokens per MB)")
+    sp.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
+                    help="KV block storage: auto (float32 for float32 weights, else bfloat16), float32, bfloat16 (2x the tokens "
+                         "per MB), or int8 with a scale per token and head (about 3.5x)")
     sp.add_argument("--block-size", type=COUNT, default=16, help="tokens per KV block")
     sp.add_argument("--no-prefix-caching", action="store_true", help="do not share the KV blocks of common prompt prefixes")
     sp.add_argument("--speculative", choices=["none", "prompt-lookup"], default="none",
@@ -54,7 +55,7 @@ def run_serve(a, load) -> dict:
     del model
     name = a.served_model_name or a.model
     b = engine.blocks
-    print(f"leanlm serve: {name} ({engine.model.weights} weights on {engine.device}), KV cache {b.num_blocks} blocks x {b.block_size} tokens, "
+    print(f"leanlm serve: {name} ({engine.model.weights} weights on {engine.device}), KV cache {b.num_blocks} blocks x {b.block_size} tokens ({engine.kv_dtype}), "
           f"http://{a.host}:{a.port}/v1"
           + (f"; bfloat16 copies for steps of >= {a.dense_rows} rows: {engine.dense_copy_bytes / 2**20:.0f} MB"
              if engine.dense_copy_bytes else ""), file=sys.stderr)

@@ -50,9 +50,13 @@ class RequestOutput:
     completion_tokens: int
 
 
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
 class KVPool:
-    """Per-layer K and V block pools [kv_heads, num_blocks, block_size, head_dim]: float32, or int8 with one float32
-    scale per (head, block, slot) (symmetric per token and head: about a quarter of the bytes).
+    """Per-layer K and V block pools [kv_heads, num_blocks, block_size, head_dim]: float32, bfloat16 (half the bytes;
+    K and V are rounded to bfloat16 as they are written), or int8 with one float32 scale per (head, block, slot)
+    (symmetric per token and head: about a quarter of the bytes).
 
     Head-major pools make a gather of block tables land as [kv_heads, sequences, context, head_dim] with one
     index_select into a reused workspace: attention reads it as one batched matmul without any transpose
@@ -63,7 +67,7 @@ class KVPool:
         shape = (kv_heads, num_blocks, block_size, head_dim)
         self.int8 = dtype == "int8"
         self.device = device
-        t = torch.int8 if self.int8 else torch.float32
+        t = KV_DTYPES[dtype]
         self.k = [torch.zeros(shape, dtype=t, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=t, device=device) for _ in range(layers)]
         self.ks = [torch.zeros(shape[:3], device=device) for _ in range(layers)] if self.int8 else None
@@ -75,7 +79,7 @@ class KVPool:
 
     @staticmethod
     def block_bytes(layers: int, kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:
-        per = head_dim + 4 if dtype == "int8" else head_dim * 4
+        per = head_dim + 4 if dtype == "int8" else head_dim * KV_DTYPES[dtype].itemsize
         return layers * 2 * kv_heads * block_size * per
 
     def workspace(self, name: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
@@ -89,15 +93,15 @@ class KVPool:
         return buf[:n].view(shape)
 
     def write(self, i: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [N, kv_heads, head_dim] float32 into the flat slots block * block_size + offset."""
+        """k, v [N, kv_heads, head_dim] float32 into the flat slots block * block_size + offset (rounded to the pool's dtype)."""
         h, d = self.kv_heads, self.head_dim
         for pool, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
             x = x.transpose(0, 1)   # [kv_heads, N, head_dim]
             if self.int8:
                 sc = x.abs().amax(-1).clamp_min(1e-8) / 127
                 scales[i].view(h, -1).index_copy_(1, slot, sc)
-                x = (x / sc[..., None]).round_().to(torch.int8)
-            pool[i].view(h, -1, d).index_copy_(1, slot, x)
+                x = (x / sc[..., None]).round_()
+            pool[i].view(h, -1, d).index_copy_(1, slot, x.to(pool[i].dtype))
 
     def gather(self, i: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot of each row of block tables [S, blocks] as float32 K and V [kv_heads, S, blocks * block_size,
@@ -114,6 +118,10 @@ class KVPool:
                 torch.index_select(pool[i], 1, flat, out=codes)
                 torch.index_select(scales[i], 1, flat, out=sc)
                 torch.mul(codes, sc[..., None], out=buf)
+            elif pool[i].dtype != torch.float32:
+                part = self.workspace(name + "16", shape, pool[i].dtype)
+                torch.index_select(pool[i], 1, flat, out=part)
+                buf.copy_(part)
             else:
                 torch.index_select(pool[i], 1, flat, out=buf)
             out.append(buf.view(self.kv_heads, S, nb * self.block_size, self.head_dim))
@@ -256,19 +264,27 @@ class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, weights: str | None = None, *, group_size: int = 64,
                  head: str | None = None, kv_cache_mb: float = 256, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
-                 kv_dtype: str = "float32", allow_fallback: bool = False, speculative: str | None = None,
+                 kv_dtype: str = "auto", allow_fallback: bool = False, speculative: str | None = None,
                  num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16, device: str = "cpu",
                  fused_step: bool = True):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
+        if kv_dtype not in ("auto", *KV_DTYPES):
+            raise LeanLMError(f"unknown KV-cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
         with torch.no_grad():
             self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_model_len,
                                  max_batch=1, allow_fallback=allow_fallback).eval()
         self.device = torch.device(device)
+        # auto: the KV cache in the dtype the weights' matmuls run in (vLLM's "auto" does the same): float32 for float32
+        # weights, where the tests hold batched outputs exactly equal to a lone decode; else bfloat16, half the bytes
+        # the decode attention reads (V leaves a bfloat16 matmul exactly representable; K is rounded after RoPE)
+        if kv_dtype == "auto":
+            kv_dtype = "float32" if self.model.dtype == torch.float32 else "bfloat16"
+        self.kv_dtype = kv_dtype
         # one sequence decoding alone runs the one-call step over the decoder's dense caches (built before the layouts
         # are wrapped: it holds the packed tensors themselves); otherwise the paged pools below replace those caches
-        if fused_step and self.device.type == "cpu" and kv_dtype == "float32":
+        if fused_step and self.device.type == "cpu" and kv_dtype != "int8":
             self.model.step, self.model.step_why = self.model.fused_step()
         self._solo_at: tuple[str, int] | None = None   # (request id, tokens) whose KV the dense caches hold
         if self.model.step is None:
@@ -281,8 +297,6 @@ class LLMEngine:
         self.model.to_device(self.device)   # a GPU: PyTorch's CUDA kernels for every layout (runtime/model.py)
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         s = self.model.spec
-        if kv_dtype not in ("float32", "int8"):
-            raise LeanLMError(f"unknown KV-cache dtype {kv_dtype!r}; choose float32 or int8")
         per_block = KVPool.block_bytes(s.n_layers, s.kv_heads, block_size, s.head_dim, kv_dtype)
         num_blocks = int(kv_cache_mb * 2**20) // per_block
         if num_blocks < 1:
@@ -364,7 +378,7 @@ class LLMEngine:
             if busy:
                 continue
             room = seq.params.max_tokens - len(seq.output) - 1   # the verified step also yields one token of its own
-            if seq.params.temperature > 0 or room < 1 or seq.computed != len(seq.tokens) - 1:
+            if seq.params.temperature > 0 or room < 1 or seq.computed != seq.num_tokens - 1:
                 continue
             d = self.drafter.lookup(torch.tensor(seq.tokens), min(self.num_draft, room))
             seq.draft = d.tolist()

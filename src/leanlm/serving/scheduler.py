@@ -35,7 +35,7 @@ class SamplingParams:
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
-@dataclass
+@dataclass(eq=False)   # identity: queue membership tests compared every field (1 ms per 64-sequence step)
 class Sequence:
     request_id: str
     prompt: list[int]
@@ -57,6 +57,10 @@ class Sequence:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
     def feed(self) -> list[int]:
         """The tokens a step may compute: the sequence and its draft."""
         return self.prompt + self.output + self.draft
@@ -71,7 +75,7 @@ class Scheduled:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence (and its draft): its last logits give the next token."""
-        return self.start + self.length == len(self.seq.tokens) + len(self.seq.draft)
+        return self.start + self.length == self.seq.num_tokens + len(self.seq.draft)
 
 
 class Scheduler:
@@ -108,12 +112,12 @@ class Scheduler:
         out: list[Scheduled] = []
         preempted = False
         # decodes first (one token each), then prompt chunks, each group in arrival order
-        for seq in sorted(self.running, key=lambda q: len(q.tokens) - q.computed > 1):
+        for seq in sorted(self.running, key=lambda q: q.num_tokens - q.computed > 1):
             if budget == 0:
                 break
             if seq not in self.running:   # preempted earlier in this loop
                 continue
-            need = len(seq.tokens) - seq.computed
+            need = seq.num_tokens - seq.computed
             if seq.draft:   # a draft fits in the budget and the free blocks, or is dropped: it never costs a preemption
                 seq.draft = seq.draft[:max(0, budget - need)]
                 if not self.blocks.can_grow(seq.request_id, seq.computed + need + len(seq.draft)):
@@ -134,13 +138,13 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq.request_id, seq.tokens)
-            n = min(len(seq.tokens) - cached, budget)
+            n = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_grow(seq.request_id, cached + n):
                 self.blocks.free_seq(seq.request_id)   # give back the shared prefix; retry next step
                 break
             seq.computed = cached
             if self.blocks.prefix_caching:
-                self.blocks.prefix_queries += len(seq.tokens)
+                self.blocks.prefix_queries += seq.num_tokens
                 self.blocks.prefix_hits += cached
             self.blocks.grow(seq.request_id, cached + n)
             self.waiting.popleft()

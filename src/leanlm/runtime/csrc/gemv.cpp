@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <chrono>
+#include <bit>
 #include <cstring>
 
 namespace {
@@ -584,7 +585,8 @@ at::Tensor run_op(const Mat& m, const at::Tensor& x) {
 // so that a loop over it vectorizes: std::exp is one libm call per element
 inline float exp_le0(float x) {
   x = std::max(x, -87.f);
-  const float n = std::floor(x * 1.44269504f + 0.5f);
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: std::floor kept the loops over this function scalar
+  const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
@@ -594,9 +596,7 @@ inline float exp_le0(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.f;
   const int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+  return y * std::bit_cast<float>(bits);   // not memcpy: a copy through memory kept the loops scalar
 }
 
 // SiLU and GELU-tanh through exp_le0 (a loop over them vectorizes; std::exp / std::tanh are libm calls, 0.4-0.7 ms
@@ -614,8 +614,22 @@ inline float gelu_tanh(float a) {
 
 // ------------------------------------------------------------------------------------------ the decode step
 // sum of a[i] * b[i] in sixteen partial sums (one or two vector registers once the compiler vectorizes the inner
-// loop: a single running sum is a chain of dependent adds that no compiler reorders), folded pairwise
+// loop: a single running sum is a chain of dependent adds that no compiler reorders), folded pairwise. With AVX-512
+// and n a multiple of 16 the same sums are written with intrinsics: the compiler folded the 16 partial sums through
+// the stack (a chain of store-forwarded scalar adds), which made a paged-attention score cost ~100 cycles per key.
 inline float dot(const float* a, const float* b, int n) {
+#ifdef __AVX512F__
+  if (n % 16 == 0) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    if (i < n) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+#endif
   float acc[16] = {};
   int i = 0;
   for (; i + 16 <= n; i += 16)
@@ -789,87 +803,231 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 // Decode attention of a continuous batch straight from paged KV pools, without gathering them: q [S, H, D] float32
-// (one new token per sequence); k, v [Hkv, slots, D] float32, or int8 with float32 scales ks, vs [Hkv, slots] (one
+// (one new token per sequence); k, v [Hkv, slots, D] float32 or bfloat16, or int8 with float32 scales ks, vs [Hkv, slots] (one
 // per token and head) (slot = block * block_size + offset); tables int64 [S, blocks] (each sequence's block ids);
 // pos int64 [S] (its new token's position: it attends to keys 0..pos, or the last `window` of them) -> [S, H * D].
 // One task per (sequence, KV head) reads each key row once for the head's whole query group; scores, softmax and
 // the weighted sum in float32, as the batched-matmul path computes them up to the order of additions.
-inline float dotk(const float* a, const float* b, int n) { return dot(a, b, n); }
-inline float dotk(const float* a, const int8_t* b, int n) {
-  float acc[16] = {};
-  int i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * (float)b[i + j];
-  for (int w = 8; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  for (; i < n; ++i) acc[0] += a[i] * (float)b[i];
-  return acc[0];
+
+// a key or value row as float32: a float32 pool row is used in place, an int8 one is converted once into `buf`
+// (not once per query head of the group)
+inline const float* row_f32(const float* r, float*, int) { return r; }
+template <typename T>
+inline const float* row_f32(const T* r, float* buf, int n) {   // int8 codes, bfloat16
+  for (int i = 0; i < n; ++i) buf[i] = (float)r[i];
+  return buf;
+}
+
+// The keys of one (sequence, KV head) task in order: row pointers into the pools and each row's factor (the key's
+// int8 scale times the softmax scale; the value's int8 scale), from one walk of the block table; padded to a multiple
+// of 4 rows (repeating the last row, factor 0) for the 4-key score loop.
+template <typename T>
+struct TaskRows {
+  std::vector<const T*> k, v;
+  std::vector<float> kf, vf;
+  int64_t n = 0;   // rows (keys t0..p)
+  explicit TaskRows(int64_t cap) : k(cap), v(cap), kf(cap), vf(cap) {}
+
+  void fill(const T* kd, const T* vd, const float* ksd, const float* vsd, const int64_t* row, int64_t base0, int64_t t0,
+            int64_t p, int64_t bs, int D, float sc) {
+    int64_t t = 0;
+    for (int64_t b = t0 / bs; b <= p / bs; ++b) {   // block by block: no division per key
+      const int64_t base = base0 + row[b] * bs;
+      const int64_t o0 = b == t0 / bs ? t0 % bs : 0, o1 = b == p / bs ? p % bs + 1 : bs;
+      for (int64_t o = o0; o < o1; ++o, ++t) {
+        k[t] = kd + (base + o) * D;
+        v[t] = vd + (base + o) * D;
+        kf[t] = ksd ? ksd[base + o] * sc : sc;
+        vf[t] = vsd ? vsd[base + o] : 1.f;
+      }
+    }
+    n = t;
+    for (; t % 4; ++t) { k[t] = k[t - 1]; v[t] = v[t - 1]; kf[t] = vf[t] = 0.f; }
+  }
+};
+
+// Each pool block is a separate bs * D run at its own place in the pool (once requests come and go), too short for
+// the hardware prefetcher, so a task's reads are a chain of cache misses. `Ahead` prefetches the rows of the NEXT
+// task (keys and values, into L2) spread over the current task's score loop, so that the misses overlap the current
+// task's arithmetic; the score loop also prefetches its own keys one block ahead into L1.
+template <typename T>
+struct Ahead {
+  const TaskRows<T>* r = nullptr;
+  int64_t i = 0;
+  int lines = 0;
+  void start(const TaskRows<T>* rows, int D) { r = rows; i = 0; lines = (int)((D * sizeof(T) + 63) / 64); }
+  void step(int64_t rows) {   // prefetch the next `rows` rows
+    if (!r) return;
+    for (const int64_t e = std::min(r->n, i + rows); i < e; ++i)
+      for (int l = 0; l < lines; ++l) {
+        _mm_prefetch((const char*)r->k[i] + 64 * l, _MM_HINT_T1);
+        _mm_prefetch((const char*)r->v[i] + 64 * l, _MM_HINT_T1);
+      }
+  }
+  int64_t per(int64_t steps) const { return r ? (r->n + steps - 1) / std::max<int64_t>(steps, 1) : 0; }
+};
+
+template <typename T>
+inline void prefetch_keys(const TaskRows<T>& r, int64_t t, int64_t n, int D) {
+  for (int64_t i = t + 16; i < std::min(t + 16 + n, r.n); ++i)
+    for (size_t off = 0; off < D * sizeof(T); off += 64) _mm_prefetch((const char*)r.k[i] + off, _MM_HINT_T0);
+}
+
+// softmax of each of g score rows (stride ldw), each then multiplied by its value row's factor, so that the value pass
+// is a plain weighted sum
+inline void softmax_rows(float* w, int g, int64_t T_, int64_t ldw, const float* vf) {
+  for (int j = 0; j < g; ++j) {
+    float* wj = w + j * ldw;
+    float mx[16];
+    std::fill(mx, mx + 16, -INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= T_; t += 16)
+      for (int e = 0; e < 16; ++e) mx[e] = std::max(mx[e], wj[t + e]);
+    for (; t < T_; ++t) mx[0] = std::max(mx[0], wj[t]);
+    float m = mx[0];
+    for (int e = 1; e < 16; ++e) m = std::max(m, mx[e]);
+    for (t = 0; t < T_; ++t) wj[t] = exp_le0(wj[t] - m);
+    float acc[16] = {};
+    for (t = 0; t + 16 <= T_; t += 16)
+      for (int e = 0; e < 16; ++e) acc[e] += wj[t + e];
+    for (; t < T_; ++t) acc[0] += wj[t];
+    float sum = 0.f;
+    for (int e = 0; e < 16; ++e) sum += acc[e];
+    const float inv = 1.f / sum;
+    for (t = 0; t < T_; ++t) wj[t] *= inv * vf[t];
+  }
+}
+
+// portable task: any g and D
+template <typename T>
+void pa_task(const float* qs, const TaskRows<T>& r, Ahead<T>& ahead, int g, int D, float* w, int64_t ldw, float* o, float* buf) {
+  const int64_t T_ = r.n, per = ahead.per(T_);
+  for (int64_t t = 0; t < T_; ++t) {
+    prefetch_keys(r, t, 1, D);
+    ahead.step(per);
+    const float* kr = row_f32(r.k[t], buf, D);
+    for (int j = 0; j < g; ++j) w[j * ldw + t] = dot(qs + (size_t)j * D, kr, D) * r.kf[t];
+  }
+  softmax_rows(w, g, T_, ldw, r.vf.data());
+  std::fill(o, o + (size_t)g * D, 0.f);
+  for (int64_t t = 0; t < T_; ++t) {
+    const float* vr = row_f32(r.v[t], buf, D);
+    for (int j = 0; j < g; ++j) {
+      const float pt = w[j * ldw + t];
+      float* oj = o + (size_t)j * D;
+      for (int e = 0; e < D; ++e) oj[e] += pt * vr[e];
+    }
+  }
+}
+
+#ifdef __AVX512F__
+// AVX-512 task for D % 16 == 0 and G <= 6 query heads per KV head: scores of 4 keys at a time for all G heads, the
+// 4 x G accumulators in registers and the 4 horizontal sums of each head folded together (`hsum4`); the value pass
+// keeps one 16-float slice of every head's output in registers. One layer of 64 SmolLM2 sequences (~145 keys each,
+// cache-resident, 2 threads): float32 342 -> 200 us, int8 444 -> 163 us (the portable loop's per-key horizontal sums
+// and its outputs accumulated through memory dominated; int8 rows were converted once per query head).
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+inline __m512 ld16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// [sum of a's lanes, b's, c's, d's]
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));   // 128-bit block i: vector i's partial sums
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), u));
+}
+
+template <typename T, int G>
+void pa_task_avx512(const float* qs, const TaskRows<T>& r, Ahead<T>& ahead, int D, float* w, int64_t ldw, float* o) {
+  const int64_t T_ = r.n, per = ahead.per((T_ + 3) / 4);
+  for (int64_t t = 0; t < T_; t += 4) {
+    prefetch_keys(r, t, 4, D);
+    ahead.step(per);
+    __m512 acc[G][4];
+    for (int j = 0; j < G; ++j)
+      for (int i = 0; i < 4; ++i) acc[j][i] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c += 16) {
+      const __m512 k0 = ld16(r.k[t] + c), k1 = ld16(r.k[t + 1] + c), k2 = ld16(r.k[t + 2] + c), k3 = ld16(r.k[t + 3] + c);
+      for (int j = 0; j < G; ++j) {
+        const __m512 q = _mm512_loadu_ps(qs + (size_t)j * D + c);
+        acc[j][0] = _mm512_fmadd_ps(q, k0, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(q, k1, acc[j][1]);
+        acc[j][2] = _mm512_fmadd_ps(q, k2, acc[j][2]);
+        acc[j][3] = _mm512_fmadd_ps(q, k3, acc[j][3]);
+      }
+    }
+    const __m128 f = _mm_loadu_ps(r.kf.data() + t);
+    for (int j = 0; j < G; ++j) _mm_storeu_ps(w + j * ldw + t, _mm_mul_ps(hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), f));
+  }
+  softmax_rows(w, G, T_, ldw, r.vf.data());
+  for (int c = 0; c < D; c += 16) {
+    __m512 acc[G];
+    for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T_; ++t) {
+      const __m512 v = ld16(r.v[t] + c);
+      for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(w[j * ldw + t]), v, acc[j]);
+    }
+    for (int j = 0; j < G; ++j) _mm512_storeu_ps(o + (size_t)j * D + c, acc[j]);
+  }
 }
 
 template <typename T>
+bool pa_avx512(int g, const float* qs, const TaskRows<T>& r, Ahead<T>& ahead, int D, float* w, int64_t ldw, float* o) {
+  switch (g) {
+    case 1: pa_task_avx512<T, 1>(qs, r, ahead, D, w, ldw, o); return true;
+    case 2: pa_task_avx512<T, 2>(qs, r, ahead, D, w, ldw, o); return true;
+    case 3: pa_task_avx512<T, 3>(qs, r, ahead, D, w, ldw, o); return true;
+    case 4: pa_task_avx512<T, 4>(qs, r, ahead, D, w, ldw, o); return true;
+    case 5: pa_task_avx512<T, 5>(qs, r, ahead, D, w, ldw, o); return true;
+    case 6: pa_task_avx512<T, 6>(qs, r, ahead, D, w, ldw, o); return true;
+    default: return false;
+  }
+}
+#endif
+
+// scd: scratch of S * Hkv * g rows of ldw floats (maxT rounded up to a multiple of 4)
+template <typename T>
 void paged_attention_impl(const float* qd, const T* kd, const T* vd, const float* ksd, const float* vsd, const int64_t* tab,
                           const int64_t* ps, float* od, float* scd, int S, int H, int D, int Hkv, int64_t slots, int64_t nb,
-                          int64_t bs, int64_t window, int64_t maxT, float sc) {
+                          int64_t bs, int64_t window, int64_t ldw, float sc) {
   const int g = H / Hkv;
+#ifdef __AVX512F__
+  const bool simd = path() == 2 && D % 16 == 0;
+#else
+  const bool simd = false;
+#endif
+  const auto fill = [&](TaskRows<T>& r, int64_t it) {
+    const int s = (int)(it / Hkv), kh = (int)(it % Hkv);
+    const int64_t p = ps[s], t0 = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    r.fill(kd, vd, ksd, vsd, tab + (size_t)s * nb, (int64_t)kh * slots, t0, p, bs, D, sc);
+  };
   at::parallel_for(0, (int64_t)S * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> mx(g), inv(g);
+    TaskRows<T> cur(ldw), nxt(ldw);
+    std::vector<float> buf(D);
+    Ahead<T> first;   // the first task's rows: nothing computes while they arrive
+    fill(cur, i0);
+    first.start(&cur, D);
+    first.step(cur.n);
     for (int64_t it = i0; it < i1; ++it) {
+      Ahead<T> ahead;
+      if (it + 1 < i1) {
+        fill(nxt, it + 1);
+        ahead.start(&nxt, D);
+      }
       const int s = (int)(it / Hkv), kh = (int)(it % Hkv);
-      const int64_t p = ps[s], t0 = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, T_ = p + 1 - t0;
       const float* qs = qd + ((size_t)s * H + (size_t)kh * g) * D;
-      float* w = scd + (size_t)it * g * maxT;
-      const int64_t* row = tab + (size_t)s * nb;
-      std::fill(mx.begin(), mx.end(), -INFINITY);
-      // keys t0..p, block by block (no division per key). Each block is a separate bs * D run of the pool, too
-      // short for the hardware prefetcher: every key prefetches the same key of the next block and its own value
-      // row (read after the softmax): 13.6 -> 6.8 ms for 30 layers of 16 sequences' float32 KV blocks read cold
-      // (9 -> 18 GB/s; prefetching two blocks ahead measured no better).
-      for (int64_t b = t0 / bs, t = 0; b <= p / bs; ++b) {
-        const int64_t base = (size_t)kh * slots + row[b] * bs;
-        const int64_t next = b < p / bs ? (size_t)kh * slots + row[b + 1] * bs : -1;
-        const int64_t o0 = b == t0 / bs ? t0 % bs : 0, o1 = b == p / bs ? p % bs + 1 : bs;
-        for (int64_t o = o0; o < o1; ++o, ++t) {
-          const T* kp = kd + (base + o) * D;
-          for (size_t off = 0; off < D * sizeof(T); off += 64) {
-            if (next >= 0) _mm_prefetch((const char*)(kd + (next + o) * D) + off, _MM_HINT_T0);
-            _mm_prefetch((const char*)(vd + (base + o) * D) + off, _MM_HINT_T1);
-          }
-          const float f = ksd ? ksd[base + o] * sc : sc;
-          for (int j = 0; j < g; ++j) {
-            const float x = dotk(qs + (size_t)j * D, kp, D) * f;
-            w[j * maxT + t] = x;
-            mx[j] = std::max(mx[j], x);
-          }
-        }
-      }
-      for (int j = 0; j < g; ++j) {
-        float* wj = w + j * maxT;
-        const float m = mx[j];
-        for (int64_t t = 0; t < T_; ++t) wj[t] = exp_le0(wj[t] - m);
-        float acc[16] = {};
-        int64_t t = 0;
-        for (; t + 16 <= T_; t += 16)
-          for (int e = 0; e < 16; ++e) acc[e] += wj[t + e];
-        for (; t < T_; ++t) acc[0] += wj[t];
-        float sum = 0.f;
-        for (int e = 0; e < 16; ++e) sum += acc[e];
-        inv[j] = 1.f / sum;
-      }
+      float* w = scd + (size_t)it * g * ldw;
       float* o = od + ((size_t)s * H + (size_t)kh * g) * D;
-      std::fill(o, o + (size_t)g * D, 0.f);
-      for (int64_t b = t0 / bs, t = 0; b <= p / bs; ++b) {
-        const int64_t base = (size_t)kh * slots + row[b] * bs;
-        const int64_t o0 = b == t0 / bs ? t0 % bs : 0, o1 = b == p / bs ? p % bs + 1 : bs;
-        for (int64_t oo = o0; oo < o1; ++oo, ++t) {
-          const T* vp = vd + (base + oo) * D;
-          const float f = vsd ? vsd[base + oo] : 1.f;
-          for (int j = 0; j < g; ++j) {
-            const float pt = w[j * maxT + t] * inv[j] * f;
-            float* oj = o + (size_t)j * D;
-            for (int e = 0; e < D; ++e) oj[e] += pt * (float)vp[e];
-          }
-        }
-      }
+#ifdef __AVX512F__
+      if (!(simd && pa_avx512(g, qs, cur, ahead, D, w, ldw, o)))
+#endif
+        pa_task(qs, cur, ahead, g, D, w, ldw, o, buf.data());
+      std::swap(cur, nxt);
     }
   });
 }
@@ -878,10 +1036,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                            const c10::optional<at::Tensor>& vs, const at::Tensor& tables, const at::Tensor& pos,
                            int64_t block_size, int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "paged_attention: q must be contiguous float32 [S, H, D]");
-  const bool i8 = k.scalar_type() == at::kChar;
-  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && (i8 || k.scalar_type() == at::kFloat) && v.scalar_type() == k.scalar_type() &&
-              k.is_contiguous() && v.is_contiguous(), "paged_attention: k and v must be contiguous float32 or int8 [Hkv, slots, D]");
-  TORCH_CHECK(i8 == (ks.has_value() && vs.has_value()), "paged_attention: int8 pools need their scales ks, vs (and float32 pools none)");
+  const auto kt = k.scalar_type();
+  const bool i8 = kt == at::kChar;
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && (i8 || kt == at::kFloat || kt == at::kBFloat16) && v.scalar_type() == kt &&
+              k.is_contiguous() && v.is_contiguous(), "paged_attention: k and v must be contiguous float32, bfloat16 or int8 [Hkv, slots, D]");
+  TORCH_CHECK(i8 == (ks.has_value() && vs.has_value()), "paged_attention: int8 pools need their scales ks, vs (and other pools none)");
   if (i8)
     TORCH_CHECK(ks->scalar_type() == at::kFloat && vs->scalar_type() == at::kFloat && ks->is_contiguous() && vs->is_contiguous() &&
                 ks->numel() == k.size(0) * k.size(1) && vs->numel() == ks->numel(), "paged_attention: scales must be contiguous float32 [Hkv, slots]");
@@ -902,13 +1061,20 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     maxT = std::max(maxT, ps[s] + 1);
   }
   at::Tensor out = at::empty({S, H * D}, q.options());
-  at::Tensor scratch = at::empty({(int64_t)S * Hkv, H / Hkv, maxT}, q.options());
+  const int64_t ldw = (maxT + 3) / 4 * 4;
+  at::Tensor scratch = at::empty({(int64_t)S * Hkv, H / Hkv, ldw}, q.options());
+  float* od = out.data_ptr<float>();
+  float* scd = scratch.data_ptr<float>();
+  const float* qd = q.data_ptr<float>();
   if (i8)
-    paged_attention_impl<int8_t>(q.data_ptr<float>(), k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), ks->data_ptr<float>(), vs->data_ptr<float>(),
-                                 tab, ps, out.data_ptr<float>(), scratch.data_ptr<float>(), S, H, D, Hkv, slots, nb, bs, window, maxT, (float)scale);
+    paged_attention_impl<int8_t>(qd, k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), ks->data_ptr<float>(), vs->data_ptr<float>(),
+                                 tab, ps, od, scd, S, H, D, Hkv, slots, nb, bs, window, ldw, (float)scale);
+  else if (kt == at::kBFloat16)
+    paged_attention_impl<at::BFloat16>(qd, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), nullptr, nullptr,
+                                       tab, ps, od, scd, S, H, D, Hkv, slots, nb, bs, window, ldw, (float)scale);
   else
-    paged_attention_impl<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), nullptr, nullptr,
-                                tab, ps, out.data_ptr<float>(), scratch.data_ptr<float>(), S, H, D, Hkv, slots, nb, bs, window, maxT, (float)scale);
+    paged_attention_impl<float>(qd, k.data_ptr<float>(), v.data_ptr<float>(), nullptr, nullptr,
+                                tab, ps, od, scd, S, H, D, Hkv, slots, nb, bs, window, ldw, (float)scale);
   return out;
 }
 

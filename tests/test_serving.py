@@ -401,6 +401,8 @@ def test_cli_serve_rejects_a_kv_budget_without_a_block(tiny_folder, capsys):
 
     assert main(["serve", str(tiny_folder), "--kv-cache-mb", "0.0001", "--threads", "1"]) == 2
     assert "--kv-cache-mb" in capsys.readouterr().err
+    assert main(["serve", str(tiny_folder), "--speculative", "draft", "--threads", "1"]) == 2
+    assert "--draft-model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kv_dtype,per_token", [("int8", lambda D: D + 4), ("bfloat16", lambda D: 2 * D)])
@@ -447,8 +449,34 @@ def test_prompt_lookup_speculation_in_the_batch_keeps_greedy_outputs(model, tok)
         assert spec.stats.spec_draft_tokens > 0 and spec.stats.spec_accepted_tokens > 0
         assert spec.stats.generation_tokens == plain.stats.generation_tokens
         assert all_free(spec)
-    with pytest.raises(LeanLMError, match="prompt-lookup"):
+    with pytest.raises(LeanLMError, match="prompt-lookup or draft"):
         LLMEngine(model, tok, "fp32", kv_cache_mb=1, speculative="medusa")
+
+
+def test_draft_model_speculation_in_the_batch_keeps_greedy_outputs(model, tok):
+    """A draft model (each sequence drafting through its own cache of the shared draft) in the continuous batch, with
+    preemption: greedy outputs equal plain continuous batching; the target itself as the draft keeps every draft token;
+    every sequence's drafter is dropped when it ends; a draft of another vocabulary, or one without
+    speculative='draft', is refused."""
+    prompts = [ids(tok, p) for p in PROMPTS]
+    reqs = lambda: [(str(i), p, SamplingParams(max_tokens=10, ignore_eos=True)) for i, p in enumerate(prompts)]  # noqa: E731
+    plain = LLMEngine(model, tok, "fp32", kv_cache_mb=1, block_size=4, max_num_batched_tokens=16)
+    want = run(plain, reqs())
+    other = make_llama(vocab_size=len(tok), layers=1)
+    per_block = 2 * 2 * 2 * 4 * 16 * 4
+    for draft, mb in ((model, 1), (other, 1), (other, 16 * per_block / 2**20)):   # few blocks: preemptions
+        spec = LLMEngine(model, tok, "fp32", kv_cache_mb=mb, block_size=4, max_num_batched_tokens=16,
+                         speculative="draft", draft_model=draft, num_draft=3, spec_max_batch=8)
+        assert run(spec, reqs()) == want
+        assert spec.stats.spec_draft_tokens > 0 and all_free(spec) and not spec._drafters
+        if draft is model:
+            assert spec.stats.spec_accepted_tokens == spec.stats.spec_draft_tokens
+    with pytest.raises(LeanLMError, match="vocabulary"):
+        LLMEngine(model, tok, "fp32", speculative="draft", draft_model=make_llama(vocab_size=len(tok) + 8))
+    with pytest.raises(LeanLMError, match="draft model"):
+        LLMEngine(model, tok, "fp32", speculative="draft")
+    with pytest.raises(LeanLMError, match="draft model"):
+        LLMEngine(model, tok, "fp32", draft_model=other)
 
 
 def test_speculation_drafts_only_at_a_small_batch(model, tok):

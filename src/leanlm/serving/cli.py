@@ -24,8 +24,11 @@ def serve_args(sp) -> None:
                          "per MB), or int8 with a scale per token and head (about 3.5x)")
     sp.add_argument("--block-size", type=COUNT, default=16, help="tokens per KV block")
     sp.add_argument("--no-prefix-caching", action="store_true", help="do not share the KV blocks of common prompt prefixes")
-    sp.add_argument("--speculative", choices=["none", "prompt-lookup"], default="none",
-                    help="speculation inside the batch: prompt-lookup drafts for greedy requests, verified in the batch's forward")
+    sp.add_argument("--speculative", choices=["none", "prompt-lookup", "draft"], default="none",
+                    help="speculation inside the batch: prompt-lookup or --draft-model drafts for greedy requests, verified in the "
+                         "batch's forward")
+    sp.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller model with the same tokenizer "
+                    "(a built-in name, folder or file, as MODEL)")
     sp.add_argument("--num-draft", type=COUNT, default=4, help="tokens drafted per sequence and step with --speculative")
     sp.add_argument("--spec-max-batch", type=COUNT, default=2,
                     help="with --speculative: draft only while at most this many sequences run (speculation pays at a small batch)")
@@ -45,13 +48,16 @@ def run_serve(a, load) -> dict:
     model, tok = load(a.model, "float32", a.trust_remote_code)
     if tok is None:
         raise LeanLMError(f"{a.model} has no tokenizer; the server needs one to read prompts")
+    if (a.speculative == "draft") != (a.draft_model is not None):
+        raise LeanLMError("--speculative draft needs --draft-model MODEL, and --draft-model needs --speculative draft")
+    draft = load(a.draft_model, "float32", a.trust_remote_code)[0] if a.draft_model else None
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     max_len = a.max_model_len or (min(2048, ctx) if isinstance(ctx, int) and ctx > 1 else 2048)
     engine = LLMEngine(model, tok, a.weights, group_size=a.group_size, kv_cache_mb=a.kv_cache_mb, block_size=a.block_size,
                        kv_dtype=a.kv_dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                        max_model_len=max_len, prefix_caching=not a.no_prefix_caching,
                        speculative=None if a.speculative == "none" else a.speculative, num_draft=a.num_draft,
-                       spec_max_batch=a.spec_max_batch, dense_rows=a.dense_rows, device=a.device)
+                       spec_max_batch=a.spec_max_batch, dense_rows=a.dense_rows, device=a.device, draft_model=draft)
     del model
     name = a.served_model_name or a.model
     b = engine.blocks

@@ -33,7 +33,8 @@ from ..runtime import kernels
 from ..runtime.layouts import DenseWeight
 from ..runtime.model import Decoder
 from ..runtime.sampling import next_token
-from ..speculative.drafters import PromptLookupDrafter
+from ..runtime.sampling import Sampling
+from ..speculative.drafters import ModelDrafter, PromptLookupDrafter
 from .block_manager import BlockManager
 from .metrics import Stats
 from .scheduler import SamplingParams, Scheduled, Scheduler, Sequence
@@ -266,7 +267,7 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048, prefix_caching: bool = True,
                  kv_dtype: str = "auto", allow_fallback: bool = False, speculative: str | None = None,
                  num_draft: int = 4, spec_max_batch: int = 2, dense_rows: int = 16, device: str = "cpu",
-                 fused_step: bool = True):
+                 fused_step: bool = True, draft_model: nn.Module | None = None):
         if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise LeanLMError(f"max_model_len >= 2, max_num_seqs >= 1 and max_num_batched_tokens >= 1 needed, got "
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
@@ -311,13 +312,25 @@ class LLMEngine:
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.seqs: dict[str, Sequence] = {}
         self.stats = Stats()
-        if speculative not in (None, "prompt-lookup"):
-            raise LeanLMError(f"unknown speculation {speculative!r}; choose prompt-lookup (or none)")
+        if speculative not in (None, "prompt-lookup", "draft"):
+            raise LeanLMError(f"unknown speculation {speculative!r}; choose prompt-lookup or draft (or none)")
+        if (speculative == "draft") != (draft_model is not None):
+            raise LeanLMError("speculative='draft' needs a draft model (CLI: --draft-model), and a draft model needs "
+                              "speculative='draft'")
+        if draft_model is not None:
+            dv = getattr(getattr(draft_model, "config", None), "vocab_size", None)
+            if dv != s.vocab:
+                raise LeanLMError(f"the draft model's vocabulary ({dv}) is not the target's ({s.vocab}); "
+                                  "draft with a model of the same tokenizer")
         if num_draft < 1:
             raise LeanLMError(f"num_draft must be >= 1, got {num_draft}")
         if spec_max_batch < 1:
             raise LeanLMError(f"spec_max_batch must be >= 1, got {spec_max_batch}")
-        self.drafter = PromptLookupDrafter() if speculative else None
+        self.drafter = PromptLookupDrafter() if speculative == "prompt-lookup" else None
+        # a draft model drafts for each sequence through its own KV cache (a `ModelDrafter` around the shared model,
+        # rewound to what the sequence has committed), made when the sequence first drafts, dropped when it ends
+        self.draft_model = draft_model.eval() if draft_model is not None else None
+        self._drafters: dict[str, ModelDrafter] = {}
         self.num_draft, self.spec_max_batch = num_draft, spec_max_batch
 
     # ------------------------------------------------------------------ requests
@@ -359,6 +372,7 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.remove(seq)
+        self._drafters.pop(request_id, None)
         return True
 
     def has_unfinished(self) -> bool:
@@ -369,9 +383,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one iteration
     def _draft(self) -> None:
-        """Prompt-lookup drafts for greedy sequences that are decoding (speculation inside the batch), while at most
-        `spec_max_batch` sequences run: the draft is verified in the same forward as the other sequences' steps; a
-        greedy output is unchanged."""
+        """Drafts (prompt lookup, or the draft model's greedy chain) for greedy sequences that are decoding
+        (speculation inside the batch), while at most `spec_max_batch` sequences run: the draft is verified in the same
+        forward as the other sequences' steps; a greedy output is unchanged."""
         busy = len(self.scheduler.running) > self.spec_max_batch   # drafts pay at a small batch only (docs/serving.md)
         for seq in self.scheduler.running:
             seq.draft = []
@@ -380,12 +394,19 @@ class LLMEngine:
             room = seq.params.max_tokens - len(seq.output) - 1   # the verified step also yields one token of its own
             if seq.params.temperature > 0 or room < 1 or seq.computed != seq.num_tokens - 1:
                 continue
-            d = self.drafter.lookup(torch.tensor(seq.tokens), min(self.num_draft, room))
-            seq.draft = d.tolist()
+            k = min(self.num_draft, room)
+            if self.drafter is not None:
+                seq.draft = self.drafter.lookup(torch.tensor(seq.tokens), k).tolist()
+                continue
+            dr = self._drafters.get(seq.request_id)
+            if dr is None:
+                dr = self._drafters[seq.request_id] = ModelDrafter(self.draft_model)
+                dr.start(torch.tensor([seq.prompt]))
+            seq.draft = dr.propose(torch.tensor([seq.tokens]), k, Sampling())[0][0].tolist()
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        if self.drafter is not None:
+        if self.drafter is not None or self.draft_model is not None:
             self._draft()
         sched = self.scheduler.schedule()
         if not sched:
@@ -497,5 +518,6 @@ class LLMEngine:
         if finished:
             self.seqs.pop(seq.request_id, None)
             self.scheduler.remove(seq)
+            self._drafters.pop(seq.request_id, None)
             self.stats.e2e.observe(now - seq.arrival)
         return RequestOutput(seq.request_id, [tok], delta, finished, seq.finish_reason, len(seq.prompt), len(seq.output))

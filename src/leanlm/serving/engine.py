@@ -32,8 +32,7 @@ from ..core.errors import LeanLMError
 from ..runtime import kernels
 from ..runtime.layouts import DenseWeight
 from ..runtime.model import Decoder
-from ..runtime.sampling import next_token
-from ..runtime.sampling import Sampling
+from ..runtime.sampling import Sampling, next_token
 from ..speculative.drafters import ModelDrafter, PromptLookupDrafter
 from .block_manager import BlockManager
 from .metrics import Stats

@@ -48,8 +48,6 @@ def run_serve(a, load) -> dict:
     model, tok = load(a.model, "float32", a.trust_remote_code)
     if tok is None:
         raise LeanLMError(f"{a.model} has no tokenizer; the server needs one to read prompts")
-    if (a.speculative == "draft") != (a.draft_model is not None):
-        raise LeanLMError("--speculative draft needs --draft-model MODEL, and --draft-model needs --speculative draft")
     draft = load(a.draft_model, "float32", a.trust_remote_code)[0] if a.draft_model else None
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     max_len = a.max_model_len or (min(2048, ctx) if isinstance(ctx, int) and ctx > 1 else 2048)

@@ -272,6 +272,15 @@ class LLMEngine:
                               f"{max_model_len}, {max_num_seqs}, {max_num_batched_tokens}")
         if kv_dtype not in ("auto", *KV_DTYPES):
             raise LeanLMError(f"unknown KV-cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
+        if speculative not in (None, "prompt-lookup", "draft"):
+            raise LeanLMError(f"unknown speculation {speculative!r}; choose prompt-lookup or draft (or none)")
+        if (speculative == "draft") != (draft_model is not None):
+            raise LeanLMError("speculative='draft' needs a draft model (CLI: --draft-model), and a draft model needs "
+                              "speculative='draft'")
+        if num_draft < 1:
+            raise LeanLMError(f"num_draft must be >= 1, got {num_draft}")
+        if spec_max_batch < 1:
+            raise LeanLMError(f"spec_max_batch must be >= 1, got {spec_max_batch}")
         with torch.no_grad():
             self.model = Decoder(model, weights, group_size=group_size, head=head, max_seq_len=max_model_len,
                                  max_batch=1, allow_fallback=allow_fallback).eval()
@@ -311,20 +320,11 @@ class LLMEngine:
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.seqs: dict[str, Sequence] = {}
         self.stats = Stats()
-        if speculative not in (None, "prompt-lookup", "draft"):
-            raise LeanLMError(f"unknown speculation {speculative!r}; choose prompt-lookup or draft (or none)")
-        if (speculative == "draft") != (draft_model is not None):
-            raise LeanLMError("speculative='draft' needs a draft model (CLI: --draft-model), and a draft model needs "
-                              "speculative='draft'")
         if draft_model is not None:
             dv = getattr(getattr(draft_model, "config", None), "vocab_size", None)
             if dv != s.vocab:
                 raise LeanLMError(f"the draft model's vocabulary ({dv}) is not the target's ({s.vocab}); "
                                   "draft with a model of the same tokenizer")
-        if num_draft < 1:
-            raise LeanLMError(f"num_draft must be >= 1, got {num_draft}")
-        if spec_max_batch < 1:
-            raise LeanLMError(f"spec_max_batch must be >= 1, got {spec_max_batch}")
         self.drafter = PromptLookupDrafter() if speculative == "prompt-lookup" else None
         # a draft model drafts for each sequence through its own KV cache (a `ModelDrafter` around the shared model,
         # rewound to what the sequence has committed), made when the sequence first drafts, dropped when it ends

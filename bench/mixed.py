@@ -33,12 +33,10 @@ import leanlm
 from leanlm.core.data import calibration_batches
 from leanlm.evaluation import perplexity
 from leanlm.quantization import QuantConfig, QuantizerConfig, average_bits, mixed_precision
-from leanlm.quantization.mixed import ALGORITHMS
+from leanlm.quantization.mixed import ALGORITHMS, MENU
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "mixed"
-MENU = ("int3_g64", "int4_g64", "int8")
-
 
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.processor())
@@ -66,11 +64,11 @@ def evaluate(cfg: QuantConfig, ids, windows: int) -> dict:
             "perplexity_news": perplexity(model, tok, source="news", max_windows=windows, progress=False).perplexity}
 
 
-def search(ids, budget: float, cost: str, probe: int, sensitivity=None) -> dict:
+def search(ids, budget: float, cost: str, probe: int, menu: tuple[str, ...], algorithm: str, sensitivity=None) -> dict:
     model, _ = leanlm.load("smollm2-135m")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    res = mixed_precision(model, ids[:probe], budget, MENU, cost=cost, progress=False, sensitivity=sensitivity)
+    res = mixed_precision(model, ids[:probe], budget, menu, cost=cost, progress=False, sensitivity=sensitivity, algorithm=algorithm)
     total = time.perf_counter() - t0
     return {"budget": budget, "cost": cost, "probe_tokens": list(ids[:probe].shape), "search_seconds": total, "split_seconds": res.seconds,
             "split_cpu_seconds": res.cpu_seconds, "search_cpu_seconds": sum(res.cpu_seconds.values()),
@@ -82,6 +80,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=4.5)
     ap.add_argument("--algorithm", choices=list(ALGORITHMS), default="awq")
+    ap.add_argument("--menu", default=",".join(MENU), help=f"formats the search chooses from (default {','.join(MENU)})")
+    ap.add_argument("--sensitivity", choices=list(ALGORITHMS), help="the error the search scores: that algorithm's (default: --algorithm's; "
+                    "rtn reproduces the search before session 33)")
     ap.add_argument("--probe", type=int, default=8, help="calibration rows (of 512 tokens) the sensitivity pass reads")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -92,6 +93,8 @@ def main() -> None:
                     "where two threads mostly wait for each other)")
     ap.add_argument("--name", default="mixed", help="results name: bench/results/NAME.md and NAME.json")
     a = ap.parse_args()
+    a.menu = tuple(a.menu.split(","))
+    a.sensitivity = a.sensitivity or a.algorithm
     setup_threads()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -109,13 +112,13 @@ def main() -> None:
         fcache.parent.mkdir(parents=True, exist_ok=True)
         fcache.write_text(json.dumps([base, base_news]))
     print(f"float32 perplexity {base:.4f} (news {base_news:.4f})", flush=True)
-    tag = f"b{a.budget}-p{a.probe}x{a.seq_len}"
+    tag = f"b{a.budget}-p{a.probe}x{a.seq_len}-{'+'.join(a.menu)}-s{a.sensitivity}"
     searches = {}
     for cost in ("bits", "bytes", "latency"):   # bytes and latency re-solve with the bits search's sensitivity (no second pass)
         key = "search" if cost == "bits" else f"search-{cost}"
         if want(key) or (cost == "bits" and want("mixed")):
             sens = searches["bits"]["sensitivity"] if cost != "bits" and "bits" in searches else None
-            s = searches[cost] = cached(f"{key}-{tag}", lambda cost=cost, sens=sens: search(ids, a.budget, cost, a.probe, sens))
+            s = searches[cost] = cached(f"{key}-{tag}", lambda cost=cost, sens=sens: search(ids, a.budget, cost, a.probe, a.menu, a.sensitivity, sens))
             print(f"{key}: {s['search_seconds']:.1f} s {s['split_seconds']} -> {s['choice_counts']}, {s['average_bits']:.3f} bits", flush=True)
     alg = ALGORITHMS[a.algorithm]
     algs = [alg()] if alg else []
@@ -136,7 +139,8 @@ def main() -> None:
 
 
 def report(a, base, base_news, searches, rows) -> None:
-    md = [f"# Mixed-precision search, SmolLM2-135M (budget {a.budget} bits/weight over {' / '.join(MENU)})\n",
+    md = [f"# Mixed-precision search, SmolLM2-135M (budget {a.budget} bits/weight over {' / '.join(a.menu)}; "
+          f"the search scores {a.sensitivity}'s error)\n",
           f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}. Machine load during the run: "
           f"**{a.load}** (times depend on it; perplexities do not).\n",
           "## Search time (diagonal-Fisher sensitivity from one forward + backward, then an exact 0/1 program)\n",
@@ -164,7 +168,7 @@ def report(a, base, base_news, searches, rows) -> None:
         md.append(f"\nThis run departs from the defaults ({a.algorithm} instead of awq, {a.windows} instead of 40 evaluation windows, "
                   f"a {a.probe}-row instead of an 8-row probe) to finish sooner; the full comparison is "
                   "`python bench/mixed.py` on a quiet one.\n")
-    write_results(a.name, {"machine": machine(), "load": a.load, "budget": a.budget, "menu": list(MENU), "algorithm": a.algorithm,
+    write_results(a.name, {"machine": machine(), "load": a.load, "budget": a.budget, "menu": list(a.menu), "sensitivity": a.sensitivity, "algorithm": a.algorithm,
                             "float_perplexity": base, "float_perplexity_news": base_news,
                             "searches": {k: {kk: vv for kk, vv in v.items() if kk != "sensitivity"} for k, v in searches.items()},
                             "rows": rows}, "\n".join(md))

@@ -49,6 +49,21 @@ def test_awq_search_scale_families_never_worse_than_no_scaling():
         alg.awq_search(x, ws, "int4_g32", scales="nope")
 
 
+def test_awq_search_scores_each_weight_in_its_own_format():
+    """A mixed-precision group (one int8 and one int4 weight reading the same input): the loss sums each weight's
+    error in its own format, and the search minimises that sum, not the error of the first weight's format."""
+    x = torch.randn(512, 128, generator=_gen(9)) * (torch.rand(128, generator=_gen(10)) * 10)
+    ws = [torch.randn(64, 128, generator=_gen(11)), torch.randn(32, 128, generator=_gen(12))]
+    fmts = ["int8", "int4_g32"]
+    s = torch.rand(128, generator=_gen(13)) + 0.5
+    assert alg.awq_loss(x, ws, fmts, s) == pytest.approx(alg.awq_loss(x, ws[:1], "int8", s) + alg.awq_loss(x, ws[1:], "int4_g32", s), rel=1e-6)
+    mixed = alg.awq_search(x, ws, fmts, grid=8)
+    first = alg.awq_search(x, ws, "int8", grid=8)   # what a group searched in its first linear's format would get
+    assert alg.awq_loss(x, ws, fmts, mixed) <= alg.awq_loss(x, ws, fmts, first) * (1 + 1e-6)
+    with pytest.raises(ValueError, match="2 weights"):
+        alg.awq_search(x, ws, ["int8"], grid=2)
+
+
 def test_signed_clip_reaches_the_extra_negative_code():
     """A group on an exact -8..7 grid whose largest magnitude is negative: the signed search finds the
     lossless range (max|w| = 8 steps), the plain one cannot (max|w| / 7 per step)."""

@@ -15,7 +15,7 @@ from leanlm.cli import main
 from leanlm.core.errors import LeanLMError
 from leanlm.quantization import mixed_precision, quantize, summary
 from leanlm.quantization.formats import fake_quantize, parse_format
-from leanlm.quantization.mixed import _budget_limit, fisher_sensitivity, format_costs, layer_costs, solve_choice
+from leanlm.quantization.mixed import _budget_limit, fisher_sensitivity, format_costs, format_error, layer_costs, solve_choice
 
 MENU = ("int4_g64", "int8")
 
@@ -62,6 +62,38 @@ def test_fisher_score_is_the_gradient_weighted_output_error(tiny_model):
     assert all(fast[name][f] == pytest.approx(sens[name][f], rel=0.1) for f in MENU)
     assert 0 < sens[name]["int8"] < sens[name]["int4_g64"] / 10
     assert all(p.grad is None or p.requires_grad for p in tiny_model.parameters())
+
+
+def test_awq_sensitivity_scores_the_error_awq_leaves():
+    """With algorithm="awq" the scored dW is the one AWQ's scale and clip search leaves on the layer's inputs:
+    on inputs with outlier channels its output error is below round to nearest's, never above it, and
+    the sensitivity pass scores exactly that dW (checked against autograd on one layer)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g)
+    x[:, :4] *= 30                                   # a few outlier input channels, as LLM activations have
+    w = torch.randn(48, 128, generator=g) * 0.05
+    err = lambda d: float((x @ d.t()).square().sum())  # noqa: E731
+    rtn, awq = format_error(w, x, "int4_g64", "rtn"), format_error(w, x, "int4_g64", "awq")
+    assert torch.equal(rtn, fake_quantize(w, parse_format("int4_g64")) - w)
+    assert err(awq) < 0.8 * err(rtn)
+
+    model = make_llama()
+    ids = _ids()
+    name = "model.layers.1.mlp.down_proj"
+    lin = dict(model.named_modules())[name]
+    sens = fisher_sensitivity(model, ids, {name: lin}, MENU, batch=2, progress=False, dtype="float32", algorithm="awq")
+    got = {}
+    h = lin.register_forward_hook(lambda m, a, y: got.update(x=a[0].detach(), y=y) or y.retain_grad())
+    logits = model(ids, use_cache=False).logits
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    h.remove()
+    xs = got["x"].reshape(-1, lin.in_features)
+    for f in MENU:
+        dw = format_error(lin.weight, xs, f, "awq")
+        want = float((got["y"].grad.square() * (got["x"] @ dw.t()).square()).sum())
+        assert sens[name][f] == pytest.approx(want, rel=1e-4)
+    with pytest.raises(LeanLMError, match="unknown mixed-precision algorithm"):
+        fisher_sensitivity(model, ids, {name: lin}, MENU, progress=False, algorithm="awq2")
 
 
 def test_insensitive_layers_get_the_cheaper_format():

@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheme", help="preset name, e.g. w4a16 (the best measured int4 weight-only algorithm), w4a16-gptq, w8a8-smoothquant, fp8, nvfp4; for a .onnx model: int8-dynamic, int8-static or int4-weight")
     sp.add_argument("--config", help="a JSON QuantConfig (rules + algorithms) instead of --scheme")
     sp.add_argument("--mixed", type=BITS, metavar="BITS", help="mixed precision: average bits per weight budget (then --mixed-algorithm)")
-    sp.add_argument("--menu", default="int3_g64,int4_g64,int8", help="formats the mixed-precision search chooses from")
+    sp.add_argument("--menu", help="comma-separated formats the mixed-precision search chooses from "
+                    "(default: leanlm.quantization.mixed.MENU, listed in docs/quantization.md)")
     sp.add_argument("--cost", choices=["bits", "bytes", "latency"], default="bits", help="mixed precision's cost model: bits per weight "
                     "(default), bytes as the runtime stores them, or measured matmul latency on this machine (docs/quantization.md)")
     sp.add_argument("--mixed-algorithm", choices=["awq", "gptq", "rtn"], default="awq", help="mixed precision: the algorithm that "

@@ -160,7 +160,7 @@ class QuantizeStep(Step):
     scheme: str | None = None
     config: dict | str | None = None
     mixed: float | None = None
-    menu: str = "int3_g64,int4_g64,int8"
+    menu: str | None = None          # comma-separated formats; None: quantization.mixed.MENU
     cost: str = "bits"               # mixed precision's cost model: bits | bytes | latency (quantization/mixed.py)
     mixed_algorithm: str = "awq"     # how the chosen formats are calibrated: awq | gptq | rtn
     kv_cache: str | None = None
@@ -188,8 +188,9 @@ class QuantizeStep(Step):
             raise LeanLMError(f"unknown mixed-precision cost {self.cost!r}; choose one of: {', '.join(COSTS)}")
         if self.mixed_algorithm not in ALGORITHMS:
             raise LeanLMError(f"unknown mixed-precision algorithm {self.mixed_algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
-        if self.mixed is None and (self.cost != "bits" or self.mixed_algorithm != "awq"):
-            raise LeanLMError("cost and mixed_algorithm (--cost, --mixed-algorithm) apply to mixed precision; add mixed (--mixed BITS) or drop them")
+        if self.mixed is None and (self.menu is not None or self.cost != "bits" or self.mixed_algorithm != "awq"):
+            raise LeanLMError("menu, cost and mixed_algorithm (--menu, --cost, --mixed-algorithm) apply to mixed precision; add mixed "
+                              "(--mixed BITS) or drop them")
         if (self.scheme is not None) + (self.config is not None) + (self.mixed is not None) != 1:
             raise LeanLMError(f"pass exactly one of scheme ({', '.join(PRESETS)}), config (a QuantConfig) or mixed (bits per weight)")
         _check_offload(self, "mixed precision measures every layer's sensitivity on the whole model: run it once without "
@@ -242,6 +243,7 @@ class QuantizeStep(Step):
     def run(self, s: ModelState, ctx: Context) -> dict:
         from .core.data import calibration_batches
         from .quantization import average_bits, mixed_config, quantize
+        from .quantization.mixed import MENU
 
         r: dict = {}
         if self.eval:
@@ -249,7 +251,7 @@ class QuantizeStep(Step):
 
             r["perplexity_float"] = perplexity(s.model, s.tokenizer, progress=ctx.progress).perplexity
         if self.mixed is not None:
-            cfg, r["mixed"] = mixed_config(s.model, s.tokenizer, self.mixed, tuple(self.menu.split(",")), self.calib, ctx.progress,
+            cfg, r["mixed"] = mixed_config(s.model, s.tokenizer, self.mixed, tuple(self.menu.split(",")) if self.menu else MENU, self.calib, ctx.progress,
                                            cost=self.cost, algorithm=self.mixed_algorithm, samples=min(self.samples, 8), seq_len=self.seq_len)
             cfg.calib_samples, cfg.calib_seq_len = self.samples, self.seq_len
         else:

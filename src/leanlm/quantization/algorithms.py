@@ -750,20 +750,20 @@ def _awq_scales(mean_abs: torch.Tensor, alpha: float, w_mean: torch.Tensor | Non
     return s / (s.max() * s.min()).sqrt()
 
 
-def _weight_mean(weights: Sequence[torch.Tensor], fmt: QFormat) -> torch.Tensor:
+def _weight_mean(weights: Sequence[torch.Tensor], fmts: Sequence[QFormat]) -> torch.Tensor:
     """Mean over output rows of |w| / (max |w| of its scale cell), per input channel [in]."""
     parts = []
-    for w in weights:
+    for w, fmt in zip(weights, fmts):
         v = _cells(w.detach().float(), fmt).abs()
         v = v / (v.amax(dim=-1, keepdim=True) if fmt.granularity != "tensor" else v.amax()).clamp(min=1e-12)
         parts.append(v.reshape(w.shape[0], -1))
     return torch.cat(parts).mean(dim=0)
 
 
-def _awq_err(G: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat, s: torch.Tensor | None,
+def _awq_err(G: torch.Tensor, weights: Sequence[torch.Tensor], fmts: Sequence[QFormat], s: torch.Tensor | None,
              weight_method: str) -> float:
     tot = 0.0
-    for w in weights:
+    for w, fmt in zip(weights, fmts):
         w = w.detach().float()
         ws = w if s is None else w * s
         wq = fake_quantize(ws, fmt, weight_qparams(ws, fmt, weight_method))
@@ -778,10 +778,18 @@ def awq_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], fmt: QFormat | st
              weight_method: str = "max", batch_out: int | None = None) -> float:
     """``sum_i ||x W_i^T - (x / s) Q(W_i * s)^T||^2 / n`` (``s=None``: no scaling, i.e. plain RTN),
     computed as ``trace(D G D^T) / n`` with the Gram matrix ``G = x^T x`` (``batch_out`` is unused)."""
-    fmt = parse_format(fmt)
     dev = weights[0].device
     x = x.detach().reshape(-1, x.shape[-1]).to(dev).float()
-    return _awq_err(_gram(x), weights, fmt, s, weight_method) / x.shape[0]
+    return _awq_err(_gram(x), weights, _formats(fmt, weights), s, weight_method) / x.shape[0]
+
+
+def _formats(fmt, weights: Sequence[torch.Tensor]) -> list[QFormat]:
+    """One format per weight: `fmt` is one format for all, or a sequence of one per weight (mixed precision)."""
+    if isinstance(fmt, (list, tuple)):
+        if len(fmt) != len(weights):
+            raise ValueError(f"{len(fmt)} formats for {len(weights)} weights")
+        return [parse_format(f) for f in fmt]
+    return [parse_format(fmt)] * len(weights)
 
 
 AWQ_SCALES = ("x", "duo", "both")
@@ -810,6 +818,8 @@ def awq_search(
     ``scales="duo"`` uses ``m**alpha / w**(1 - alpha)`` instead, with ``w`` the mean over output
     rows of |W| relative to its scale cell's max (the "duo scaling" of the AutoAWQ implementation);
     ``"both"`` searches both families (s = 1 plus 2 x (grid - 1) candidates) and keeps the best.
+    ``fmt``: one format for every weight, or a sequence of one per weight (a mixed-precision group
+    whose linears have different formats: each one's error is its own format's).
 
     ``x``: sampled inputs [..., in] (at most ``n_samples_max`` rows are used, evenly strided);
     ``weights``: the linears reading x, each [out_i, in]. Returns float32 s [in] on the weights'
@@ -817,9 +827,9 @@ def awq_search(
     computed once: each candidate costs ``out x in x in`` flops whatever the number of samples
     (``batch_out`` is unused).
     """
-    fmt = parse_format(fmt)
     if not weights:
         raise ValueError("awq_search needs at least one weight")
+    fmts = _formats(fmt, weights)
     if scales not in AWQ_SCALES:
         raise ValueError(f"unknown AWQ scale family {scales!r}; valid: {', '.join(AWQ_SCALES)}")
     dev = weights[0].device
@@ -831,13 +841,13 @@ def awq_search(
     if mean_abs is None:
         raise ValueError("awq_search needs at least one sample")
     G = _gram(_prep_x(x, in_f, dev, n_samples_max))
-    wm = None if scales == "x" else _weight_mean(weights, fmt)
+    wm = None if scales == "x" else _weight_mean(weights, fmts)
     fams = {"x": [None], "duo": [wm], "both": [None, wm]}[scales]
-    best_err, best_s = _awq_err(G, weights, fmt, None, weight_method), torch.ones(in_f, device=dev)
+    best_err, best_s = _awq_err(G, weights, fmts, None, weight_method), torch.ones(in_f, device=dev)
     for w_mean in fams:
         for i in range(1 if w_mean is None else 0, grid):  # (x family, alpha = 0: s = 1, the starting point)
             s = _awq_scales(mean_abs, i / grid, w_mean)
-            err = _awq_err(G, weights, fmt, s, weight_method)
+            err = _awq_err(G, weights, fmts, s, weight_method)
             if err < best_err:
                 best_err, best_s = err, s
     return best_s

@@ -100,9 +100,9 @@ def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
     for i, mp in enumerate(maps):
         trim_heap(collect=False)   # as before each GPTQ solve: without it the searches' freed temporaries fragment the heap and
         # a late block of the 1.52B model held 0.4 GB more than its start (measured; --max-memory counts the peak)
-        fmt = next(_weight_quantizer(m).fmt for m in mp.linears if _weight_quantizer(m))
-        s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in mp.linears], fmt, grid=a.grid,
-                           n_samples_max=a.samples, scales=a.scales)
+        quant = [m for m in mp.linears if _weight_quantizer(m)]   # an unquantized linear's output does not change with s
+        s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in quant], [_weight_quantizer(m).fmt for m in quant],
+                           grid=a.grid, n_samples_max=a.samples, scales=a.scales)
         _apply_scales(mp, s)
     if a.clip:
         lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}

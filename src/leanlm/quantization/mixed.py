@@ -3,7 +3,10 @@
 Sensitivity is a second-order estimate of the calibration loss increase when only layer l is quantized
 to format f: with y = x W^T the layer's output and g = dL/dy its gradient (next-token loss on the
 calibration text), s(l, f) = sum over tokens and output channels of g^2 * (x dW_f^T)^2, where
-dW_f = round-to-nearest(W, f) - W. This is the diagonal Fisher of the loss in the layer's output space
+dW_f = Q_f(W) - W is the error the calibration algorithm will leave: round to nearest for rtn and gptq, and
+for awq the layer's own AWQ scale and clipping search (on its first probe rows, a coarser grid) before
+rounding. AWQ shrinks int4's error most where activations have outliers, so scoring it by round to nearest
+spends the budget's int8 layers where AWQ would have fixed int4 anyway (measured: bench/results/mixed_awq*.md). This is the diagonal Fisher of the loss in the layer's output space
 (the empirical Fisher approximates the loss Hessian; HAWQ, Dong et al. 2019, uses the Hessian the same
 way, and SqueezeLLM, Kim et al. 2023, the Fisher diagonal). One forward and one backward of the model
 give every g; each format costs one extra matmul per layer, so the whole search costs a few forwards
@@ -30,10 +33,13 @@ from tqdm.auto import tqdm
 
 from ..core.errors import LeanLMError
 from .config import AWQ, GPTQ, QuantConfig, QuantizerConfig
+from . import algorithms as alg
 from .formats import fake_quantize, parse_format
 
 COSTS = ("bits", "bytes", "latency")
 ALGORITHMS = {"awq": AWQ, "gptq": GPTQ, "rtn": None}
+MENU = ("int3_g64", "int4_g64", "int4_g32", "int8")
+SENSITIVITY_AWQ = AWQ(grid=10, clip_grid=10, samples=512, clip_samples=512)  # the estimate's AWQ: half the grid, one probe row
 DENSE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -142,13 +148,34 @@ def _linears(model: nn.Module, include: str, exclude: tuple[str, ...]) -> dict[s
             and not any(fnmatch.fnmatchcase(n, e) for e in exclude)}
 
 
+@torch.no_grad()
+def format_error(w: torch.Tensor, x: torch.Tensor, fmt, algorithm: str = "rtn") -> torch.Tensor:
+    """Q(W) - W for `w` [out, in] in `fmt`: round to nearest (`rtn`, and `gptq`, whose error feedback the
+    estimate does not model), or after AWQ's scale and clip search on inputs `x` [n, in] (`awq`, with
+    `SENSITIVITY_AWQ`'s grids; the scale is searched per layer, where AWQ shares it between the layers
+    reading one input)."""
+    fmt = parse_format(fmt)
+    w = w.detach().float()
+    if algorithm != "awq":
+        return fake_quantize(w, fmt) - w
+    a = SENSITIVITY_AWQ
+    s = alg.awq_search(x, [w], fmt, grid=a.grid, n_samples_max=a.samples)
+    ws = w * s
+    amax = alg.awq_clip(x, ws, fmt, grid=a.clip_grid, n_samples_max=a.clip_samples)
+    return fake_quantize(ws, fmt, alg.weight_qparams(ws, fmt, "max", amax=amax)) / s - w
+
+
 def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, lins: dict[str, nn.Linear], menu: tuple[str, ...],
-                       batch: int = 1, progress: bool = True, dtype: str = "bfloat16") -> dict[str, dict[str, float]]:
+                       batch: int = 1, progress: bool = True, dtype: str = "bfloat16",
+                       algorithm: str = "rtn") -> dict[str, dict[str, float]]:
     """s[layer][format] = sum over calibration tokens of (dL/dy)^2 * (x dW^T)^2: the diagonal-Fisher estimate
     of the next-token loss increase when only that layer is rounded to that format. One forward and one
     backward per mini-batch of `batch` rows of `calib_ids` [N, L]; the parameters get no gradients.
     `dtype` bfloat16 (default) runs the forward, backward and the dW products under bfloat16 autocast (about
-    3x faster on CPUs with bfloat16 matmuls; a sensitivity ranking needs no more precision), float32 exactly."""
+    3x faster on CPUs with bfloat16 matmuls; a sensitivity ranking needs no more precision), float32 exactly.
+    `algorithm` (rtn, awq, gptq) sets dW: see `format_error`; awq's search reads each layer's first mini-batch."""
+    if algorithm not in ALGORITHMS:
+        raise LeanLMError(f"unknown mixed-precision algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
     if dtype not in ("bfloat16", "float32"):
         raise LeanLMError(f"unknown sensitivity dtype {dtype!r}; choose bfloat16 or float32")
     dt = getattr(torch, dtype)
@@ -160,6 +187,10 @@ def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, lins: dict[str
     def fwd(n):
         def hook(mod, args, out):
             stash[n] = args[0].detach()
+            if n not in delta:   # dW per format, computed once (from the first mini-batch) for all of them
+                x = stash[n].float().reshape(-1, lins[n].in_features)
+                with torch.autocast(x.device.type, enabled=False):
+                    delta[n] = [format_error(lins[n].weight, x, f, algorithm).to(dt) for f in fmts]
             if out.requires_grad:
                 out.register_hook(lambda g, n=n: _score(n, g))
         return hook
@@ -167,9 +198,6 @@ def fisher_sensitivity(model: nn.Module, calib_ids: torch.Tensor, lins: dict[str
     def _score(n, g):
         x = stash.pop(n).to(dt).reshape(-1, lins[n].in_features)
         g2 = g.detach().float().reshape(-1, lins[n].out_features).square()
-        if n not in delta:   # dW per format, computed once for all mini-batches
-            w = lins[n].weight.detach().float()
-            delta[n] = [(fake_quantize(w, f) - w).to(dt) for f in fmts]
         for f, dw in zip(menu, delta[n]):
             sens[n][f] += float((g2 * (x @ dw.t()).float().square()).sum())
 
@@ -244,7 +272,7 @@ def mixed_precision(
     model: nn.Module,
     calib_ids: torch.Tensor,
     budget: float,
-    menu: tuple[str, ...] = ("int3_g64", "int4_g64", "int8"),
+    menu: tuple[str, ...] = MENU,
     include: str = "*",
     exclude: tuple[str, ...] = ("*lm_head*",),
     cost: str = "bits",
@@ -252,10 +280,12 @@ def mixed_precision(
     batch: int = 1,
     dtype: str = "bfloat16",
     sensitivity: dict[str, dict[str, float]] | None = None,
+    algorithm: str = "rtn",
 ) -> MixedPrecisionResult:
     """Score every layer in every menu format on `calib_ids` ([N, L] tokens) and choose formats within `budget`:
     bits per weight (`cost` bits or bytes) or a bits-equivalent time budget (`cost` latency; see `_budget_limit`).
-    `sensitivity` (a previous result's) skips the measurement: re-solve under another budget or cost model."""
+    `sensitivity` (a previous result's) skips the measurement: re-solve under another budget or cost model.
+    `algorithm`: the calibration algorithm that will quantize the choice (sets the error scored, `format_error`)."""
     if cost not in COSTS:
         raise LeanLMError(f"unknown cost {cost!r}; choose one of: {', '.join(COSTS)}")
     menu = tuple(parse_format(f).name for f in menu)
@@ -277,7 +307,7 @@ def mixed_precision(
         raise LeanLMError(f"budget {budget} bits/weight is below the cheapest menu choice (about {low:.3f} by {cost}); raise it or add a smaller format")
     if sensitivity is not None and any(set(sensitivity.get(n, {})) != set(menu) for n in lins):
         raise LeanLMError("the given sensitivity does not cover every layer and menu format of this search; measure it again")
-    sens = sensitivity if sensitivity is not None else fisher_sensitivity(model, calib_ids, lins, menu, batch, progress, dtype)
+    sens = sensitivity if sensitivity is not None else fisher_sensitivity(model, calib_ids, lins, menu, batch, progress, dtype, algorithm)
     t2, c2 = time.perf_counter(), time.process_time()
     choice = solve_choice(sens, costs, limit)
     t3, c3 = time.perf_counter(), time.process_time()
@@ -289,7 +319,7 @@ def mixed_precision(
                                 {"costs": c1 - c0, "sensitivity": c2 - c1, "solve": c3 - c2})
 
 
-def mixed_config(model: nn.Module, tokenizer, budget: float, menu: tuple[str, ...] = ("int3_g64", "int4_g64", "int8"),
+def mixed_config(model: nn.Module, tokenizer, budget: float, menu: tuple[str, ...] = MENU,
                  calib: str = "wiki", progress: bool = True, cost: str = "bits", algorithm: str = "awq",
                  samples: int = 8, seq_len: int = 512) -> tuple[QuantConfig, dict]:
     """The mixed-precision QuantConfig (per-layer formats within `budget`, then `algorithm`: awq, gptq or rtn;
@@ -299,7 +329,7 @@ def mixed_config(model: nn.Module, tokenizer, budget: float, menu: tuple[str, ..
     if algorithm not in ALGORITHMS:
         raise LeanLMError(f"unknown mixed-precision algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
     probe = calibration_batches(tokenizer, samples, seq_len, calib)
-    res = mixed_precision(model, probe, budget, tuple(menu), cost=cost, progress=progress)
+    res = mixed_precision(model, probe, budget, tuple(menu), cost=cost, progress=progress, algorithm=algorithm)
     info = {"budget": budget, "cost": cost, "algorithm": algorithm, "average_bits": res.average_bits, "spent": res.spent,
             "limit": res.limit, "choice": res.choice, "search_seconds": res.seconds, "sensitivity": res.sensitivity}
     alg = ALGORITHMS[algorithm]

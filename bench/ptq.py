@@ -64,6 +64,7 @@ VARIANTS = {
     "awq signed clip + autoround": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=False)]),
     "awq + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(), AutoRound(float_targets=True)]),
     "autoround (quantized-stream targets)": lambda: QuantConfig(G64, [AutoRound(float_targets=False)]),
+    "w4a16-autoround (bfloat16 training)": lambda: QuantConfig(G64, [AutoRound(train_dtype="bfloat16")]),
     "awq signed clip + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=True)]),
 }
 

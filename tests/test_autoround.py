@@ -28,15 +28,15 @@ def _layer0_outputs(model, ids) -> torch.Tensor:
     return got[0]
 
 
-@pytest.mark.parametrize("fmt", ["int4_g32", "int3_g32_asym"])
-def test_autoround_lowers_layer_output_error_below_rtn(fmt):
+@pytest.mark.parametrize("fmt,train_dtype", [("int4_g32", "float32"), ("int3_g32_asym", "float32"), ("int4_g32", "bfloat16")])
+def test_autoround_lowers_layer_output_error_below_rtn(fmt, train_dtype):
     model = make_llama(vocab_size=300, hidden=64, layers=2, intermediate=128)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 300, (16, 32), generator=g)
     held = torch.randint(0, 300, (8, 32), generator=g)
     rtn, ar = copy.deepcopy(model), copy.deepcopy(model)
     quantize(rtn, _cfg(fmt), ids, progress=False)
-    quantize(ar, _cfg(fmt, AutoRound(iters=60, batch=4)), ids, progress=False)
+    quantize(ar, _cfg(fmt, AutoRound(iters=60, batch=4, train_dtype=train_dtype)), ids, progress=False)
     for x in (ids, held):
         ref = _layer0_outputs(model, x)
         e_rtn = (_layer0_outputs(rtn, x) - ref).pow(2).mean().item()
@@ -52,7 +52,8 @@ def test_autoround_config_round_trip_and_bad_settings():
     cfg = _cfg("int4_g32", AutoRound(iters=7, batch=3))
     back = QuantConfig.from_dict(cfg.to_dict())
     assert back.algorithms == [AutoRound(iters=7, batch=3)]
-    for bad in ({"iters": 0}, {"batch": 0}, {"lr": -1.0}, {"min_clip": 0.0}):
+    assert QuantConfig.from_dict(_cfg("int4_g32", AutoRound(train_dtype="bfloat16")).to_dict()).algorithms[0].train_dtype == "bfloat16"
+    for bad in ({"iters": 0}, {"batch": 0}, {"lr": -1.0}, {"min_clip": 0.0}, {"train_dtype": "float16"}):
         with pytest.raises(LeanLMError, match="AutoRound"):
             AutoRound(**bad)
     model = make_llama(vocab_size=300)

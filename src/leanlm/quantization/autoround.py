@@ -188,7 +188,8 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
     lr0 = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
     best_loss, best, first_loss = float("inf"), None, None
     try:
-        with torch.enable_grad(), _acts(layer, ste=True):
+        with torch.enable_grad(), _acts(layer, ste=True), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                                           enabled=cfg.train_dtype == "bfloat16"):
             for it in range(cfg.iters):
                 idx = torch.randperm(n_rows, generator=gen)[:bs].to(dev)
                 weights = {f"{n}.weight": rp() for n, rp in params.items()}

@@ -148,6 +148,9 @@ class AutoRound:
     stream of hidden states kept beside the quantized one, as the reference implementation does), so
     a layer also corrects the error the layers before it left; off: the float layer's outputs on its
     own (quantized-stream) inputs. Measured on SmolLM2-135M (docs/quantization.md, "AutoRound").
+    ``train_dtype="bfloat16"`` runs the signed-gradient steps (forward and backward) under bfloat16
+    autocast, as the reference implementation does on CPUs by default; the targets, the offsets and
+    clip factors, and the stored weights stay float32. Off by default: never less exact unless asked.
     """
 
     iters: int = 50
@@ -157,8 +160,11 @@ class AutoRound:
     min_clip: float = 0.5
     seed: int = 0
     float_targets: bool = True
+    train_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.train_dtype not in ("float32", "bfloat16"):
+            raise LeanLMError(f"AutoRound train_dtype must be 'float32' or 'bfloat16', got {self.train_dtype!r}")
         if self.iters < 1 or self.batch < 1:
             raise LeanLMError(f"AutoRound needs iters >= 1 and batch >= 1, got iters={self.iters}, batch={self.batch}")
         if self.lr is not None and not self.lr > 0:

@@ -6,7 +6,8 @@ calibration text), s(l, f) = sum over tokens and output channels of g^2 * (x dW_
 dW_f = Q_f(W) - W is the error the calibration algorithm will leave: round to nearest for rtn and gptq, and
 for awq the layer's own AWQ scale and clipping search (on its first probe rows, a coarser grid) before
 rounding. AWQ shrinks int4's error most where activations have outliers, so scoring it by round to nearest
-spends the budget's int8 layers where AWQ would have fixed int4 anyway (measured: bench/results/mixed_awq*.md). This is the diagonal Fisher of the loss in the layer's output space
+spends the budget's int8 layers where AWQ would have fixed int4 anyway (bench/results/mixed_awq*.md).
+This is the diagonal Fisher of the loss in the layer's output space
 (the empirical Fisher approximates the loss Hessian; HAWQ, Dong et al. 2019, uses the Hessian the same
 way, and SqueezeLLM, Kim et al. 2023, the Fisher diagonal). One forward and one backward of the model
 give every g; each format costs one extra matmul per layer, so the whole search costs a few forwards
@@ -32,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import LeanLMError
-from .config import AWQ, GPTQ, QuantConfig, QuantizerConfig
 from . import algorithms as alg
+from .config import AWQ, GPTQ, QuantConfig, QuantizerConfig
 from .formats import fake_quantize, parse_format
 
 COSTS = ("bits", "bytes", "latency")

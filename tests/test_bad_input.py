@@ -627,7 +627,6 @@ MIXED = [
     (["quantize", "MODEL", "--mixed", "4.5", "--mixed-algorithm", "hqq", "--out", "OUT"], "argument --mixed-algorithm: invalid choice: 'hqq'"),
     (["quantize", "MODEL", "--scheme", "w8a16", "--cost", "latency", "--out", "OUT"], "apply to mixed precision"),
     (["quantize", "MODEL", "--scheme", "w8a16", "--mixed-algorithm", "gptq", "--out", "OUT"], "apply to mixed precision"),
-    (["quantize", "MODEL", "--scheme", "w8a16", "--menu", "int4_g64,int8", "--out", "OUT"], "apply to mixed precision"),
     (["quantize", "MODEL", "--mixed", "2", "--menu", "int4_g64,int8", "--out", "OUT"], "below the cheapest menu choice"),
     (["quantize", "MODEL", "--mixed", "5", "--menu", "int4_g64,int4_g64", "--out", "OUT"], "names a format twice"),
     (["quantize", "MODEL", "--mixed", "5", "--menu", "int4_g48,int8", "--out", "OUT"], "multiple of 48"),

@@ -188,9 +188,8 @@ class QuantizeStep(Step):
             raise LeanLMError(f"unknown mixed-precision cost {self.cost!r}; choose one of: {', '.join(COSTS)}")
         if self.mixed_algorithm not in ALGORITHMS:
             raise LeanLMError(f"unknown mixed-precision algorithm {self.mixed_algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
-        if self.mixed is None and (self.menu is not None or self.cost != "bits" or self.mixed_algorithm != "awq"):
-            raise LeanLMError("menu, cost and mixed_algorithm (--menu, --cost, --mixed-algorithm) apply to mixed precision; add mixed "
-                              "(--mixed BITS) or drop them")
+        if self.mixed is None and (self.cost != "bits" or self.mixed_algorithm != "awq"):
+            raise LeanLMError("cost and mixed_algorithm (--cost, --mixed-algorithm) apply to mixed precision; add mixed (--mixed BITS) or drop them")
         if (self.scheme is not None) + (self.config is not None) + (self.mixed is not None) != 1:
             raise LeanLMError(f"pass exactly one of scheme ({', '.join(PRESETS)}), config (a QuantConfig) or mixed (bits per weight)")
         _check_offload(self, "mixed precision measures every layer's sensitivity on the whole model: run it once without "

@@ -12,7 +12,8 @@ Rows (all in one process, timed interleaved A B A B ..., median of --runs after 
   transformers' own generate; leanlm prompt lookup and draft-model speculation (shallow distilled
   draft, int4 copy of the target); and transformers' assisted generation with
   the same shallow draft (assistant_model=) and with prompt lookup (prompt_lookup_num_tokens=); an EAGLE-1 head
-(`--eagle DIR`, built by `leanlm draft MODEL --method eagle`), chain of k drafts.
+(`--eagle DIR`, built by `leanlm draft MODEL --method eagle`): chains of k drafts (`eagle`, `eagle-adaptive`) and its
+static tree (`eagle-tree`: the tree measured when the head was trained, else the default shape).
 `--target-weights int4` makes the target the packed int4 runtime model (plain = int4 decoding; the EAGLE head
 trained on the float model drafts for it).
 Every row's output is checked token for token against plain greedy decoding, in every run. Each task also reports how
@@ -102,7 +103,7 @@ def write(a, model, nl, draft_info, draft_log, tasks, eagle_info=None):
     md = [f"# Speculative decoding, {a.model} ({tw} target), batch 1, greedy, {a.new_tokens} new tokens\n\n"
           f"Target and drafts run through {eng}; 'plain' is greedy decoding of the same target through the same engine.\n\n"
           f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']} "
-          f"(shared with other jobs: only the ratios are meaningful). Median of {a.runs} interleaved runs after a warm-up; "
+          f"(each task states the machine's load average during its runs; this benchmark alone loads it to about 2). Median of {a.runs} interleaved runs after a warm-up; "
           f"each run generates for {a.prompts} prompts per task. Speedups are end-to-end (prefill included) time ratios. "
           f"'identical' = every output of every run equals plain greedy decoding token for token.\n"]
     if draft_log is not None or "built" in draft_info or "loaded" in draft_info:
@@ -112,7 +113,7 @@ def write(a, model, nl, draft_info, draft_log, tasks, eagle_info=None):
         e = eagle_info
         md.append(f"EAGLE head: {e['path']}: {e['head_bytes'] / 1e6:.1f} MB on disk = {e['head_bytes'] / e['target_bytes']:.1%} of the "
                   f"float32 target's {e['target_bytes'] / 1e6:.0f} MB (the draft vocabulary's head rows and the embedding are the "
-                  f"target's, not stored); trained in {e['log'].get('total_seconds', 0) / 60:.1f} min wall on this loaded machine "
+                  f"target's, not stored); trained in {e['log'].get('total_seconds', 0) / 60:.1f} min wall "
                   f"(text generation {e['log'].get('generation_seconds', 0) / 60:.1f} min, {e['log'].get('steps')} steps); "
                   f"draft vocabulary {e['log'].get('draft_vocab')}. Draft cost per round: the head's seconds per round over the "
                   "target's seconds per verification round.\n")
@@ -150,7 +151,7 @@ def main() -> None:
     ap.add_argument("--eagle", default=None, help="EAGLE head folder (default: the leanlm cache's drafts/MODEL-eagle, if there)")
     ap.add_argument("--eagle-k", type=int, default=4, help="chain length of the EAGLE rows")
     ap.add_argument("--target-weights", choices=["fp32", "int4"], default="fp32", help="the target: float32 or packed int4 runtime")
-    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft,eagle,eagle-adaptive"
+    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft,eagle,eagle-adaptive,eagle-tree"
     ap.add_argument("--quote-rows", default=rows, help=f"rows timed on the summarise/quote task (of {rows})")
     ap.add_argument("--continuation-rows", default=rows, help="rows timed on the continuation task")
     ap.add_argument("--k", type=int, default=4, help="fixed k of the draft-model rows")
@@ -208,8 +209,10 @@ def main() -> None:
     else:
         target, draft_step, qdraft_step = HFStepModel(model), draft, qdraft
 
-    def spec(drafter, k):
+    def spec(drafter, k, tree=None):
         def run(ids, n):
+            if tree is not None:
+                return speculative_generate(target, drafter, ids, n, tree=tree)
             kk = AdaptiveK(k_max=int(k)) if isinstance(k, str) else k
             return speculative_generate(target, drafter, ids, n, k=kk)
         return run
@@ -232,6 +235,9 @@ def main() -> None:
 
         methods["eagle"] = (f"EAGLE-1 head, k={a.eagle_k}", spec(EagleDrafter(eagle_head), a.eagle_k))
         methods["eagle-adaptive"] = ("EAGLE-1 head, adaptive k<=8", spec(EagleDrafter(eagle_head), "8"))
+        paths = eagle_head.leanlm_draft.get("tree")   # the tree measured at training (train_eagle), else the default shape
+        shape = f"measured tree, {len(paths)} drafts" if paths else "default tree"
+        methods["eagle-tree"] = (f"EAGLE-1 head, {shape}", spec(EagleDrafter(eagle_head), None, paths or "default"))
     wanted = {"quote": a.quote_rows.split(","), "continuation": a.continuation_rows.split(",")}
     wanted["chat"] = wanted["quote-only"] = wanted["quote"]
     for task, keys in wanted.items():

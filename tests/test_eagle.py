@@ -148,3 +148,25 @@ def test_zero_budget_is_an_error(setup):
     for bad in ("0", "0m", 0):
         with pytest.raises(LeanLMError, match="must be positive"):
             _train(model, tok, data, bad)
+
+
+def test_corpus_features_are_the_targets_own_and_join_after_the_generated_text(setup):
+    """The calibration corpus adds positions: windows of corpus tokens with the target's final-norm features (as its
+    own forward computes them), numbered as sequences after the generated text, so no training pair crosses them."""
+    from leanlm.core.data import calibration_texts, join_and_tokenize
+    from leanlm.speculative.eagle import _hidden_of, _join, corpus_features
+
+    model, tok, data = setup
+    c = corpus_features(model, tok, max_tokens=40, seq_len=16, batch=2, progress=False)
+    assert c["tokens"].shape == (32,) and c["feats"].shape == (32, model.config.hidden_size)
+    assert torch.equal(c["seq"], torch.arange(2).repeat_interleave(16))
+    ids = join_and_tokenize(tok, calibration_texts("wiki"))[:32]
+    assert torch.equal(c["tokens"], ids)
+    torch.testing.assert_close(c["feats"].float(), _hidden_of(model, ids.view(2, 16)).reshape(32, -1), atol=0.02, rtol=0.01)
+    both = _join(data, c)
+    n = data["tokens"].numel()
+    assert torch.equal(both["tokens"][n:], c["tokens"]) and int(both["seq"][n]) == int(data["seq"].max()) + 1
+    loss, parts = EagleLoss(both)(make_head(model, torch.arange(64)), torch.arange(n - 8, n + 8)[None])
+    assert torch.isfinite(loss)
+    with pytest.raises(LeanLMError, match="corpus_share"):
+        train_eagle(model, tok, 64, corpus_share=1.0, progress=False, tree_nodes=0)

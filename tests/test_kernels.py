@@ -175,10 +175,56 @@ def test_int8_gemv_matches_reference(N, K):
         _same_as_reference(o, outs[0])
 
 
-def test_several_rows_take_the_reference_kernel():
+@pytest.mark.parametrize("kind,N,K,G", [("int4", 576, 576, 64), ("int4", 49152, 576, 64), ("int4", 48, 96, 32),
+                                         ("int8", 1536, 576, 0), ("int8", 49152, 576, 0), ("int8", 33, 17, 0)])
+def test_a_few_rows_are_exactly_one_row_calls(kind, N, K, G):
+    """Up to MAX_ROWS rows (a speculative verification, a small batch) run the fused kernel row by row over cached
+    chunks of the weight: every row is bit-identical to a one-row call (so a multi-token verification rounds as the
+    one-token steps do), on every instruction-set path, and as close to PyTorch's kernel as one row is."""
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g)
+    lay = Int4Weight.from_float(w, G, torch.bfloat16) if kind == "int4" else Int8Weight.from_float(w, torch.bfloat16)
+    for p in _paths(N * K, int(torch.ops.leanlm.float_path())):
+        torch.ops.leanlm.set_path(p)
+        for M in (2, 5, kernels.MAX_ROWS):
+            x = torch.randn(1, M, K, generator=g).bfloat16()
+            y = lay(x)
+            assert y.shape == (1, M, N) and y.dtype == torch.bfloat16
+            assert torch.equal(y[0], torch.stack([lay(x[0, i]) for i in range(M)]))
+            if K % 32 == 0:
+                _same_as_reference(y, lay.reference(x))
+    torch.ops.leanlm.set_path(-1)
+
+
+@pytest.mark.parametrize("N,K", [(576, 576), (3072, 576), (49152, 576), (33, 17), (7, 100)])
+def test_f32_rows_are_exact_one_row_calls(N, K):
+    """The float32 kernel: every row of an M-row call is bit-identical to a one-row call (the order of its sums does
+    not depend on M), on every instruction-set path, and within float32 rounding of the exact product."""
+    from leanlm.runtime.layouts import DenseWeight
+
+    g = torch.Generator().manual_seed(N + K)
+    lay = DenseWeight(torch.randn(N, K, generator=g), torch.float32)
+    assert lay.f32_rows and not lay.transposed and torch.equal(lay.weight, lay.stored)
+    for p in _paths(N * K, int(torch.ops.leanlm.float_path())):
+        torch.ops.leanlm.set_path(p)
+        for M in (1, 3, 5, kernels.MAX_ROWS):
+            x = torch.randn(1, M, K, generator=g)
+            y = lay(x)
+            assert y.shape == (1, M, N) and y.dtype == torch.float32
+            assert torch.equal(y[0], torch.stack([lay(x[0, i]) for i in range(M)]))
+            exact = (x[0].double() @ lay.weight.double().t())
+            assert (y[0].double() - exact).abs().max() <= 1e-5 * exact.abs().max() + 1e-5
+    torch.ops.leanlm.set_path(-1)
+    x = torch.randn(kernels.MAX_ROWS + 1, K, generator=g)   # a prefill: MKL
+    torch.testing.assert_close(lay(x), x @ lay.weight.t())
+
+
+def test_more_rows_take_the_reference_kernel():
     lay = Int4Weight.from_float(torch.randn(64, 128), 32, torch.bfloat16)
-    x = torch.randn(3, 128).bfloat16()
+    x = torch.randn(kernels.MAX_ROWS + 1, 128).bfloat16()
     assert torch.equal(lay(x), lay.reference(x))
+    lay8 = Int8Weight.from_float(torch.randn(64, 128), torch.bfloat16)
+    assert torch.equal(lay8(x), lay8.reference(x))
 
 
 def test_build_key_changes_with_torch_version_and_source(monkeypatch):
@@ -225,6 +271,31 @@ def test_engine_fused_path_matches_reference_engine():
     a, b = fast.forward(ids[:, :1])[0, -1], ref.forward(ids[:, :1])[0, -1]
     assert (a - b).abs().max() <= 0.03 * b.abs().max()
     assert fast.warmup(8, 16) >= 0 and fast.length == 0
+
+
+def test_multi_token_verification_rounds_as_one_token_steps():
+    """A speculative verification (T tokens in one forward) on the int4 engine runs the same fused kernels row by row,
+    so its logits are those of T one-token steps up to float32 sums in another order (not PyTorch's GEMM with its
+    own roundings), and the same tokens win."""
+    from conftest import make_llama
+    from leanlm.runtime import Engine
+
+    model = make_llama(vocab_size=256, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40)
+    eng, ref = Engine(model, "int4", max_seq_len=64), Engine(model, "int4", max_seq_len=64, kernels=False)
+    ids = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+
+    def run(e, T):
+        e.reset()
+        e.forward(ids[:, :12])
+        return torch.cat([e.forward(ids[:, i:i + T]) for i in range(12, 20, T)], 1)
+
+    steps, verify = run(eng, 1), run(eng, 4)
+    tol = 2 * _ulp(steps.abs().max())
+    assert (verify - steps).abs().max() <= tol, float((verify - steps).abs().max())
+    assert torch.equal(verify.argmax(-1), steps.argmax(-1))
+    assert torch.equal(verify.argmax(-1), run(ref, 1).argmax(-1))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])

@@ -49,6 +49,8 @@ class Engine:
                     m.tiled = None
                 if hasattr(m, "fast"):
                     m.fast = False
+                if hasattr(m, "f32_rows"):
+                    m.f32_rows = False
             self.model.one_row_f32 = False
             self.model.step_why = "kernels=False"
         else:   # the whole batch-1 step in one C++ call where every matmul has a fused kernel

@@ -5,6 +5,10 @@
   registers (AVX-512 BF16 `vdpbf16ps`, or AVX2 FMA, or a scalar loop, chosen at run time), products are
   accumulated in float32 and the output is rounded to bfloat16: the reference layouts' arithmetic up to the
   order of float32 additions, so greedy tokens equal the reference path's except at exact ties.
+  They take up to `MAX_ROWS` rows at once too (a speculative verification, a small decode batch), each row
+  computed exactly as a one-row call computes it, the weight read from memory once for all of them.
+- `torch.ops.leanlm.f32_gemv`: float32 weights [N, K], up to `MAX_ROWS` float32 rows, each row's sums in the same
+  order whatever the number of rows (a float32 target's decode steps and speculative verifications).
 - `torch.classes.leanlm.Step`: a whole batch-1 decode step (every layer and the head) in one call, built once
   per `Decoder` over its own buffers (`model.Decoder.fused_step`).
 - `torch.ops.leanlm.paged_attention`: the serving engine's decode attention read straight from its paged KV
@@ -109,6 +113,12 @@ def mode() -> str:
     return "q8" if v == "q8" else "float"
 
 
+# The float ops also take a few rows at once ([M, K] -> [M, N], each row exactly as a one-row call computes it, the
+# weight read once for all rows): a speculative verification or a small decode batch runs them up to MAX_ROWS rows;
+# more rows (a prefill) run PyTorch's GEMM kernels, faster there (bench/results/kernel_rows.md).
+MAX_ROWS = 16
+
+
 def int4_op():
     """The batch-1 int4 operator of the current mode."""
     return torch.ops.leanlm.int4_gemv_q8 if mode() == "q8" else torch.ops.leanlm.int4_gemv
@@ -132,9 +142,13 @@ def _register_fakes() -> None:
     if _state.get("fakes"):
         return
 
+    def out(x, n):   # one row -> [n]; the float ops take M rows [M, K] -> [M, n]
+        return x.new_empty(n) if x.numel() == x.shape[-1] else x.new_empty(x.numel() // x.shape[-1], n)
+
     for suffix in ("", "_q8"):   # the float and the int8-activation ops have the same shapes
-        torch.library.register_fake(f"leanlm::int4_gemv{suffix}")(lambda x, w, sz, group, n: x.new_empty(n))
-        torch.library.register_fake(f"leanlm::int8_gemv{suffix}")(lambda x, w, scale: x.new_empty(w.shape[0]))
+        torch.library.register_fake(f"leanlm::int4_gemv{suffix}")(lambda x, w, sz, group, n: out(x, n))
+        torch.library.register_fake(f"leanlm::int8_gemv{suffix}")(lambda x, w, scale: out(x, w.shape[0]))
+    torch.library.register_fake("leanlm::f32_gemv")(lambda x, w: x.new_empty(w.shape[0]) if x.dim() == 1 else out(x, w.shape[0]))
     torch.library.register_fake("leanlm::paged_attention")(
         lambda q, k, v, ks, vs, tables, pos, block_size, window, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
 

@@ -141,8 +141,8 @@ def draft_args(sp) -> None:
 def show_draft(r: dict, console) -> None:
     if r.get("method") == "eagle":
         fit = f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, top-1 agreement {r['top1_last']:.0%}" if r["steps"] else "no training step ran"
-        console.print(f"EAGLE head -> {r['out']}: {r['sequences']} self-generated sequences ({r['text_tokens']} tokens, "
-                      f"{r['generation_seconds']:.0f} s), {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, {fit}; "
+        console.print(f"EAGLE head -> {r['out']}: {r['sequences']} sequences of self-generated text and calibration-corpus "
+                      f"windows ({r['text_tokens']} tokens, {r['generation_seconds']:.0f} s), {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, {fit}; "
                       f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)"
                       + (f"; draft tree of {len(r['tree'])} measured (generate --tree)" if r.get("tree") else ""),
                       markup=False, highlight=False)

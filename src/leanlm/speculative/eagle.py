@@ -386,6 +386,43 @@ def self_distill_data(model: nn.Module, tok, *, samples: int = 128, prompt_token
     return {"tokens": torch.cat(toks), "feats": torch.cat(feats), "seq": torch.cat(seqs)}
 
 
+@torch.inference_mode()
+def corpus_features(model: nn.Module, tok, *, max_tokens: int = 262144, seq_len: int = 512, batch: int = 4,
+                    progress: bool = True, max_seconds: float | None = None) -> dict[str, torch.Tensor]:
+    """The target's features over the protocol's calibration text (never the evaluation split), in the layout of
+    `self_distill_data`: windows of `seq_len` corpus tokens, one forward each, until `max_tokens` or `max_seconds`.
+    The head's targets stay the target's own features and next-token distribution; the corpus only adds inputs, at
+    prefill speed (several times the tokens per second of generation)."""
+    from tqdm.auto import tqdm
+
+    from ..core.data import calibration_texts, join_and_tokenize
+
+    t0 = time.perf_counter()
+    ids = join_and_tokenize(tok, calibration_texts("wiki"))
+    n = min(max_tokens, ids.numel()) // seq_len
+    wins = ids[: n * seq_len].view(n, seq_len)
+    toks, feats = [], []
+    for i in tqdm(range(0, n, batch), desc="corpus features", unit="batch", disable=not progress):
+        if max_seconds is not None and toks and time.perf_counter() - t0 > max_seconds:
+            break
+        w = wins[i: i + batch]
+        toks.append(w)
+        feats.append(_hidden_of(model, w).to(torch.bfloat16))
+    if not toks:
+        return {"tokens": torch.zeros(0, dtype=torch.long), "feats": torch.zeros(0, arch_of(model).hidden, dtype=torch.bfloat16),
+                "seq": torch.zeros(0, dtype=torch.long)}
+    t, f = torch.cat(toks), torch.cat(feats)
+    return {"tokens": t.reshape(-1), "feats": f.reshape(-1, f.shape[-1]),
+            "seq": torch.arange(t.shape[0]).repeat_interleave(seq_len)}
+
+
+def _join(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate two position tables, renumbering b's sequences after a's."""
+    off = int(a["seq"].max()) + 1 if a["seq"].numel() else 0
+    return {"tokens": torch.cat([a["tokens"], b["tokens"]]), "feats": torch.cat([a["feats"], b["feats"]]),
+            "seq": torch.cat([a["seq"], b["seq"] + off])}
+
+
 class EagleLoss:
     """The shared trainer's loss over windows of flat positions: head input (f_t, x_{t+1}), targets f_{t+1} and the
     target's next-token distribution softmax(lm_head(f_{t+1})) over the draft vocabulary; pairs that cross a
@@ -417,12 +454,15 @@ class EagleLoss:
 def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, draft_vocab: int = 8192, samples: int = 128,
                 prompt_tokens: int = 64, new_tokens: int = 128, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
                 max_tokens: int | None = None, checkpoint_dir=None, progress: bool = True, seed: int = 0,
-                data: dict | None = None, gen_share: float = 0.4, tree_nodes: int = 12) -> EagleHead:
+                data: dict | None = None, gen_share: float = 0.4, corpus_share: float = 0.5, corpus_tokens: int = 262144,
+                tree_nodes: int = 12) -> EagleHead:
     """Train an EAGLE-1 head for the Hugging Face `model` (Li et al. 2024) by self-distillation.
     Ctrl-C raises `TrainingInterrupted` after saving a checkpoint (with `checkpoint_dir`); the same call resumes.
 
-    `budget` (the one budget syntax: "30m" wall time, or "2M" tokens) covers the text generation (at most `gen_share`
-    of a time budget; `samples` sequences of `prompt_tokens` + `new_tokens`) and the training.
+    `budget` (the one budget syntax: "30m" wall time, or "2M" tokens) covers the training text (at most `gen_share`
+    of a time budget) and the training. Of the text's time, `corpus_share` goes to the target's features over the
+    calibration corpus (`corpus_features`, at most `corpus_tokens`; 0: none) and the rest to text the target writes
+    (`samples` sequences of `prompt_tokens` + `new_tokens`).
     The generated text and the head's training state are kept in `checkpoint_dir` (if given): a run interrupted
     (Ctrl-C) and started again resumes; with a token budget the resumed head equals an uninterrupted one.
     After training, `measure_tree` chooses a draft tree of `tree_nodes` drafts from the head's measured acceptance on
@@ -444,9 +484,15 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
         if ck is not None and (ck / DATA_FILE).is_file():
             data = load_file(str(ck / DATA_FILE))
         else:
+            if not 0 <= corpus_share < 1:
+                raise LeanLMError(f"corpus_share must lie in [0, 1), got {corpus_share}")
             share = limits["max_minutes"] * 60 * gen_share if limits["max_minutes"] is not None else None
             data = self_distill_data(model, tokenizer, samples=samples, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                                     progress=progress, max_seconds=share)
+                                     progress=progress, max_seconds=share * (1 - corpus_share) if share is not None else None)
+            if corpus_share > 0 and corpus_tokens > 0:
+                left = share - (time.perf_counter() - t0) if share is not None else None
+                data = _join(data, corpus_features(model, tokenizer, max_tokens=corpus_tokens, progress=progress,
+                                                   max_seconds=max(left, 1.0) if left is not None else None))
             if ck is not None:
                 from ..core.io import atomic_file
 
@@ -467,6 +513,7 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     for p in model.parameters():
         p.requires_grad_(False)
     log = {"method": "eagle", "draft_vocab": int(vmap.numel()), "text_tokens": int(data["tokens"].numel()),
+           "corpus_share": corpus_share,
            "sequences": int(data["seq"].max()) + 1, "generation_seconds": gen_s, "steps": 0, "tokens": 0, "seconds": 0.0,
            "loss_first": None, "loss_last": None, "top1_last": None,
            "vocab_coverage": float(torch.isin(data["tokens"], vmap).float().mean())}

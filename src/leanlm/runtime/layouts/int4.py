@@ -10,8 +10,8 @@ that product to the activation dtype).
 A batch-1 call (one activation row) runs the fused kernel of `leanlm.runtime.kernels` instead when it is
 built (the default; LEANLM_KERNELS=0 turns it off): it reads the same codes from its own tiled copy (`tiled`,
 16 rows x 8 k per 64 bytes) and the same scales/zeros table, with the reference's arithmetic (bfloat16
-activation row and output, float32 accumulation); several rows (prefill, batches) always run PyTorch's
-kernel (the reference path).
+activation row and output, float32 accumulation); up to `kernels.MAX_ROWS` rows (a speculative verification,
+a small decode batch) run the same kernel row by row, and more rows (a prefill) PyTorch's kernel (the reference path).
 
 On CUDA (`for_device`) the codes are repacked for PyTorch's CUDA int4 kernel (`_convert_weight_to_int4pack`
 + `_weight_int4pack_mm`, the tinygemm kernel: bfloat16 activations, the same scales/zeros table and formula).
@@ -90,9 +90,13 @@ class Int4Weight(nn.Module):
         return cls._from_table(*min(cands, key=err), group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tiled is not None and x.numel() == self.in_features:   # batch 1: the fused kernel
-            y = (torch.ops.leanlm.int4_gemv_q8 if self.q8 else torch.ops.leanlm.int4_gemv)(x.reshape(-1), self.tiled, self.scales_zeros, self.group_size, self.out_features)
-            return y.reshape(*x.shape[:-1], self.out_features)
+        if self.tiled is not None:
+            if x.numel() == self.in_features:   # batch 1: the fused kernel
+                y = (torch.ops.leanlm.int4_gemv_q8 if self.q8 else torch.ops.leanlm.int4_gemv)(x.reshape(-1), self.tiled, self.scales_zeros, self.group_size, self.out_features)
+                return y.reshape(*x.shape[:-1], self.out_features)
+            if not self.q8 and 0 < x.numel() <= kernels.MAX_ROWS * self.in_features:   # a few rows: the same kernel per row
+                y = torch.ops.leanlm.int4_gemv(x.reshape(-1, self.in_features), self.tiled, self.scales_zeros, self.group_size, self.out_features)
+                return y.reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """int8 per-output-channel symmetric weights, activations in bfloat16 (or float32):
 `torch.ops.aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])` = x @ (w * s).T; a batch-1 call
 (one activation row) runs the fused kernel of `leanlm.runtime.kernels` on the same codes and scales when it
-is built (bfloat16 scales; the opt-in int8-activation kernel also needs in_features a multiple of 32). On CUDA
+is built (bfloat16 scales; the opt-in int8-activation kernel also needs in_features a multiple of 32), and so do
+up to `kernels.MAX_ROWS` rows (row by row, each as a one-row call computes it). On CUDA
 the codes are converted to the activation dtype inside the matmul (x @ w.T * s: the same product)."""
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Int8Weight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and x.numel() == self.in_features:   # batch 1: the fused kernel
             return (torch.ops.leanlm.int8_gemv_q8 if self.q8 else torch.ops.leanlm.int8_gemv)(x.reshape(-1), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
+        if self.fast and not self.q8 and 0 < x.numel() <= kernels.MAX_ROWS * self.in_features:   # a few rows: the same kernel per row
+            return torch.ops.leanlm.int8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
     def for_device(self, device: torch.device) -> None:

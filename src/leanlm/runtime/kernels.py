@@ -119,6 +119,11 @@ def mode() -> str:
 MAX_ROWS = 16
 
 
+def few_rows(x: torch.Tensor, in_features: int) -> bool:
+    """Whether `x` [..., in_features] holds 1..MAX_ROWS rows: what the fused float kernels take."""
+    return 0 < x.numel() <= MAX_ROWS * in_features
+
+
 def int4_op():
     """The batch-1 int4 operator of the current mode."""
     return torch.ops.leanlm.int4_gemv_q8 if mode() == "q8" else torch.ops.leanlm.int4_gemv

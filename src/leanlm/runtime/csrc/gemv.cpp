@@ -533,29 +533,32 @@ void f8_avx2(const F8& a, int n0, int n1) {
 // codes + bf16 [N] scale).
 struct Mat { int kind = 0; const uint8_t* a = nullptr; const uint16_t* b = nullptr; int G = 0, N = 0, K = 0; };
 
+// One thread's share of one row: int4 blocks b0..b1 (16 outputs each) or int8 outputs n0..n1, on the CPU's path, each
+// output rounded to bfloat16 by the thread that computed it (a serial pass over Gemma-3's 262144 logits costs 0.1 ms).
+void run4(int path, const F4& a, int64_t b0, int64_t b1) {
+  if (path == 2) f4_avx512(a, (int)b0, (int)b1);
+  else if (path == 1) f4_avx2(a, (int)b0, (int)b1);
+  else f4_scalar(a, (int)b0, (int)b1);
+  for (int64_t n = b0 * 16; n < b1 * 16; ++n) a.y[n] = rbf(a.y[n]);
+}
+void run8(int path, const F8& a, int64_t n0, int64_t n1) {
+  if (path == 2) f8_avx512(a, (int)n0, (int)n1);
+  else if (path == 1) f8_avx2(a, (int)n0, (int)n1);
+  else f8_scalar(a, (int)n0, (int)n1);
+  for (int64_t n = n0; n < n1; ++n) a.y[n] = rbf(a.y[n]);
+}
+
 // y[N] = bf16(x[K] @ W.T): the one entry point of the float kernels.
 void gemv(const Mat& m, const float* x, float* y, Prep& p) {
   const int path = fpath();
-  // each thread rounds its own outputs to bfloat16 (a serial pass over Gemma-3's 262144 logits costs 0.1 ms)
-  auto round_out = [y](int64_t n0, int64_t n1) { for (int64_t n = n0; n < n1; ++n) y[n] = rbf(y[n]); };
   if (m.kind == 4) {
     p.make(x, m.K, m.G, path == 2);
     F4 a{m.a, (const uint32_t*)m.b, &p, y, m.N, m.K, m.G};
-    at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) {
-      if (path == 2) f4_avx512(a, (int)b0, (int)b1);
-      else if (path == 1) f4_avx2(a, (int)b0, (int)b1);
-      else f4_scalar(a, (int)b0, (int)b1);
-      round_out(b0 * 16, b1 * 16);
-    });
+    at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) { run4(path, a, b0, b1); });
   } else {
     p.make(x, m.K, 0, false);
     F8 a{(const int8_t*)m.a, m.b, p.xb.data(), y, m.N, m.K};
-    at::parallel_for(0, m.N, 256, [&](int64_t n0, int64_t n1) {
-      if (path == 2) f8_avx512(a, (int)n0, (int)n1);
-      else if (path == 1) f8_avx2(a, (int)n0, (int)n1);
-      else f8_scalar(a, (int)n0, (int)n1);
-      round_out(n0, n1);
-    });
+    at::parallel_for(0, m.N, 256, [&](int64_t n0, int64_t n1) { run8(path, a, n0, n1); });
   }
 }
 
@@ -573,13 +576,8 @@ void gemm_rows(const Mat& m, const float* x, int M, float* y, std::vector<Prep>&
     at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) {
       for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
         const int64_t c1 = std::min(b1, c0 + chunk);
-        for (int r = 0; r < M; ++r) {
-          F4 a{m.a, (const uint32_t*)m.b, &ps[r], y + (size_t)r * m.N, m.N, m.K, m.G};
-          if (path == 2) f4_avx512(a, (int)c0, (int)c1);
-          else if (path == 1) f4_avx2(a, (int)c0, (int)c1);
-          else f4_scalar(a, (int)c0, (int)c1);
-          for (int64_t n = c0 * 16; n < c1 * 16; ++n) a.y[n] = rbf(a.y[n]);
-        }
+        for (int r = 0; r < M; ++r)
+          run4(path, F4{m.a, (const uint32_t*)m.b, &ps[r], y + (size_t)r * m.N, m.N, m.K, m.G}, c0, c1);
       }
     });
   } else {
@@ -588,13 +586,8 @@ void gemm_rows(const Mat& m, const float* x, int M, float* y, std::vector<Prep>&
     at::parallel_for(0, m.N, 256, [&](int64_t n0, int64_t n1) {
       for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
         const int64_t c1 = std::min(n1, c0 + chunk);
-        for (int r = 0; r < M; ++r) {
-          F8 a{(const int8_t*)m.a, m.b, ps[r].xb.data(), y + (size_t)r * m.N, m.N, m.K};
-          if (path == 2) f8_avx512(a, (int)c0, (int)c1);
-          else if (path == 1) f8_avx2(a, (int)c0, (int)c1);
-          else f8_scalar(a, (int)c0, (int)c1);
-          for (int64_t n = c0; n < c1; ++n) a.y[n] = rbf(a.y[n]);
-        }
+        for (int r = 0; r < M; ++r)
+          run8(path, F8{(const int8_t*)m.a, m.b, ps[r].xb.data(), y + (size_t)r * m.N, m.N, m.K}, c0, c1);
       }
     });
   }

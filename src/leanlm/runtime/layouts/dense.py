@@ -39,7 +39,7 @@ class DenseWeight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transposed:
             return torch.matmul(x, self.stored)
-        if self.f32_rows and x.dtype == torch.float32 and 0 < x.numel() <= kernels.MAX_ROWS * self.in_features:
+        if self.f32_rows and x.dtype == torch.float32 and kernels.few_rows(x, self.in_features):
             return torch.ops.leanlm.f32_gemv(x.reshape(-1, self.in_features), self.stored).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.stored)
 

@@ -94,7 +94,7 @@ class Int4Weight(nn.Module):
             if x.numel() == self.in_features:   # batch 1: the fused kernel
                 y = (torch.ops.leanlm.int4_gemv_q8 if self.q8 else torch.ops.leanlm.int4_gemv)(x.reshape(-1), self.tiled, self.scales_zeros, self.group_size, self.out_features)
                 return y.reshape(*x.shape[:-1], self.out_features)
-            if not self.q8 and 0 < x.numel() <= kernels.MAX_ROWS * self.in_features:   # a few rows: the same kernel per row
+            if not self.q8 and kernels.few_rows(x, self.in_features):   # a few rows: the same kernel per row
                 y = torch.ops.leanlm.int4_gemv(x.reshape(-1, self.in_features), self.tiled, self.scales_zeros, self.group_size, self.out_features)
                 return y.reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)

@@ -40,7 +40,7 @@ class Int8Weight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and x.numel() == self.in_features:   # batch 1: the fused kernel
             return (torch.ops.leanlm.int8_gemv_q8 if self.q8 else torch.ops.leanlm.int8_gemv)(x.reshape(-1), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
-        if self.fast and not self.q8 and 0 < x.numel() <= kernels.MAX_ROWS * self.in_features:   # a few rows: the same kernel per row
+        if self.fast and not self.q8 and kernels.few_rows(x, self.in_features):   # a few rows: the same kernel per row
             return torch.ops.leanlm.int8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 

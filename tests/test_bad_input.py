@@ -303,6 +303,7 @@ def test_optimize_bad_options(capsys, tmp_path, extra, msg):
     (["--method", "eagle", "--budget", "0m"], "the training budget must be positive"),
     (["--method", "eagle", "--layers", "2"], "drop --layers"),
     (["--method", "eagle", "--calib", "news"], "drop --calib"),
+    (["--method", "eagle", "--corpus-share", "1"], "argument --corpus-share: must be in [0, 1), got 1"),
     (["--method", "medusa"], "argument --method: invalid choice: 'medusa'"),
     ([], "give layers (build a shallow draft: --layers N)"),
 ])

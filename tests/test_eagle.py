@@ -170,3 +170,7 @@ def test_corpus_features_are_the_targets_own_and_join_after_the_generated_text(s
     assert torch.isfinite(loss)
     with pytest.raises(LeanLMError, match="corpus_share"):
         train_eagle(model, tok, 64, corpus_share=1.0, progress=False, tree_nodes=0)
+    from leanlm.recipe import DraftStep
+
+    with pytest.raises(LeanLMError, match=r"--corpus-share must lie in \[0, 1\)"):   # a recipe file's draft step
+        DraftStep(method="eagle", budget="1m", corpus_share=1.5).validate()

@@ -352,7 +352,8 @@ def cmd_draft(a) -> dict:
     budget = a.budget or ("30m" if a.method == "eagle" else "5m")
     batch = a.batch or (8 if a.method == "eagle" else 4)
     _, res = _one_step(a, DraftStep(layers=a.layers, budget=budget, tokens=a.tokens, seq_len=a.seq_len, batch=batch, lr=a.lr,
-                                    calib=a.calib, method=a.method, draft_vocab=a.draft_vocab, samples=a.samples))
+                                    calib=a.calib, method=a.method, draft_vocab=a.draft_vocab, samples=a.samples,
+                                    corpus_share=a.corpus_share))
     return {"model": a.model, **res.figures, "out": a.out, "layers": a.layers}
 
 

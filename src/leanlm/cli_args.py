@@ -47,6 +47,7 @@ POSITIVE = Number(float, 0, lo_open=True)
 NONNEG = Number(float, 0)
 FRACTION = Number(float, 0, 1, lo_open=True, hi_open=True)
 PROBABILITY = Number(float, 0, 1, lo_open=True)   # top-p: (0, 1]
+SHARE = Number(float, 0, 1, hi_open=True)         # a share of something that must leave some for the rest: [0, 1)
 BITS = Number(float, 1, 16)
 PORT = Number(int, 1, 65535)
 

@@ -607,6 +607,7 @@ class DraftStep(Step):
     method: str = "shallow"          # shallow (a distilled draft model) or eagle (an EAGLE-1 head, speculative/eagle.py)
     draft_vocab: int = 8192          # eagle: reduced draft vocabulary
     samples: int = 384               # eagle: self-generated training sequences
+    corpus_share: float = 0.5        # eagle: share of the text time on the model's features over the calibration corpus
 
     def validate(self) -> None:
         if self.method not in ("shallow", "eagle"):
@@ -616,6 +617,9 @@ class DraftStep(Step):
                 raise LeanLMError("--method eagle trains a head on the model's own features: drop --layers")
             if self.calib != "wiki":
                 raise LeanLMError("--method eagle writes its own training text from the protocol's calibration prompts: drop --calib")
+            if not 0 <= self.corpus_share < 1:
+                raise LeanLMError(f"--corpus-share must lie in [0, 1), got {self.corpus_share}: the share of the text time spent "
+                                  "on corpus features (the rest is text the model writes)")
         elif (self.layers is None) == (self.model is None):
             raise LeanLMError("give layers (build a shallow draft: --layers N) or model (an existing draft), not both")
         from .distill.trainer import parse_budget
@@ -636,6 +640,7 @@ class DraftStep(Step):
             if s.tokenizer is None:
                 raise LeanLMError("the model has no tokenizer; an EAGLE head writes its training text with it")
             head = train_eagle(s.model, s.tokenizer, self.budget, draft_vocab=self.draft_vocab, samples=self.samples,
+                               corpus_share=self.corpus_share,
                                max_tokens=self.tokens, seq_len=self.seq_len, batch=self.batch, lr=self.lr,
                                checkpoint_dir=ctx.scratch, progress=ctx.progress)
             save_head(head, ctx.out, head.leanlm_draft)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..cli_args import COUNT, POSITIVE, SEQ_LEN
+from ..cli_args import COUNT, POSITIVE, SEQ_LEN, SHARE
 from ..core.errors import LeanLMError
 
 
@@ -129,6 +129,8 @@ def draft_args(sp) -> None:
     sp.add_argument("--draft-vocab", type=COUNT, default=8192, help="eagle: tokens of the reduced draft vocabulary (the most "
                     "frequent in the self-generated text; default 8192)")
     sp.add_argument("--samples", type=COUNT, default=384, help="eagle: sequences the model writes for its own training text (default 384)")
+    sp.add_argument("--corpus-share", type=SHARE, default=0.5, help="eagle: share of the text time spent on the model's features "
+                    "over the calibration corpus instead of text it writes (0 to 1, 1 excluded; default 0.5)")
     sp.add_argument("--tokens", type=COUNT, default=None, help="token budget (training stops at whichever budget ends first)")
     sp.add_argument("--seq-len", type=SEQ_LEN, default=128, help="tokens per training sequence")
     sp.add_argument("--batch", type=COUNT, default=None, help="sequences per batch (default 4 shallow, 8 eagle)")

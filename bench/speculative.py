@@ -13,13 +13,14 @@ Rows (all in one process, timed interleaved A B A B ..., median of --runs after 
   draft, int4 copy of the target); and transformers' assisted generation with
   the same shallow draft (assistant_model=) and with prompt lookup (prompt_lookup_num_tokens=); an EAGLE-1 head
 (`--eagle DIR`, built by `leanlm draft MODEL --method eagle`): chains of k drafts (`eagle`, `eagle-adaptive`) and its
-static tree (`eagle-tree`: the tree measured when the head was trained, else the default shape).
+static tree (`eagle-tree`: the tree measured when the head was trained, else the default shape); Medusa heads (`--medusa
+DIR`, `leanlm draft MODEL --method medusa`): one draft per head each round (`medusa`) and their tree (`medusa-tree`).
 `--target-weights int4` makes the target the packed int4 runtime model (plain = int4 decoding; the EAGLE head
 trained on the float model drafts for it).
 Every row's output is checked token for token against plain greedy decoding, in every run. Each task also reports how
 much of the (plain greedy) continuation repeats its own 4-grams, so that repetition is not mistaken for drafting skill.
 
-    python bench/speculative.py [--runs 5] [--prompts 2] [--draft DIR] [--eagle DIR] [--target-weights fp32|int4]
+    python bench/speculative.py [--runs 5] [--prompts 2] [--draft DIR] [--eagle DIR] [--medusa DIR] [--target-weights fp32|int4]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from leanlm.core.data import evaluation_texts
 from leanlm.core.models import cache_dir
 from leanlm.evaluation.profile import machine_info
 from leanlm.speculative import (
-    AdaptiveK, HFStepModel, PromptLookupDrafter, generate, make_shallow_draft, quantized_draft, speculative_generate,
+    AdaptiveK, HFStepModel, PromptLookupDrafter, generate, make_shallow_draft, parse_tree, quantized_draft, speculative_generate,
 )
 
 INSTRUCTIONS = [
@@ -95,7 +96,7 @@ def hf_generate(model, **extra):
     return run
 
 
-def write(a, model, nl, draft_info, draft_log, tasks, eagle_info=None):
+def write(a, model, nl, draft_info, draft_log, tasks, head_infos=()):
     mach = machine_info()
     eng = (f"leanlm.runtime Engine ({a.target_weights} target; the int4 copy packed int4)" if a.engine == "leanlm"
            else "the Hugging Face step adapter")
@@ -109,9 +110,8 @@ def write(a, model, nl, draft_info, draft_log, tasks, eagle_info=None):
     if draft_log is not None or "built" in draft_info or "loaded" in draft_info:
         md.append(f"Shallow draft: first {nl} of {model.config.num_hidden_layers} layers + norm + head, distilled "
                   f"({draft_info}; log {draft_log}).\n")
-    if eagle_info:
-        e = eagle_info
-        md.append(f"EAGLE head: {e['path']}: {e['head_bytes'] / 1e6:.1f} MB on disk = {e['head_bytes'] / e['target_bytes']:.1%} of the "
+    for e in head_infos:
+        md.append(f"{e['kind']} head: {e['path']}: {e['head_bytes'] / 1e6:.1f} MB on disk = {e['head_bytes'] / e['target_bytes']:.1%} of the "
                   f"float32 target's {e['target_bytes'] / 1e6:.0f} MB (the draft vocabulary's head rows and the embedding are the "
                   f"target's, not stored); trained in {e['log'].get('total_seconds', 0) / 60:.1f} min wall "
                   f"(text generation {e['log'].get('generation_seconds', 0) / 60:.1f} min, {e['log'].get('steps')} steps); "
@@ -150,8 +150,10 @@ def main() -> None:
     ap.add_argument("--quant-scheme", default="w4a16-rtn", help="int4 preset for the quantized-copy draft ('' to skip)")
     ap.add_argument("--eagle", default=None, help="EAGLE head folder (default: the leanlm cache's drafts/MODEL-eagle, if there)")
     ap.add_argument("--eagle-k", type=int, default=4, help="chain length of the EAGLE rows")
+    ap.add_argument("--medusa", default=None, help="Medusa head folder (default: the leanlm cache's drafts/MODEL-medusa, if there)")
     ap.add_argument("--target-weights", choices=["fp32", "int4"], default="fp32", help="the target: float32 or packed int4 runtime")
-    rows = "plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft,eagle,eagle-adaptive,eagle-tree"
+    rows = ("plain,generate,pld,pld-adaptive,draft,draft-adaptive,int4,int4-adaptive,hf-pld,hf-draft,eagle,eagle-adaptive,eagle-tree,"
+            "medusa,medusa-tree")
     ap.add_argument("--quote-rows", default=rows, help=f"rows timed on the summarise/quote task (of {rows})")
     ap.add_argument("--continuation-rows", default=rows, help="rows timed on the continuation task")
     ap.add_argument("--k", type=int, default=4, help="fixed k of the draft-model rows")
@@ -174,14 +176,16 @@ def main() -> None:
     run_tasks = a.tasks.split(",")
     wanted_rows = set((a.continuation_rows if "continuation" in run_tasks else "").split(",")) | set(
         a.quote_rows.split(",") if set(run_tasks) - {"continuation"} else [])   # the rows of the tasks this run times
-    eagle_head, eagle_info = None, None
-    if any(r.startswith("eagle") for r in wanted_rows):
-        from leanlm.speculative.eagle import HEAD_FILE, load_head
+    heads, head_infos = {}, []   # "eagle" / "medusa" -> the trained head, when a row of it is wanted
+    for kind, hdir in (("eagle", a.eagle), ("medusa", a.medusa)):
+        if any(r.startswith(kind) for r in wanted_rows):
+            from leanlm.speculative.eagle import HEAD_FILE, load_head
 
-        edir = a.eagle or str(cache_dir() / "drafts" / f"{a.model}-eagle")
-        eagle_head = load_head(edir, model)
-        eagle_info = {"path": edir, "head_bytes": (Path(edir) / HEAD_FILE).stat().st_size,
-                      "target_bytes": sum(p.numel() * 4 for p in model.parameters()), "log": eagle_head.leanlm_draft}
+            hdir = hdir or str(cache_dir() / "drafts" / f"{a.model}-{kind}")
+            heads[kind] = load_head(hdir, model)
+            head_infos.append({"kind": {"eagle": "EAGLE", "medusa": "Medusa"}[kind], "path": hdir,
+                               "head_bytes": (Path(hdir) / HEAD_FILE).stat().st_size,
+                               "target_bytes": sum(p.numel() * 4 for p in model.parameters()), "log": heads[kind].leanlm_draft})
     draft_dir = a.draft or str(cache_dir() / "drafts" / f"{a.model}-{a.draft_layers}l")
     need_draft = bool(wanted_rows & {"draft", "draft-adaptive", "hf-draft"})
     if not need_draft:   # no shallow-draft row: the target stands in (never timed)
@@ -230,14 +234,20 @@ def main() -> None:
         "hf-pld": ("transformers assisted, prompt_lookup_num_tokens=10", hf_generate(model, prompt_lookup_num_tokens=10)),
         "hf-draft": (f"transformers assisted, assistant_model=shallow {nl}-layer draft", hf_generate(model, assistant_model=draft)),
     }
-    if eagle_head is not None:
-        from leanlm.speculative.eagle import EagleDrafter
+    from leanlm.speculative.eagle import drafter_for
 
-        methods["eagle"] = (f"EAGLE-1 head, k={a.eagle_k}", spec(EagleDrafter(eagle_head), a.eagle_k))
-        methods["eagle-adaptive"] = ("EAGLE-1 head, adaptive k<=8", spec(EagleDrafter(eagle_head), "8"))
-        paths = eagle_head.leanlm_draft.get("tree")   # the tree measured at training (train_eagle), else the default shape
+    for kind, head in heads.items():
+        paths = head.leanlm_draft.get("tree")   # the tree measured at training (train_head), else the default shape
         shape = f"measured tree, {len(paths)} drafts" if paths else "default tree"
-        methods["eagle-tree"] = (f"EAGLE-1 head, {shape}", spec(EagleDrafter(eagle_head), None, paths or "default"))
+        if kind == "eagle":
+            methods["eagle"] = (f"EAGLE-1 head, k={a.eagle_k}", spec(drafter_for(head), a.eagle_k))
+            methods["eagle-adaptive"] = ("EAGLE-1 head, adaptive k<=8", spec(drafter_for(head), "8"))
+            methods["eagle-tree"] = (f"EAGLE-1 head, {shape}", spec(drafter_for(head), None, paths or "default"))
+        else:
+            K = head.cfg.heads
+            tree = paths or parse_tree("default").truncate(K).to_list()
+            methods["medusa"] = (f"Medusa, {K} heads, k={K}", spec(drafter_for(head), K))
+            methods["medusa-tree"] = (f"Medusa, {K} heads, {shape}", spec(drafter_for(head), None, tree))
     wanted = {"quote": a.quote_rows.split(","), "continuation": a.continuation_rows.split(",")}
     wanted["chat"] = wanted["quote-only"] = wanted["quote"]
     for task, keys in wanted.items():
@@ -292,7 +302,7 @@ def main() -> None:
         tasks[task] = {"prompts": how, "load_average_1min": load, "prompt_lengths": [p.shape[1] for p in prompts], "rows": rows,
                        "repetition_4gram": [repetition(r, p.shape[1]) for r, p in zip(refs, prompts)],
                        "sample_output": tok.decode(refs[0][0, prompts[0].shape[1]:])}
-        path = write(a, model, nl, draft_info, draft_log, tasks, eagle_info)  # after every task, so a cut-short run keeps what it has
+        path = write(a, model, nl, draft_info, draft_log, tasks, head_infos)  # after every task, so a cut-short run keeps what it has
     print(path.read_text())
 
 

@@ -304,7 +304,10 @@ def test_optimize_bad_options(capsys, tmp_path, extra, msg):
     (["--method", "eagle", "--layers", "2"], "drop --layers"),
     (["--method", "eagle", "--calib", "news"], "drop --calib"),
     (["--method", "eagle", "--corpus-share", "1"], "argument --corpus-share: must be in [0, 1), got 1"),
-    (["--method", "medusa"], "argument --method: invalid choice: 'medusa'"),
+    (["--method", "medusa", "--budget", "0"], "the training budget must be positive"),
+    (["--method", "medusa", "--layers", "2"], "--method medusa trains a head on the model's own features: drop --layers"),
+    (["--method", "medusa", "--heads", "0"], "argument --heads"),
+    (["--method", "hydra"], "argument --method: invalid choice: 'hydra'"),
     ([], "give layers (build a shallow draft: --layers N)"),
 ])
 def test_draft_bad_options(capsys, tmp_path, extra, msg):
@@ -328,7 +331,7 @@ def test_generate_refuses_a_head_for_another_model(capsys, tmp_path, tiny_folder
 
 @pytest.mark.parametrize("extra,msg", [
     (["--tree"], "--num-draft, --adaptive, --tree and --chat go with --draft DRAFT or --prompt-lookup"),
-    (["--prompt-lookup", "--tree"], "--tree drafts with an EAGLE head or a draft model"),
+    (["--prompt-lookup", "--tree"], "--tree drafts with a draft head or a draft model"),
     (["--draft", "HEAD", "--tree", "--num-draft", "3"], "--tree has a fixed shape"),
     (["--draft", "HEAD", "--tree", "--adaptive"], "--tree has a fixed shape"),
     (["--draft", "HEAD", "--tree", "[[0, 0]]"], "has path [0, 0] but not its parent [0]"),

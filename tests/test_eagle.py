@@ -12,7 +12,7 @@ from leanlm.runtime import Engine
 from leanlm.runtime.sampling import Sampling
 from leanlm.speculative import HFStepModel, generate, speculative_generate
 from leanlm.speculative.eagle import (
-    EagleDrafter, EagleLoss, _frequent_tokens, load_head, make_head, measure_tree, save_head, self_distill_data, train_eagle,
+    EagleDrafter, EagleLoss, _frequent_tokens, load_head, make_head, measure_tree, save_head, self_distill_data, train_head,
 )
 
 
@@ -33,8 +33,20 @@ def _prompt(tok):
     return torch.tensor([tok("Paris is the capital of France. The quick brown")["input_ids"]])
 
 
+def _drafter_after_prompt(d, model, tok):
+    """A head drafter attached to a Hugging Face target that has run the prompt; ctx = the prompt + the token the
+    target chose after it (so the last feature the target computed is the prompt's last)."""
+    target = HFStepModel(model)
+    d.attach(target)
+    ids = _prompt(tok)
+    target.reset()
+    target.forward(ids)
+    d.start(ids)
+    return target, d, ids, torch.cat([ids, torch.tensor([[5]])], 1)
+
+
 def _train(model, tok, data, tokens, ckpt=None):
-    return train_eagle(model, tok, tokens, draft_vocab=64, seq_len=16, batch=2, lr=3e-3, data=data, checkpoint_dir=ckpt,
+    return train_head(model, tok, tokens, draft_vocab=64, seq_len=16, batch=2, lr=3e-3, data=data, checkpoint_dir=ckpt,
                        progress=False, tree_nodes=0)
 
 
@@ -59,7 +71,7 @@ def test_greedy_identical_with_random_and_trained_heads(setup):
         assert not targets[name].keep_hidden      # plain decoding afterwards pays nothing
         accepted += st.accepted if head is trained else 0
     assert accepted > 0
-    # the tree measured from the trained head's acceptance (what train_eagle stores for generate --tree)
+    # the tree measured from the trained head's acceptance (what train_head stores for generate --tree)
     paths, acc = measure_tree(model, trained, [ids], nodes=6, new_tokens=16)
     assert len(paths) == 6 and acc and all(0 <= a < 1 for row in acc for a in row)
     out, st = speculative_generate(targets["fp32"], EagleDrafter(trained), ids, 32, tree=paths)
@@ -83,14 +95,7 @@ def test_reduced_vocabulary_maps_back_exactly(setup):
     assert counts[vmap].min() >= counts[~torch.isin(torch.arange(counts.numel()), vmap)].max()
     head = make_head(model, vmap)
     assert torch.equal(head.head_rows, model.get_output_embeddings().weight[vmap].float())
-    target = HFStepModel(model)
-    d = EagleDrafter(head)
-    d.attach(target)
-    ids = _prompt(tok)
-    target.reset()
-    target.forward(ids)
-    d.start(ids)
-    ctx = torch.cat([ids, torch.tensor([[5]])], 1)
+    target, d, ids, ctx = _drafter_after_prompt(EagleDrafter(head), model, tok)
     toks, q = d.propose(ctx, 3, Sampling())
     assert q is None and torch.isin(toks, vmap).all()
     # the first draft: the head's reduced argmax on the target's features, mapped through vocab_map
@@ -104,11 +109,22 @@ def test_reduced_vocabulary_maps_back_exactly(setup):
     assert torch.all(q[..., outside] == 0) and torch.allclose(q.sum(-1), torch.ones(1, 2))
 
 
-def test_interrupted_and_resumed_training_gives_the_same_head(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["eagle", "medusa"])
+def test_interrupted_and_resumed_training_gives_the_same_head(setup, tmp_path, monkeypatch, method):
+    """EAGLE and Medusa heads train through train_head: stopped by Ctrl-C and started again, the head equals an
+    uninterrupted one."""
+    from leanlm.speculative.medusa import MedusaLoss
+
     model, tok, data = setup
-    straight = _train(model, tok, data, 384)
+    loss_cls = MedusaLoss if method == "medusa" else EagleLoss
+
+    def run(ckpt=None):
+        return train_head(model, tok, 384, method=method, heads=3, draft_vocab=64, seq_len=16, batch=2, lr=3e-3, data=data,
+                          checkpoint_dir=ckpt, progress=False, tree_nodes=0)
+
+    straight = run()
     calls = {"n": 0}
-    real = EagleLoss.__call__
+    real = loss_cls.__call__
 
     def interrupting(self, head, idx):
         calls["n"] += 1
@@ -116,13 +132,13 @@ def test_interrupted_and_resumed_training_gives_the_same_head(setup, tmp_path, m
             raise KeyboardInterrupt
         return real(self, head, idx)
 
-    monkeypatch.setattr(EagleLoss, "__call__", interrupting)
+    monkeypatch.setattr(loss_cls, "__call__", interrupting)
     from leanlm.distill import TrainingInterrupted
 
     with pytest.raises(TrainingInterrupted, match="run the same command again"):
-        _train(model, tok, data, 384, tmp_path / "ck")
-    monkeypatch.setattr(EagleLoss, "__call__", real)
-    resumed = _train(model, tok, data, 384, tmp_path / "ck")
+        run(tmp_path / "ck")
+    monkeypatch.setattr(loss_cls, "__call__", real)
+    resumed = run(tmp_path / "ck")
     a, b = straight.trained_state(), resumed.trained_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -139,7 +155,7 @@ def test_head_folder_round_trip_and_refusals(setup, tmp_path):
     wider = make_llama(vocab_size=model.config.vocab_size, hidden=32, heads=2, kv_heads=1)
     with pytest.raises(LeanLMError, match="hidden size 64"):
         load_head(tmp_path / "h", wider)
-    with pytest.raises(LeanLMError, match="not an EAGLE head folder"):
+    with pytest.raises(LeanLMError, match="not a draft head folder"):
         load_head(tmp_path, model)
 
 
@@ -169,7 +185,7 @@ def test_corpus_features_are_the_targets_own_and_join_after_the_generated_text(s
     loss, parts = EagleLoss(both)(make_head(model, torch.arange(64)), torch.arange(n - 8, n + 8)[None])
     assert torch.isfinite(loss)
     with pytest.raises(LeanLMError, match="corpus_share"):
-        train_eagle(model, tok, 64, corpus_share=1.0, progress=False, tree_nodes=0)
+        train_head(model, tok, 64, corpus_share=1.0, progress=False, tree_nodes=0)
     from leanlm.recipe import DraftStep
 
     with pytest.raises(LeanLMError, match=r"--corpus-share must lie in \[0, 1\)"):   # a recipe file's draft step

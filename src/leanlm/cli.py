@@ -349,11 +349,12 @@ def _show_sparsify(r: dict, console) -> None:
 def cmd_draft(a) -> dict:
     from .recipe import DraftStep
 
-    budget = a.budget or ("30m" if a.method == "eagle" else "5m")
-    batch = a.batch or (8 if a.method == "eagle" else 4)
+    head = a.method in ("eagle", "medusa")
+    budget = a.budget or ("30m" if head else "5m")
+    batch = a.batch or (8 if head else 4)
     _, res = _one_step(a, DraftStep(layers=a.layers, budget=budget, tokens=a.tokens, seq_len=a.seq_len, batch=batch, lr=a.lr,
                                     calib=a.calib, method=a.method, draft_vocab=a.draft_vocab, samples=a.samples,
-                                    corpus_share=a.corpus_share))
+                                    corpus_share=a.corpus_share, heads=a.heads))
     return {"model": a.model, **res.figures, "out": a.out, "layers": a.layers}
 
 
@@ -649,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .speculative.cli import draft_args
 
     sp = sub.add_parser("draft", help="build a draft for speculative decoding: a shallow distilled model (first N layers) or "
-                        "an EAGLE head (--method eagle)")
+                        "an EAGLE or Medusa head (--method eagle|medusa)")
     common(sp)
     draft_args(sp)
     from .serving.cli import serve_args

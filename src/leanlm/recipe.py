@@ -604,19 +604,22 @@ class DraftStep(Step):
     batch: int = 4
     lr: float = 1e-3
     calib: str = "wiki"
-    method: str = "shallow"          # shallow (a distilled draft model) or eagle (an EAGLE-1 head, speculative/eagle.py)
-    draft_vocab: int = 8192          # eagle: reduced draft vocabulary
-    samples: int = 384               # eagle: self-generated training sequences
-    corpus_share: float = 0.5        # eagle: share of the text time on the model's features over the calibration corpus
+    method: str = "shallow"          # shallow (a distilled draft model), eagle (an EAGLE-1 head, speculative/eagle.py) or medusa
+    draft_vocab: int = 8192          # eagle, medusa: reduced draft vocabulary
+    samples: int = 384               # eagle, medusa: self-generated training sequences
+    corpus_share: float = 0.5        # eagle, medusa: share of the text time on the model's features over the calibration corpus
+    heads: int = 4                   # medusa: heads (drafts per round)
 
     def validate(self) -> None:
-        if self.method not in ("shallow", "eagle"):
-            raise LeanLMError(f"unknown draft method {self.method!r}; choose shallow or eagle")
-        if self.method == "eagle":
+        if self.method not in ("shallow", "eagle", "medusa"):
+            raise LeanLMError(f"unknown draft method {self.method!r}; choose shallow, eagle or medusa")
+        if self.method in ("eagle", "medusa"):
             if self.layers is not None or self.model is not None:
-                raise LeanLMError("--method eagle trains a head on the model's own features: drop --layers")
+                raise LeanLMError(f"--method {self.method} trains a head on the model's own features: drop --layers")
             if self.calib != "wiki":
-                raise LeanLMError("--method eagle writes its own training text from the protocol's calibration prompts: drop --calib")
+                raise LeanLMError(f"--method {self.method} writes its own training text from the protocol's calibration prompts: drop --calib")
+            if self.heads < 1:
+                raise LeanLMError(f"--heads must be >= 1, got {self.heads}")
             if not 0 <= self.corpus_share < 1:
                 raise LeanLMError(f"--corpus-share must lie in [0, 1), got {self.corpus_share}: the share of the text time spent "
                                   "on corpus features (the rest is text the model writes)")
@@ -634,12 +637,13 @@ class DraftStep(Step):
                                   "a draft must share the model's tokenizer")
 
     def run(self, s: ModelState, ctx: Context) -> dict:
-        if self.method == "eagle":
-            from .speculative.eagle import save_head, train_eagle
+        if self.method in ("eagle", "medusa"):
+            from .speculative.eagle import save_head, train_head
 
             if s.tokenizer is None:
-                raise LeanLMError("the model has no tokenizer; an EAGLE head writes its training text with it")
-            head = train_eagle(s.model, s.tokenizer, self.budget, draft_vocab=self.draft_vocab, samples=self.samples,
+                raise LeanLMError(f"the model has no tokenizer; a {self.method} head writes its training text with it")
+            head = train_head(s.model, s.tokenizer, self.budget, method=self.method, heads=self.heads,
+                              draft_vocab=self.draft_vocab, samples=self.samples,
                                corpus_share=self.corpus_share,
                                max_tokens=self.tokens, seq_len=self.seq_len, batch=self.batch, lr=self.lr,
                                checkpoint_dir=ctx.scratch, progress=ctx.progress)

@@ -16,13 +16,13 @@ def speculation_args(sp) -> None:
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--draft", help="draft model (same tokenizer): built-in name, folder, quant:PRESET for a quantized copy of MODEL, "
-                   "or an EAGLE head folder (leanlm draft MODEL --method eagle)")
+                   "or a draft head folder (leanlm draft MODEL --method eagle|medusa)")
     g.add_argument("--prompt-lookup", action="store_true", help="draft-free speculation: copy n-grams from the prompt and the output")
     k = sp.add_mutually_exclusive_group()
     k.add_argument("--num-draft", type=COUNT, default=None, help="tokens drafted per round (default 4 with --draft, 8 with --prompt-lookup)")
     k.add_argument("--adaptive", action="store_true", help="choose the number drafted each round from acceptance and cost")
     sp.add_argument("--tree", nargs="?", const="auto", default=None, metavar="TREE",
-                    help="with --draft (an EAGLE head or a draft model): draft a static token tree verified in one target call; "
+                    help="with --draft (a draft head or a draft model): draft a static token tree verified in one target call; "
                          "alone (auto): the tree measured when the head was trained, else the default shape; or default, chain:K, a JSON list of "
                          "child-rank paths such as [[0],[1],[0,0]], or a .json file holding one")
     sp.add_argument("--max-draft", type=COUNT, default=None, help="largest k --adaptive may choose (default 8, 16 with --prompt-lookup)")
@@ -36,7 +36,7 @@ def run_generate(a, load, make_target=None) -> dict:
     from .decode import generate, speculative_generate
     from .drafters import PromptLookupDrafter
     from .drafts import check_vocab, quantized_draft
-    from .eagle import EagleDrafter, is_head_folder, load_head
+    from .eagle import drafter_for, is_head_folder, load_head
     from .step import HFStepModel
     from .tree import parse_tree
 
@@ -47,7 +47,7 @@ def run_generate(a, load, make_target=None) -> dict:
     if a.tree is not None:
         tree = parse_tree(a.tree) if a.tree != "auto" else "auto"
         if a.draft is None:
-            raise LeanLMError("--tree drafts with an EAGLE head or a draft model: give --draft HEAD_DIR or --draft MODEL; "
+            raise LeanLMError("--tree drafts with a draft head or a draft model: give --draft HEAD_DIR or --draft MODEL; "
                               "prompt lookup drafts chains")
         if a.num_draft is not None or a.adaptive:
             raise LeanLMError("--tree has a fixed shape; drop --num-draft / --adaptive (or drop --tree for a chain)")
@@ -76,11 +76,14 @@ def run_generate(a, load, make_target=None) -> dict:
         if a.prompt_lookup:
             drafter, mode = PromptLookupDrafter(), "prompt lookup"
         elif is_head_folder(a.draft):
-            drafter, mode = EagleDrafter(load_head(a.draft, model)), f"eagle head {a.draft}"
+            drafter = drafter_for(load_head(a.draft, model))
+            mode = f"{drafter.head.leanlm_draft.get('method', 'eagle')} head {a.draft}"
             src = ""
-            if tree == "auto":   # the tree measured at training (train_eagle), else the default shape
+            if tree == "auto":   # the tree measured at training (train_head), else the default shape (cut to a Medusa head's depth)
                 measured = drafter.head.leanlm_draft.get("tree")
                 tree, src = parse_tree(measured or "default"), " measured at training" if measured else " default"
+                if not measured and getattr(drafter.head, "max_tree_depth", None):
+                    tree = tree.truncate(drafter.head.max_tree_depth)
             if tree is not None:
                 mode += f", tree of {tree.size} drafts (depth {tree.max_depth}{',' + src if src else ''})"
         elif a.draft.startswith("quant:"):
@@ -120,20 +123,21 @@ def show_generate(r: dict, console) -> None:
 
 
 def draft_args(sp) -> None:
-    sp.add_argument("--method", choices=("shallow", "eagle"), default="shallow",
+    sp.add_argument("--method", choices=("shallow", "eagle", "medusa"), default="shallow",
                     help="shallow: the first --layers layers, distilled (a draft model); eagle: an EAGLE-1 head on the model's "
-                         "own features (a head folder for generate --draft)")
+                         "own features; medusa: Medusa heads on its last feature (eagle and medusa: a head folder for generate --draft)")
+    sp.add_argument("--heads", type=COUNT, default=4, help="medusa: heads, one per token drafted each round (default 4)")
     sp.add_argument("--layers", type=COUNT, default=None, help="decoder layers the shallow draft keeps (the first N; --method shallow)")
     sp.add_argument("--budget", default=None, help="training budget: time (30s, 5m, 1h) or tokens (500k, 2M, 100000); "
-                    "default 5m (shallow), 30m (eagle, the text generation included)")
-    sp.add_argument("--draft-vocab", type=COUNT, default=8192, help="eagle: tokens of the reduced draft vocabulary (the most "
+                    "default 5m (shallow), 30m (eagle, medusa: the text generation included)")
+    sp.add_argument("--draft-vocab", type=COUNT, default=8192, help="eagle, medusa: tokens of the reduced draft vocabulary (the most "
                     "frequent in the self-generated text; default 8192)")
-    sp.add_argument("--samples", type=COUNT, default=384, help="eagle: sequences the model writes for its own training text (default 384)")
-    sp.add_argument("--corpus-share", type=SHARE, default=0.5, help="eagle: share of the text time spent on the model's features "
+    sp.add_argument("--samples", type=COUNT, default=384, help="eagle, medusa: sequences the model writes for its own training text (default 384)")
+    sp.add_argument("--corpus-share", type=SHARE, default=0.5, help="eagle, medusa: share of the text time spent on the model's features "
                     "over the calibration corpus instead of text it writes (0 to 1, 1 excluded; default 0.5)")
     sp.add_argument("--tokens", type=COUNT, default=None, help="token budget (training stops at whichever budget ends first)")
     sp.add_argument("--seq-len", type=SEQ_LEN, default=128, help="tokens per training sequence")
-    sp.add_argument("--batch", type=COUNT, default=None, help="sequences per batch (default 4 shallow, 8 eagle)")
+    sp.add_argument("--batch", type=COUNT, default=None, help="sequences per batch (default 4 shallow, 8 eagle and medusa)")
     sp.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate")
     sp.add_argument("--calib", default="wiki", help="training text: wiki (calibration split, default), news or a .txt/.jsonl file")
     sp.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint, written atomically)")
@@ -141,9 +145,10 @@ def draft_args(sp) -> None:
 
 
 def show_draft(r: dict, console) -> None:
-    if r.get("method") == "eagle":
+    if r.get("method") in ("eagle", "medusa"):
         fit = f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, top-1 agreement {r['top1_last']:.0%}" if r["steps"] else "no training step ran"
-        console.print(f"EAGLE head -> {r['out']}: {r['sequences']} sequences of self-generated text and calibration-corpus "
+        kind = "EAGLE head" if r["method"] == "eagle" else f"{r['heads']} Medusa heads"
+        console.print(f"{kind} -> {r['out']}: {r['sequences']} sequences of self-generated text and calibration-corpus "
                       f"windows ({r['text_tokens']} tokens, {r['generation_seconds']:.0f} s), {r['steps']} steps, {r['tokens']} tokens, {r['seconds']:.0f} s, {fit}; "
                       f"draft vocabulary {r['draft_vocab']} ({r['vocab_coverage']:.1%} of the text)"
                       + (f"; draft tree of {len(r['tree'])} measured (generate --tree)" if r.get("tree") else ""),

@@ -208,7 +208,7 @@ def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_token
         tree = parse_tree(tree)
         if not hasattr(drafter, "propose_tree"):
             raise LeanLMError(f"{type(drafter).__name__ if drafter is not None else 'no drafter'} cannot draft a tree; tree drafts "
-                              "need an EAGLE head (EagleDrafter) or a draft model (ModelDrafter); prompt lookup drafts chains (drop tree=)")
+                              "need a draft head (EagleDrafter, MedusaDrafter) or a draft model (ModelDrafter); prompt lookup drafts chains (drop tree=)")
         if not hasattr(target, "forward_tree"):
             raise LeanLMError(f"{type(target).__name__} cannot verify a draft tree (no forward_tree); use the leanlm runtime "
                               "Engine or a Hugging Face model as the target, or a chain")

@@ -77,6 +77,8 @@ class EagleHead(nn.Module):
     `embed` (the target's input embedding) and the head rows (the target's lm_head rows at `vocab_map`)
     are the target's, held but never trained or saved."""
 
+    FORMAT = "leanlm-eagle-1"
+
     def __init__(self, cfg: EagleConfig, embed: nn.Module, head_rows: torch.Tensor, vocab_map: torch.Tensor):
         super().__init__()
         from transformers import LlamaConfig, LlamaModel
@@ -118,26 +120,53 @@ def _frequent_tokens(ids: torch.Tensor, vocab: int, n: int) -> torch.Tensor:
     return score.topk(min(n, vocab)).indices.sort().values
 
 
-def make_head(model: nn.Module, vocab_map: torch.Tensor, *, seed: int = 0) -> EagleHead:
-    """A fresh (random) head for the Hugging Face `model`, drafting over the target ids `vocab_map`."""
+def make_head(model: nn.Module, vocab_map: torch.Tensor, *, seed: int = 0, method: str = "eagle", heads: int = 4) -> nn.Module:
+    """A fresh (random) draft head for the Hugging Face `model`, drafting over the target ids `vocab_map`: an `EagleHead`
+    (method "eagle") or a `medusa.MedusaHead` with `heads` heads (method "medusa")."""
     arch = arch_of(model)
-    cfg = EagleConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=int(vocab_map.numel()), heads=arch.heads,
-                      kv_heads=arch.kv_heads, head_dim=arch.head_dim, intermediate=arch.intermediate, eps=arch.eps,
-                      rope_theta=float(arch.rope_theta), target_hash=target_hash(model), target_type=arch.model_type)
+    if method == "medusa":
+        from .medusa import MedusaConfig, MedusaHead
+
+        if heads < 1:
+            raise LeanLMError(f"a Medusa head needs --heads >= 1, got {heads}")
+        cfg, cls = MedusaConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=int(vocab_map.numel()), heads=heads,
+                                target_hash=target_hash(model), target_type=arch.model_type), MedusaHead
+    elif method == "eagle":
+        cfg = EagleConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=int(vocab_map.numel()), heads=arch.heads,
+                          kv_heads=arch.kv_heads, head_dim=arch.head_dim, intermediate=arch.intermediate, eps=arch.eps,
+                          rope_theta=float(arch.rope_theta), target_hash=target_hash(model), target_type=arch.model_type)
+        cls = EagleHead
+    else:
+        raise LeanLMError(f"unknown draft head method {method!r}; choose eagle or medusa")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return EagleHead(cfg, model.get_input_embeddings(), model.get_output_embeddings().weight[vocab_map], vocab_map).eval()
+        return cls(cfg, model.get_input_embeddings(), model.get_output_embeddings().weight[vocab_map], vocab_map).eval()
 
 
-def save_head(head: EagleHead, out, log: dict | None = None, overwrite: bool = True) -> None:
-    """Write a head folder atomically: eagle.safetensors (fc, layer, vocabulary map) + eagle.json (config, training log)."""
+def _head_classes() -> dict:
+    """format name -> (config class, head class) of every draft head a head folder can hold."""
+    from .medusa import MedusaConfig, MedusaHead
+
+    return {EagleHead.FORMAT: (EagleConfig, EagleHead), MedusaHead.FORMAT: (MedusaConfig, MedusaHead)}
+
+
+def drafter_for(head: nn.Module):
+    """The drafter that runs `head` (an EagleHead or a MedusaHead) in `speculative_generate`."""
+    from .medusa import MedusaDrafter, MedusaHead
+
+    return MedusaDrafter(head) if isinstance(head, MedusaHead) else EagleDrafter(head)
+
+
+def save_head(head: nn.Module, out, log: dict | None = None, overwrite: bool = True) -> None:
+    """Write a head folder atomically: eagle.safetensors (the trained weights and the vocabulary map) + eagle.json
+    (format, config, training log). EAGLE and Medusa heads share the folder layout; the format names the kind."""
     from safetensors.torch import save_file
 
     from ..core.io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in head.trained_state().items()}, str(tmp / HEAD_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps({"format": "leanlm-eagle-1", "config": asdict(head.cfg), "training": log or {}},
+        (tmp / CONFIG_FILE).write_text(json.dumps({"format": head.FORMAT, "config": asdict(head.cfg), "training": log or {}},
                                                   indent=1))
 
 
@@ -146,32 +175,38 @@ def is_head_folder(path) -> bool:
     return (p / CONFIG_FILE).is_file() and (p / HEAD_FILE).is_file()
 
 
-def load_head(path, model: nn.Module) -> EagleHead:
-    """Load a head folder for the Hugging Face `model` (the target, or the float model its packed runtime was built
-    from); refuses a head trained for another model."""
+def load_head(path, model: nn.Module) -> nn.Module:
+    """Load a head folder (EAGLE or Medusa) for the Hugging Face `model` (the target, or the float model its packed
+    runtime was built from); refuses a head trained for another model."""
     from safetensors.torch import load_file
 
     p = Path(str(path)).expanduser()
     if not is_head_folder(p):
-        raise LeanLMError(f"{path} is not an EAGLE head folder (no {CONFIG_FILE} + {HEAD_FILE}); build one with "
-                          "`leanlm draft MODEL --method eagle --out DIR`")
+        raise LeanLMError(f"{path} is not a draft head folder (no {CONFIG_FILE} + {HEAD_FILE}); build one with "
+                          "`leanlm draft MODEL --method eagle|medusa --out DIR`")
+    kinds = _head_classes()
     try:
         meta = json.loads((p / CONFIG_FILE).read_text())
-        cfg = EagleConfig(**meta["config"])
+        fmt = meta.get("format", EagleHead.FORMAT)
+        if fmt not in kinds:
+            raise ValueError(f"unknown format {fmt!r}")
+        config_cls, head_cls = kinds[fmt]
+        cfg = config_cls(**meta["config"])
     except (ValueError, KeyError, TypeError) as e:
-        raise LeanLMError(f"{p / CONFIG_FILE} is not a valid head config ({e}); rebuild the head with leanlm draft --method eagle") from None
+        raise LeanLMError(f"{p / CONFIG_FILE} is not a valid head config ({e}); rebuild the head with leanlm draft") from None
+    method = fmt.split("-")[1]
     arch = arch_of(model)
     for what, mine, theirs in (("hidden size", cfg.hidden, arch.hidden), ("vocabulary", cfg.vocab, arch.vocab)):
         if mine != theirs:
             raise LeanLMError(f"the head {path} was trained for a model with {what} {mine}, this model has {theirs}: a head "
-                              "drafts only for the model it was trained on; train one with leanlm draft MODEL --method eagle")
+                              f"drafts only for the model it was trained on; train one with leanlm draft MODEL --method {method}")
     h = target_hash(model)
     if h != cfg.target_hash:
         raise LeanLMError(f"the head {path} was trained for another checkpoint (hash {cfg.target_hash}, this model {h}); "
-                          "a head drafts only for the model it was trained on; train one with leanlm draft MODEL --method eagle")
+                          f"a head drafts only for the model it was trained on; train one with leanlm draft MODEL --method {method}")
     sd = load_file(str(p / HEAD_FILE))
     vmap = sd["vocab_map"]
-    head = EagleHead(cfg, model.get_input_embeddings(), model.get_output_embeddings().weight[vmap], vmap)
+    head = head_cls(cfg, model.get_input_embeddings(), model.get_output_embeddings().weight[vmap], vmap)
     missing, unexpected = head.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if not k.startswith("body.embed_tokens")]:
         raise LeanLMError(f"{p / HEAD_FILE} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); rebuild it")
@@ -182,21 +217,18 @@ def load_head(path, model: nn.Module) -> EagleHead:
 # ------------------------------------------------------------------------------------------- drafting
 
 
-class EagleDrafter:
-    """A drafter (`start` / `propose`) running an `EagleHead` on the target's features.
+class FeatureDrafter:
+    """What a drafter reading the target's features shares (EAGLE here, Medusa in medusa.py): `attach(target)` (called
+    by the decode loop) asks the target StepModel to keep its last hidden states, `_collect` keeps one feature per
+    committed token the target has run (the last committed token has none yet: the target chose it there)."""
 
-    `attach(target)` (called by the decode loop) asks the target StepModel to keep its last hidden
-    states. The head's cache holds one position per committed token whose feature the target has
-    produced; draft positions are dropped at the next round (the target's real features replace the
-    head's predicted ones)."""
-
-    def __init__(self, head: EagleHead):
+    def __init__(self, head):
         self.head = head
         self.target = None
 
     def attach(self, target) -> None:
         if not hasattr(target, "keep_hidden"):
-            raise LeanLMError(f"{type(target).__name__} cannot expose its hidden states; an EAGLE head needs the leanlm runtime "
+            raise LeanLMError(f"{type(target).__name__} cannot expose its hidden states; a draft head needs the leanlm runtime "
                               "Engine or a Hugging Face model as the target")
         self.target = target
         target.keep_hidden = True
@@ -206,14 +238,9 @@ class EagleDrafter:
         if self.target is not None:
             self.target.keep_hidden = False
 
-    def start(self, prompt: torch.Tensor) -> None:
-        from transformers import DynamicCache
-
+    def _require_target(self) -> None:
         if self.target is None:
-            raise LeanLMError("EagleDrafter needs the target: call attach(target) first (speculative_generate does)")
-        self.cache = DynamicCache(config=self.head.body.config)
-        self.real = 0                                   # head cache positions fed with real (target) features
-        self.feats = torch.zeros(prompt.shape[0], 0, self.head.cfg.hidden)
+            raise LeanLMError(f"{type(self).__name__} needs the target: call attach(target) first (speculative_generate does)")
 
     def _collect(self) -> None:
         """Append the target's features of positions not yet held (the last forward covered hidden_start.. on)."""
@@ -223,10 +250,24 @@ class EagleDrafter:
         if n > have:
             start = t.hidden_start
             if start > have:
-                raise LeanLMError("the target's hidden states skipped positions; EagleDrafter must see every target forward")
+                raise LeanLMError(f"the target's hidden states skipped positions; {type(self).__name__} must see every target forward")
             self.feats = torch.cat([self.feats[:, :start], t.hidden[:, : n - start].float()], 1)
         else:
             self.feats = self.feats[:, :n]
+
+
+class EagleDrafter(FeatureDrafter):
+    """A drafter (`start` / `propose` / `propose_tree`) running an `EagleHead` on the target's features. The head's cache
+    holds one position per committed token whose feature the target has produced; draft positions are dropped at the
+    next round (the target's real features replace the head's predicted ones)."""
+
+    def start(self, prompt: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self._require_target()
+        self.cache = DynamicCache(config=self.head.body.config)
+        self.real = 0                                   # head cache positions fed with real (target) features
+        self.feats = torch.zeros(prompt.shape[0], 0, self.head.cfg.hidden)
 
     def _catch_up(self, ctx: torch.Tensor):
         """Feed the head the committed tokens it has not seen with their real target features; returns (n, the
@@ -451,12 +492,14 @@ class EagleLoss:
         return reg + self.w_cls * ce, {"reg": reg.item(), "ce": ce.item(), "top1": acc}
 
 
-def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, draft_vocab: int = 8192, samples: int = 128,
+def train_head(model: nn.Module, tokenizer, budget: str | float = "30m", *, method: str = "eagle", heads: int = 4,
+               draft_vocab: int = 8192, samples: int = 128,
                 prompt_tokens: int = 64, new_tokens: int = 128, seq_len: int = 128, batch: int = 8, lr: float = 1e-3,
                 max_tokens: int | None = None, checkpoint_dir=None, progress: bool = True, seed: int = 0,
                 data: dict | None = None, gen_share: float = 0.4, corpus_share: float = 0.5, corpus_tokens: int = 262144,
-                tree_nodes: int = 12) -> EagleHead:
-    """Train an EAGLE-1 head for the Hugging Face `model` (Li et al. 2024) by self-distillation.
+                tree_nodes: int = 12) -> nn.Module:
+    """Train a draft head for the Hugging Face `model` by self-distillation: an EAGLE-1 head (Li et al. 2024; method
+    "eagle") or `heads` Medusa heads (Cai et al. 2024, `medusa.py`; method "medusa"), on the same text and trainer.
     Ctrl-C raises `TrainingInterrupted` after saving a checkpoint (with `checkpoint_dir`); the same call resumes.
 
     `budget` (the one budget syntax: "30m" wall time, or "2M" tokens) covers the training text (at most `gen_share`
@@ -476,6 +519,8 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     arch = arch_of(model)
     if not 1 <= draft_vocab:
         raise LeanLMError(f"--draft-vocab must be >= 1, got {draft_vocab}")
+    if method not in ("eagle", "medusa") or heads < 1:
+        raise LeanLMError(f"a draft head is --method eagle or medusa with --heads >= 1, got {method!r} with {heads} heads")
     t0, c0 = time.perf_counter(), time.process_time()
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if data is None:
@@ -501,7 +546,7 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
                     save_file(data, str(tmp))
     gen_s = time.perf_counter() - t0
     vmap = _frequent_tokens(data["tokens"], arch.vocab, draft_vocab)
-    head = make_head(model, vmap, seed=seed)
+    head = make_head(model, vmap, seed=seed, method=method, heads=heads)
     if limits["max_minutes"] is not None:
         limits["max_minutes"] = max(limits["max_minutes"] - gen_s / 60, 0.05)
     cfg = TrainConfig(**limits, lr=lr, warmup_steps=0, schedule="constant", batch_size=batch, seq_len=seq_len, seed=seed,
@@ -512,13 +557,15 @@ def train_eagle(model: nn.Module, tokenizer, budget: str | float = "30m", *, dra
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    log = {"method": "eagle", "draft_vocab": int(vmap.numel()), "text_tokens": int(data["tokens"].numel()),
+    log = {"method": method, **({"heads": heads} if method == "medusa" else {}), "draft_vocab": int(vmap.numel()), "text_tokens": int(data["tokens"].numel()),
            "corpus_share": corpus_share,
            "sequences": int(data["seq"].max()) + 1, "generation_seconds": gen_s, "steps": 0, "tokens": 0, "seconds": 0.0,
            "loss_first": None, "loss_last": None, "top1_last": None,
            "vocab_coverage": float(torch.isin(data["tokens"], vmap).float().mean())}
     try:
-        res = train(head, EagleLoss(data), positions, cfg, params=params)
+        from .medusa import MedusaLoss
+
+        res = train(head, MedusaLoss(data) if method == "medusa" else EagleLoss(data), positions, cfg, params=params)
         log.update(steps=res.steps, tokens=res.tokens, seconds=res.seconds)
         if res.history:
             log.update(loss_first=res.history[0]["loss"], loss_last=res.history[-1]["loss"], top1_last=res.history[-1]["top1"])
@@ -543,7 +590,7 @@ MEASURE_WIDTHS = (8, 4, 4, 3, 3)   # the comb tree measure_tree drafts: children
 
 
 @torch.inference_mode()
-def measure_tree(model: nn.Module, head: EagleHead, prompts: list[torch.Tensor], nodes: int = 12, new_tokens: int = 64,
+def measure_tree(model: nn.Module, head: nn.Module, prompts: list[torch.Tensor], nodes: int = 12, new_tokens: int = 64,
                  widths=MEASURE_WIDTHS) -> tuple[list[list[int]], list[list[float]]]:
     """Choose a draft tree for `head` from measured acceptance: greedy tree decoding of `prompts` (each [1, L]) on the
     float32 runtime with a comb tree (a spine of rank-0 drafts, each with `widths[d]` children) counts, per depth and
@@ -554,11 +601,13 @@ def measure_tree(model: nn.Module, head: EagleHead, prompts: list[torch.Tensor],
     from .decode import speculative_generate
     from .tree import DraftTree, RankCounts, tree_from_acceptance
 
+    if getattr(head, "max_tree_depth", None):   # a Medusa head drafts as deep as it has heads
+        widths = widths[: head.max_tree_depth]
     comb = DraftTree.from_paths([(0,) * d + (r,) for d, w in enumerate(widths) for r in range(w)])
     total = RankCounts()
     eng = Engine(model, "fp32", max_seq_len=max(p.shape[1] for p in prompts) + new_tokens + comb.size + 1)
     for ids in prompts:
-        _, st = speculative_generate(eng, EagleDrafter(head), ids, new_tokens, tree=comb)
+        _, st = speculative_generate(eng, drafter_for(head), ids, new_tokens, tree=comb)
         total.merge(st.ranks)
     acc = total.acceptance(prior=1)
     return tree_from_acceptance(acc, nodes).to_list(), acc

@@ -65,6 +65,7 @@ VARIANTS = {
     "awq + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(), AutoRound(float_targets=True)]),
     "autoround (quantized-stream targets)": lambda: QuantConfig(G64, [AutoRound(float_targets=False)]),
     "w4a16-autoround (bfloat16 training)": lambda: QuantConfig(G64, [AutoRound(train_dtype="bfloat16")]),
+    "w4a16 = awq + autoround (bfloat16 training)": lambda: QuantConfig(G64, [AWQ(), AutoRound(train_dtype="bfloat16")]),
     "awq signed clip + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=True)]),
 }
 
@@ -135,7 +136,9 @@ def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: flo
             return {"error": f"stopped after {time.perf_counter() - t0:.0f} s (--peer-timeout); last progress: {_last_line(log)}"}
     if rc != 0 or not (out / "peer.json").exists():
         return {"error": f"exit {rc}: {_last_line(log)}"}
-    return json.loads((out / "peer.json").read_text())
+    r = {**json.loads((out / "peer.json").read_text()), "run": RUN}  # a later reuse still names the run that made it
+    (out / "peer.json").write_text(json.dumps(r, indent=1))
+    return r
 
 
 def gptq_timing(float_dir, ids, samples, seq_len, repeats, work: Path) -> dict:
@@ -248,7 +251,7 @@ def main() -> None:
                 continue
             r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, work,
                          a.peer_timeout, windows=a.windows)
-            peers[f"{tool} {scheme}"] = {"compare_with": ours, **r, "run": RUN}
+            peers[f"{tool} {scheme}"] = {"compare_with": ours, "run": RUN, **r}
             print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
             report(a, base, rows, mixed, peers, timing, final=False)
 
@@ -261,11 +264,21 @@ def _pct(v: dict, key: str, base: float | None) -> str:
     return f"{v[key]:.4f} ({v[key] / base - 1:+.2%})" if v.get(key) is not None and base else "-"
 
 
+def family(name: str) -> str:
+    """The scheme a leanlm row or a peer's `compare_with` belongs to in the best-against-best table: every
+    W4A16 symmetric g64 algorithm is one family, every NVFP4 W4A4 one (weights and activations), the rest their own."""
+    if name.startswith(("w4a16", "int4_g64", "awq")) and name != "w4a16-rtn-asym":
+        return "w4a16 g64, best algorithm"
+    if name.startswith("nvfp4") and name != "nvfp4-w4a16":
+        return "nvfp4 w4a4, best algorithm"
+    return name
+
+
 def best_peer_table(base, base_news, rows, peers) -> tuple[list[list], dict]:
     """For each leanlm scheme a peer ran: the best leanlm row of that scheme family against the best
     peer result, as a ratio of perplexity increases on each text (below 1: leanlm is better)."""
     out, summary = [], {}
-    fam = lambda k: "w4a16 g64, best algorithm" if k.startswith(("w4a16", "int4_g64", "awq")) else k  # noqa: E731
+    fam = family
     schemes = list(dict.fromkeys(fam(v["compare_with"]) for v in peers.values()))
     for sch in schemes:
         ok = {k: v for k, v in peers.items() if fam(v["compare_with"]) == sch and "error" not in v and v.get("perplexity")}
@@ -295,8 +308,9 @@ def report(a, base, rows, mixed, peers, timing, final):
           + f" ({a.windows} x 512 tokens each); calibration {a.samples} x {a.seq_len} tokens from the first 40 wiki articles "
           f"(neither evaluation text is calibrated on); torch {torch.__version__}, {os.cpu_count()} cores. "
           "lm_head kept in float (tied to the embedding) in every scheme; \"avg bits\" averages over all linear weights "
-          "including that float32 head.\n\n**The machine was loaded** (other jobs shared its 2 cores, load averages in the "
-          "tables): calibration seconds are wall times under that load, comparable only between rows of similar load. "
+          "including that float32 head.\n\nCalibration seconds are wall times at the 1-minute load average in the tables "
+          "(before / after calibration; about 2 is one calibration alone on the 2 cores, more means other jobs shared them): "
+          "compare them only between rows of similar load, or see bench/calib_time.py's interleaved runs. "
           "Perplexity is unaffected by load.\n"]
     def load(v):
         la = v.get("load_average_1min")
@@ -330,7 +344,7 @@ def report(a, base, rows, mixed, peers, timing, final):
         if best:
             md.append("## Best leanlm result against the best peer result, per scheme\n\nratio = leanlm's perplexity increase / "
                       "the peer's (below 1: leanlm better; the issue's target for W4A16 g64 is at most 0.8 on both texts). "
-                      "For w4a16 the best of every leanlm W4A16 g64 row counts.\n\n"
+                      "For w4a16 the best of every leanlm W4A16 g64 row counts, for nvfp4 the best NVFP4 W4A4 row.\n\n"
                       + md_table(["scheme", "text", "best leanlm", "best peer", "ratio"], best))
     if timing:
         if "error" in timing:

@@ -205,6 +205,12 @@ def main(argv=None) -> int:
         model=model, processor=tok, dataset=loader, recipe=recipe, num_calibration_samples=args.samples,
         max_seq_length=args.seq_len, shuffle_calibration_samples=False, log_dir=None)) or model
 
+    # auto-round trains in bfloat16 on CPUs (its amp default) and leaves some modules' weights and scales in bfloat16;
+    # every value it produced is exact in float32, so the model is scored in float32 like every other row.
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    if dtypes != ["torch.float32"]:
+        report["cast_to_float32_for_scoring"] = {"dtypes_after_calibration": dtypes}
+        model = model.float()
     state, qinfo = dequantized_state(model)
     act_quant = qinfo["input_quantized_modules"] > 0
     report["quantized_modules"] = qinfo

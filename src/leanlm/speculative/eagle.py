@@ -77,7 +77,7 @@ class EagleHead(nn.Module):
     `embed` (the target's input embedding) and the head rows (the target's lm_head rows at `vocab_map`)
     are the target's, held but never trained or saved."""
 
-    FORMAT = "leanlm-eagle-1"
+    METHOD, FORMAT = "eagle", "leanlm-eagle-1"
 
     def __init__(self, cfg: EagleConfig, embed: nn.Module, head_rows: torch.Tensor, vocab_map: torch.Tensor):
         super().__init__()
@@ -194,7 +194,7 @@ def load_head(path, model: nn.Module) -> nn.Module:
         cfg = config_cls(**meta["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise LeanLMError(f"{p / CONFIG_FILE} is not a valid head config ({e}); rebuild the head with leanlm draft") from None
-    method = fmt.split("-")[1]
+    method = head_cls.METHOD
     arch = arch_of(model)
     for what, mine, theirs in (("hidden size", cfg.hidden, arch.hidden), ("vocabulary", cfg.vocab, arch.vocab)):
         if mine != theirs:

@@ -59,7 +59,7 @@ class MedusaHead(nn.Module):
     """`cfg.heads` stacks of residual blocks over a feature, each read by the target's lm_head rows at `vocab_map`
     (held, never trained or saved). `embed` is accepted for the shared head constructor and not used."""
 
-    FORMAT = FORMAT
+    METHOD, FORMAT = "medusa", FORMAT
 
     def __init__(self, cfg: MedusaConfig, embed: nn.Module, head_rows: torch.Tensor, vocab_map: torch.Tensor):
         super().__init__()

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Algorithm variants on the reference 4-bit scheme (symmetric INT4, groups of 64).
 G64 = [("*weight_quantizer", QuantizerConfig("int4_g64")), ("*lm_head*", None)]
 G64_MSE = [("*weight_quantizer", QuantizerConfig("int4_g64", method="mse")), ("*lm_head*", None)]
+G64_FULL = [("*weight_quantizer", QuantizerConfig("int4_g64", method="full")), ("*lm_head*", None)]
 # (The presets already cover rtn, mse clip, awq, gptq and awq + gptq on this scheme.)
 VARIANTS = {
     "int4_g64 gptq without act_order": lambda: QuantConfig(G64, [GPTQ(act_order=False)]),
@@ -66,6 +67,19 @@ VARIANTS = {
     "autoround (quantized-stream targets)": lambda: QuantConfig(G64, [AutoRound(float_targets=False)]),
     "w4a16-autoround (bfloat16 training)": lambda: QuantConfig(G64, [AutoRound(train_dtype="bfloat16")]),
     "w4a16 = awq + autoround (bfloat16 training)": lambda: QuantConfig(G64, [AWQ(), AutoRound(train_dtype="bfloat16")]),
+    # The full-range grid (range method "full": scale = signed extreme / -8, codes -8..7; llama.cpp's Q4_0, the
+    # reference AutoRound's int_sym), bench/results/w4_full.md.
+    "rtn (full range)": lambda: QuantConfig(G64_FULL, []),
+    "awq (full range)": lambda: QuantConfig(G64_FULL, [AWQ()]),
+    "gptq (full range)": lambda: QuantConfig(G64_FULL, [GPTQ()]),
+    "autoround (full range)": lambda: QuantConfig(G64_FULL, [AutoRound()]),
+    "awq + autoround (full range)": lambda: QuantConfig(G64_FULL, [AWQ(), AutoRound()]),
+    "awq + autoround (full-range rounding)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True)]),
+    "awq + autoround (full-range rounding, keep last)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True, keep="last")]),
+    # the amax / 7 grid throughout (the presets before bench/results/w4_full.md)
+    "rtn (amax/7)": lambda: QuantConfig(G64, []),
+    "awq (amax/7)": lambda: QuantConfig(G64, [AWQ()]),
+    "gptq (amax/7)": lambda: QuantConfig(G64, [GPTQ()]),
     "awq signed clip + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=True)]),
 }
 

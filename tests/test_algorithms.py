@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leanlm.quantization import algorithms as alg
-from leanlm.quantization.formats import compute_qparams, fake_quantize, fake_quantize_with, parse_format
+from leanlm.quantization.formats import compute_qparams, fake_quantize, fake_quantize_with, parse_format, quantize
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -325,6 +325,29 @@ def test_weight_qparams_mse_not_worse_than_max(fmt):
     assert e_mse <= e_max
     if fmt in ("int4_g32", "int3"):
         assert e_mse < 0.9 * e_max
+
+
+@pytest.mark.parametrize("fmt", ["int4_g64", "int3_g32", "int4", "int4_tensor"])
+def test_weight_qparams_full_range_grid(fmt):
+    """"full": each cell's largest-magnitude value decodes exactly from the extra negative code (scale = -e / 2**(n-1),
+    negative where e > 0), and on Gaussian weights the finer step beats max's amax / qmax in squared error."""
+    f = parse_format(fmt)
+    w = torch.randn(64, 128, generator=_gen())
+    qp = alg.weight_qparams(w, f, "full")
+    codes = quantize(w, f, qp)
+    v, c = alg._cells(w, f), alg._cells(codes.float(), f)
+    ext = v.gather(-1, v.abs().argmax(-1, keepdim=True))
+    assert torch.equal(c.gather(-1, v.abs().argmax(-1, keepdim=True)), torch.full_like(ext, -(f.qmax + 1)))
+    assert torch.allclose(alg._stat(ext, f), -(f.qmax + 1) * qp.scale)
+    assert f.granularity == "tensor" or ((qp.scale < 0).any() and (qp.scale > 0).any())
+    wq = fake_quantize(w, f, qp)
+    assert (wq - w).pow(2).sum() < (_rtn(w, f) - w).pow(2).sum()
+    # an amax override sets the magnitude, the sign stays the extreme's
+    half = alg.weight_qparams(w, f, "full", amax=alg._reduce(v.abs(), f, "amax") / 2)
+    assert torch.allclose(half.scale, qp.scale / 2)
+    for bad in ("int4_g64_asym", "nvfp4", "fp8_e4m3"):
+        with pytest.raises(ValueError, match="full"):
+            alg.weight_qparams(w, bad, "full")
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32_asym", "int3", "nvfp4", "int8_tensor"])

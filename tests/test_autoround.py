@@ -53,7 +53,7 @@ def test_autoround_config_round_trip_and_bad_settings():
     back = QuantConfig.from_dict(cfg.to_dict())
     assert back.algorithms == [AutoRound(iters=7, batch=3)]
     assert QuantConfig.from_dict(_cfg("int4_g32", AutoRound(train_dtype="bfloat16")).to_dict()).algorithms[0].train_dtype == "bfloat16"
-    for bad in ({"iters": 0}, {"batch": 0}, {"lr": -1.0}, {"min_clip": 0.0}, {"train_dtype": "float16"}):
+    for bad in ({"iters": 0}, {"batch": 0}, {"lr": -1.0}, {"min_clip": 0.0}, {"train_dtype": "float16"}, {"keep": "first"}):
         with pytest.raises(LeanLMError, match="AutoRound"):
             AutoRound(**bad)
     model = make_llama(vocab_size=300)
@@ -191,3 +191,45 @@ def test_w4a8_and_nvfp4_calibrated_presets_beat_round_to_nearest_on_held_out_log
             with torch.no_grad():
                 err[name] = (q(held, use_cache=False).logits - ref).pow(2).mean().item()
         assert err[calibrated] < ratio * err[plain], err
+
+
+def test_autoround_full_range_grid_runs_and_exports_exactly(tmp_path, tiny_tokenizer):
+    """The "full" range method under AWQ + AutoRound: each group's scale is its signed extreme / -8 (llama.cpp's Q4_0 convention), so
+    scales may be negative and code -8 is used; the weights lie on that grid, the packed int4 runtime decodes them,
+    and compressed-tensors and GGUF Q4_0 carry them without requantizing."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed: pip install -e '.[export]'")
+    from leanlm.export import export
+    from leanlm.export import gguf as G
+    from leanlm.export.consumers import load_compressed_tensors
+    from leanlm.quantization import AWQ
+    from leanlm.quantization.formats import quantize as qcodes
+    from leanlm.runtime import Engine
+
+    model = make_llama(vocab_size=len(tiny_tokenizer), hidden=64, layers=2, intermediate=128)
+    g = torch.Generator().manual_seed(0)
+    ids, held = torch.randint(0, 300, (16, 32), generator=g), torch.randint(0, 300, (2, 24), generator=g)
+    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig("int4_g32", method="full")), ("*lm_head*", None)],
+                      [AWQ(grid=4), AutoRound(iters=20, batch=4)], calib_batch=4)
+    assert QuantConfig.from_dict(cfg.to_dict()).rules[0][1].method == "full"
+    quantize(model, cfg, ids, progress=False)
+    negative = minus8 = 0
+    for name, q in quantizers(model).items():
+        if q.enabled and q.role == "weight":
+            w = dict(model.named_modules())[name.rsplit(".", 1)[0]].weight.detach()
+            assert torch.equal(fake_quantize(w, q.fmt, q.qparams), w.float()), name
+            negative += int((q.qparams.scale < 0).sum())
+            minus8 += int((qcodes(w.float(), q.fmt, q.qparams) == -8).sum())
+    assert negative > 0 and minus8 > 0
+    with torch.no_grad():
+        want = model(held).logits
+    eng = Engine(model, max_batch=2, max_seq_len=64)
+    lin, layout = model.model.layers[1].mlp.down_proj, eng.model.layers[1].down
+    fq = lin.weight.detach().float()
+    assert (layout.dequantize() - fq).abs().max() <= 1e-2 * fq.abs().max()
+    got = eng.forward(held)
+    assert (got - want).abs().max() <= 0.15 * want.abs().max() and torch.equal(got.argmax(-1), want.argmax(-1))
+    out = export(model, "compressed-tensors", tmp_path / "ct", tokenizer=tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.equal(load_compressed_tensors(out)(held).logits, want)
+    export(model, "gguf", tmp_path / "m.gguf", tokenizer=tiny_tokenizer)
+    assert G.last_report["quant"] == "Q4_0" and len(G.last_report["reused_exact"]) == 14 and not G.last_report["requantized"]

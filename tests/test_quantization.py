@@ -147,6 +147,9 @@ def test_bad_inputs(tiny_model, tmp_path):
     leanlm.save(tiny_model, tmp_path / "o")
     with pytest.raises(LeanLMError, match="already exists"):
         leanlm.save(tiny_model, tmp_path / "o")
+    for fmt in ("int4_g64_asym", "nvfp4", "fp8_e4m3"):   # the full-range grid is a symmetric int grid
+        with pytest.raises(LeanLMError, match="range method 'full' needs a symmetric int format"):
+            QuantizerConfig(fmt, method="full")
 
 
 def test_config_json_round_trip():

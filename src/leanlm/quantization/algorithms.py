@@ -10,7 +10,7 @@ there). Functions return new float32 tensors and never modify their inputs, exce
 ``apply_smoothing`` (in place, by design).
 
 Ranges
-    ``weight_qparams(w, fmt, method="max"|"percentile"|"mse", *, percentile=99.9, grid=100,
+    ``weight_qparams(w, fmt, method="max"|"percentile"|"mse"|"full", *, percentile=99.9, grid=100,
     norm=2.4, amax=None, global_amax=None) -> QParams``
     ``activation_amax(x | [x, ...], method="max"|"percentile", percentile=99.99) -> 0-d tensor``
     ``AbsMaxObserver()``: ``.update(x)``; ``.channel_absmax [C]``, ``.channel_absmean [C]``,
@@ -31,7 +31,7 @@ AWQ (Lin et al. 2024)
     scales="x"|"duo"|"both") -> s [in]``; apply with ``apply_smoothing``
     ``awq_loss(x, weights, fmt, s, weight_method="max") -> float`` (the objective awq_search minimizes)
     ``awq_clip(x [n, in], w, fmt, *, grid=20, max_shrink=0.5, n_samples_max=512, signed=False,
-    gram=None) -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
+    gram=None, method="max") -> amax`` in the statistics shape; use as ``weight_qparams(w, fmt, "max", amax=amax)``
     Both objectives are read through the Gram matrix ``x^T x`` of the samples (``_gram``).
 """
 
@@ -47,6 +47,7 @@ from .formats import QFormat, QParams, _grouped, compute_qparams, fake_quantize,
 
 __all__ = [
     "METHODS",
+    "full_range_scale",
     "weight_qparams",
     "activation_amax",
     "AbsMaxObserver",
@@ -61,7 +62,7 @@ __all__ = [
     "awq_clip",
 ]
 
-METHODS = ("max", "percentile", "mse")
+METHODS = ("max", "percentile", "mse", "full")
 ACT_SAMPLE_LIMIT = 1 << 20  # values per tensor kept by activation_amax(method="percentile")
 _SEARCH_CHUNK = 1 << 22  # weight elements searched at once by weight_qparams(percentile / mse)
 
@@ -99,6 +100,13 @@ def _quantile_last(v: torch.Tensor, q: float) -> torch.Tensor:
     hi = min(lo + 1, m - 1)
     frac = pos - lo
     return s[..., lo : lo + 1] * (1 - frac) + s[..., hi : hi + 1] * frac
+
+
+def full_range_scale(mag: torch.Tensor, positive: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """The ``full`` range method's scale for cells of largest magnitude ``mag`` whose extreme is ``positive`` (bool):
+    ``-mag / 2**(n-1)`` or ``+mag / 2**(n-1)``, so the extreme decodes from the grid's extra negative code."""
+    s = torch.where(positive, -mag, mag) / (fmt.qmax + 1)
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _is_asym(fmt: QFormat) -> bool:
@@ -145,8 +153,12 @@ def weight_qparams(
     with the smallest ``sum |w - Q(w)|**norm``; it never loses to ``max`` (factor 1 is a candidate).
     Works for every format: nvfp4/MX/nf4 block scales are derived by the format from the chosen
     per-block amax (MX scales are powers of two, so few candidates differ).
+    ``full`` (symmetric ints only): the cell's signed extreme ``e`` (its largest-magnitude value) gives
+    ``scale = -e / 2**(n-1)``, so ``e`` lands exactly on the extra negative code (-8 of int4's -8..7)
+    and the step is 1/8 of the range instead of 1/7; the scale is negative when ``e`` is positive
+    (llama.cpp's Q4_0 and the reference AutoRound's ``int_sym`` grid).
 
-    ``amax`` (only with ``method="max"``) clips the range to ``[-amax, amax]``, in the statistics
+    ``amax`` (only with ``method="max"`` or ``"full"``) clips the range to ``[-amax, amax]``, in the statistics
     shape (e.g. from ``awq_clip``): symmetric formats use it as their amax; asymmetric ints use
     ``[max(min w, -amax), min(max w, amax)]``. ``global_amax`` (nvfp4 only) fixes the tensor-level
     amax of the FP32 global scale; default the observed max |w| (the global scale is never shrunk).
@@ -156,13 +168,22 @@ def weight_qparams(
         raise ValueError(f"unknown range method {method!r}; valid: {', '.join(METHODS)}")
     if global_amax is not None and fmt.kind != "nvfp4":
         raise ValueError(f"global_amax applies to nvfp4 only, not {fmt.name}")
-    if amax is not None and method != "max":
+    if method == "full" and not (fmt.kind == "int" and fmt.symmetric):
+        raise ValueError(f"range method 'full' applies to symmetric int formats, not {fmt.name}")
+    if amax is not None and method not in ("max", "full"):
         raise ValueError(f"an amax override is used as is; it cannot be combined with method {method!r}")
     w = w.detach()
     v = _cells(w, fmt)
     if fmt.kind == "nvfp4" and global_amax is None:
         global_amax = v.abs().amax()
     asym = _is_asym(fmt)
+    if method == "full":
+        pos, neg = _reduce(v, fmt, "amax"), _reduce(-v, fmt, "amax")
+        mag = torch.maximum(pos, neg)
+        if amax is not None:
+            a = torch.as_tensor(amax, dtype=torch.float32, device=v.device).abs()
+            mag = a.reshape(mag.shape) if a.numel() == mag.numel() else a.expand_as(mag)
+        return QParams(scale=full_range_scale(mag, pos >= neg, fmt))
     if asym:
         lo, hi = _reduce(v, fmt, "amin"), _reduce(v, fmt, "amax")
         base = (lo, hi)
@@ -882,6 +903,7 @@ def awq_clip(
     batch_out: int | None = None,
     signed: bool = False,
     gram: torch.Tensor | None = None,
+    method: str = "max",
 ) -> torch.Tensor:
     """AWQ's weight clipping search ("auto_clip", Lin et al. 2024, arXiv:2306.00978, section 3.3 /
     reference code): per scale cell, try ``amax = r * max|w|`` for r = 1, 1 - 1/grid, ..., 1 -
@@ -897,6 +919,8 @@ def awq_clip(
     ``x`` [..., in] samples (at most ``n_samples_max`` rows, evenly strided); ``w`` [out, in].
     Returns amax float32 in the statistics shape, to be used as
     ``weight_qparams(w, fmt, "max", amax=amax)`` (the quantizer evaluated in the search).
+    ``method`` is the range method the result will be used with (``max``, or ``full`` for the full-range
+    signed grid: ``weight_qparams(w, fmt, "full", amax=amax)``).
     The errors come from the samples' Gram matrix: each candidate costs ``out x in x group`` flops
     whatever the number of samples (``batch_out`` is unused); ``gram`` passes that matrix when the
     caller has it already (Linears reading the same input).
@@ -918,7 +942,7 @@ def awq_clip(
     best = obs.clone()
     cands = ([obs] if base is not obs else []) + [base * (1.0 - i / grid) for i in range(int(round(max_shrink * grid)) + 1)]
     for a in cands:
-        qp = weight_qparams(w, fmt, "max", amax=a, **gkw)
+        qp = weight_qparams(w, fmt, method, amax=a, **gkw)
         err = _cell_out_err(xs, w - fake_quantize(w, fmt, qp), fmt, G=G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -6,7 +6,8 @@ LLMs" (arXiv:2309.05516). For every quantized Linear of a decoder layer, a round
 (``alpha`` on the maximum, ``beta`` on the minimum of asymmetric grids, in [``min_clip``, 1]) are
 trained together so that the quantized layer's output matches the float layer's output on the
 calibration rows; each step moves every parameter by ``lr`` times the sign of its gradient (signed
-SGD, lr decaying linearly to 0) and the parameters of the step with the lowest loss are kept. The
+SGD, lr decaying linearly to 0) and the parameters of the step with the lowest loss are kept (``keep="best"``,
+the paper's choice) or those of the last step (``keep="last"``). The
 weights are then fixed on the grid: ``Q(w + V * s)`` with the scales of the learned clip, so the
 stored model is an ordinary quantized model (no extra parameters at inference).
 
@@ -14,7 +15,9 @@ Rounding goes through ``formats.fake_quantize_with(ste=True)`` (straight-through
 weight format works; clipping is learned for the formats whose scale is ``amax / qmax`` (int, fp8,
 nf4), while nvfp4 / MX scales (rounded to E4M3 / powers of two) keep their max-based ranges and only
 ``V`` is trained. After AWQ (``[AWQ(), AutoRound()]``) the scaled weights are trained and the
-clip factors start from AWQ's clipping search instead of 1. A sparsified Linear's ``weight_mask``
+clip factors start from AWQ's clipping search instead of 1. ``AutoRound(full_range=True)`` (or a quantizer
+with the ``full`` range method) trains symmetric int scales on the full-range grid, the group's signed extreme
+on code -2**(n-1), as the reference implementation does (``algorithms.weight_qparams``). A sparsified Linear's ``weight_mask``
 zeros stay exactly 0 and its ranges come from the kept weights only.
 
 With activation quantization (W4A8, NVFP4 W4A4), training sees the layer's dynamic activation
@@ -34,6 +37,7 @@ from torch.func import functional_call
 from ..core.calibrate import LayerStep, register, run_layer
 from .calibrate import _weight_quantizer, finish_weight
 from .config import AutoRound
+from .algorithms import full_range_scale
 from .formats import QParams, _grouped, compute_qparams, fake_quantize_with
 from .modules import TensorQuantizer
 
@@ -44,7 +48,7 @@ class RoundingParams(nn.Module):
     """The trainable rounding offset and clip factors of one Linear's weight, and its quantized value."""
 
     def __init__(self, w: torch.Tensor, fmt, mask: torch.Tensor | None, learn_clip: bool,
-                 init_amax: torch.Tensor | None = None):
+                 init_amax: torch.Tensor | None = None, full_range: bool = False, init_full: bool = False):
         super().__init__()
         self.fmt = fmt
         self.shape = w.shape
@@ -61,6 +65,13 @@ class RoundingParams(nn.Module):
         else:
             self.register_buffer("amax", red(g.abs(), "amax"))
         self.learn_clip = learn_clip and fmt.spec.scale in ("f16", "f32")
+        # full_range (symmetric ints): scale = -(signed extreme) * alpha / 2**(n-1), so the extreme sits on the extra
+        # negative code at alpha = 1; alpha may reach 2**(n-1) / qmax, the amax / qmax grid. init_full: init_amax was
+        # searched on the full-range grid (the quantizer's "full" range method), else on amax / qmax.
+        self.full = full_range and self.learn_clip and fmt.kind == "int" and not self.asym
+        self.top = (fmt.qmax + 1) / fmt.qmax if self.full else 1.0
+        if self.full:
+            self.register_buffer("positive", red(g, "amax") >= red(-g, "amax"))
         stat = (self.lo if self.asym else self.amax).shape
         self.V = nn.Parameter(torch.zeros_like(self.wg))
         self.alpha = nn.Parameter(torch.ones(stat, device=w.device), requires_grad=self.learn_clip)
@@ -73,8 +84,9 @@ class RoundingParams(nn.Module):
                 if self.asym:
                     self.alpha.copy_(torch.where(self.hi > 0, torch.minimum(self.hi, a) / self.hi.clamp(min=1e-12), 1.0))
                     self.beta.copy_(torch.where(self.lo < 0, torch.maximum(self.lo, -a) / self.lo.clamp(max=-1e-12), 1.0))
-                else:
-                    self.alpha.copy_(torch.where(self.amax > 0, a / self.amax.clamp(min=1e-12), 1.0).clamp(max=1.0))
+                else:  # the same scale magnitude as the search's grid: a / qmax, or a / 2**(n-1) (init_full)
+                    r = a / self.amax.clamp(min=1e-12) * (1.0 if init_full or not self.full else self.top)
+                    self.alpha.copy_(torch.where(self.amax > 0, r, 1.0).clamp(max=self.top))
 
     def qparams(self) -> QParams:
         """The current scales (differentiable in alpha / beta for amax / qmax formats)."""
@@ -89,6 +101,8 @@ class RoundingParams(nn.Module):
             zero = torch.round(-lo.detach() / scale.detach()).clamp(0, qmax)
             return QParams(scale=scale, zero=zero)
         a = self.amax * self.alpha
+        if self.full:
+            return QParams(scale=full_range_scale(a, self.positive, self.fmt))
         return QParams(scale=torch.where(a == 0, torch.ones_like(a), a / q))
 
     def forward(self) -> torch.Tensor:
@@ -103,7 +117,7 @@ class RoundingParams(nn.Module):
     @torch.no_grad()
     def clamp_(self, min_clip: float) -> None:
         self.V.clamp_(-0.5, 0.5)
-        self.alpha.clamp_(min_clip, 1.0)
+        self.alpha.clamp_(min_clip, self.top)
         self.beta.clamp_(min_clip, 1.0)
 
 
@@ -175,8 +189,9 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
                 y_float = step.run()
         y_all = torch.cat(y_float).float()
     clip_amax = step.state.get("clip_amax", {})  # AWQ's clipping ranges, when AWQ ran first: the starting clip
+    full = {n: _weight_quantizer(m).cfg.method == "full" for n, m in lins.items()}   # the clip search's grid
     params = {n: RoundingParams(m.weight.data, _weight_quantizer(m).fmt, getattr(m, "weight_mask", None), cfg.clip,
-                                clip_amax.get(id(m)))
+                                clip_amax.get(id(m)), cfg.full_range or full[n], full[n])
               for n, m in lins.items()}
     trainable = [p for rp in params.values() for p in rp.parameters() if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]
@@ -200,7 +215,8 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
                     first_loss = lv
                 if lv < best_loss:
                     best_loss = lv
-                    best = [p.detach().clone() for p in trainable]
+                    if cfg.keep == "best":
+                        best = [p.detach().clone() for p in trainable]
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)
                 lr = lr0 * (1 - it / cfg.iters)
                 with torch.no_grad():

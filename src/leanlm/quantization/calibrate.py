@@ -92,6 +92,12 @@ def _collect_samples(layer, hidden, kw, mods: dict[str, nn.Module], max_rows: in
     return {n: torch.cat(v) for n, v in got.items()}
 
 
+def _grid_method(m: nn.Module) -> str:
+    """The range method AWQ's searches quantize with: the weight quantizer's ``full`` grid if it has one, else
+    ``max`` (the searched ranges ``mse`` / ``percentile`` are not repeated inside every candidate)."""
+    return "full" if _weight_quantizer(m).cfg.method == "full" else "max"
+
+
 @torch.no_grad()
 def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
     maps = [mp for mp in maps if any(_weight_quantizer(m) for m in mp.linears)]
@@ -101,8 +107,10 @@ def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
         trim_heap(collect=False)   # as before each GPTQ solve: without it the searches' freed temporaries fragment the heap and
         # a late block of the 1.52B model held 0.4 GB more than its start (measured; --max-memory counts the peak)
         quant = [m for m in mp.linears if _weight_quantizer(m)]   # an unquantized linear's output does not change with s
+        grids = [_grid_method(m) for m in quant]
         s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in quant], [_weight_quantizer(m).fmt for m in quant],
-                           grid=a.grid, n_samples_max=a.samples, scales=a.scales)
+                           grid=a.grid, n_samples_max=a.samples, scales=a.scales,
+                           weight_method="full" if all(g == "full" for g in grids) else "max")
         _apply_scales(mp, s)
     if a.clip:
         lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
@@ -115,7 +123,8 @@ def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
                 G = alg._gram(xs[n])
                 grams.append((xs[n], G))
             clip_amax[id(m)] = alg.awq_clip(xs[n], m.weight.data.float(), _weight_quantizer(m).fmt, grid=a.clip_grid,
-                                            n_samples_max=a.clip_samples, signed=a.clip_signed, gram=G)
+                                            n_samples_max=a.clip_samples, signed=a.clip_signed, gram=G,
+                                            method=_grid_method(m))
 
 
 def _fusable(fmt) -> bool:
@@ -222,7 +231,7 @@ def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, sta
         w = m.weight.data.float()
         kwargs = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else {}
         if id(m) in clip_amax:
-            qp = alg.weight_qparams(w, q.fmt, "max", amax=clip_amax[id(m)])
+            qp = alg.weight_qparams(w, q.fmt, _grid_method(m), amax=clip_amax[id(m)])
         else:
             qp = alg.weight_qparams(w, q.fmt, q.cfg.method, **kwargs)
         finish_weight(m, fake_quantize(w, q.fmt, qp), qp)

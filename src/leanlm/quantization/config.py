@@ -30,7 +30,8 @@ class QuantizerConfig:
     """How one tensor is quantized.
 
     format: a format name from ``formats.parse_format`` (``int4_g64``, ``int8_token``, ``fp8_e4m3``,
-    ``nvfp4``, ...). method: how a static range is chosen (``max``, ``percentile``, ``mse``).
+    ``nvfp4``, ...). method: how a static range is chosen (``max``, ``percentile``, ``mse``; ``full``
+    for symmetric int weights: the signed extreme on the extra negative code, ``algorithms.weight_qparams``).
     dynamic: activations only; scales are computed from each input at run time (per token or per
     block) instead of being calibrated once.
     """
@@ -45,8 +46,11 @@ class QuantizerConfig:
             parse_format(self.format)
         except ValueError as e:
             raise LeanLMError(str(e)) from None
-        if self.method not in ("max", "percentile", "mse"):
-            raise LeanLMError(f"unknown range method {self.method!r}; use max, percentile or mse")
+        if self.method not in ("max", "percentile", "mse", "full"):
+            raise LeanLMError(f"unknown range method {self.method!r}; use max, percentile, mse or full")
+        fmt = parse_format(self.format)
+        if self.method == "full" and not (fmt.kind == "int" and fmt.symmetric):
+            raise LeanLMError(f"range method 'full' needs a symmetric int format, not {self.format!r}; use max")
 
 
 @dataclass
@@ -151,6 +155,15 @@ class AutoRound:
     ``train_dtype="bfloat16"`` runs the signed-gradient steps (forward and backward) under bfloat16
     autocast, as the reference implementation does on CPUs by default; the targets, the offsets and
     clip factors, and the stored weights stay float32. Off by default: never less exact unless asked.
+    ``full_range`` (symmetric ints): train and store on the full-range grid (each group's signed extreme on
+    the extra negative code, ``algorithms.weight_qparams(method="full")``) whatever range method the
+    quantizer has, starting from the same scale magnitude as the grid before it (AWQ's clip on ``amax / 7``
+    in ``w4a16``); a quantizer with the ``full`` range method implies it. The clip factor then runs up to
+    2**(n-1) / qmax (8/7 for int4, where the grid is ``amax / 7`` again).
+    ``keep``: the parameters kept at the end: ``best``, those of the step with the lowest loss on its own
+    ``batch`` rows (the paper's choice), or ``last``, those of the final step. With 2 rows a step the lowest
+    loss mostly marks the easiest rows drawn, and on SmolLM2 ``last`` measured better on both held-out
+    texts (``w4a16`` uses it; docs/quantization.md, "The full-range int grid").
     """
 
     iters: int = 50
@@ -161,8 +174,12 @@ class AutoRound:
     seed: int = 0
     float_targets: bool = True
     train_dtype: str = "float32"
+    full_range: bool = False
+    keep: str = "best"
 
     def __post_init__(self):
+        if self.keep not in ("best", "last"):
+            raise LeanLMError(f"AutoRound keep must be 'best' or 'last', got {self.keep!r}")
         if self.train_dtype not in ("float32", "bfloat16"):
             raise LeanLMError(f"AutoRound train_dtype must be 'float32' or 'bfloat16', got {self.train_dtype!r}")
         if self.iters < 1 or self.batch < 1:
@@ -256,16 +273,21 @@ PRESETS: dict[str, callable] = {
     "w8a8-static": lambda: QuantConfig([_w("int8"), (A, QuantizerConfig("int8_tensor", method="percentile")), HEAD], [SmoothQuant(0.5)]),
     # The 4-bit weight-only preset to reach for first: the best measured algorithm on SmolLM2 (docs/quantization.md,
     # "W4A16: the default algorithm"); the w4a16-* presets name one algorithm (or one chain) each.
-    "w4a16-rtn": lambda: QuantConfig([_w("int4_g64"), HEAD]),
+    # The full-range grid ("full": each group's signed extreme on code -8, llama.cpp's Q4_0 convention) measured better
+    # than amax / 7 on both held-out texts for round to nearest, AWQ and GPTQ (bench/results/w4_full.md); AutoRound alone
+    # was not (better on wiki, worse on news), so w4a16-autoround keeps amax / 7.
+    "w4a16-rtn": lambda: QuantConfig([_w("int4_g64", "full"), HEAD]),
     "w4a16-mse": lambda: QuantConfig([_w("int4_g64", "mse"), HEAD]),
     # asymmetric groups of 32 (llama.cpp Q4_1's grid), round to nearest: Gemma-3-270M keeps +6.8% perplexity where
     # symmetric g64 RTN loses +231% (bench/results/gemma_int4_quality.md)
     "w4a16-rtn-asym": lambda: QuantConfig([_w("int4_g32_asym"), HEAD]),
-    "w4a16-awq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ()]),
-    "w4a16-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [GPTQ()]),
+    "w4a16-awq": lambda: QuantConfig([_w("int4_g64", "full"), HEAD], [AWQ()]),
+    "w4a16-gptq": lambda: QuantConfig([_w("int4_g64", "full"), HEAD], [GPTQ()]),
     "w4a16-autoround": lambda: QuantConfig([_w("int4_g64"), HEAD], [AutoRound()]),
-    # AWQ's scales and clipping, then AutoRound from AWQ's clip against the float model's outputs.
-    "w4a16-awq-autoround": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(), AutoRound()]),
+    # AWQ's scales and clipping (searched on amax / 7), then AutoRound from AWQ's clip against the float model's outputs,
+    # rounding onto the full-range grid (better on both texts than AWQ searching on the full-range grid too), keeping
+    # the last step's parameters (better on both texts than the lowest-loss step's).
+    "w4a16-awq-autoround": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(), AutoRound(full_range=True, keep="last")]),
     "w4a16-awq-gptq": lambda: QuantConfig([_w("int4_g64"), HEAD], [AWQ(clip=False), GPTQ()]),
     "w3a16-gptq": lambda: QuantConfig([_w("int3_g64"), HEAD], [GPTQ()]),
     # W4A8 (docs/quantization.md, "W4A8 and NVFP4 W4A4"): w4a8 is an alias of the best measured recipe.

@@ -79,6 +79,13 @@ class EagleHead(nn.Module):
 
     METHOD, FORMAT = "eagle", "leanlm-eagle-1"
 
+    @staticmethod
+    def config_for(arch, draft_vocab: int, target: str, heads: int = 1) -> EagleConfig:
+        """The config of a head for a target of architecture `arch` (`heads` is Medusa's; EAGLE has one layer)."""
+        return EagleConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=draft_vocab, heads=arch.heads,
+                           kv_heads=arch.kv_heads, head_dim=arch.head_dim, intermediate=arch.intermediate, eps=arch.eps,
+                           rope_theta=float(arch.rope_theta), target_hash=target, target_type=arch.model_type)
+
     def __init__(self, cfg: EagleConfig, embed: nn.Module, head_rows: torch.Tensor, vocab_map: torch.Tensor):
         super().__init__()
         from transformers import LlamaConfig, LlamaModel
@@ -120,41 +127,45 @@ def _frequent_tokens(ids: torch.Tensor, vocab: int, n: int) -> torch.Tensor:
     return score.topk(min(n, vocab)).indices.sort().values
 
 
+@dataclass(frozen=True)
+class HeadKind:
+    """Everything about one kind of draft head, in one row of `head_kinds()`: its config, module, drafter and
+    training loss. The method name and the folder format are the head class's `METHOD` and `FORMAT`."""
+
+    config: type
+    head: type
+    drafter: type
+    loss: type
+
+
+def head_kinds() -> dict[str, HeadKind]:
+    """method name -> its `HeadKind`: every draft head `leanlm draft --method` trains and a head folder can hold."""
+    from .medusa import MedusaConfig, MedusaDrafter, MedusaHead, MedusaLoss
+
+    return {"eagle": HeadKind(EagleConfig, EagleHead, EagleDrafter, EagleLoss),
+            "medusa": HeadKind(MedusaConfig, MedusaHead, MedusaDrafter, MedusaLoss)}
+
+
+def head_kind(method: str) -> HeadKind:
+    kinds = head_kinds()
+    if method not in kinds:
+        raise LeanLMError(f"unknown draft head method {method!r}; choose {' or '.join(kinds)}")
+    return kinds[method]
+
+
 def make_head(model: nn.Module, vocab_map: torch.Tensor, *, seed: int = 0, method: str = "eagle", heads: int = 4) -> nn.Module:
     """A fresh (random) draft head for the Hugging Face `model`, drafting over the target ids `vocab_map`: an `EagleHead`
     (method "eagle") or a `medusa.MedusaHead` with `heads` heads (method "medusa")."""
-    arch = arch_of(model)
-    if method == "medusa":
-        from .medusa import MedusaConfig, MedusaHead
-
-        if heads < 1:
-            raise LeanLMError(f"a Medusa head needs --heads >= 1, got {heads}")
-        cfg, cls = MedusaConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=int(vocab_map.numel()), heads=heads,
-                                target_hash=target_hash(model), target_type=arch.model_type), MedusaHead
-    elif method == "eagle":
-        cfg = EagleConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=int(vocab_map.numel()), heads=arch.heads,
-                          kv_heads=arch.kv_heads, head_dim=arch.head_dim, intermediate=arch.intermediate, eps=arch.eps,
-                          rope_theta=float(arch.rope_theta), target_hash=target_hash(model), target_type=arch.model_type)
-        cls = EagleHead
-    else:
-        raise LeanLMError(f"unknown draft head method {method!r}; choose eagle or medusa")
+    kind = head_kind(method)
+    cfg = kind.head.config_for(arch_of(model), int(vocab_map.numel()), target_hash(model), heads=heads)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return cls(cfg, model.get_input_embeddings(), model.get_output_embeddings().weight[vocab_map], vocab_map).eval()
-
-
-def _head_classes() -> dict:
-    """format name -> (config class, head class) of every draft head a head folder can hold."""
-    from .medusa import MedusaConfig, MedusaHead
-
-    return {EagleHead.FORMAT: (EagleConfig, EagleHead), MedusaHead.FORMAT: (MedusaConfig, MedusaHead)}
+        return kind.head(cfg, model.get_input_embeddings(), model.get_output_embeddings().weight[vocab_map], vocab_map).eval()
 
 
 def drafter_for(head: nn.Module):
-    """The drafter that runs `head` (an EagleHead or a MedusaHead) in `speculative_generate`."""
-    from .medusa import MedusaDrafter, MedusaHead
-
-    return MedusaDrafter(head) if isinstance(head, MedusaHead) else EagleDrafter(head)
+    """The drafter that runs `head` (any kind of draft head) in `speculative_generate`."""
+    return head_kind(head.METHOD).drafter(head)
 
 
 def save_head(head: nn.Module, out, log: dict | None = None, overwrite: bool = True) -> None:
@@ -184,14 +195,14 @@ def load_head(path, model: nn.Module) -> nn.Module:
     if not is_head_folder(p):
         raise LeanLMError(f"{path} is not a draft head folder (no {CONFIG_FILE} + {HEAD_FILE}); build one with "
                           "`leanlm draft MODEL --method eagle|medusa --out DIR`")
-    kinds = _head_classes()
+    kinds = {k.head.FORMAT: k for k in head_kinds().values()}
     try:
         meta = json.loads((p / CONFIG_FILE).read_text())
         fmt = meta.get("format", EagleHead.FORMAT)
         if fmt not in kinds:
             raise ValueError(f"unknown format {fmt!r}")
-        config_cls, head_cls = kinds[fmt]
-        cfg = config_cls(**meta["config"])
+        head_cls = kinds[fmt].head
+        cfg = kinds[fmt].config(**meta["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise LeanLMError(f"{p / CONFIG_FILE} is not a valid head config ({e}); rebuild the head with leanlm draft") from None
     method = head_cls.METHOD
@@ -519,8 +530,9 @@ def train_head(model: nn.Module, tokenizer, budget: str | float = "30m", *, meth
     arch = arch_of(model)
     if not 1 <= draft_vocab:
         raise LeanLMError(f"--draft-vocab must be >= 1, got {draft_vocab}")
-    if method not in ("eagle", "medusa") or heads < 1:
-        raise LeanLMError(f"a draft head is --method eagle or medusa with --heads >= 1, got {method!r} with {heads} heads")
+    kind = head_kind(method)
+    if heads < 1:
+        raise LeanLMError(f"a draft head needs --heads >= 1, got {heads}")
     t0, c0 = time.perf_counter(), time.process_time()
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if data is None:
@@ -563,9 +575,7 @@ def train_head(model: nn.Module, tokenizer, budget: str | float = "30m", *, meth
            "loss_first": None, "loss_last": None, "top1_last": None,
            "vocab_coverage": float(torch.isin(data["tokens"], vmap).float().mean())}
     try:
-        from .medusa import MedusaLoss
-
-        res = train(head, MedusaLoss(data) if method == "medusa" else EagleLoss(data), positions, cfg, params=params)
+        res = train(head, kind.loss(data), positions, cfg, params=params)
         log.update(steps=res.steps, tokens=res.tokens, seconds=res.seconds)
         if res.history:
             log.update(loss_first=res.history[0]["loss"], loss_last=res.history[-1]["loss"], top1_last=res.history[-1]["top1"])

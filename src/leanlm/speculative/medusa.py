@@ -61,6 +61,14 @@ class MedusaHead(nn.Module):
 
     METHOD, FORMAT = "medusa", FORMAT
 
+    @staticmethod
+    def config_for(arch, draft_vocab: int, target: str, heads: int = 4) -> MedusaConfig:
+        """The config of `heads` Medusa heads for a target of architecture `arch`."""
+        if heads < 1:
+            raise LeanLMError(f"a Medusa head needs --heads >= 1, got {heads}")
+        return MedusaConfig(hidden=arch.hidden, vocab=arch.vocab, draft_vocab=draft_vocab, heads=heads,
+                            target_hash=target, target_type=arch.model_type)
+
     def __init__(self, cfg: MedusaConfig, embed: nn.Module, head_rows: torch.Tensor, vocab_map: torch.Tensor):
         super().__init__()
         self.cfg = cfg

@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.calibrate import LayerStep, register, run_layer
-from .calibrate import _weight_quantizer, finish_weight
+from .calibrate import _grid_method, _weight_quantizer, finish_weight
 from .config import AutoRound
 from .algorithms import full_range_scale
 from .formats import QParams, _grouped, compute_qparams, fake_quantize_with
@@ -189,7 +189,7 @@ def autoround_step(step: LayerStep, cfg: AutoRound) -> None:
                 y_float = step.run()
         y_all = torch.cat(y_float).float()
     clip_amax = step.state.get("clip_amax", {})  # AWQ's clipping ranges, when AWQ ran first: the starting clip
-    full = {n: _weight_quantizer(m).cfg.method == "full" for n, m in lins.items()}   # the clip search's grid
+    full = {n: _grid_method(m) == "full" for n, m in lins.items()}   # the grid AWQ's clip search used
     params = {n: RoundingParams(m.weight.data, _weight_quantizer(m).fmt, getattr(m, "weight_mask", None), cfg.clip,
                                 clip_amax.get(id(m)), cfg.full_range or full[n], full[n])
               for n, m in lins.items()}

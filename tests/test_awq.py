@@ -136,6 +136,8 @@ def test_awq_config_bad_settings():
 
 def test_w4a16_preset_resolves_to_the_chosen_algorithm():
     cfg = preset("w4a16")
-    assert cfg.algorithms == preset("w4a16-awq-autoround").algorithms == [AWQ(), AutoRound(float_targets=True)]
-    assert cfg.rules == preset("w4a16-awq-autoround").rules == preset("w4a16-awq").rules
-    assert cfg.rules[0][1].format == "int4_g64"
+    assert cfg.algorithms == preset("w4a16-awq-autoround").algorithms == [
+        AWQ(), AutoRound(float_targets=True, full_range=True, keep="last")]
+    assert cfg.rules == preset("w4a16-awq-autoround").rules
+    assert cfg.rules[0][1].format == "int4_g64" and cfg.rules[0][1].method == "max"   # AWQ searches on amax / 7
+    assert preset("w4a16-awq").rules[0][1].method == "full"

@@ -84,14 +84,15 @@ def _weight_formats(model: nn.Module) -> dict[str, tuple]:
 
 
 def _quantize_float(model: nn.Module, weights: str, group_size: int | None) -> nn.Module:
-    """A round-to-nearest quantized copy (symmetric; int8 per channel, int4 in groups, head kept float)."""
+    """A round-to-nearest quantized copy (symmetric; int8 per channel; int4 in groups on the full-range grid, as
+    the w4a16-rtn preset; head kept float)."""
     from ..quantization import QuantConfig, QuantizerConfig, quantize
 
     fmt = "int8" if weights == "int8" else f"int4_g{group_size or 64}"
     if weights == "int8" and group_size:
         fmt = f"int8_g{group_size}"
     q = copy.deepcopy(model)
-    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig(fmt)), ("*lm_head*", None)])
+    cfg = QuantConfig([("*weight_quantizer", QuantizerConfig(fmt, method="full" if weights == "int4" else "max")), ("*lm_head*", None)])
     return quantize(q, cfg, progress=False)
 
 
@@ -336,7 +337,8 @@ def export_onnx(model: nn.Module, out: str | Path, *, tokenizer=None, overwrite:
     weights: None exports the model as it is (float, or a leanlm-quantized model's own codes and
     scales); "float" needs a float model; "int8" / "int4" export a leanlm-quantized model whose
     weights are 8-bit / at most 4-bit, or quantize a float model round-to-nearest first (symmetric
-    int8 per output channel, or symmetric int4 in groups of `group_size`, default 64; the head stays
+    int8 per output channel, or symmetric int4 on the full-range grid in groups of `group_size`, default 64, as
+    `w4a16-rtn`; the head stays
     float, as in leanlm's presets). exporter: "torchscript" (default, fast) or "dynamo" (see `_trace`).
     optimize: simplify the graph with onnxscript's optimizer (constant folding, dead code), so the
     file holds fewer nodes and loads faster. Returns the path of ``model.onnx``.

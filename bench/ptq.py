@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import RESULTS, command_line, md_table, setup_threads, write_results
@@ -76,6 +77,10 @@ VARIANTS = {
     "awq + autoround (full range)": lambda: QuantConfig(G64_FULL, [AWQ(), AutoRound()]),
     "awq + autoround (full-range rounding)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True)]),
     "awq + autoround (full-range rounding, keep last)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True, keep="last")]),
+    "w4a16 (4 rows a step)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True, keep="last", batch=4)]),
+    "w4a16 (seed 1)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True, keep="last", seed=1)]),
+    "nvfp4-awq-autoround (keep last)": lambda: replace(preset("nvfp4-awq-autoround"), algorithms=[AWQ(), AutoRound(keep="last")]),
+    "w4a8 (full-range rounding, keep last)": lambda: replace(preset("w4a8-awq-autoround"), algorithms=[AWQ(), AutoRound(full_range=True, keep="last")]),
     # the amax / 7 grid throughout (the presets before bench/results/w4_full.md)
     "rtn (amax/7)": lambda: QuantConfig(G64, []),
     "awq (amax/7)": lambda: QuantConfig(G64, [AWQ()]),
@@ -83,23 +88,44 @@ VARIANTS = {
     "awq signed clip + autoround (float targets)": lambda: QuantConfig(G64, [AWQ(clip_signed=True, clip_samples=4096), AutoRound(float_targets=True)]),
 }
 
-# (peer tool, leanlm preset it is compared with, peer scheme name), most important first.
+
+def _ar_args(ar: AutoRound, seed: int | None = None) -> list[str]:
+    """The peer's AutoRound arguments for leanlm's settings (its own seed, 42, unless `seed` is given)."""
+    return ["--ar-iters", str(ar.iters), "--ar-batch", str(ar.batch)] + ([] if seed is None else ["--ar-seed", str(seed)])
+
+# The peer's AutoRound runs with the AutoRound settings (iterations, rows a step) of the leanlm row it is compared with:
+# its own defaults (200 x 8 rows) take hours per model on a 2-core CPU. Everything else runs with the tool's own settings.
+# (peer tool, leanlm preset or variant it is compared with, peer scheme name, extra peer arguments), most important first.
 PEERS = [
-    ("modelopt", "w4a16-awq", "w4a16-awq"),
-    ("llmcompressor", "w4a16-awq", "w4a16-awq"),
-    ("llmcompressor", "w4a16-gptq", "w4a16-gptq"),
-    ("llmcompressor", "w4a16-rtn", "w4a16-rtn"),
-    ("modelopt", "w4a16-rtn", "w4a16-rtn"),
-    ("llmcompressor", "w4a16-autoround", "w4a16-autoround"),
-    ("modelopt", "nvfp4", "nvfp4"),
-    ("llmcompressor", "w8a8-smoothquant", "w8a8-smoothquant"),
-    ("modelopt", "w8a8-smoothquant", "int8"),
-    ("llmcompressor", "fp8", "fp8"),
-    ("modelopt", "fp8", "fp8"),
+    ("modelopt", "w4a16-awq", "w4a16-awq", []),
+    ("llmcompressor", "w4a16-awq", "w4a16-awq", []),
+    ("llmcompressor", "w4a16-gptq", "w4a16-gptq", []),
+    ("llmcompressor", "w4a16-rtn", "w4a16-rtn", []),
+    ("modelopt", "w4a16-rtn", "w4a16-rtn", []),
+    ("llmcompressor", "w4a16-autoround", "w4a16-autoround", _ar_args(AutoRound())),
+    ("llmcompressor", "w4a16 (4 rows a step)", "w4a16-autoround", _ar_args(AutoRound(batch=4))),
+    ("modelopt", "nvfp4", "nvfp4", []),
+    ("llmcompressor", "w8a8-smoothquant", "w8a8-smoothquant", []),
+    ("modelopt", "w8a8-smoothquant", "int8", []),
+    ("llmcompressor", "fp8", "fp8", []),
+    ("modelopt", "fp8", "fp8", []),
 ]
-# The peer's AutoRound runs with leanlm's AutoRound defaults (iterations, batch): its own defaults (200 x 8
-# rows) take hours per model on a 2-core CPU. Everything else runs with the tool's own settings.
-PEER_EXTRA = {("llmcompressor", "w4a16-autoround"): lambda: ["--ar-iters", str(AutoRound().iters), "--ar-batch", str(AutoRound().batch)]}
+
+
+def _ar_tag(extra: list[str]) -> str:
+    """'' for no extra arguments or leanlm's default AutoRound settings, else e.g. 'ar50x4' or 'ar50x2s1' (seed 1)."""
+    kv = dict(zip(extra[::2], extra[1::2]))
+    if not kv or (kv == dict(zip(_ar_args(AutoRound())[::2], _ar_args(AutoRound())[1::2]))):
+        return ""
+    return f"ar{kv['--ar-iters']}x{kv['--ar-batch']}" + (f"s{kv['--ar-seed']}" if "--ar-seed" in kv else "")
+
+
+def peer_key(tool: str, scheme: str, extra: list[str]) -> str:
+    """The peer row's name; AutoRound settings other than leanlm's defaults are named in it (and in its cache folder)."""
+    kv, tag = dict(zip(extra[::2], extra[1::2])), _ar_tag(extra)
+    if not tag:
+        return f"{tool} {scheme}"
+    return f"{tool} {scheme} ({kv['--ar-iters']} x {kv['--ar-batch']} rows" + (f", seed {kv['--ar-seed']})" if "--ar-seed" in kv else ")")
 
 
 SKIP_REASON = None  # --peers-cached-only: a peer without a cached result is reported with this reason, not run
@@ -124,13 +150,16 @@ def _last_line(log: Path) -> str:
     return lines[-1][:240] if lines else "(no output)"
 
 
-def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: float, reuse: bool = True, windows: int | None = 40):
-    """Run one peer script in its own environment; cached in work/<tool>-<scheme>-<samples>x<seq_len>-w<windows>/peer.json."""
+def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: float, reuse: bool = True, windows: int | None = 40,
+             extra: list[str] = ()):
+    """Run one peer script in its own environment; cached in work/<tool>-<scheme>[-arIxB]-<samples>x<seq_len>-w<windows>/peer.json
+    (-arIxB: AutoRound iterations x rows a step other than leanlm's defaults)."""
     py = ROOT / "bench" / ".venvs" / tool / "bin" / "python"
     if not py.exists():
         return {"error": f"{tool} environment missing: run bash bench/peers/setup_peers.sh"}
     work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{tool}-{scheme}-{samples}x{seq_len}-w{windows}{'-news' if windows else ''}"
+    tag = f"-{_ar_tag(list(extra))}" if _ar_tag(list(extra)) else ""
+    out = work / f"{tool}-{scheme}{tag}-{samples}x{seq_len}-w{windows}{'-news' if windows else ''}"
     if reuse and (out / "peer.json").exists():
         return {**json.loads((out / "peer.json").read_text()), "reused": True}
     if SKIP_REASON:
@@ -140,8 +169,8 @@ def run_peer(tool, scheme, float_dir, samples, seq_len, work: Path, timeout: flo
            "--seq-len", str(seq_len), "--calib-file", "wiki", "--out", str(out)]
     if windows:
         cmd += ["--eval-file", "wiki", "--windows", str(windows), "--eval-news"]
-    cmd += PEER_EXTRA.get((tool, scheme), lambda: [])()
-    log = work / f"{tool}-{scheme}-{samples}.log"
+    cmd += list(extra)
+    log = work / f"{tool}-{scheme}{tag}-{samples}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
@@ -203,11 +232,11 @@ def main() -> None:
     model, tok = leanlm.load("smollm2-135m")
     float_dir = Path(model.config._name_or_path)
     if a.peer_tool:  # fill the peer cache only (e.g. one queue per tool, run side by side with the rest)
-        for tool, ours, scheme in PEERS:
+        for tool, ours, scheme, extra in PEERS:
             if tool == a.peer_tool and (not a.only or ours in a.only.split(",")):
                 r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, ROOT / "bench" / ".work" / "ptq", a.peer_timeout,
-                             windows=a.windows)
-                print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
+                             windows=a.windows, extra=extra)
+                print(f"{peer_key(tool, scheme, extra)}: {r.get('perplexity', r.get('error'))}", flush=True)
         return
     ids = calibration_batches(tok, a.samples, a.seq_len)
     # The float baselines do not change between runs: cached per window count (delete the file to redo).
@@ -233,6 +262,9 @@ def main() -> None:
     jobs = [(n, (lambda n=n: preset(n))) for n in PRESETS if n != "w4a16"] + list(VARIANTS.items())  # w4a16: an alias
     jobs.sort(key=lambda j: order.index(j[0]) if j[0] in order else len(order))
     jobs.append(("w8a8-smoothquant + int8 KV cache", lambda: preset("w8a8-smoothquant", "int8")))
+    unknown = sorted((only or set()) - {n for n, _ in jobs} - {"w4a16"})
+    if unknown:
+        raise SystemExit(f"--only names no preset or variant: {', '.join(unknown)} (names with commas cannot be given)")
     for name, make in jobs:
         if (only and name not in only) or a.no_leanlm:
             continue
@@ -260,13 +292,14 @@ def main() -> None:
     if not a.no_peers:
         work = ROOT / "bench" / ".work" / "ptq"
         work.mkdir(parents=True, exist_ok=True)
-        for tool, ours, scheme in PEERS:
+        for tool, ours, scheme, extra in PEERS:
             if only and ours not in only:
                 continue
             r = run_peer(tool, scheme, float_dir, a.samples, a.seq_len, work,
-                         a.peer_timeout, windows=a.windows)
-            peers[f"{tool} {scheme}"] = {"compare_with": ours, "run": RUN, **r}
-            print(f"{tool} {scheme}: {r.get('perplexity', r.get('error'))}", flush=True)
+                         a.peer_timeout, windows=a.windows, extra=extra)
+            key = peer_key(tool, scheme, extra)
+            peers[key] = {"compare_with": ours, "run": RUN, **r}
+            print(f"{key}: {r.get('perplexity', r.get('error'))}", flush=True)
             report(a, base, rows, mixed, peers, timing, final=False)
 
     if a.timing_repeats and not a.no_peers:

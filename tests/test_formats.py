@@ -81,6 +81,21 @@ def test_minifloat_saturates(name):
     assert torch.isnan(round_minifloat(torch.tensor([float("nan")]), eb, mb, fmax)).all()
 
 
+@pytest.mark.parametrize("eb,mb,fmax", [(4, 3, 448.0), (5, 2, 57344.0)])
+def test_fp8_native_cast_path_equals_the_arithmetic_rounding(eb, mb, fmax):
+    """round_minifloat casts fp8 through torch's dtype when no gradient is wanted; with one it rounds arithmetically.
+    Both give the same values on random float32 bit patterns (NaN, inf, subnormals included), ties and the grid."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (400_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn if eb == 4 else torch.float8_e5m2).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    x = torch.cat([bits.view(torch.float32), grid, (grid[1:] + grid[:-1]) / 2, torch.randn(100_000, generator=g) * fmax / 8])
+    native = round_minifloat(x, eb, mb, fmax)
+    arith = round_minifloat(x.clone().requires_grad_(True), eb, mb, fmax).detach()
+    same = (native == arith) | (native.isnan() & arith.isnan())
+    assert same.all() and torch.equal(torch.signbit(native[~native.isnan()]), torch.signbit(arith[~arith.isnan()]))
+
+
 def test_e2m1_ties_by_hand():
     x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5, -0.25, 5.01, 4.99])
     want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -2.0, -0.0, 6.0, 4.0]

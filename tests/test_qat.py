@@ -104,6 +104,8 @@ def test_scales_learn_and_fold_consistently(tiny_tokenizer):
               train_config=_tc(640), train_data=_ids(tiny_tokenizer), eval_ids=_ids(tiny_tokenizer))
     after_s = lin.weight_quantizer.qparams.scale
     assert res.train.steps == 10 and not torch.equal(after_s, before_s)       # the scales moved
+    # w4a16-rtn is on the full-range grid: negative scales (the group's extreme on code -8) keep their sign
+    assert (before_s < 0).any() and torch.equal(torch.sign(after_s), torch.sign(before_s))
     q = lin.weight_quantizer  # only the scales trained: the folded weight is the PTQ weight on the learned grid
     assert torch.equal(lin.weight.detach(), fake_quantize(before_w, q.fmt, q.qparams))
     assert all(r["on_grid"] for r in summary(m) if r["role"] == "weight")   # folded exactly onto the new grid

@@ -141,6 +141,11 @@ def test_bad_inputs(tiny_model, tmp_path):
         broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(LeanLMError, match="NaN/inf"):
         quantize(broken, "w4a16-rtn")
+    with torch.no_grad():  # +inf and -inf in one tensor (their sum is NaN), and a lone -inf
+        broken.model.layers[0].mlp.up_proj.weight[0, :2] = torch.tensor([float("inf"), float("-inf")])
+        broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("-inf")
+    with pytest.raises(LeanLMError, match="NaN/inf"):
+        quantize(broken, "w4a16-rtn")
     quantize(tiny_model, "w4a16-rtn", progress=False)
     with pytest.raises(LeanLMError, match="already quantized"):
         quantize(tiny_model, "w4a16-rtn")

@@ -161,6 +161,9 @@ def main(argv=None) -> int:
                     help="GPTQ activation ordering (default: the tool's own default, 'static')")
     ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound iterations per block (tool default 200)")
     ap.add_argument("--ar-batch", type=int, default=8, help="AutoRound tuning batch (tool default 8)")
+    ap.add_argument("--ar-seed", type=int, default=None,
+                    help="AutoRound's random seed (the tool's default 42; the modifier does not expose it, so it is passed to "
+                         "auto_round's AutoRound by wrapping the class the modifier builds)")
     ap.add_argument("--ar-compile", action="store_true",
                     help="AutoRound: torch.compile the tuning loop (the tool's default; off here: compiling on a 2-core CPU "
                          "costs more than it saves for a 135M model)")
@@ -189,6 +192,12 @@ def main(argv=None) -> int:
     rows = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
     loader = DataLoader(rows, batch_size=None, shuffle=False)  # each item is already a batch of 1
 
+    if args.ar_seed is not None:
+        import functools
+
+        import llmcompressor.modifiers.autoround.base as ar_base
+
+        ar_base.AutoRound = functools.partial(ar_base.AutoRound, seed=args.ar_seed)
     recipe = build_recipe(args.scheme, args.group_size, args.smoothing, args.n_grid, args.gptq_actorder,
                           args.ar_iters, args.ar_batch, args.ar_compile)
     report["algorithm"] = {
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
         "group_size": args.group_size if args.scheme.startswith("w4a16") else None,
         "smoothing_strength": args.smoothing if args.scheme.startswith("w8a8") else None,
         "awq_n_grid": args.n_grid if "awq" in args.scheme else None,
-        "autoround": {"iters": args.ar_iters, "batch_size": args.ar_batch, "torch_compile": args.ar_compile}
+        "autoround": {"iters": args.ar_iters, "batch_size": args.ar_batch, "torch_compile": args.ar_compile,
+                      "seed": 42 if args.ar_seed is None else args.ar_seed}
         if "autoround" in args.scheme else None,
         "ignore": ["lm_head"],
         "pipeline": "llm-compressor default for the recipe (sequential when calibration data is needed, else datafree)",

@@ -238,8 +238,10 @@ def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, sta
 
 
 def finish_weight(m: nn.Module, wq: torch.Tensor, qp) -> None:
-    """Store the quantized weight values in place and keep their parameters on the quantizer."""
-    m.weight.data.copy_(wq.to(m.weight.dtype))
+    """Store the quantized weight values and keep their parameters on the quantizer. The parameter takes the new
+    tensor's storage instead of copying into its own: a weight loaded from safetensors lives in a private file mapping,
+    and writing it page by page cost 0.9 s of the 1.1 s round-to-nearest took on SmolLM2."""
+    m.weight.data = wq.detach().to(m.weight.dtype).reshape(m.weight.shape).contiguous()
     m.weight_quantizer.qparams = qp
     m.weight_quantizer.folded = True
     m.weight_quantizer.mode = "quant"

@@ -144,6 +144,20 @@ def run_leanlm(name, cfg, ids, windows):
     return {"calib_seconds": secs, "perplexity": ppl, "perplexity_news": news, "average_bits": average_bits(model), "load_average_1min": load, "run": RUN}
 
 
+def float_baselines(model, tok, windows: int) -> tuple[float, float]:
+    """The float model's wiki and news perplexity; they do not change between runs, so they are cached per window
+    count (delete the file to redo)."""
+    fcache = ROOT / "bench" / ".work" / "ptq" / f"float-w{windows}.json"
+    if fcache.exists():
+        base, base_news = json.loads(fcache.read_text())
+        return base, base_news
+    base = perplexity(model, tok, max_windows=windows, progress=False).perplexity
+    base_news = perplexity(model, tok, source="news", max_windows=windows, progress=False).perplexity
+    fcache.parent.mkdir(parents=True, exist_ok=True)
+    fcache.write_text(json.dumps([base, base_news]))
+    return base, base_news
+
+
 def _last_line(log: Path) -> str:
     """The last non-empty line of a log, tqdm's carriage-return updates included."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
@@ -239,15 +253,7 @@ def main() -> None:
                 print(f"{peer_key(tool, scheme, extra)}: {r.get('perplexity', r.get('error'))}", flush=True)
         return
     ids = calibration_batches(tok, a.samples, a.seq_len)
-    # The float baselines do not change between runs: cached per window count (delete the file to redo).
-    fcache = ROOT / "bench" / ".work" / "ptq" / f"float-w{a.windows}.json"
-    if fcache.exists():
-        base, base_news = json.loads(fcache.read_text())
-    else:
-        base = perplexity(model, tok, max_windows=a.windows, progress=False).perplexity
-        base_news = perplexity(model, tok, source="news", max_windows=a.windows, progress=False).perplexity
-        fcache.parent.mkdir(parents=True, exist_ok=True)
-        fcache.write_text(json.dumps([base, base_news]))
+    base, base_news = float_baselines(model, tok, a.windows)
     print(f"float32 perplexity {base:.4f} (news {base_news:.4f})", flush=True)
     a.base_news = base_news
     only = set(a.only.split(",")) if a.only else None

@@ -6,7 +6,7 @@ iterations and rows a step, seeds 42 = its default, 1, 2, ...), all on the same 
 compares the mean perplexity increases on both held-out texts. Each run is cached (leanlm rows under
 bench/.work/ptq_seeds/, peer rows in bench/ptq.py's peer cache), so an interrupted run resumes.
 
-    python bench/ptq_seeds.py [--scheme w4a16] [--seeds 3] [--name ptq_seeds]
+    python bench/ptq_seeds.py [--scheme w4a16] [--seeds 3] [--batch ROWS] [--name ptq_seeds]
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from common import md_table, setup_threads, write_results
 
 import leanlm
 from leanlm.core.data import calibration_batches
-from leanlm.evaluation import perplexity
 from leanlm.quantization import AutoRound, preset
-from ptq import RUN, _ar_args, peer_key, run_leanlm, run_peer
+from ptq import RUN, _ar_args, float_baselines, peer_key, run_leanlm, run_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work"
 PEER_SEEDS = [42, 1, 2, 3, 4]  # 42: the tool's own default
 
 
-def with_seed(scheme: str, seed: int):
-    """The preset with its AutoRound step's seed set (the other steps as they are)."""
+def with_seed(scheme: str, seed: int, batch: int | None = None):
+    """The preset with its AutoRound step's seed (and rows a step, if given) set; the other steps as they are."""
     cfg = preset(scheme)
-    algos = [replace(a, seed=seed) if isinstance(a, AutoRound) else a for a in cfg.algorithms]
+    over = {"seed": seed} if batch is None else {"seed": seed, "batch": batch}
+    algos = [replace(a, **over) if isinstance(a, AutoRound) else a for a in cfg.algorithms]
     if not any(isinstance(a, AutoRound) for a in algos):
         raise SystemExit(f"{scheme} has no AutoRound step: the seed changes nothing")
     return replace(cfg, algorithms=algos), next(a for a in algos if isinstance(a, AutoRound))
@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scheme", default="w4a16", help="leanlm preset with an AutoRound step")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per tool")
+    ap.add_argument("--batch", type=int, default=None, help="AutoRound rows a step for both tools (default: the preset's)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
@@ -54,22 +55,16 @@ def main() -> None:
     setup_threads()
     model, tok = leanlm.load("smollm2-135m")
     float_dir = Path(model.config._name_or_path)
-    fl = WORK / "ptq" / f"float-w{a.windows}.json"
-    if fl.exists():
-        base, base_news = json.loads(fl.read_text())
-    else:
-        base = perplexity(model, tok, max_windows=a.windows, progress=False).perplexity
-        base_news = perplexity(model, tok, source="news", max_windows=a.windows, progress=False).perplexity
-        fl.parent.mkdir(parents=True, exist_ok=True)
-        fl.write_text(json.dumps([base, base_news]))
+    base, base_news = float_baselines(model, tok, a.windows)
     ids = calibration_batches(tok, a.samples, a.seq_len)
     del model
 
     rows = {}
     ar = None
     for seed in range(a.seeds):
-        cfg, ar = with_seed(a.scheme, seed)
-        cache = WORK / "ptq_seeds" / f"leanlm-{a.scheme}-seed{seed}-{a.samples}x{a.seq_len}-w{a.windows}.json"
+        cfg, ar = with_seed(a.scheme, seed, a.batch)
+        rows_tag = "" if a.batch is None else f"-b{a.batch}"
+        cache = WORK / "ptq_seeds" / f"leanlm-{a.scheme}{rows_tag}-seed{seed}-{a.samples}x{a.seq_len}-w{a.windows}.json"
         if cache.exists():
             r = json.loads(cache.read_text())
         else:
@@ -78,7 +73,7 @@ def main() -> None:
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(r, indent=1))
             tmp.replace(cache)
-        rows[f"leanlm {a.scheme}, seed {seed}"] = r
+        rows[f"leanlm {a.scheme}{'' if a.batch is None else f' ({a.batch} rows a step)'}, seed {seed}"] = r
         print(f"leanlm seed {seed}: {r['perplexity'] / base - 1:+.2%} / {r['perplexity_news'] / base_news - 1:+.2%}", flush=True)
     peers = {}
     if not a.no_peer:
@@ -93,8 +88,12 @@ def main() -> None:
     def inc(r, k, b):
         return r[k] / b - 1
 
+    def load(r):
+        la = r.get("load_average_1min")
+        return f"{la['before_calibration']:.1f} / {la['after_calibration']:.1f}" if la else "-"
+
     table = [[k, f"{inc(r, 'perplexity', base):+.2%}", f"{inc(r, 'perplexity_news', base_news):+.2%}",
-              f"{r.get('calib_seconds', float('nan')):.1f}"] for k, r in [*rows.items(), *peers.items()] if "error" not in r]
+              f"{r.get('calib_seconds', float('nan')):.1f}", load(r)] for k, r in [*rows.items(), *peers.items()] if "error" not in r]
     summary = {}
     for who, group in (("leanlm", rows), ("peer", {k: v for k, v in peers.items() if "error" not in v})):
         if not group:
@@ -106,7 +105,7 @@ def main() -> None:
              f"SmolLM2-135M; calibration {a.samples} x {a.seq_len} wiki tokens for every run; perplexity increase over float32 "
              f"({base:.4f} wiki, {base_news:.4f} news) on {a.windows} x 512 held-out tokens of each text. leanlm's AutoRound: "
              f"{ar.iters} steps of {ar.batch} rows; the peer runs the same. Only the AutoRound seed differs between a tool's runs.\n",
-             md_table(["run", "wiki", "news", "calibration s"], table)]
+             md_table(["run", "wiki", "news", "calibration s", "load (1-min average before / after, 2 cores)"], table)]
     if "peer wiki" in summary and "leanlm wiki" in summary:
         rat = []
         for text in ("wiki", "news"):

@@ -141,10 +141,14 @@ def test_bad_inputs(tiny_model, tmp_path):
         broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(LeanLMError, match="NaN/inf"):
         quantize(broken, "w4a16-rtn")
-    with torch.no_grad():  # +inf and -inf in one tensor (their sum is NaN), and a lone -inf
+    with torch.no_grad():  # +inf and -inf in one tensor (their sum is NaN)
         broken.model.layers[0].mlp.up_proj.weight[0, :2] = torch.tensor([float("inf"), float("-inf")])
+    with pytest.raises(LeanLMError, match="layers.0.mlp.up_proj.weight holds NaN/inf"):
+        quantize(broken, "w4a16-rtn")
+    with torch.no_grad():  # a lone -inf in another layer, the first one finite again
+        broken.model.layers[0].mlp.up_proj.weight[0, :2] = 0.0
         broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("-inf")
-    with pytest.raises(LeanLMError, match="NaN/inf"):
+    with pytest.raises(LeanLMError, match="layers.1.mlp.up_proj.weight holds NaN/inf"):
         quantize(broken, "w4a16-rtn")
     quantize(tiny_model, "w4a16-rtn", progress=False)
     with pytest.raises(LeanLMError, match="already quantized"):

@@ -80,7 +80,6 @@ VARIANTS = {
     "w4a16 (4 rows a step)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True, keep="last", batch=4)]),
     "w4a16 (seed 1)": lambda: QuantConfig(G64, [AWQ(), AutoRound(full_range=True, keep="last", seed=1)]),
     "nvfp4-awq-autoround (keep last)": lambda: replace(preset("nvfp4-awq-autoround"), algorithms=[AWQ(), AutoRound(keep="last")]),
-    "w4a8 (full-range rounding, keep last)": lambda: replace(preset("w4a8-awq-autoround"), algorithms=[AWQ(), AutoRound(full_range=True, keep="last")]),
     # the amax / 7 grid throughout (the presets before bench/results/w4_full.md)
     "rtn (amax/7)": lambda: QuantConfig(G64, []),
     "awq (amax/7)": lambda: QuantConfig(G64, [AWQ()]),
@@ -92,6 +91,7 @@ VARIANTS = {
 def _ar_args(ar: AutoRound, seed: int | None = None) -> list[str]:
     """The peer's AutoRound arguments for leanlm's settings (its own seed, 42, unless `seed` is given)."""
     return ["--ar-iters", str(ar.iters), "--ar-batch", str(ar.batch)] + ([] if seed is None else ["--ar-seed", str(seed)])
+
 
 # The peer's AutoRound runs with the AutoRound settings (iterations, rows a step) of the leanlm row it is compared with:
 # its own defaults (200 x 8 rows) take hours per model on a 2-core CPU. Everything else runs with the tool's own settings.

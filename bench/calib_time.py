@@ -49,18 +49,18 @@ def main() -> None:
         leanlm.quantize(model, VARIANTS[a.variant]() if a.variant else preset(a.scheme), ids, progress=False)
         ours = time.perf_counter() - t0
         del model
-        print(f"run {i + 1}: leanlm {ours_name} {ours:.1f} s", flush=True)
+        print(f"run {i + 1}: leanlm {ours_name} {ours:.2f} s", flush=True)
         load1 = os.getloadavg()[0]
         r = run_peer(a.tool, a.scheme, float_dir, a.samples, a.seq_len, ROOT / "bench" / ".work" / "calib_time",
                      timeout=3600, reuse=False, windows=None)
         if "error" in r:
             raise SystemExit(f"{a.tool} {a.scheme}: {r['error']}")
-        print(f"run {i + 1}: {a.tool} {a.scheme} {r['calib_seconds']:.1f} s", flush=True)
+        print(f"run {i + 1}: {a.tool} {a.scheme} {r['calib_seconds']:.2f} s", flush=True)
         runs.append({"leanlm_s": ours, "peer_s": r["calib_seconds"], "load_before_leanlm": load0, "load_before_peer": load1,
                      "peer_version": r.get("version")})
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     ratio = med([r["leanlm_s"] for r in runs]) / med([r["peer_s"] for r in runs])
-    rows = [[i + 1, f"{r['leanlm_s']:.1f}", f"{r['peer_s']:.1f}", f"{r['load_before_leanlm']:.1f} / {r['load_before_peer']:.1f}"]
+    rows = [[i + 1, f"{r['leanlm_s']:.2f}", f"{r['peer_s']:.2f}", f"{r['load_before_leanlm']:.1f} / {r['load_before_peer']:.1f}"]
             for i, r in enumerate(runs)]
     md = "\n".join([
         f"# Calibration time: leanlm `{ours_name}` vs {a.tool} {runs[0]['peer_version'] or ''}, interleaved\n",

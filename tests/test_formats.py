@@ -362,6 +362,34 @@ def test_bfloat16_inputs(name):
     assert torch.equal(y, fake_quantize(x.float(), name).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("name", ["int4_g64", "int4_g32_asym", "int8", "int8_tensor", "int8_token", "int8_asym",
+                                  "int3_g64", "int5_channel_asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_fake_quantize_fast_path_is_the_reference_bit_for_bit(name, dtype):
+    """fake_quantize's in-place int path gives the bits of dequantize(quantize()), clipped ranges included."""
+    fmt = parse_format(name)
+    torch.manual_seed(6)
+    x = (torch.randn(8, 128) * 3 + 0.2).to(dtype)
+    for qp in (compute_qparams(x, fmt), compute_qparams(x, fmt, amax=1.0),
+               compute_qparams(x, fmt, xmin=-0.5, xmax=2.0) if not fmt.symmetric else compute_qparams(x, fmt)):
+        want = dequantize(quantize(x, fmt, qp), fmt, qp).to(dtype)
+        got = fake_quantize(x, fmt, qp)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dt", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_decode_table_covers_every_code(dt):
+    """The CPU decode of fp8 codes by table gives torch's own widening for all 256 codes (NaN codes stay NaN)."""
+    from leanlm.quantization.formats import _fp8_values
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = codes.view(dt).float()
+    got = torch.take(_fp8_values(dt), codes.long())
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit())
+
+
 @pytest.mark.parametrize("name,dim,msg", [
     ("int4_g128", 576, "group size 128 does not divide input dimension 576; use 64 or 32"),
     ("nvfp4", 100, "block size 16 does not divide input dimension 100"),

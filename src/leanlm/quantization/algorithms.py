@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .formats import QFormat, QParams, _grouped, compute_qparams, fake_quantize, fake_quantize_with, parse_format
+from .formats import QFormat, QParams, _grouped, compute_qparams, fake_quantize, fake_quantize_with, max_abs, parse_format
 
 __all__ = [
     "METHODS",
@@ -178,7 +178,7 @@ def weight_qparams(
         global_amax = v.abs().amax()
     asym = _is_asym(fmt)
     if method == "full":
-        pos, neg = _reduce(v, fmt, "amax"), _reduce(-v, fmt, "amax")
+        pos, neg = _reduce(v, fmt, "amax"), -_reduce(v, fmt, "amin")  # amin: no negated copy of the weight
         mag = torch.maximum(pos, neg)
         if amax is not None:
             a = torch.as_tensor(amax, dtype=torch.float32, device=v.device).abs()
@@ -188,7 +188,7 @@ def weight_qparams(
         lo, hi = _reduce(v, fmt, "amin"), _reduce(v, fmt, "amax")
         base = (lo, hi)
     else:
-        base = _reduce(v.abs(), fmt, "amax")
+        base = _stat(max_abs(v, fmt), fmt)
 
     if amax is not None:
         a = torch.as_tensor(amax, dtype=torch.float32, device=v.device).abs()

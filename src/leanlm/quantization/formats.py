@@ -46,6 +46,7 @@ the element cast (but poisons the scale of its group).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -320,6 +321,12 @@ def _exp2i(e: torch.Tensor) -> torch.Tensor:
 _NATIVE_FP8 = {(4, 3, 448.0): torch.float8_e4m3fn, (5, 2, 57344.0): torch.float8_e5m2}
 
 
+@functools.cache
+def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
+    """The float32 value of each of the 256 codes of a float8 dtype (NaN codes included)."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+
+
 def round_minifloat(v: torch.Tensor, ebits: int, mbits: int, fmax: float) -> torch.Tensor:
     """Round float32 ``v`` to the nearest value of a sign/ebits/mbits minifloat (IEEE-style bias,
     subnormals), ties to even mantissa, saturating to ``[-fmax, fmax]`` (inf saturates, NaN stays).
@@ -331,7 +338,11 @@ def round_minifloat(v: torch.Tensor, ebits: int, mbits: int, fmax: float) -> tor
     if native is not None and v.dtype == torch.float32 and not v.requires_grad and not torch.compiler.is_compiling():
         # torch's own cast: the same values at a fraction of the time (eager, no autograd: round() has no gradient,
         # a cast would pass one)
-        return v.clamp(-fmax, fmax).to(native).float()
+        q = v.clamp(-fmax, fmax).to(native)
+        if q.device.type != "cpu":
+            return q.float()
+        # CPU: torch widens float8 element by element (5 ns each); a 256-entry table of every code's value is 2.5x faster
+        return torch.take(_fp8_values(native), q.view(torch.uint8).long())
     emin = 2 - 2 ** (ebits - 1)  # 1 - bias
     a = v.abs().clamp(max=fmax)
     _, ex = torch.frexp(a)
@@ -411,6 +422,17 @@ def _reduce(t: torch.Tensor, fmt: QFormat, op: str) -> torch.Tensor:
     return f(t, dim=-1, keepdim=True)
 
 
+def _stat_like(xg: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """An empty tensor of ``_reduce``'s result shape: the statistics shape, without reading ``xg``."""
+    if fmt.granularity == "tensor":
+        shape = ()
+    elif fmt.granularity == "channel":
+        shape = (xg.shape[0],) + (1,) * (xg.dim() - 1)
+    else:
+        shape = (*xg.shape[:-1], 1)
+    return torch.empty(shape, dtype=torch.float32, device=xg.device)
+
+
 def _as_stat(v, ref: torch.Tensor, what: str) -> torch.Tensor:
     """Bring a range override to the statistics shape of ``ref``."""
     t = torch.as_tensor(v, dtype=torch.float32, device=ref.device)
@@ -423,6 +445,11 @@ def _as_stat(v, ref: torch.Tensor, what: str) -> torch.Tensor:
     except RuntimeError:
         raise ValueError(f"{what} override of shape {list(t.shape)} does not fit the statistics shape "
                          f"{list(ref.shape)}") from None
+
+
+def max_abs(xg: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """max |x| per statistics cell, from the largest and the smallest value (no copy of |x|: one fewer pass)."""
+    return torch.maximum(_reduce(xg, fmt, "amax"), -_reduce(xg, fmt, "amin"))
 
 
 def _nonzero(s: torch.Tensor) -> torch.Tensor:
@@ -457,26 +484,27 @@ def compute_qparams(
     if global_amax is not None and fmt.kind != "nvfp4":
         raise ValueError(f"global_amax applies to nvfp4 only, not {fmt.name}")
     xg = _grouped(x, fmt)
+    ref = _stat_like(xg, fmt)  # the shape an override is brought to; the observed range is read only when needed
 
     if fmt.kind == "int" and not fmt.symmetric:
         if amax is not None:
-            a = _as_stat(amax, _reduce(xg, fmt, "amax"), "amax").abs()
+            a = _as_stat(amax, ref, "amax").abs()
             lo, hi = -a, a
         else:
-            lo = _reduce(xg, fmt, "amin") if xmin is None else _as_stat(xmin, _reduce(xg, fmt, "amin"), "xmin")
-            hi = _reduce(xg, fmt, "amax") if xmax is None else _as_stat(xmax, _reduce(xg, fmt, "amax"), "xmax")
+            lo = _reduce(xg, fmt, "amin") if xmin is None else _as_stat(xmin, ref, "xmin")
+            hi = _reduce(xg, fmt, "amax") if xmax is None else _as_stat(xmax, ref, "xmax")
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         qmax = 2**fmt.bits - 1
         scale = _nonzero((hi - lo) / qmax)
         zero = torch.round(-lo / scale).clamp(0, qmax)
         return QParams(scale=scale, zero=zero)
 
-    observed = _reduce(xg.abs(), fmt, "amax")
+    observed = None if amax is not None or (xmin is not None and xmax is not None) else max_abs(xg, fmt)
     if amax is not None:
-        a = _as_stat(amax, observed, "amax").abs()
+        a = _as_stat(amax, ref, "amax").abs()
     elif xmin is not None or xmax is not None:
-        lo = observed if xmin is None else _as_stat(xmin, observed, "xmin").abs()
-        hi = observed if xmax is None else _as_stat(xmax, observed, "xmax").abs()
+        lo = observed if xmin is None else _as_stat(xmin, ref, "xmin").abs()
+        hi = observed if xmax is None else _as_stat(xmax, ref, "xmax").abs()
         a = torch.maximum(lo, hi)
     else:
         a = observed
@@ -559,7 +587,23 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = None
     if qp is None:
         qp = compute_qparams(x, fmt)
     with torch.no_grad():
+        if fmt.kind == "int":
+            return _fake_quantize_int(x, fmt, qp)
         return dequantize(quantize(x, fmt, qp), fmt, qp).to(x.dtype)
+
+
+def _fake_quantize_int(x: torch.Tensor, fmt: QFormat, qp: QParams) -> torch.Tensor:
+    """``dequantize(quantize(x))`` for int formats in one float32 buffer, in place: the same operations on the same
+    values (codes are exact in float32), so the same bits, in a third of the memory passes (round to nearest on
+    SmolLM2 is memory-bound: 0.9 s of passes over 106M weights on 2 cores before this)."""
+    _check_qp(fmt, qp)
+    lo, hi = _int_range(fmt)
+    v = torch.div(_grouped(x, fmt), qp.scale)
+    if fmt.symmetric:
+        v.round_().clamp_(lo, hi)
+    else:
+        v.round_().add_(qp.zero).clamp_(lo, hi).sub_(qp.zero)
+    return v.mul_(qp.scale).reshape(x.shape).to(x.dtype)
 
 
 def _clip_bounds(fmt: QFormat, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:

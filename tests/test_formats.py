@@ -377,6 +377,29 @@ def test_int_fake_quantize_fast_path_is_the_reference_bit_for_bit(name, dtype):
         assert got.dtype == dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e4m3_channel", "fp8_e4m3_token", "fp8_e5m2", "fp8_e5m2_channel",
+                                  "mxfp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_fake_quantize_fast_path_is_the_reference_bit_for_bit(name, dtype):
+    """fake_quantize's in-place float8 path gives the bits of dequantize(quantize()): saturation, an all-zero row,
+    subnormal codes, inf and NaN included, with observed and overridden ranges."""
+    from leanlm.quantization.formats import _NATIVE_FP8
+
+    fmt = parse_format(name)
+    assert _NATIVE_FP8.get(fmt.spec.elem) is not None  # the fast path is the one taken
+    torch.manual_seed(7)
+    x = torch.randn(8, 128) * torch.logspace(-6, 3, 128)
+    x[1] = 0.0
+    x[2, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e-30])
+    x = x.to(dtype)
+    for qp in (compute_qparams(x, fmt), compute_qparams(x, fmt, amax=0.5)):
+        want = dequantize(quantize(x, fmt, qp), fmt, qp).to(dtype)
+        got = fake_quantize(x, fmt, qp)
+        assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit())
+
+
 @pytest.mark.parametrize("dt", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_decode_table_covers_every_code(dt):
     """The CPU decode of fp8 codes by table gives torch's own widening for all 256 codes (NaN codes stay NaN)."""

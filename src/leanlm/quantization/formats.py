@@ -327,6 +327,14 @@ def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 
 
+def _widen_fp8(q: torch.Tensor) -> torch.Tensor:
+    """float8 -> float32. On a CPU torch widens float8 element by element; a table of the 256 codes' values is 1.6x
+    faster on SmolLM2's weight shapes (1.1 against 1.8 ms per 885K elements, 2 threads)."""
+    if q.device.type != "cpu":
+        return q.float()
+    return torch.take(_fp8_values(q.dtype), q.view(torch.uint8).long())
+
+
 def round_minifloat(v: torch.Tensor, ebits: int, mbits: int, fmax: float) -> torch.Tensor:
     """Round float32 ``v`` to the nearest value of a sign/ebits/mbits minifloat (IEEE-style bias,
     subnormals), ties to even mantissa, saturating to ``[-fmax, fmax]`` (inf saturates, NaN stays).
@@ -338,11 +346,7 @@ def round_minifloat(v: torch.Tensor, ebits: int, mbits: int, fmax: float) -> tor
     if native is not None and v.dtype == torch.float32 and not v.requires_grad and not torch.compiler.is_compiling():
         # torch's own cast: the same values at a fraction of the time (eager, no autograd: round() has no gradient,
         # a cast would pass one)
-        q = v.clamp(-fmax, fmax).to(native)
-        if q.device.type != "cpu":
-            return q.float()
-        # CPU: torch widens float8 element by element (5 ns each); a 256-entry table of every code's value is 2.5x faster
-        return torch.take(_fp8_values(native), q.view(torch.uint8).long())
+        return _widen_fp8(v.clamp(-fmax, fmax).to(native))
     emin = 2 - 2 ** (ebits - 1)  # 1 - bias
     a = v.abs().clamp(max=fmax)
     _, ex = torch.frexp(a)
@@ -589,6 +593,9 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = None
     with torch.no_grad():
         if fmt.kind == "int":
             return _fake_quantize_int(x, fmt, qp)
+        native = _NATIVE_FP8.get(fmt.spec.elem) if fmt.kind not in ("nf4", "nvfp4") else None
+        if native is not None:
+            return _fake_quantize_fp8(x, fmt, qp, native)
         return dequantize(quantize(x, fmt, qp), fmt, qp).to(x.dtype)
 
 
@@ -604,6 +611,17 @@ def _fake_quantize_int(x: torch.Tensor, fmt: QFormat, qp: QParams) -> torch.Tens
     else:
         v.round_().add_(qp.zero).clamp_(lo, hi).sub_(qp.zero)
     return v.mul_(qp.scale).reshape(x.shape).to(x.dtype)
+
+
+def _fake_quantize_fp8(x: torch.Tensor, fmt: QFormat, qp: QParams, native: torch.dtype) -> torch.Tensor:
+    """``dequantize(quantize(x))`` for the formats whose elements torch has as a float8 dtype (fp8, mxfp8): the
+    same division, saturation and cast as ``quantize``, the codes widened and scaled in place as
+    ``dequantize`` scales them: the same bits with two fresh float32 tensors instead of five."""
+    _check_qp(fmt, qp)
+    fmax = fmt.spec.elem[2]
+    v = torch.div(_grouped(x, fmt), _nonzero(qp.scale)).clamp_(-fmax, fmax)
+    v = _widen_fp8(v.to(native)).mul_(qp.scale)
+    return v.reshape(x.shape).to(x.dtype)
 
 
 def _clip_bounds(fmt: QFormat, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:

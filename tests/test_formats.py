@@ -96,6 +96,37 @@ def test_fp8_native_cast_path_equals_the_arithmetic_rounding(eb, mb, fmax):
     assert same.all() and torch.equal(torch.signbit(native[~native.isnan()]), torch.signbit(arith[~arith.isnan()]))
 
 
+@pytest.mark.parametrize("name", ELEMENT_FORMATS)
+def test_minifloat_arithmetic_on_random_bit_patterns(name):
+    """The arithmetic rounding (in place without autograd, out of place with it) equals ml_dtypes' saturating cast on
+    random float32 bit patterns: NaN stays NaN, inf saturates, float32 subnormals and signed zeros keep their sign."""
+    dt, eb, mb, fmax = ELEMENT_FORMATS[name]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), -float("inf")])])
+    arith = round_minifloat(x.clone().requires_grad_(True), eb, mb, fmax).detach()
+    ok = ~x.isnan()
+    assert arith[~ok].isnan().all()
+    want = torch.from_numpy(_ref_cast(x[ok].numpy(), dt, fmax))
+    got = arith[ok]
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    if name == "e2m1":  # no native dtype: the eager no-grad path is the in-place arithmetic one
+        inplace = round_minifloat(x, eb, mb, fmax)
+        assert torch.equal(inplace[ok], got) and torch.equal(inplace[ok].signbit(), got.signbit()) and inplace[~ok].isnan().all()
+
+
+def test_e2m1_packing_of_every_value():
+    """Each E2M1 value packs to sign bit + its magnitude's index (the nibble layout the exporters read) and back."""
+    from leanlm.quantization.formats import _E2M1_VALUES, pack_codes, unpack_codes
+
+    vals = torch.tensor(_E2M1_VALUES)
+    codes = torch.cat([vals, -vals[1:]])
+    stored, packing = pack_codes(codes, parse_format("nvfp4"))
+    want = list(range(8)) + [8 | i for i in range(1, 8)] + [0]  # 15 codes: the last byte's high nibble pads
+    assert packing == "e2m1x2" and (stored & 0xF).tolist() + (stored >> 4).tolist() == want[0::2] + want[1::2]
+    assert torch.equal(unpack_codes(stored, packing, parse_format("nvfp4"), [15]), codes)
+
+
 def test_e2m1_ties_by_hand():
     x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5, -0.25, 5.01, 4.99])
     want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -2.0, -0.0, 6.0, 4.0]

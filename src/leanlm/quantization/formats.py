@@ -348,11 +348,14 @@ def round_minifloat(v: torch.Tensor, ebits: int, mbits: int, fmax: float) -> tor
         # a cast would pass one)
         return _widen_fp8(v.clamp(-fmax, fmax).to(native))
     emin = 2 - 2 ** (ebits - 1)  # 1 - bias
-    a = v.abs().clamp(max=fmax)
-    _, ex = torch.frexp(a)
-    e = (ex - 1).clamp(min=emin)  # binade exponent; subnormals share emin
-    r = torch.round(a * _exp2i(mbits - e)) * _exp2i(e - mbits)
-    return torch.copysign(r, v)
+    grad = v.requires_grad and torch.is_grad_enabled()
+    a = v.abs().clamp(max=fmax) if grad else v.abs().clamp_(max=fmax)
+    # the grid step of a's binade: 2**floor(log2 a) is a's float32 exponent bits alone (0 for 0 and float32
+    # subnormals, inf for NaN, which stays NaN below); the minifloat's subnormals share the step of its binade emin
+    step = (a.detach().view(torch.int32) & 0x7F800000).view(torch.float32).clamp_(min=2.0**emin).mul_(2.0**-mbits)
+    if grad:
+        return torch.copysign(torch.round(a / step) * step, v)
+    return a.div_(step).round_().mul_(step).copysign_(v)  # in place: two fresh tensors instead of a dozen
 
 
 def _nf4_codebook(device: torch.device) -> torch.Tensor:
@@ -740,6 +743,8 @@ def fake_quantize_ste(x: torch.Tensor, fmt: QFormat | str, qp: QParams | None = 
 # ----------------------------------------------------------------------------- packing
 
 _E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_INDEX = torch.zeros(13, dtype=torch.uint8).index_put_(
+    (torch.tensor([int(2 * v) for v in _E2M1_VALUES]),), torch.arange(8, dtype=torch.uint8))
 
 
 def _pack4(u: torch.Tensor) -> torch.Tensor:
@@ -766,9 +771,11 @@ def pack_codes(codes: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, str]:
     if packing == "u4x2":
         return _pack4(codes), "u4x2"
     if packing == "e2m1x2":
-        mag = (codes.abs().reshape(-1, 1) == torch.tensor(_E2M1_VALUES, device=codes.device)).float().argmax(1)
+        # twice an E2M1 magnitude is an integer in 0..12: a 13-entry table gives its index (codes are on the grid)
+        twice = (codes.abs().reshape(-1) * 2).nan_to_num_(0.0).clamp_(0, 12).long()
+        mag = torch.take(_E2M1_INDEX.to(codes.device), twice)
         sign = (codes.reshape(-1) < 0).to(torch.uint8) << 3
-        return _pack4(mag.to(torch.uint8) | sign), "e2m1x2"
+        return _pack4(mag | sign), "e2m1x2"
     dt = torch.float8_e5m2 if fmt.kind == "fp8_e5m2" else torch.float8_e4m3fn
     return codes.to(dt).contiguous(), "float8"
 

@@ -1,10 +1,11 @@
 """How long a forward of T tokens takes on the leanlm runtime, against one one-token decode step: the cost of a
 speculative verification (T = drafts + 1) or of a small decode batch.
 
-Rows: the int4 engine (int8 head) with the fused kernels taking the T rows (each row as a one-row call computes it,
-the weight read once for all rows; `kernels.MAX_ROWS`), the same engine with PyTorch's int4/int8 GEMM for every
-multi-row forward (what ran before), and the float32 engine with the fused float32 kernel and with MKL on
-transposed storage (what ran before). Every figure is the median of `--repeats` forwards of
+Rows: the int4 engine (int8 head) running T <= 16 tokens as one call of its C++ step (`Step.rows`, the default: the
+whole forward in C++, each row's bits those of a one-token step), the same engine's per-op forward with the fused
+kernels taking the T rows (each row as a one-row call computes it, the weight read once for all rows;
+`kernels.MAX_ROWS`), with PyTorch's int4/int8 GEMM for every multi-row forward, and the float32 engine with the
+fused float32 kernel and with MKL on transposed storage. Every figure is the median of `--repeats` forwards of
 T tokens after a `--context`-token prefill (the cache is rewound after each), in one process, interleaved.
 The crossover between the two int4 rows is what sets `kernels.MAX_ROWS`.
 
@@ -24,6 +25,7 @@ from common import md_table, setup_threads, write_results
 import leanlm
 from leanlm.evaluation.profile import machine_info
 from leanlm.runtime import Engine, kernels
+from leanlm.runtime import model as runtime_model
 
 
 def main():
@@ -49,23 +51,25 @@ def main():
     for e in engines.values():
         e.reset()
         e.forward(ids[:, :a.context], last_only=True)
-    rows_max = kernels.MAX_ROWS
-    variants = {"int4, fused kernels row by row": ("int4", 10 ** 9),
-                "int4, PyTorch's GEMM for T > 1": ("int4", 0),
-                "fp32, fused kernel row by row": ("fp32", rows_max),
-                "fp32, MKL on [in, out] storage": ("fp32-mkl", rows_max)}
+    rows_max, step_max = kernels.MAX_ROWS, runtime_model.MAX_STEP_ROWS
+    # (engine, kernels.MAX_ROWS, Decoder's MAX_STEP_ROWS)
+    variants = {"int4, one-call step": ("int4", rows_max, step_max),
+                "int4, per-op, fused kernels row by row": ("int4", 10 ** 9, 0),
+                "int4, PyTorch's GEMM for T > 1": ("int4", 0, 0),
+                "fp32, fused kernel row by row": ("fp32", rows_max, 0),
+                "fp32, MKL on [in, out] storage": ("fp32-mkl", rows_max, 0)}
     times = {(v, T): [] for v in variants for T in Ts}
     load = [os.getloadavg()[0]]
     with torch.inference_mode():
         for _ in range(2):   # warm-up
-            for v, (e, m) in variants.items():
-                kernels.MAX_ROWS = m
+            for v, (e, m, sm) in variants.items():
+                kernels.MAX_ROWS, runtime_model.MAX_STEP_ROWS = m, sm
                 for T in Ts:
                     engines[e].forward(ids[:, a.context:a.context + T])
                     engines[e].rewind(a.context)
         for r in range(a.repeats):
-            for v, (e, m) in variants.items():
-                kernels.MAX_ROWS = m
+            for v, (e, m, sm) in variants.items():
+                kernels.MAX_ROWS, runtime_model.MAX_STEP_ROWS = m, sm
                 eng = engines[e]
                 for T in Ts:
                     t0 = time.perf_counter()
@@ -73,12 +77,12 @@ def main():
                     times[(v, T)].append(time.perf_counter() - t0)
                     eng.rewind(a.context)
         load.append(os.getloadavg()[0])
-    kernels.MAX_ROWS = rows_max
+    kernels.MAX_ROWS, runtime_model.MAX_STEP_ROWS = rows_max, step_max
     med = {k: statistics.median(t) * 1000 for k, t in times.items()}
     table = []
     for T in Ts:
         row = [T]
-        for v, (e, _) in variants.items():
+        for v in variants:
             one = med[(v, 1)]
             row += [f"{med[(v, T)]:.2f}", f"{med[(v, T)] / one:.2f}x"]
         table.append(row)
@@ -90,9 +94,10 @@ def main():
           "'vs 1-token step' divides by the same row's T = 1 time (the int4 engine's is its one-call C++ decode step; the "
           "embedding is tied to the head, so the MKL row's tied lookup reads the transposed table).\n\n"
           + md_table(cols, table) + "\n\n"
-          f"`kernels.MAX_ROWS` = {rows_max}: up to that many rows run the fused kernels.\n")
+          f"`kernels.MAX_ROWS` = {rows_max}: up to that many rows run the fused kernels; `MAX_STEP_ROWS` = {step_max}: up to "
+          "that many tokens of the int4 engine run as one call of its C++ step.\n")
     path = write_results(a.name, {"model": a.model, "context": a.context, "repeats": a.repeats, "machine": mi, "load_average_1min": load,
-                                  "median_ms": {f"{v}|{T}": med[(v, T)] for v in variants for T in Ts}, "max_rows": rows_max}, md)
+                                  "median_ms": {f"{v}|{T}": med[(v, T)] for v in variants for T in Ts}, "max_rows": rows_max, "max_step_rows": step_max}, md)
     print(path.read_text())
 
 

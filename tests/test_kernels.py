@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from leanlm.runtime import kernels
+from leanlm.runtime import Engine, kernels
 from leanlm.runtime.layouts import Int4Weight, Int8Weight
 
 @pytest.fixture(scope="module", autouse=True)
@@ -273,29 +273,49 @@ def test_engine_fused_path_matches_reference_engine():
     assert fast.warmup(8, 16) >= 0 and fast.length == 0
 
 
-def test_multi_token_verification_rounds_as_one_token_steps():
-    """A speculative verification (T tokens in one forward) on the int4 engine runs the same fused kernels row by row,
-    so its logits are those of T one-token steps up to float32 sums in another order (not PyTorch's GEMM with its
-    own roundings), and the same tokens win."""
-    from conftest import make_llama
-    from leanlm.runtime import Engine
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma3", "phi3"])
+def test_verification_is_bit_for_bit_one_token_steps(family):
+    """A speculative verification (T tokens in one forward) and a draft tree on the int4 engine run through the one-call
+    C++ step (Step.rows): the logits and the final norm's features (an EAGLE head's input) are the bits of one-token
+    steps over the same keys, past Gemma-3's and Mistral's sliding windows too, so greedy output cannot part."""
+    from test_arch import _ids, make_model
+    from leanlm.speculative.tree import DraftTree
 
-    model = make_llama(vocab_size=256, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(40)
-    eng, ref = Engine(model, "int4", max_seq_len=64), Engine(model, "int4", max_seq_len=64, kernels=False)
-    ids = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    model = make_model(family)
+    eng = Engine(model, "int4", max_seq_len=64)
+    assert eng.model.step is not None
+    ids = _ids(40)
 
-    def run(e, T):
-        e.reset()
-        e.forward(ids[:, :12])
-        return torch.cat([e.forward(ids[:, i:i + T]) for i in range(12, 20, T)], 1)
+    def run(T, upto=40, hidden=False):
+        eng.reset()
+        eng.keep_hidden = hidden
+        eng.forward(ids[:, :20])   # a 20-token prefill: the per-op path, shared by every run
+        outs, hid = [], []
+        for i in range(20, upto, T):
+            outs.append(eng.forward(ids[:, i:i + T]))
+            hid.append(eng.hidden)
+        return torch.cat(outs, 1), torch.cat(hid, 1) if hidden else None
 
-    steps, verify = run(eng, 1), run(eng, 4)
-    tol = 2 * _ulp(steps.abs().max())
-    assert (verify - steps).abs().max() <= tol, float((verify - steps).abs().max())
-    assert torch.equal(verify.argmax(-1), steps.argmax(-1))
-    assert torch.equal(verify.argmax(-1), run(ref, 1).argmax(-1))
+    steps, _ = run(1)   # plain decoding: Step.step
+    _, steps_h = run(1, hidden=True)
+    for T in (2, 5, 16):
+        for hidden in (False, True):
+            verify, verify_h = run(T, 20 + T * (20 // T), hidden)
+            n = verify.shape[1]
+            assert torch.equal(verify, steps[:, :n]), (family, T, hidden)
+            assert not hidden or torch.equal(verify_h, steps_h[:, :n]), (family, T)
+    # a tree: after compacting one path, the tree's logits at the kept nodes and the next step are one-token steps'
+    tree = DraftTree.from_paths([[0], [1], [0, 0], [1, 0], [1, 1], [1, 1, 0]])
+    path = [2, 5, 6]   # nodes (1,), (1,1), (1,1,0)
+    nodes = torch.randint(1, 300, (1, tree.size), generator=torch.Generator().manual_seed(3))
+    nodes[0, [c - 1 for c in path]] = ids[0, 21:24]
+    eng.reset()
+    eng.keep_hidden = False
+    eng.forward(ids[:, :20])
+    tl = eng.forward_tree(torch.cat([ids[:, 20:21], nodes], 1), 20 + tree.depth, tree.mask)
+    eng.compact(20, torch.tensor([0] + path))
+    nxt = eng.forward(ids[:, 24:25])
+    assert torch.equal(tl[:, [0] + path], steps[:, :4]) and torch.equal(nxt, steps[:, 4:5]), family
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])

@@ -18,6 +18,8 @@ from ..core.arch import Arch, arch_of
 from ..core.errors import LeanLMError
 from .layouts import DenseWeight, pack_linear, pack_weight
 
+MAX_STEP_ROWS = 16   # tokens of one sequence the one-call step runs at once (Step.rows)
+
 
 def _fused(linears: list, kind, dtype, group_size, allow_fallback):
     """Pack linears that read the same input as one matmul. Quantized layers keep their own codes
@@ -161,7 +163,7 @@ class Decoder(nn.Module):
         self.embed_scale = float(torch.tensor(spec.embed_scale, dtype=self.dtype)) if spec.embed_scale != 1.0 else 1.0
         # One float32 cache per layer (PyTorch's bfloat16 batched matmul is far slower than float32 at these
         # tiny shapes); separate buffers let torch.compile update each in place instead of copying a big one.
-        self.one_row_f32 = self.fused_rows()   # Engine(kernels=False) turns it off
+        self.one_row_f32 = self.one_row_kernels()   # Engine(kernels=False) turns it off
         shape = (max_batch, spec.kv_heads, max_seq_len, spec.head_dim)
         for L in self.layers:
             L.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float32))
@@ -240,7 +242,23 @@ class Decoder(nn.Module):
             x.mul_(self.embed_scale)
         return self.step.step(x.view(-1), pos)
 
-    def fused_rows(self) -> bool:
+    def fused_rows(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int, rows=None, hidden: bool = False, tree=None):
+        """`forward` of T <= MAX_STEP_ROWS tokens of one sequence (a speculative verification, a draft tree) through the
+        one-call step: each row's logits are the bits a one-token step computes over the same keys."""
+        x = self.embed.rows(ids).float()
+        if self.embed_scale != 1.0:
+            x.mul_(self.embed_scale)
+        none = torch.empty(0)
+        if tree is None:
+            rpos, mask = input_pos, none
+        else:
+            win = next((w for w in self.spec.windows if w), None)
+            kinds = [None] + ([win] if win and hasattr(self, "mask1") else [])
+            rpos, mask = tree[0], torch.stack([_tree_mask(tree, input_pos, kv_len, w) for w in kinds])
+        out = self.step.rows(x.contiguous(), input_pos, rpos, mask, int(kv_len), none if rows is None else rows, hidden)
+        return (out[0][None], out[1][None]) if hidden else out[0][None]
+
+    def one_row_kernels(self) -> bool:
         """Whether every matmul of a one-row step runs a fused kernel (they take and return float32, so such a
         step skips the bfloat16 casts around each matmul)."""
         lays = [getattr(L, n) for L in self.layers for n in ("qkv", "o", "gate_up", "down")] + [self.head]
@@ -313,8 +331,11 @@ class Decoder(nn.Module):
         of the last S its mask row marks."""
         s = self.spec
         B, T = ids.shape
-        if B * T == 1 and not hidden and tree is None and self.step is not None and attend is None and rows is None and not torch.compiler.is_compiling():
-            return self.fused_one(ids.view(1), int(input_pos)).view(1, 1, -1)
+        if self.step is not None and attend is None and not torch.compiler.is_compiling():
+            if B * T == 1 and not hidden and tree is None and rows is None:
+                return self.fused_one(ids.view(1), int(input_pos)).view(1, 1, -1)
+            if B == 1 and T <= MAX_STEP_ROWS:
+                return self.fused_rows(ids[0], input_pos, kv_len, rows, hidden, tree)
         dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
         x = self.embed.rows(ids).float()
         if self.embed_scale != 1.0:

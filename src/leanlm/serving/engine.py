@@ -237,7 +237,7 @@ class RowSwitch(nn.Module):
         self.packed, self.rows = packed, rows
         self.dense = DenseWeight(packed.dequantize(), torch.bfloat16)
         self.out_features, self.in_features = packed.out_features, packed.in_features
-        for name in ("tiled", "fast"):   # Decoder.fused_rows() looks at the packed layout's batch-1 kernels
+        for name in ("tiled", "fast"):   # Decoder.one_row_kernels() looks at the packed layout's batch-1 kernels
             if hasattr(packed, name):
                 setattr(self, name, getattr(packed, name))
 

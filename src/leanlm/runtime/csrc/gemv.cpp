@@ -463,6 +463,55 @@ void f4_avx2(const F4& a, int nb0, int nb1) {
   }
 }
 
+// M activation rows at once (AVX-512 BF16): each 64-byte chunk's codes are widened to bfloat16 once and multiplied
+// into every row's own accumulators in the one-row kernel's order (the same dpbf16 sequence per row), so each row's
+// outputs are the bits of a one-row call; the widening, the kernel's main cost after the read, is paid once.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void f4_avx512_rows(const F4* a, int nb0, int nb1) {
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; ++i) tab[i] = f2bf((float)((i & 15) - 8));
+  const __m512i T = _mm512_load_si512(tab);
+  const __m512i m = _mm512_set1_epi32(0x000F000F);
+  const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  const int K = a[0].K, G = a[0].G, N = a[0].N, cpg = G / 8;
+  const uint32_t* xp[M];
+  for (int r = 0; r < M; ++r) xp[r] = a[r].p->xp.data();
+  const size_t ahead = (size_t)PF_BLOCKS * (K / 8) * 64;
+  for (int nb = nb0; nb < nb1; ++nb) {
+    __m512 out[M];
+    for (int r = 0; r < M; ++r) out[r] = _mm512_setzero_ps();
+    const uint8_t* wp = a[0].w + (size_t)nb * (K / 8) * 64;
+    for (int g = 0; g < K / G; ++g) {
+      __m512 acc0[M], acc1[M];
+      for (int r = 0; r < M; ++r) { acc0[r] = _mm512_setzero_ps(); acc1[r] = _mm512_setzero_ps(); }
+      for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+        _mm_prefetch((const char*)(wp + ahead + (size_t)c * 64), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(wp + (size_t)c * 64);
+        const __m512bh d0 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, m), T);
+        const __m512bh d1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 8), m), T);
+        const __m512bh d2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 4), m), T);
+        const __m512bh d3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 12), m), T);
+        for (int r = 0; r < M; ++r) {
+          const uint32_t* xc = xp[r] + c * 4;
+          acc0[r] = _mm512_dpbf16_ps(acc0[r], d0, (__m512bh)_mm512_set1_epi32((int)xc[0]));
+          acc1[r] = _mm512_dpbf16_ps(acc1[r], d1, (__m512bh)_mm512_set1_epi32((int)xc[1]));
+          acc0[r] = _mm512_dpbf16_ps(acc0[r], d2, (__m512bh)_mm512_set1_epi32((int)xc[2]));
+          acc1[r] = _mm512_dpbf16_ps(acc1[r], d3, (__m512bh)_mm512_set1_epi32((int)xc[3]));
+        }
+      }
+      const __m512i sv = _mm512_loadu_si512(a[0].sz + (size_t)g * N + nb * 16);
+      _mm_prefetch((const char*)(a[0].sz + (size_t)g * N + (nb + PF_SZ) * 16), _MM_HINT_T0);
+      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(sv, 16)), zr = _mm512_castsi512_ps(_mm512_and_si512(sv, hi16));
+      for (int r = 0; r < M; ++r) {
+        out[r] = _mm512_fmadd_ps(_mm512_add_ps(acc0[r], acc1[r]), sc, out[r]);
+        out[r] = _mm512_fmadd_ps(zr, _mm512_set1_ps(a[r].p->gs[g]), out[r]);
+      }
+    }
+    for (int r = 0; r < M; ++r) _mm512_storeu_ps(a[r].y + nb * 16, out[r]);
+  }
+}
+
 // Row-major int8 rows are read a few at a time, each only K bytes long: too short for the hardware prefetcher to
 // follow, so a pass prefetches the rows that follow it (twice the speed on a matrix that does not fit in cache,
 // Gemma-3's 262144 x 640 head).
@@ -499,6 +548,38 @@ void f8_avx512(const F8& a, int n0, int n1) {
       for (int k = K16; k < a.K; ++k) s += (float)wr[r][k] * a.xb[k];
       a.y[n + r] = s * bf16f(a.scale[n + r]);
     }
+  }
+}
+
+// M activation rows at once: each weight row's 16 codes are converted to float32 once and multiplied into every
+// activation row's own accumulator in the one-row kernel's order, so each output is the bits of a one-row call.
+template <int M>
+__attribute__((target("avx512f,avx512bw")))
+void f8_avx512_rows(const F8* a, int n0, int n1) {
+  const int K = a[0].K, K16 = K / 16 * 16;
+  for (int n = n0; n < n1; n += 4) {
+    const int rows = std::min(4, n1 - n);
+    __m512 f[M][4];
+    for (int j = 0; j < M; ++j) for (int r = 0; r < 4; ++r) f[j][r] = _mm512_setzero_ps();
+    const int8_t* wr[4];
+    for (int r = 0; r < 4; ++r) wr[r] = a[0].w + (size_t)(n + std::min(r, rows - 1)) * K;
+    const char* ahead = (const char*)(a[0].w + (size_t)(n + 4) * K);
+    for (int k = 0; k < K16; k += 16) {
+      if ((k & 63) == 0)
+        for (int r = 0; r < 4; ++r) _mm_prefetch(ahead + (size_t)r * K + k, _MM_HINT_T0);
+      __m512 wv[4];
+      for (int r = 0; r < 4; ++r) wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr[r] + k))));
+      for (int j = 0; j < M; ++j) {
+        const __m512 xv = _mm512_loadu_ps(a[j].xb + k);
+        for (int r = 0; r < 4; ++r) f[j][r] = _mm512_fmadd_ps(wv[r], xv, f[j][r]);
+      }
+    }
+    for (int j = 0; j < M; ++j)
+      for (int r = 0; r < rows; ++r) {
+        float s = _mm512_reduce_add_ps(f[j][r]);
+        for (int k = K16; k < K; ++k) s += (float)wr[r][k] * a[j].xb[k];
+        a[j].y[n + r] = s * bf16f(a[j].scale[n + r]);
+      }
   }
 }
 
@@ -548,6 +629,26 @@ void run8(int path, const F8& a, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) a.y[n] = rbf(a.y[n]);
 }
 
+// Up to 4 rows over the same blocks / outputs: on AVX-512 one pass shares the weight's widening (f4/f8_avx512_rows),
+// elsewhere one one-row call per row; either way each row gets a one-row call's bits.
+template <int M> void run4_m(const F4* a, int64_t b0, int64_t b1) {
+  f4_avx512_rows<M>(a, (int)b0, (int)b1);
+  for (int r = 0; r < M; ++r) for (int64_t n = b0 * 16; n < b1 * 16; ++n) a[r].y[n] = rbf(a[r].y[n]);
+}
+template <int M> void run8_m(const F8* a, int64_t n0, int64_t n1) {
+  f8_avx512_rows<M>(a, (int)n0, (int)n1);
+  for (int r = 0; r < M; ++r) for (int64_t n = n0; n < n1; ++n) a[r].y[n] = rbf(a[r].y[n]);
+}
+void run4_tile(int path, const F4* a, int M, int64_t b0, int64_t b1) {
+  if (path != 2) { for (int r = 0; r < M; ++r) run4(path, a[r], b0, b1); return; }
+  if (M == 1) run4_m<1>(a, b0, b1); else if (M == 2) run4_m<2>(a, b0, b1); else if (M == 3) run4_m<3>(a, b0, b1); else run4_m<4>(a, b0, b1);
+}
+void run8_tile(int path, const F8* a, int M, int64_t n0, int64_t n1) {
+  if (path != 2) { for (int r = 0; r < M; ++r) run8(path, a[r], n0, n1); return; }
+  if (M == 1) run8_m<1>(a, n0, n1); else if (M == 2) run8_m<2>(a, n0, n1); else if (M == 3) run8_m<3>(a, n0, n1); else run8_m<4>(a, n0, n1);
+}
+constexpr int ROW_TILE = 4;
+
 // y[N] = bf16(x[K] @ W.T): the one entry point of the float kernels.
 void gemv(const Mat& m, const float* x, float* y, Prep& p) {
   const int path = fpath();
@@ -571,23 +672,25 @@ void gemm_rows(const Mat& m, const float* x, int M, float* y, std::vector<Prep>&
   const int path = fpath();
   if ((int)ps.size() < M) ps.resize(M);
   if (m.kind == 4) {
+    std::vector<F4> fs;
     for (int r = 0; r < M; ++r) ps[r].make(x + (size_t)r * m.K, m.K, m.G, path == 2);
+    for (int r = 0; r < M; ++r) fs.push_back(F4{m.a, (const uint32_t*)m.b, &ps[r], y + (size_t)r * m.N, m.N, m.K, m.G});
     const int64_t chunk = std::max<int64_t>(1, (int64_t)(CHUNK_BYTES / ((size_t)m.K * 8)));   // a block: 16 rows, K * 8 bytes
     at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) {
       for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
         const int64_t c1 = std::min(b1, c0 + chunk);
-        for (int r = 0; r < M; ++r)
-          run4(path, F4{m.a, (const uint32_t*)m.b, &ps[r], y + (size_t)r * m.N, m.N, m.K, m.G}, c0, c1);
+        for (int r = 0; r < M; r += ROW_TILE) run4_tile(path, fs.data() + r, std::min(ROW_TILE, M - r), c0, c1);
       }
     });
   } else {
+    std::vector<F8> fs;
     for (int r = 0; r < M; ++r) ps[r].make(x + (size_t)r * m.K, m.K, 0, false);
+    for (int r = 0; r < M; ++r) fs.push_back(F8{(const int8_t*)m.a, m.b, ps[r].xb.data(), y + (size_t)r * m.N, m.N, m.K});
     const int64_t chunk = std::max<int64_t>(4, (int64_t)(CHUNK_BYTES / (size_t)m.K) / 4 * 4);   // weight rows (4 per pass)
     at::parallel_for(0, m.N, 256, [&](int64_t n0, int64_t n1) {
       for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
         const int64_t c1 = std::min(n1, c0 + chunk);
-        for (int r = 0; r < M; ++r)
-          run8(path, F8{(const int8_t*)m.a, m.b, ps[r].xb.data(), y + (size_t)r * m.N, m.N, m.K}, c0, c1);
+        for (int r = 0; r < M; r += ROW_TILE) run8_tile(path, fs.data() + r, std::min(ROW_TILE, M - r), c0, c1);
       }
     });
   }
@@ -826,6 +929,9 @@ inline const float* fptr(const at::Tensor& t) { return t.defined() && t.numel() 
 // cache, o GEMV, residual (or Gemma's sandwich norms), gate/up GEMV, SiLU or GELU-tanh times up, down GEMV,
 // residual; then the final norm, the head GEMV and the optional soft-cap. Rounds to bfloat16 where the
 // reference path's tensors are bfloat16 (matmul inputs and outputs, the activation product).
+// `rows` runs T <= 16 tokens at once (a speculative verification, a draft tree) through the same code: every row's
+// matmuls are exactly one-row calls (gemm_rows), and its attention sums over its keys in slot order as a one-token
+// step over the same keys does, so a verification gives the bits of T one-token steps (greedy output identical).
 struct Step : torch::CustomClassHolder {
   struct L { Mat m[4]; const float* n[6]; float* kc; float* vc; int win, rope; };
   std::vector<L> layers; Mat head; const float* norm; const float* cs[2][2];
@@ -833,11 +939,16 @@ struct Step : torch::CustomClassHolder {
   int H, Hkv, D, R, I, act, ffn_norms, qk, hidden, S;
   float eps, scale, softcap;
   std::vector<float> h, qkv, att, o, gu, hh, dn, sc;
-  Prep p;
+  std::vector<int> keys;   // per row: the cache slots it attends to, ascending (kv_len entries a row)
+  Prep p; std::vector<Prep> ps;
   double t_gemv = 0, t_att = 0, t_all = 0; int64_t n_steps = 0;   // where the steps' time went (timings())
   using clk = std::chrono::steady_clock;
   static double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
-  void mv(const Mat& m, const float* x, float* y) { auto t = clk::now(); gemv(m, x, y, p); t_gemv += since(t); }
+  void mv(const Mat& m, const float* x, int T, float* y) {
+    auto t = clk::now();
+    if (T == 1) gemv(m, x, y, p); else gemm_rows(m, x, T, y, ps);
+    t_gemv += since(t);
+  }
 
   // [seconds in the weight GEMVs, in attention (scores, softmax, weighted sum), in whole steps, steps]; reset=True zeroes them
   std::vector<double> timings(bool reset) {
@@ -873,8 +984,15 @@ struct Step : torch::CustomClassHolder {
     head = ii[10] ? mat4(tg[0], tg[1], ii[10], tg[1].size(1), hidden) : mat8(tg[0], tg[1]);
     norm = fptr(tg[2]);
     for (int w = 0; w < 2; ++w) { cs[w][0] = fptr(tg[3 + 2 * w]); cs[w][1] = fptr(tg[4 + 2 * w]); }
-    h.resize(std::max(hidden, I)); qkv.resize(q_dim + 2 * kv_dim); att.resize(q_dim); o.resize(hidden);
-    gu.resize(2 * I); hh.resize(I); dn.resize(hidden); sc.resize((size_t)H * S);
+    buffers(1);
+  }
+
+  void buffers(int T) {   // scratch for T rows
+    const size_t q_dim = (size_t)H * D, kv_dim = (size_t)Hkv * D;
+    if (o.size() >= (size_t)T * hidden) return;
+    h.resize((size_t)T * std::max(hidden, I)); qkv.resize(T * (q_dim + 2 * kv_dim)); att.resize(T * q_dim);
+    o.resize((size_t)T * hidden); gu.resize((size_t)T * 2 * I); hh.resize((size_t)T * I); dn.resize((size_t)T * hidden);
+    sc.resize((size_t)T * H * S); keys.resize((size_t)T * S);
   }
 
   void rope(float* v, const float* c, const float* s) const {
@@ -886,80 +1004,154 @@ struct Step : torch::CustomClassHolder {
 
   at::Tensor step(at::Tensor xt, int64_t pos64) {
     TORCH_CHECK(xt.is_contiguous() && xt.scalar_type() == at::kFloat && xt.numel() == hidden, "Step: x must be float32 [hidden]");
-    const int pos = (int)pos64;
+    const int64_t pos = pos64;
     TORCH_CHECK(pos >= 0 && pos < S, "Step: position ", pos, " outside the cache of ", S);
+    at::Tensor logits = at::empty({head.N}, xt.options());
+    run(xt.data_ptr<float>(), 1, &pos, &pos, nullptr, 0, (int)pos + 1, std::vector<int>{0}, logits.data_ptr<float>(), nullptr);
+    return logits;
+  }
+
+  // x [T, hidden] float32 (overwritten), slots [T] (cache slots written), rope_pos [T], mask: bool [kinds, T, kv_len] (kind 1:
+  // sliding-window layers) or empty (causal: slot j <= the row's slot, inside the window), rows [R] (the rows whose
+  // logits come back; empty: all) -> [logits [R, V], the final norm's output [R, hidden] (with want_hidden)]
+  std::vector<at::Tensor> rows(at::Tensor xt, at::Tensor slots, at::Tensor rpos, at::Tensor mask, int64_t kv_len,
+                               at::Tensor rows, bool want_hidden) {
+    TORCH_CHECK(xt.is_contiguous() && xt.scalar_type() == at::kFloat && xt.dim() == 2 && xt.size(1) == hidden,
+                "Step.rows: x must be float32 [T, hidden]");
+    const int T = (int)xt.size(0);
+    TORCH_CHECK(T >= 1 && T <= 16, "Step.rows: 1..16 rows, got ", T);
+    TORCH_CHECK(kv_len >= 1 && kv_len <= S, "Step.rows: kv_len ", kv_len, " outside the cache of ", S);
+    slots = slots.to(at::kLong).contiguous(); rpos = rpos.to(at::kLong).contiguous();
+    TORCH_CHECK(slots.numel() == T && rpos.numel() == T, "Step.rows: one slot and one position per row");
+    const int64_t* sl = slots.data_ptr<int64_t>(); const int64_t* rp = rpos.data_ptr<int64_t>();
+    for (int r = 0; r < T; ++r)
+      TORCH_CHECK(sl[r] >= 0 && sl[r] < kv_len && rp[r] >= 0 && rp[r] < S, "Step.rows: row ", r, " slot/position out of range");
+    const bool* mk = nullptr; int kinds = 0;
+    if (mask.defined() && mask.numel()) {
+      mask = mask.to(at::kBool).contiguous();
+      TORCH_CHECK(mask.dim() == 3 && mask.size(1) == T && mask.size(2) == kv_len, "Step.rows: mask must be [kinds, T, kv_len]");
+      mk = mask.data_ptr<bool>(); kinds = (int)mask.size(0);
+    }
+    std::vector<int> out;
+    if (rows.defined() && rows.numel()) {
+      rows = rows.to(at::kLong).contiguous();
+      for (int64_t i = 0; i < rows.numel(); ++i) {
+        const int64_t r = rows.data_ptr<int64_t>()[i];
+        TORCH_CHECK(r >= 0 && r < T, "Step.rows: row ", r, " outside 0..", T - 1);
+        out.push_back((int)r);
+      }
+    } else {
+      for (int r = 0; r < T; ++r) out.push_back(r);
+    }
+    at::Tensor logits = at::empty({(int64_t)out.size(), head.N}, xt.options());
+    at::Tensor hid = want_hidden ? at::empty({(int64_t)out.size(), hidden}, xt.options()) : at::Tensor();
+    run(xt.data_ptr<float>(), T, sl, rp, mk, kinds, (int)kv_len, out, logits.data_ptr<float>(), want_hidden ? hid.data_ptr<float>() : nullptr);
+    return want_hidden ? std::vector<at::Tensor>{logits, hid} : std::vector<at::Tensor>{logits};
+  }
+
+  void run(float* x, int T, const int64_t* sl, const int64_t* rp, const bool* mk, int kinds, int kv_len,
+           const std::vector<int>& out, float* y, float* hid_out) {
     const auto t_step = clk::now();
-    float* x = xt.data_ptr<float>();
-    const int q_dim = H * D, kv_dim = Hkv * D, g = H / Hkv;
+    buffers(T);
+    const int q_dim = H * D, kv_dim = Hkv * D, g = H / Hkv, qkv_n = q_dim + 2 * kv_dim;
+    std::vector<int> nk(T);
     for (const L& l : layers) {
-      rms(x, l.n[0], h.data(), hidden, eps);
-      mv(l.m[0], h.data(), qkv.data());
-      float* q = qkv.data(); float* k = q + q_dim; float* v = k + kv_dim;
-      const float* c = cs[l.rope][0] + (size_t)pos * R; const float* s = cs[l.rope][1] + (size_t)pos * R;
-      for (int i = 0; i < H; ++i) { if (qk) rms(q + i * D, l.n[4], q + i * D, D, eps); rope(q + i * D, c, s); }
-      for (int i = 0; i < Hkv; ++i) {
-        if (qk) rms(k + i * D, l.n[5], k + i * D, D, eps);
-        rope(k + i * D, c, s);
-        std::memcpy(l.kc + ((size_t)i * S + pos) * D, k + i * D, D * sizeof(float));
-        std::memcpy(l.vc + ((size_t)i * S + pos) * D, v + i * D, D * sizeof(float));
+      for (int r = 0; r < T; ++r) rms(x + (size_t)r * hidden, l.n[0], h.data() + (size_t)r * hidden, hidden, eps);
+      mv(l.m[0], h.data(), T, qkv.data());
+      for (int r = 0; r < T; ++r) {
+        float* q = qkv.data() + (size_t)r * qkv_n; float* k = q + q_dim; float* v = k + kv_dim;
+        const float* c = cs[l.rope][0] + (size_t)rp[r] * R; const float* s = cs[l.rope][1] + (size_t)rp[r] * R;
+        for (int i = 0; i < H; ++i) { if (qk) rms(q + i * D, l.n[4], q + i * D, D, eps); rope(q + i * D, c, s); }
+        for (int i = 0; i < Hkv; ++i) {
+          if (qk) rms(k + i * D, l.n[5], k + i * D, D, eps);
+          rope(k + i * D, c, s);
+          std::memcpy(l.kc + ((size_t)i * S + sl[r]) * D, k + i * D, D * sizeof(float));
+          std::memcpy(l.vc + ((size_t)i * S + sl[r]) * D, v + i * D, D * sizeof(float));
+        }
+        // the row's keys: the mask's marks, or every slot up to its own inside the window
+        int* kr = keys.data() + (size_t)r * S; int n = 0;
+        if (mk) {
+          const bool* m = mk + ((size_t)std::min(l.rope, kinds - 1) * T + r) * kv_len;
+          for (int j = 0; j < kv_len; ++j) if (m[j]) kr[n++] = j;
+        } else {
+          const int t0 = l.win ? std::max<int>(0, (int)sl[r] - l.win + 1) : 0;
+          for (int j = t0; j <= (int)sl[r]; ++j) kr[n++] = j;
+        }
+        nk[r] = n;
       }
       const auto t_a = clk::now();
-      const int t0 = l.win ? std::max(0, pos - l.win + 1) : 0, T = pos + 1 - t0;
-      // heads split over the threads once there is more work than a parallel region costs (SmolLM2 at 200 tokens:
-      // 0.43 -> 0.27 ms of attention per step; the other thread would otherwise wait)
-      at::parallel_for(0, H, (size_t)T * D * H >= 16384 ? 1 : H, [&](int64_t h0, int64_t h1) {
-        for (int hd = (int)h0; hd < (int)h1; ++hd) {
-          const float* qh = q + hd * D;
-          const float* kh = l.kc + ((size_t)(hd / g) * S + t0) * D;
-          const float* vh = l.vc + ((size_t)(hd / g) * S + t0) * D;
-          float* sh = sc.data() + (size_t)hd * S;
+      int64_t work = 0;
+      for (int r = 0; r < T; ++r) work += nk[r];
+      // (row, head) pairs split over the threads once there is more work than a parallel region costs (SmolLM2 at
+      // 200 tokens: 0.43 -> 0.27 ms of attention per step; the other thread would otherwise wait), KV head major: the
+      // g * T pairs that read one KV head's keys and values run one after another while those are in cache
+      at::parallel_for(0, (int64_t)T * H, work * D * H >= 16384 ? 1 : (int64_t)T * H, [&](int64_t a0, int64_t a1) {
+        for (int64_t a = a0; a < a1; ++a) {
+          const int kvh = (int)(a / ((int64_t)T * g)), rem = (int)(a % ((int64_t)T * g));
+          const int r = rem / g, hd = kvh * g + rem % g;
+          const float* qh = qkv.data() + (size_t)r * qkv_n + hd * D;
+          const float* kh = l.kc + (size_t)(hd / g) * S * D;
+          const float* vh = l.vc + (size_t)(hd / g) * S * D;
+          const int* kr = keys.data() + (size_t)r * S; const int n = nk[r];
+          float* sh = sc.data() + ((size_t)r * H + hd) * S;
           float mx = -INFINITY;
-          for (int t = 0; t < T; ++t) {
-            sh[t] = dot(qh, kh + (size_t)t * D, D) * scale;
+          for (int t = 0; t < n; ++t) {
+            sh[t] = dot(qh, kh + (size_t)kr[t] * D, D) * scale;
             mx = std::max(mx, sh[t]);
           }
           float sum = 0.f;
-          for (int t = 0; t < T; ++t) { sh[t] = exp_le0(sh[t] - mx); sum += sh[t]; }
-          float* oh = att.data() + hd * D;
+          for (int t = 0; t < n; ++t) { sh[t] = exp_le0(sh[t] - mx); sum += sh[t]; }
+          float* oh = att.data() + (size_t)r * q_dim + hd * D;
           std::fill(oh, oh + D, 0.f);
-          for (int t = 0; t < T; ++t) {
+          for (int t = 0; t < n; ++t) {
             const float pt = sh[t] / sum;
-            for (int e = 0; e < D; ++e) oh[e] += pt * vh[(size_t)t * D + e];
+            const float* vt = vh + (size_t)kr[t] * D;
+            for (int e = 0; e < D; ++e) oh[e] += pt * vt[e];
           }
         }
       });
       t_att += since(t_a);
-      mv(l.m[1], att.data(), o.data());
-      if (ffn_norms) {
-        rms(o.data(), l.n[1], dn.data(), hidden, eps);
-        for (int i = 0; i < hidden; ++i) x[i] += dn[i];
-        rms(x, l.n[2], h.data(), hidden, eps);
-      } else {
-        for (int i = 0; i < hidden; ++i) x[i] += o[i];
-        rms(x, l.n[1], h.data(), hidden, eps);
+      mv(l.m[1], att.data(), T, o.data());
+      for (int r = 0; r < T; ++r) {
+        float* xr = x + (size_t)r * hidden; float* orow = o.data() + (size_t)r * hidden; float* hr = h.data() + (size_t)r * hidden;
+        if (ffn_norms) {
+          float* dr = dn.data() + (size_t)r * hidden;
+          rms(orow, l.n[1], dr, hidden, eps);
+          for (int i = 0; i < hidden; ++i) xr[i] += dr[i];
+          rms(xr, l.n[2], hr, hidden, eps);
+        } else {
+          for (int i = 0; i < hidden; ++i) xr[i] += orow[i];
+          rms(xr, l.n[1], hr, hidden, eps);
+        }
       }
-      mv(l.m[2], h.data(), gu.data());
-      for (int i = 0; i < I; ++i) {
-        const float a = gu[i];
-        const float f = act == 0 ? silu(a) : gelu_tanh(a);
-        hh[i] = rbf(rbf(f) * gu[I + i]);
+      mv(l.m[2], h.data(), T, gu.data());
+      for (int r = 0; r < T; ++r) {
+        const float* gr = gu.data() + (size_t)r * 2 * I; float* hr = hh.data() + (size_t)r * I;
+        for (int i = 0; i < I; ++i) {
+          const float a = gr[i];
+          const float f = act == 0 ? silu(a) : gelu_tanh(a);
+          hr[i] = rbf(rbf(f) * gr[I + i]);
+        }
       }
-      mv(l.m[3], hh.data(), dn.data());
-      if (ffn_norms) {
-        rms(dn.data(), l.n[3], o.data(), hidden, eps);
-        for (int i = 0; i < hidden; ++i) x[i] += o[i];
-      } else {
-        for (int i = 0; i < hidden; ++i) x[i] += dn[i];
+      mv(l.m[3], hh.data(), T, dn.data());
+      for (int r = 0; r < T; ++r) {
+        float* xr = x + (size_t)r * hidden; float* dr = dn.data() + (size_t)r * hidden;
+        if (ffn_norms) {
+          float* orow = o.data() + (size_t)r * hidden;
+          rms(dr, l.n[3], orow, hidden, eps);
+          for (int i = 0; i < hidden; ++i) xr[i] += orow[i];
+        } else {
+          for (int i = 0; i < hidden; ++i) xr[i] += dr[i];
+        }
       }
     }
-    rms(x, norm, h.data(), hidden, eps);
-    at::Tensor logits = at::empty({head.N}, xt.options());
-    float* y = logits.data_ptr<float>();
-    mv(head, h.data(), y);
+    const int M = (int)out.size();
+    for (int i = 0; i < M; ++i) rms(x + (size_t)out[i] * hidden, norm, h.data() + (size_t)i * hidden, hidden, eps);
+    if (hid_out) std::memcpy(hid_out, h.data(), (size_t)M * hidden * sizeof(float));
+    mv(head, h.data(), M, y);
     if (softcap > 0)
-      for (int i = 0; i < head.N; ++i) y[i] = std::tanh(y[i] / softcap) * softcap;
-    t_all += since(t_step); ++n_steps;
-    return logits;
+      for (size_t i = 0; i < (size_t)M * head.N; ++i) y[i] = std::tanh(y[i] / softcap) * softcap;
+    t_all += since(t_step); n_steps += T;
   }
 };
 
@@ -1272,6 +1464,7 @@ TORCH_LIBRARY(leanlm, m) {
   m.class_<Step>("Step")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("step", &Step::step)
+      .def("rows", &Step::rows)
       .def("timings", &Step::timings);
 }
 

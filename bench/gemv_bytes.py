@@ -1,5 +1,5 @@
-"""Read rate of the runtime's fused batch-1 GEMVs by matrix size: does a one-row int8 or int4 matmul run at the
-machine's memory bandwidth, or is it held by its arithmetic? Matrices that fit in the last-level cache against ones
+"""Read rate of the runtime's fused batch-1 GEMVs by matrix size and layout: does a one-row int8 or int4 matmul run at
+the machine's memory bandwidth, or is it held by its arithmetic or its access pattern? Matrices that fit in the last-level cache against ones
 that do not (Gemma-3-270M's 262,144 x 640 output head is 168 MB in int8), next to the bandwidth `bench/decode.py`
 measures (a float32 sum over 512 MB) and to the same sum with one thread. Each figure is the median of `--repeats`
 one-row calls after a warm-up, the rows of the table interleaved.
@@ -21,9 +21,11 @@ from leanlm.evaluation.profile import machine_info, measure_bandwidth
 from leanlm.runtime import kernels
 from leanlm.runtime.layouts import pack_weight
 
-# (format, out_features, in_features): in cache / out of cache, int8 and int4 of the same bytes
+# (format, out_features, in_features): in cache / out of cache, int8 and int4 of the same bytes; "int8 row-major" is
+# the int8 kernel on the row-major codes (what ran before the tiled copy, and what untileable shapes run)
 SHAPES = [("int8", 16384, 640), ("int4", 32768, 640), ("int8", 65536, 640), ("int8", 262144, 640),
-          ("int4", 262144, 640), ("int4", 524288, 640), ("int8", 49152, 576)]
+          ("int8 row-major", 262144, 640), ("int4", 262144, 640), ("int4", 524288, 640), ("int8", 49152, 576),
+          ("int8 row-major", 49152, 576)]
 
 
 def main():
@@ -36,8 +38,10 @@ def main():
         raise SystemExit(f"the fused kernels are not built here: {kernels.path()}")
     mats = []
     for fmt, n, k in SHAPES:
-        w = pack_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), fmt, torch.bfloat16, 64, False)
-        mats.append((fmt, n, k, w, n * k if fmt == "int8" else n * k // 2))
+        w = pack_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), fmt.split()[0], torch.bfloat16, 64, False)
+        if fmt == "int8 row-major":
+            w.tiled = None
+        mats.append((fmt, n, k, w, n * k if fmt.startswith("int8") else n * k // 2))
     x = torch.randn(1, 640).to(torch.bfloat16)
     x576 = torch.randn(1, 576).to(torch.bfloat16)
     times = {i: [] for i in range(len(mats))}

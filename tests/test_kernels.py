@@ -155,6 +155,10 @@ def test_int8_gemv_matches_reference(N, K):
     w = torch.randn(N, K, generator=g) * (1 + torch.rand(N, 1, generator=g))
     lay = Int8Weight.from_float(w, torch.bfloat16)
     assert lay.fast
+    # the batch-1 kernel reads the tiled copy where the shape tiles, the row-major codes elsewhere
+    assert (lay.tiled is not None) == (N % 16 == 0 and K % 4 == 0)
+    if lay.tiled is not None:
+        assert torch.equal(kernels.untile8(lay.tiled), lay.qweight)
     x = torch.randn(1, 1, K, generator=g)
     if K % 32 == 0:
         ref = lay.reference(x.bfloat16()).float().reshape(-1)

@@ -168,6 +168,19 @@ def tile16(u: torch.Tensor) -> torch.Tensor:
     return (t[..., 0] | (t[..., 1] << 4)).reshape(N // 16, K * 8).contiguous()
 
 
+def tile8(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] (N % 16 == 0, K % 4 == 0) -> the int8 kernel's tile16 layout int8 [N/16, K/4, 64]: per 16 rows
+    and 4 k, 64 bytes; byte j*16 + r = code (r, k0+j). One linear stream per thread, as the int4 layout."""
+    N, K = codes.shape
+    return codes.to(torch.int8).reshape(N // 16, 16, K // 4, 4).permute(0, 2, 3, 1).contiguous().reshape(N // 16, K // 4, 64)
+
+
+def untile8(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile8`: int8 [N, K] codes."""
+    nb, c, _ = w.shape
+    return w.reshape(nb, c, 4, 16).permute(0, 3, 1, 2).reshape(nb * 16, c * 4)
+
+
 def untile16(w: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """Inverse of `tile16`: uint8 [N, K] codes."""
     t = w.reshape(N // 16, K // 8, 16, 4)

@@ -213,11 +213,13 @@ class Decoder(nn.Module):
         if s.rotary_dim % 2 or s.rotary_dim > 1024 or s.heads % s.kv_heads:
             return None, "a RoPE or head layout the fused step does not take"
 
-        def ab(m):
-            return [m.tiled, m.scales_zeros] if getattr(m, "tiled", None) is not None else [m.qweight, m.scale]
+        def ab(m):   # int4: tile16 codes + scale/zero table; int8: its tiled (or row-major) codes + scales
+            if hasattr(m, "scales_zeros"):
+                return [m.tiled, m.scales_zeros]
+            return [m.qweight if m.tiled is None else m.tiled, m.scale]
 
         def grp(m):
-            return m.group_size if getattr(m, "tiled", None) is not None else 0
+            return m.group_size if hasattr(m, "scales_zeros") else 0
 
         none = torch.empty(0)
         t, per = [], []
@@ -266,12 +268,13 @@ class Decoder(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of every packed weight, norm and RoPE table (not the KV cache), each storage once. An int4
-        layer's codes count once: its tiled copy for the batch-1 kernel holds the same codes as `packed`
-        (the resident memory of both is measured by bench/decode.py)."""
+        or int8 layer's codes count once: its tiled copy for the batch-1 kernel holds the same codes as `packed` /
+        `qweight` (the resident memory of both is measured by bench/decode.py)."""
         seen, n = set(), 0
         tiled = {name.removesuffix(".tiled") for name, b in self.named_buffers() if name.endswith(".tiled")}
         for name, b in self.named_buffers():
-            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen or name.removesuffix(".packed") in tiled:
+            if name.endswith(("k_cache", "v_cache")) or b.data_ptr() in seen or name.removesuffix(".packed") in tiled \
+                    or name.removesuffix(".qweight") in tiled:
                 continue
             seen.add(b.data_ptr())
             n += b.numel() * b.element_size()

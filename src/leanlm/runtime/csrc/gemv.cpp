@@ -610,8 +610,102 @@ void f8_avx2(const F8& a, int n0, int n1) {
   }
 }
 
+// int8 "tile16" layout (kind 9): uint8/int8 [N/16][K/4][64]; byte j*16 + r of chunk c holds code (row nb*16 + r,
+// k = 4c + j). As int4's tile16, each thread reads one linear stream: row-major codes read 4 rows a pass ran a third
+// slower per byte than the int4 kernel where each core draws ~15-20 GB/s (bench/results/gemv_bytes.md). Lane r of
+// the sums is row r; per block, four sums (k = 4c + j for j = 0..3), folded (s0 + s1) + (s2 + s3), times the row's
+// scale.
+inline void f8t_scalar(const F8& a, int nb0, int nb1) {
+  for (int nb = nb0; nb < nb1; ++nb) {
+    float acc[4][16] = {};
+    const int8_t* wp = a.w + (size_t)nb * a.K * 16;
+    for (int c = 0; c < a.K / 4; ++c)
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < 16; ++r) acc[j][r] += (float)wp[(size_t)c * 64 + j * 16 + r] * a.xb[4 * c + j];
+    for (int r = 0; r < 16; ++r)
+      a.y[nb * 16 + r] = ((acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r])) * bf16f(a.scale[nb * 16 + r]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw")))
+inline __m512 f8t_scales(const uint16_t* s) {   // 16 bfloat16 scales -> float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+}
+
+__attribute__((target("avx512f,avx512bw")))
+void f8t_avx512(const F8& a, int nb0, int nb1) {
+  const size_t blk = (size_t)a.K * 16, ahead = PF_BLOCKS * blk;
+  for (int nb = nb0; nb < nb1; ++nb) {
+    const int8_t* wp = a.w + nb * blk;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int c = 0; c < a.K / 4; ++c) {
+      const int8_t* ch = wp + (size_t)c * 64;
+      _mm_prefetch((const char*)(ch + ahead), _MM_HINT_T0);
+      const float* xc = a.xb + 4 * c;
+      s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)ch))), _mm512_set1_ps(xc[0]), s0);
+      s1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 16)))), _mm512_set1_ps(xc[1]), s1);
+      s2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 32)))), _mm512_set1_ps(xc[2]), s2);
+      s3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 48)))), _mm512_set1_ps(xc[3]), s3);
+    }
+    _mm512_storeu_ps(a.y + nb * 16, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)), f8t_scales(a.scale + nb * 16)));
+  }
+}
+
+// M activation rows: each chunk's codes converted once, every row's sums as f8t_avx512 forms them
+template <int M>
+__attribute__((target("avx512f,avx512bw")))
+void f8t_avx512_rows(const F8* a, int nb0, int nb1) {
+  const size_t blk = (size_t)a[0].K * 16, ahead = PF_BLOCKS * blk;
+  const int K = a[0].K;
+  for (int nb = nb0; nb < nb1; ++nb) {
+    const int8_t* wp = a[0].w + nb * blk;
+    __m512 s[M][4];
+    for (int m = 0; m < M; ++m) for (int j = 0; j < 4; ++j) s[m][j] = _mm512_setzero_ps();
+    for (int c = 0; c < K / 4; ++c) {
+      const int8_t* ch = wp + (size_t)c * 64;
+      _mm_prefetch((const char*)(ch + ahead), _MM_HINT_T0);
+      __m512 w[4];
+      for (int j = 0; j < 4; ++j) w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 16 * j))));
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) s[m][j] = _mm512_fmadd_ps(w[j], _mm512_set1_ps(a[m].xb[4 * c + j]), s[m][j]);
+    }
+    const __m512 sc = f8t_scales(a[0].scale + nb * 16);
+    for (int m = 0; m < M; ++m)
+      _mm512_storeu_ps(a[m].y + nb * 16, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(s[m][0], s[m][1]), _mm512_add_ps(s[m][2], s[m][3])), sc));
+  }
+}
+
+__attribute__((target("avx2,fma")))
+void f8t_avx2(const F8& a, int nb0, int nb1) {
+  const size_t blk = (size_t)a.K * 16, ahead = PF_BLOCKS * blk;
+  for (int nb = nb0; nb < nb1; ++nb) {
+    const int8_t* wp = a.w + nb * blk;
+    __m256 lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+    for (int c = 0; c < a.K / 4; ++c) {
+      const int8_t* ch = wp + (size_t)c * 64;
+      _mm_prefetch((const char*)(ch + ahead), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) {
+        const __m128i v = _mm_loadu_si128((const __m128i*)(ch + 16 * j));
+        const __m256 xj = _mm256_set1_ps(a.xb[4 * c + j]);
+        lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), xj, lo[j]);
+        hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), xj, hi[j]);
+      }
+    }
+    const __m256 l = _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3]));
+    const __m256 h = _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3]));
+    alignas(32) float ls[8], hs[8];
+    _mm256_store_ps(ls, l); _mm256_store_ps(hs, h);
+    for (int r = 0; r < 8; ++r) {
+      a.y[nb * 16 + r] = ls[r] * bf16f(a.scale[nb * 16 + r]);
+      a.y[nb * 16 + 8 + r] = hs[r] * bf16f(a.scale[nb * 16 + 8 + r]);
+    }
+  }
+}
+
 // A packed matrix as the step sees it: kind 4 (tile16 codes + [K/G, N, 2] bf16 scale/zero) or 8 (int8 [N, K]
 // codes + bf16 [N] scale).
+// kind 9: int8 tile16 codes (f8t) + the same scales.
 struct Mat { int kind = 0; const uint8_t* a = nullptr; const uint16_t* b = nullptr; int G = 0, N = 0, K = 0; };
 
 // One thread's share of one row: int4 blocks b0..b1 (16 outputs each) or int8 outputs n0..n1, on the CPU's path, each
@@ -635,6 +729,20 @@ template <int M> void run4_m(const F4* a, int64_t b0, int64_t b1) {
   f4_avx512_rows<M>(a, (int)b0, (int)b1);
   for (int r = 0; r < M; ++r) for (int64_t n = b0 * 16; n < b1 * 16; ++n) a[r].y[n] = rbf(a[r].y[n]);
 }
+void run8t(int path, const F8& a, int64_t b0, int64_t b1) {   // int8 tile16 blocks b0..b1
+  if (path == 2) f8t_avx512(a, (int)b0, (int)b1);
+  else if (path == 1) f8t_avx2(a, (int)b0, (int)b1);
+  else f8t_scalar(a, (int)b0, (int)b1);
+  for (int64_t n = b0 * 16; n < b1 * 16; ++n) a.y[n] = rbf(a.y[n]);
+}
+template <int M> void run8t_m(const F8* a, int64_t b0, int64_t b1) {
+  f8t_avx512_rows<M>(a, (int)b0, (int)b1);
+  for (int r = 0; r < M; ++r) for (int64_t n = b0 * 16; n < b1 * 16; ++n) a[r].y[n] = rbf(a[r].y[n]);
+}
+void run8t_tile(int path, const F8* a, int M, int64_t b0, int64_t b1) {
+  if (path != 2) { for (int r = 0; r < M; ++r) run8t(path, a[r], b0, b1); return; }
+  if (M == 1) run8t_m<1>(a, b0, b1); else if (M == 2) run8t_m<2>(a, b0, b1); else if (M == 3) run8t_m<3>(a, b0, b1); else run8t_m<4>(a, b0, b1);
+}
 template <int M> void run8_m(const F8* a, int64_t n0, int64_t n1) {
   f8_avx512_rows<M>(a, (int)n0, (int)n1);
   for (int r = 0; r < M; ++r) for (int64_t n = n0; n < n1; ++n) a[r].y[n] = rbf(a[r].y[n]);
@@ -656,6 +764,10 @@ void gemv(const Mat& m, const float* x, float* y, Prep& p) {
     p.make(x, m.K, m.G, path == 2);
     F4 a{m.a, (const uint32_t*)m.b, &p, y, m.N, m.K, m.G};
     at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) { run4(path, a, b0, b1); });
+  } else if (m.kind == 9) {
+    p.make(x, m.K, 0, false);
+    F8 a{(const int8_t*)m.a, m.b, p.xb.data(), y, m.N, m.K};
+    at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) { run8t(path, a, b0, b1); });
   } else {
     p.make(x, m.K, 0, false);
     F8 a{(const int8_t*)m.a, m.b, p.xb.data(), y, m.N, m.K};
@@ -680,6 +792,17 @@ void gemm_rows(const Mat& m, const float* x, int M, float* y, std::vector<Prep>&
       for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
         const int64_t c1 = std::min(b1, c0 + chunk);
         for (int r = 0; r < M; r += ROW_TILE) run4_tile(path, fs.data() + r, std::min(ROW_TILE, M - r), c0, c1);
+      }
+    });
+  } else if (m.kind == 9) {
+    std::vector<F8> fs;
+    for (int r = 0; r < M; ++r) ps[r].make(x + (size_t)r * m.K, m.K, 0, false);
+    for (int r = 0; r < M; ++r) fs.push_back(F8{(const int8_t*)m.a, m.b, ps[r].xb.data(), y + (size_t)r * m.N, m.N, m.K});
+    const int64_t chunk = std::max<int64_t>(1, (int64_t)(CHUNK_BYTES / ((size_t)m.K * 16)));   // a block: 16 rows, K * 16 bytes
+    at::parallel_for(0, m.N / 16, 8, [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
+        const int64_t c1 = std::min(b1, c0 + chunk);
+        for (int r = 0; r < M; r += ROW_TILE) run8t_tile(path, fs.data() + r, std::min(ROW_TILE, M - r), c0, c1);
       }
     });
   } else {
@@ -833,7 +956,13 @@ Mat mat4(const at::Tensor& w, const at::Tensor& sz, int64_t G, int64_t N, int64_
   return Mat{4, w.data_ptr<uint8_t>(), (const uint16_t*)sz.data_ptr(), (int)G, (int)N, (int)K};
 }
 
+// codes int8 [N, K] (row-major, kind 8) or the tile16 layout int8 [N/16, K/4, 64] (kind 9)
 Mat mat8(const at::Tensor& w, const at::Tensor& scale) {
+  if (w.dim() == 3) {
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kChar && w.size(2) == 64, "int8 gemv: tiled codes must be int8 [N/16, K/4, 64]");
+    TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0) * 16, "int8 gemv: the scale must be bfloat16 [N]");
+    return Mat{9, (const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), 0, (int)w.size(0) * 16, (int)w.size(1) * 4};
+  }
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "int8 gemv: the codes must be int8 [N, K]");
   TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0), "int8 gemv: the scale must be bfloat16 [N]");
   return Mat{8, (const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(), 0, (int)w.size(0), (int)w.size(1)};

@@ -2,7 +2,10 @@
 `torch.ops.aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])` = x @ (w * s).T; a batch-1 call
 (one activation row) runs the fused kernel of `leanlm.runtime.kernels` on the same codes and scales when it
 is built (bfloat16 scales; the opt-in int8-activation kernel also needs in_features a multiple of 32), and so do
-up to `kernels.MAX_ROWS` rows (row by row, each as a one-row call computes it). On CUDA
+up to `kernels.MAX_ROWS` rows (row by row, each as a one-row call computes it). That kernel reads its own tiled copy
+of the codes (`tiled`, `kernels.tile8`: 16 rows interleaved per 64 bytes, one linear stream per thread) where
+out_features % 16 == 0 and in_features % 4 == 0; `qweight` stays for PyTorch's kernel (prefill), lookups and export,
+so the codes sit in memory twice, as the int4 layout's do. On CUDA
 the codes are converted to the activation dtype inside the matmul (x @ w.T * s: the same product)."""
 
 from __future__ import annotations
@@ -32,21 +35,25 @@ class Int8Weight(nn.Module):
         self.fast = dtype == torch.bfloat16 and kernels.available()
         self.q8 = self.fast and kernels.mode() == "q8"
         self.fast = self.fast and (self.in_features % 32 == 0 or not self.q8)
+        tile = self.fast and not self.q8 and self.out_features % 16 == 0 and self.in_features % 4 == 0
+        self.register_buffer("tiled", kernels.tile8(self.qweight) if tile else None)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
         return cls(*int8_rtn(w), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.qweight if self.tiled is None else self.tiled
         if self.fast and x.numel() == self.in_features:   # batch 1: the fused kernel
-            return (torch.ops.leanlm.int8_gemv_q8 if self.q8 else torch.ops.leanlm.int8_gemv)(x.reshape(-1), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
+            return (torch.ops.leanlm.int8_gemv_q8 if self.q8 else torch.ops.leanlm.int8_gemv)(x.reshape(-1), codes, self.scale).reshape(*x.shape[:-1], self.out_features)
         if self.fast and not self.q8 and kernels.few_rows(x, self.in_features):   # a few rows: the same kernel per row
-            return torch.ops.leanlm.int8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scale).reshape(*x.shape[:-1], self.out_features)
+            return torch.ops.leanlm.int8_gemv(x.reshape(-1, self.in_features), codes, self.scale).reshape(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
     def for_device(self, device: torch.device) -> None:
         if device.type != "cpu":
             self.fast = self.q8 = False   # the fused batch-1 kernels are CPU code
+            self.tiled = None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's int8 kernel (any number of rows)."""

@@ -383,41 +383,6 @@ void f4_scalar(const F4& a, int nb0, int nb1) {
   }
 }
 
-// AVX-512 BF16: each 32-bit lane is one row's 4 bytes; (v >> s) & 0x000F000F puts two codes in the two 16-bit
-// halves, vpermw maps each code u to bfloat16(u - 8) (exact), and vdpbf16ps multiplies the pair by the
-// activation pair (bfloat16, exact products) into float32.
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-void f4_avx512(const F4& a, int nb0, int nb1) {
-  alignas(64) uint16_t tab[32];
-  for (int i = 0; i < 32; ++i) tab[i] = f2bf((float)((i & 15) - 8));
-  const __m512i T = _mm512_load_si512(tab);
-  const __m512i m = _mm512_set1_epi32(0x000F000F);
-  const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
-  const int cpg = a.G / 8;
-  const uint32_t* xp = a.p->xp.data();
-  const size_t ahead = (size_t)PF_BLOCKS * (a.K / 8) * 64;
-  for (int nb = nb0; nb < nb1; ++nb) {
-    __m512 out = _mm512_setzero_ps();
-    const uint8_t* wp = a.w + (size_t)nb * (a.K / 8) * 64;
-    for (int g = 0; g < a.K / a.G; ++g) {
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-        _mm_prefetch((const char*)(wp + ahead + (size_t)c * 64), _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(wp + (size_t)c * 64);
-        const uint32_t* xc = xp + c * 4;
-        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, m), T), (__m512bh)_mm512_set1_epi32((int)xc[0]));
-        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 8), m), T), (__m512bh)_mm512_set1_epi32((int)xc[1]));
-        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 4), m), T), (__m512bh)_mm512_set1_epi32((int)xc[2]));
-        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 12), m), T), (__m512bh)_mm512_set1_epi32((int)xc[3]));
-      }
-      const __m512i s = _mm512_loadu_si512(a.sz + (size_t)g * a.N + nb * 16);
-      _mm_prefetch((const char*)(a.sz + (size_t)g * a.N + (nb + PF_SZ) * 16), _MM_HINT_T0);
-      out = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_castsi512_ps(_mm512_slli_epi32(s, 16)), out);
-      out = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(s, hi16)), _mm512_set1_ps(a.p->gs[g]), out);
-    }
-    _mm512_storeu_ps(a.y + nb * 16, out);
-  }
-}
 
 // AVX2: codes to float32 in registers (shift, mask, convert), FMA with the broadcast activation; sum(u * x)
 // per group, then (sum(u * x) - 8 * sum(x)) * scale + zero * sum(x).
@@ -463,9 +428,12 @@ void f4_avx2(const F4& a, int nb0, int nb1) {
   }
 }
 
-// M activation rows at once (AVX-512 BF16): each 64-byte chunk's codes are widened to bfloat16 once and multiplied
-// into every row's own accumulators in the one-row kernel's order (the same dpbf16 sequence per row), so each row's
-// outputs are the bits of a one-row call; the widening, the kernel's main cost after the read, is paid once.
+// AVX-512 BF16: each 32-bit lane is one row's 4 bytes; (v >> s) & 0x000F000F puts two codes in the two 16-bit
+// halves, vpermw maps each code u to bfloat16(u - 8) (exact), and vdpbf16ps multiplies the pair by the
+// activation pair (bfloat16, exact products) into float32. M activation rows at once (M = 1: a one-row call): each
+// 64-byte chunk's codes are widened once and multiplied into every row's own accumulators, each row's in the same
+// dpbf16 sequence whatever M is, so every row's outputs are the bits of a one-row call; the widening, the kernel's
+// main cost after the read, is paid once for all rows.
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void f4_avx512_rows(const F4* a, int nb0, int nb1) {
@@ -526,33 +494,11 @@ void f8_scalar(const F8& a, int n0, int n1) {
   }
 }
 
-// int8 codes sign-extended and converted to float32 in registers, 4 rows per pass sharing the activation loads.
-__attribute__((target("avx512f,avx512bw")))
-void f8_avx512(const F8& a, int n0, int n1) {
-  const int K16 = a.K / 16 * 16;
-  for (int n = n0; n < n1; n += 4) {
-    const int rows = std::min(4, n1 - n);
-    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const int8_t* wr[4];
-    for (int r = 0; r < 4; ++r) wr[r] = a.w + (size_t)(n + std::min(r, rows - 1)) * a.K;
-    const char* ahead = (const char*)(a.w + (size_t)(n + 4) * a.K);   // the next pass's 4 rows (see F8)
-    for (int k = 0; k < K16; k += 16) {
-      if ((k & 63) == 0)
-        for (int r = 0; r < 4; ++r) _mm_prefetch(ahead + (size_t)r * a.K + k, _MM_HINT_T0);
-      const __m512 xv = _mm512_loadu_ps(a.xb + k);
-      for (int r = 0; r < 4; ++r)
-        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr[r] + k)))), xv, f[r]);
-    }
-    for (int r = 0; r < rows; ++r) {
-      float s = _mm512_reduce_add_ps(f[r]);
-      for (int k = K16; k < a.K; ++k) s += (float)wr[r][k] * a.xb[k];
-      a.y[n + r] = s * bf16f(a.scale[n + r]);
-    }
-  }
-}
 
-// M activation rows at once: each weight row's 16 codes are converted to float32 once and multiplied into every
-// activation row's own accumulator in the one-row kernel's order, so each output is the bits of a one-row call.
+// int8 codes sign-extended and converted to float32 in registers, 4 weight rows per pass sharing the activation
+// loads; M activation rows at once (M = 1: a one-row call): each weight row's 16 codes are converted once and
+// multiplied into every activation row's own accumulator in the same order whatever M is, so each output is the bits
+// of a one-row call.
 template <int M>
 __attribute__((target("avx512f,avx512bw")))
 void f8_avx512_rows(const F8* a, int n0, int n1) {
@@ -632,26 +578,9 @@ inline __m512 f8t_scales(const uint16_t* s) {   // 16 bfloat16 scales -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
 }
 
-__attribute__((target("avx512f,avx512bw")))
-void f8t_avx512(const F8& a, int nb0, int nb1) {
-  const size_t blk = (size_t)a.K * 16, ahead = PF_BLOCKS * blk;
-  for (int nb = nb0; nb < nb1; ++nb) {
-    const int8_t* wp = a.w + nb * blk;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int c = 0; c < a.K / 4; ++c) {
-      const int8_t* ch = wp + (size_t)c * 64;
-      _mm_prefetch((const char*)(ch + ahead), _MM_HINT_T0);
-      const float* xc = a.xb + 4 * c;
-      s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)ch))), _mm512_set1_ps(xc[0]), s0);
-      s1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 16)))), _mm512_set1_ps(xc[1]), s1);
-      s2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 32)))), _mm512_set1_ps(xc[2]), s2);
-      s3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(ch + 48)))), _mm512_set1_ps(xc[3]), s3);
-    }
-    _mm512_storeu_ps(a.y + nb * 16, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)), f8t_scales(a.scale + nb * 16)));
-  }
-}
 
-// M activation rows: each chunk's codes converted once, every row's sums as f8t_avx512 forms them
+// M activation rows at once (M = 1: a one-row call): each chunk's codes converted once, every row's sums formed in
+// the same order whatever M is
 template <int M>
 __attribute__((target("avx512f,avx512bw")))
 void f8t_avx512_rows(const F8* a, int nb0, int nb1) {
@@ -711,13 +640,13 @@ struct Mat { int kind = 0; const uint8_t* a = nullptr; const uint16_t* b = nullp
 // One thread's share of one row: int4 blocks b0..b1 (16 outputs each) or int8 outputs n0..n1, on the CPU's path, each
 // output rounded to bfloat16 by the thread that computed it (a serial pass over Gemma-3's 262144 logits costs 0.1 ms).
 void run4(int path, const F4& a, int64_t b0, int64_t b1) {
-  if (path == 2) f4_avx512(a, (int)b0, (int)b1);
+  if (path == 2) f4_avx512_rows<1>(&a, (int)b0, (int)b1);
   else if (path == 1) f4_avx2(a, (int)b0, (int)b1);
   else f4_scalar(a, (int)b0, (int)b1);
   for (int64_t n = b0 * 16; n < b1 * 16; ++n) a.y[n] = rbf(a.y[n]);
 }
 void run8(int path, const F8& a, int64_t n0, int64_t n1) {
-  if (path == 2) f8_avx512(a, (int)n0, (int)n1);
+  if (path == 2) f8_avx512_rows<1>(&a, (int)n0, (int)n1);
   else if (path == 1) f8_avx2(a, (int)n0, (int)n1);
   else f8_scalar(a, (int)n0, (int)n1);
   for (int64_t n = n0; n < n1; ++n) a.y[n] = rbf(a.y[n]);
@@ -730,7 +659,7 @@ template <int M> void run4_m(const F4* a, int64_t b0, int64_t b1) {
   for (int r = 0; r < M; ++r) for (int64_t n = b0 * 16; n < b1 * 16; ++n) a[r].y[n] = rbf(a[r].y[n]);
 }
 void run8t(int path, const F8& a, int64_t b0, int64_t b1) {   // int8 tile16 blocks b0..b1
-  if (path == 2) f8t_avx512(a, (int)b0, (int)b1);
+  if (path == 2) f8t_avx512_rows<1>(&a, (int)b0, (int)b1);
   else if (path == 1) f8t_avx2(a, (int)b0, (int)b1);
   else f8t_scalar(a, (int)b0, (int)b1);
   for (int64_t n = b0 * 16; n < b1 * 16; ++n) a.y[n] = rbf(a.y[n]);

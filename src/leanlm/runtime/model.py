@@ -236,20 +236,22 @@ class Decoder(nn.Module):
                 int(bool(s.ffn_norms)), int(bool(s.qk_norms)), s.hidden, grp(self.head)] + per
         return torch.classes.leanlm.Step(t, ints, [float(s.eps), float(s.attn_scale), float(s.final_softcap or 0.0)]), None
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 residual stream's first value: embedding rows, times Gemma's scale."""
+        x = self.embed.rows(ids).float()
+        if self.embed_scale != 1.0:
+            x.mul_(self.embed_scale)
+        return x
+
     def fused_one(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [V] of one token at `pos` through the one-call step (`self.step`), which reads and writes the
         dense caches `k_cache` / `v_cache` of every layer."""
-        x = self.embed.rows(token).float()
-        if self.embed_scale != 1.0:
-            x.mul_(self.embed_scale)
-        return self.step.step(x.view(-1), pos)
+        return self.step.step(self._embed(token).view(-1), pos)
 
     def fused_rows(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int, rows=None, hidden: bool = False, tree=None):
         """`forward` of T <= MAX_STEP_ROWS tokens of one sequence (a speculative verification, a draft tree) through the
         one-call step: each row's logits are the bits a one-token step computes over the same keys."""
-        x = self.embed.rows(ids).float()
-        if self.embed_scale != 1.0:
-            x.mul_(self.embed_scale)
+        x = self._embed(ids)
         none = torch.empty(0)
         if tree is None:
             rpos, mask = input_pos, none
@@ -340,9 +342,7 @@ class Decoder(nn.Module):
             if B == 1 and T <= MAX_STEP_ROWS:
                 return self.fused_rows(ids[0], input_pos, kv_len, rows, hidden, tree)
         dt = torch.float32 if B * T == 1 and self.one_row_f32 else self.dtype   # fused kernels: float32 in and out
-        x = self.embed.rows(ids).float()
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        x = self._embed(ids)
         H, Hkv, D = s.heads, s.kv_heads, s.head_dim
         q_dim, kv_dim = H * D, Hkv * D
         g = H // Hkv

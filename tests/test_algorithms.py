@@ -350,6 +350,49 @@ def test_weight_qparams_full_range_grid(fmt):
             alg.weight_qparams(w, bad, "full")
 
 
+def _rtn_cases_weight(k: int, seed: int) -> torch.Tensor:
+    """Gaussian rows of varied scale plus the rows that test the edges: all zeros, one tiny value among zeros, a row
+    whose largest magnitude is negative, and (fp8 e4m3: scale 448 / 448 = 1) a row of exact e4m3 ties, subnormals and
+    values next to the saturation bound."""
+    g = _gen(seed)
+    w = torch.randn(9, k, generator=g) * torch.rand(9, 1, generator=g) * 4
+    w[0] = 0
+    w[1] = 0
+    w[1, k // 2] = 1e-30
+    w[2, 3] = -10 * w[2].abs().max()
+    e4m3 = torch.tensor([448, 1.0625, 1.1875, -1.0625, 2 ** -10, 3 * 2 ** -10, -(2 ** -6 - 2 ** -10), 432, -440, 0.0, 2 ** -12])
+    w[3] = torch.randn(k, generator=g)
+    w[3, : e4m3.numel()] = e4m3
+    return w
+
+
+@pytest.mark.parametrize("fmt,method", [("int4_g64", "max"), ("int4_g64", "full"), ("int3_g16", "full"), ("int4_g32_asym", "max"),
+                                        ("int2_g8_asym", "max"), ("int8", "max"), ("int8_g24", "full"),
+                                        ("fp8_e4m3_channel", "max"), ("int4_g64", "mse"), ("fp8_e4m3", "max")])
+@pytest.mark.parametrize("k", [192, 40 * 3])
+def test_round_to_nearest_is_qparams_then_fake_quantize(fmt, method, k):
+    """`round_to_nearest` (one C++ pass per cell where the fused kernels run) gives the scales, zero points and values of
+    `weight_qparams` + `fake_quantize`, bit for bit, on group and channel cells of 16-multiple and odd lengths."""
+    f = parse_format(fmt)
+    if f.group_size and k % f.group_size:
+        pytest.skip(f"{fmt} does not divide {k}")
+    from leanlm.runtime import kernels
+
+    w = _rtn_cases_weight(k, seed=k)
+    ref_qp = alg.weight_qparams(w, f, method)
+    ref = fake_quantize(w, f, ref_qp)
+    wq, qp = alg.round_to_nearest(w, f, method)
+    assert wq.dtype == torch.float32 and torch.equal(wq, ref)
+    assert qp.scale.shape == ref_qp.scale.shape and torch.equal(qp.scale, ref_qp.scale)
+    assert (qp.zero is None) == (ref_qp.zero is None) and (qp.zero is None or torch.equal(qp.zero, ref_qp.zero))
+    kernel = alg._rtn_kernel(w, f, method)
+    if method == "mse" or f.granularity == "tensor":
+        assert kernel is None  # the reference functions compute these
+    elif kernels.load():
+        assert kernel is not None  # ... and the kernel these
+    assert torch.equal(w, _rtn_cases_weight(k, seed=k))  # the input is left alone
+
+
 @pytest.mark.parametrize("fmt", ["int4_g32_asym", "int3", "nvfp4", "int8_tensor"])
 @pytest.mark.parametrize("method", ["mse", "percentile"])
 def test_weight_qparams_row_chunks_match(fmt, method, monkeypatch):

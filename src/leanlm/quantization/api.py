@@ -89,11 +89,14 @@ def quantize(
         rotate(model, config.rotate, keep=massive_channels(model, sample) if sample is not None else None)
     insert_quantizers(model, resolved)
     was_training = model.training
-    model.eval()
+    switch = any(m.training for m in model.modules())   # a loaded model is in eval mode: no train()/eval() walks
+    if switch:
+        model.eval()
     try:
         info = calibrate(model, config, ids, progress=progress)
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
     model.leanlm_quant = {"config": config.to_dict(), "calib_seconds": info["seconds"]}
     return model
 

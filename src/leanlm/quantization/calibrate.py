@@ -228,13 +228,13 @@ def _quantize_weights(layer, hidden, kw, gptq: GPTQ | None, clip_amax: dict, sta
         return _gptq_weights(layer, hidden, kw, lins, groups, gptq, stats)
     for n, m in lins.items():
         q = _weight_quantizer(m)
-        w = m.weight.data.float()
-        kwargs = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else {}
         if id(m) in clip_amax:
+            w = m.weight.data.float()
             qp = alg.weight_qparams(w, q.fmt, _grid_method(m), amax=clip_amax[id(m)])
+            finish_weight(m, fake_quantize(w, q.fmt, qp), qp)
         else:
-            qp = alg.weight_qparams(w, q.fmt, q.cfg.method, **kwargs)
-        finish_weight(m, fake_quantize(w, q.fmt, qp), qp)
+            kwargs = {"percentile": q.cfg.percentile} if q.cfg.method == "percentile" else {}
+            finish_weight(m, *alg.round_to_nearest(m.weight.data, q.fmt, q.cfg.method, **kwargs))
 
 
 def finish_weight(m: nn.Module, wq: torch.Tensor, qp) -> None:
@@ -351,9 +351,7 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
     for m in model.modules():
         q = _weight_quantizer(m)
         if q is not None:
-            w = m.weight.data.float()
-            qp = alg.weight_qparams(w, q.fmt, q.cfg.method)
-            finish_weight(m, fake_quantize(w, q.fmt, qp), qp)
+            finish_weight(m, *alg.round_to_nearest(m.weight.data, q.fmt, q.cfg.method))
     rest = _static_act_quantizers(model)
     if rest:
         if ids is None:

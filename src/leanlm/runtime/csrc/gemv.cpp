@@ -1609,6 +1609,52 @@ std::vector<at::Tensor> round_to_nearest(at::Tensor w, int64_t kind, int64_t gro
   return {out, scale, zero};
 }
 
+// ------------------------------------------------------------------------------------------ greedy token
+// logits [B, V] float32 -> int64 [B]: each row's first index of its largest value, as torch.argmax gives it (which
+// walks a vocabulary in 2 ns a value: 0.1 ms a token on SmolLM2's 49152 logits, 0.6 ms on Gemma-3's 262144, against
+// 10 and 35 us here: one vectorized max, then a scan for its first occurrence). A row holding NaN goes to torch.argmax
+// (NaN counts as the largest there).
+at::Tensor argmax_rows(at::Tensor logits) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(),
+              "leanlm argmax_rows: logits must be a contiguous 2-D float32 CPU tensor");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "leanlm argmax_rows: empty rows");
+  at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* x = logits.data_ptr<float>() + b * V;
+    float m = -INFINITY;
+    bool nan = false;
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 vm[4];
+    for (int j = 0; j < 4; ++j) vm[j] = _mm512_set1_ps(-INFINITY);
+    __mmask16 unord = 0;
+    for (; i + 64 <= V; i += 64)   // four running maxima: one would wait on the previous max every 16 values
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_loadu_ps(x + i + 16 * j);
+        vm[j] = _mm512_max_ps(v, vm[j]);
+        unord |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      }
+    m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vm[0], vm[1]), _mm512_max_ps(vm[2], vm[3])));
+    nan = unord != 0;
+#endif
+    for (; i < V; ++i) { m = x[i] > m ? x[i] : m; nan |= x[i] != x[i]; }
+    if (nan) { o[b] = logits[b].argmax().item<int64_t>(); continue; }
+    int64_t k = 0;   // no NaN: the max is one of the values
+#ifdef __AVX512F__
+    const __m512 vmax = _mm512_set1_ps(m);
+    for (; k + 16 <= V; k += 16) {
+      const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), vmax, _CMP_EQ_OQ);
+      if (eq) { k += __builtin_ctz((unsigned)eq); break; }
+    }
+#endif
+    while (x[k] != m) ++k;
+    o[b] = k;
+  }
+  return out;
+}
+
 int64_t kernel_path() { return path(); }
 int64_t float_path() { return fpath(); }
 void set_path(int64_t p) {   // tests: force an instruction-set path (-1: the CPU's own choice)
@@ -1627,6 +1673,7 @@ TORCH_LIBRARY(leanlm, m) {
   m.def("float_path() -> int", float_path);
   m.def("set_path(int p) -> ()", set_path);
   m.def("round_to_nearest(Tensor w, int kind, int group, int bits) -> Tensor[]");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
   m.class_<Step>("Step")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("step", &Step::step)
@@ -1642,4 +1689,5 @@ TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
   m.impl("int4_gemv_q8", int4_gemv_q8);
   m.impl("int8_gemv_q8", int8_gemv_q8);
   m.impl("round_to_nearest", round_to_nearest);
+  m.impl("argmax_rows", argmax_rows);
 }

@@ -405,6 +405,22 @@ def test_weight_qparams_row_chunks_match(fmt, method, monkeypatch):
     assert whole.zero is None or torch.equal(whole.zero, chunked.zero)
 
 
+@pytest.mark.parametrize("n", [1, 2, 9, 1000, 4099, 1 << 20])
+def test_activation_percentile_is_torch_quantile(n):
+    """The top-k percentile of `activation_amax` gives torch.quantile's value bit for bit (rank in float32, linear
+    interpolation), with ties and at the percentiles static ranges use."""
+    g = _gen(n)
+    for v in ((torch.randn(n, generator=g) ** 3).abs(), torch.round(torch.rand(n, generator=g) * 8) / 4):
+        for q in (0.9999, 0.999, 0.99, 0.9, 0.5, 1.0):
+            assert torch.equal(alg._quantile(v, q), torch.quantile(v, q)), (n, q)
+    x = torch.randn(4, min(n, 4099), generator=g)   # under ACT_SAMPLE_LIMIT: every value counts
+    assert torch.equal(alg.activation_amax(x, "percentile", 99.99), torch.quantile(x.reshape(-1).abs(), 0.9999))
+    if n == 1 << 20:   # over it: ACT_SAMPLE_LIMIT values drawn with replacement (seed 0), in any order
+        big = torch.randn(3, n, generator=g)
+        draw = big.reshape(-1)[torch.randint(big.numel(), (alg.ACT_SAMPLE_LIMIT,), generator=_gen(0))]
+        assert torch.equal(alg.activation_amax(big, "percentile", 99.99), torch.quantile(draw.abs(), 0.9999))
+
+
 @pytest.mark.parametrize("fmt", ["int4_g32", "int8", "int8_tensor", "int4_g32_asym", "nvfp4"])
 def test_weight_qparams_percentile_within_range(fmt):
     f = parse_format(fmt)

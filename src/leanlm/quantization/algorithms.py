@@ -38,6 +38,7 @@ AWQ (Lin et al. 2024)
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -307,10 +308,33 @@ def activation_amax(
     for t in xs:
         flat = t.detach().reshape(-1)
         if flat.numel() > per:
-            gen = torch.Generator(device=flat.device).manual_seed(seed)
-            flat = flat[torch.randint(flat.numel(), (per,), generator=gen, device=flat.device)]
+            flat = flat[_sample_index(flat.numel(), per, seed, flat.device)]
         parts.append(flat.abs().float().to(dev))
-    return torch.quantile(torch.cat(parts), percentile / 100)
+    return _quantile(torch.cat(parts), percentile / 100)
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_index(n: int, per: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The ``per`` indices into ``n`` values that ``activation_amax`` draws (uniform, with replacement, fixed seed),
+    sorted: the same values in memory order (a quantile does not depend on order), and drawn once per tensor size
+    instead of once per calibration batch and quantizer (the draw and the random-order gather were 19 of its 28 ms)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(n, (per,), generator=gen, device=device).sort().values
+
+
+def _quantile(v: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(v, q)`` of a 1-D float32 tensor, bit for bit (its rank computed in float32 as torch computes it,
+    the same linear interpolation), from the top ``n - floor(rank)`` values (``topk``) instead of a sort of all of them
+    when they are a small share: the 99.99th percentile of 2**20 activations in 4 ms instead of 114 (static activation
+    ranges observe every calibration batch of every quantizer: `w8a8-static` took 432 s on SmolLM2, ModelOpt 85 s)."""
+    n = v.numel()
+    rank = torch.tensor(q, dtype=v.dtype) * (n - 1)
+    lo = int(rank.floor())
+    k = n - lo
+    if v.dim() != 1 or k > max(1, n // 8) or not torch.isfinite(rank):
+        return torch.quantile(v, q)
+    top = torch.topk(v, k, sorted=True).values   # descending: top[k - 1] is the ascending value at `lo`
+    return torch.lerp(top[k - 1], top[max(k - 2, 0)], rank - lo)
 
 
 class AbsMaxObserver:

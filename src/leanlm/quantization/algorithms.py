@@ -331,7 +331,7 @@ def _quantile(v: torch.Tensor, q: float) -> torch.Tensor:
     rank = torch.tensor(q, dtype=v.dtype) * (n - 1)
     lo = int(rank.floor())
     k = n - lo
-    if v.dim() != 1 or k > max(1, n // 8) or not torch.isfinite(rank):
+    if v.dim() != 1 or k > max(1, n // 8):
         return torch.quantile(v, q)
     top = torch.topk(v, k, sorted=True).values   # descending: top[k - 1] is the ascending value at `lo`
     return torch.lerp(top[k - 1], top[max(k - 2, 0)], rank - lo)

@@ -43,6 +43,32 @@ def test_engine_hands_each_layer_its_inputs_and_feeds_the_changed_outputs_on():
     del CALIBRATION_ALGORITHMS["test_probe"], CALIBRATION_ALGORITHMS["test_zero_mlp"]
 
 
+def test_float_calibration_feeds_each_layer_the_float_models_activations():
+    model = make_llama(vocab_size=120, layers=3, seed=0)
+    ids = torch.randint(0, 120, (6, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states
+    norm_out = []
+    h = model.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, o: norm_out.append(o))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    seen, absmax = {}, {}
+
+    @register("test_float_probe")
+    def probe(step: LayerStep, _) -> None:
+        seen[step.index] = torch.cat(step.hidden)
+        absmax[step.index] = step.input_absmax[step.layer.self_attn.q_proj]
+        step.layer.mlp.down_proj.weight.data.zero_()   # a change the next layer must not see
+
+    calibrate_blocks(model, ids, [("test_float_probe", None)], batch=4, progress=False, sequential=False)
+    for i in range(3):   # the original model's hidden states, although every layer was changed
+        torch.testing.assert_close(seen[i], ref[i], rtol=1e-5, atol=1e-5)
+    want = norm_out[0].reshape(-1, norm_out[0].shape[-1]).abs().amax(0)   # q_proj reads the norm's output
+    torch.testing.assert_close(absmax[1], want, rtol=1e-5, atol=1e-6)
+    del CALIBRATION_ALGORITHMS["test_float_probe"]
+
+
 def test_unknown_algorithm_names_the_registered_ones():
     import leanlm.quantization.api  # noqa: F401  (registers gptq, awq, ...)
     import leanlm.sparsity.api  # noqa: F401  (registers sparsegpt, wanda)

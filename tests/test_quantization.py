@@ -11,7 +11,7 @@ import leanlm
 from leanlm import LeanLMError
 from leanlm.cli import main
 from leanlm.quantization import (
-    GPTQ, PRESETS, QuantConfig, QuantizerConfig, quantize, summary,
+    GPTQ, PRESETS, QuantConfig, QuantizerConfig, SmoothQuant, quantize, summary,
 )
 from leanlm.quantization.modules import TensorQuantizer, quantizer_names
 
@@ -131,6 +131,65 @@ def test_static_activation_ranges_are_calibrated_and_saved(tiny_model, tmp_path)
     leanlm.save(tiny_model, tmp_path / "s")
     back = leanlm.load(tmp_path / "s")[0]
     assert torch.equal(back.model.layers[1].mlp.down_proj.input_quantizer.amax, q.amax)
+
+
+def _input_max(model, ids) -> dict[str, float]:
+    """max |x| over the input of every decoder-layer Linear in one forward of ``model``."""
+    seen: dict[str, float] = {}
+
+    def rec(n):
+        return lambda m, a: seen.__setitem__(n, max(seen.get(n, 0.0), a[0].abs().max().item()))
+
+    hooks = [m.register_forward_pre_hook(rec(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    logits(model, ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _layer_calls(model, rows: int) -> list[int]:
+    """Counts the decoder-layer forwards over ``rows`` calibration rows (the 1-row traces are not counted)."""
+    calls = [0]
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + (a[0].shape[0] == rows)))
+    return calls
+
+
+def test_float_calibration_ranges_are_the_smoothed_float_models_maxima_in_one_forward_per_layer(tiny_model):
+    ids = calib(n=4)
+    static = ("*input_quantizer", QuantizerConfig("int8_tensor", method="max"))
+    model = copy.deepcopy(tiny_model)
+    calls = _layer_calls(model, 2)
+    quantize(model, QuantConfig([static, ("*lm_head*", None)], [SmoothQuant(0.8)], calib_batch=2, sequential=False), ids, progress=False)
+    # 2 capture calls stopped at layer 0, then 2 layers x 2 mini-batches: SmoothQuant's statistics and every range from one float forward
+    assert calls[0] == 2 + 2 * 2
+    qs = {n: m.input_quantizer for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    for q in qs.values():   # no weight quantizer: the model is the smoothed float model; read its Linears' inputs
+        q.mode = "off"
+    want = _input_max(model, ids)
+    assert set(want) == set(qs)
+    for n, q in qs.items():
+        assert q.amax.item() == pytest.approx(want[n], rel=1e-4), n
+    seq = copy.deepcopy(tiny_model)   # sequential: SmoothQuant's statistics, the ranges, the quantized outputs
+    calls = _layer_calls(seq, 2)
+    quantize(seq, QuantConfig([static, ("*lm_head*", None)], [SmoothQuant(0.8)], calib_batch=2), ids, progress=False)
+    assert calls[0] == 2 + 3 * 2 * 2
+
+
+def test_float_calibration_ranges_do_not_see_earlier_layers_weight_rounding(tiny_model):
+    ids = calib(n=4)
+    static = ("*input_quantizer", QuantizerConfig("int8_tensor", method="max"))
+    w4 = ("*weight_quantizer", QuantizerConfig("int4_g64"))
+    amax = {}
+    for name, rules, seq in (("float", [static], False), ("w4 float", [w4, static], False), ("w4 sequential", [w4, static], True)):
+        model = copy.deepcopy(tiny_model)
+        quantize(model, QuantConfig(rules + [("*lm_head*", None)], sequential=seq), ids, progress=False)
+        amax[name] = model.model.layers[1].mlp.down_proj.input_quantizer.amax
+    assert torch.equal(amax["w4 float"], amax["float"])
+    assert not torch.equal(amax["w4 sequential"], amax["float"])
+    cfg = QuantConfig([w4, static], sequential=False)
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).sequential is False
+    assert "sequential" not in QuantConfig([w4]).to_dict()
 
 
 def test_bad_inputs(tiny_model, tmp_path):

@@ -4,7 +4,9 @@
 for the calibration rows, then for each decoder layer in order hands a ``LayerStep`` (the layer,
 its inputs, its keyword arguments) to each named algorithm of ``steps`` in turn, and feeds the
 layer's outputs (computed after the algorithms changed it) to the next layer. Peak memory stays near
-one layer plus the calibration activations.
+one layer plus the calibration activations. With ``sequential=False`` every layer is instead calibrated
+on the float model's activations: one forward of the unchanged layer records each Linear's per-channel
+input maxima (``LayerStep.input_absmax``) and its outputs, which feed the next layer.
 
 Algorithms register themselves by name with ``@register("name")``: a function
 ``fn(step: LayerStep, config) -> None`` that reads the layer's inputs with the helpers here (input
@@ -115,6 +117,33 @@ def solve_in_forward(layer, hidden, kw, firsts: dict[str, nn.Module], solve) -> 
         for h in hooks:
             h.remove()
     return list(out.split([h.shape[0] for h in hidden]))
+
+
+@torch.no_grad()
+def observe_inputs(layer: nn.Module, hidden: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor], dict[nn.Module, torch.Tensor]]:
+    """One forward of the layer as it is: its outputs, and each Linear's per-channel maximum |x| over every
+    calibration row (float32 [in_features]); an input read by several Linears (q/k/v) is reduced once."""
+    absmax: dict[nn.Module, torch.Tensor] = {}
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id -> (input, its maxima); holding the input keeps its id unique
+
+    def pre(mod, args):
+        x = args[0]
+        hit = seen.get(id(x))
+        if hit is None:
+            hit = seen[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float())
+        prev = absmax.get(mod)
+        absmax[mod] = hit[1] if prev is None else torch.maximum(prev, hit[1])
+
+    hooks = [m.register_forward_pre_hook(pre) for m in layer.modules() if isinstance(m, nn.Linear)]
+    out = []
+    try:
+        for x in hidden:
+            out.append(_first(layer(x, **kw)))
+            seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, absmax
 
 
 @contextlib.contextmanager
@@ -248,7 +277,10 @@ class LayerStep:
     computes the changed layer's outputs anyway (a one-pass solve) stores them in ``out``; otherwise
     the engine runs the layer once more after the last algorithm. ``state`` is shared by the
     algorithms of this layer (e.g. AWQ's clipping ranges for the weight solver), ``stats`` and
-    ``notes`` by the whole run (figures to report; messages already printed).
+    ``notes`` by the whole run (figures to report; messages already printed). ``sequential`` False: the
+    engine calibrates on float activations; ``input_absmax`` then holds each Linear's per-channel input
+    maxima in the unchanged layer (``observe_inputs``), and the layer's float outputs feed the next layer
+    whatever ``out`` holds.
     """
 
     index: int
@@ -260,6 +292,8 @@ class LayerStep:
     notes: set
     state: dict = field(default_factory=dict)
     out: list[torch.Tensor] | None = None
+    sequential: bool = True
+    input_absmax: dict[nn.Module, torch.Tensor] | None = None
 
     def run(self) -> list[torch.Tensor]:
         """The layer's outputs for every mini-batch, as the layer is now."""
@@ -299,10 +333,14 @@ def calib_batch(n_rows: int, batch: int) -> int:
 
 @torch.no_grad()
 def calibrate_blocks(model: nn.Module, ids: torch.Tensor, steps: Sequence[tuple[str, Any]], *, batch: int = 1,
-                     progress: bool = True, desc: str = "calibrating layers", offload=None) -> dict:
+                     progress: bool = True, desc: str = "calibrating layers", offload=None, sequential: bool = True) -> dict:
     """Run the registered algorithms ``steps`` (``(name, config)`` pairs, in order) on every decoder
     layer of ``model``, block by block over the calibration token ids ``ids`` [N, L] in mini-batches
     of at most ``batch`` rows. Returns the run's ``stats`` dict the algorithms filled.
+
+    ``sequential``: True, each layer sees the outputs of the layers before it as the algorithms left them
+    (llm-compressor's sequential pipeline); False, it sees the float model's (ModelOpt's convention): one
+    forward of each unchanged layer gives ``LayerStep.input_absmax`` and the next layer's inputs.
 
     ``offload`` (a ``core.offload.BlockOffload``): ``model`` is a skeleton on the meta device; each block
     is loaded before its algorithms run and written out and freed after (finished blocks of an
@@ -321,10 +359,15 @@ def calibrate_blocks(model: nn.Module, ids: torch.Tensor, steps: Sequence[tuple[
     for i, layer in tqdm(list(enumerate(layers))[start:], desc=desc, unit="layer", disable=not progress):
         if offload is not None:
             offload.load(i, layer)
-        step = LayerStep(i, layer, hidden, kws[i], model, stats, notes)
+        step = LayerStep(i, layer, hidden, kws[i], model, stats, notes, sequential=sequential)
+        if not sequential:
+            float_out, step.input_absmax = observe_inputs(layer, hidden, kws[i])
         for name, cfg in steps:
             CALIBRATION_ALGORITHMS[name](step, cfg)
-        hidden = step.out if step.out is not None else step.run()  # the changed layer's outputs feed the next layer
+        if not sequential:
+            hidden = float_out
+        else:   # the changed layer's outputs feed the next layer
+            hidden = step.out if step.out is not None else step.run()
         for x in hidden:
             check_finite(x, f"after layer {i}")
         if offload is not None:

@@ -43,33 +43,51 @@ def _weight_quantizer(m: nn.Module) -> TensorQuantizer | None:
     return q if q is not None and q.enabled and not q.folded else None
 
 
-def _apply_scales(mp: SharedInput, s: torch.Tensor) -> None:
+def _apply_scales(mp: SharedInput, s: torch.Tensor, scaled: dict) -> None:
+    """Fold x -> x / s into the mapping (SmoothQuant, AWQ) and record, per consumer Linear, the factor its input was
+    divided by (``scaled``: the layer's ``input_scale``, which the ranges derived from ``input_absmax`` divide by)."""
     prev = mp.prev
     bias = getattr(prev, "bias", None)
     alg.apply_smoothing(prev.weight.data, bias.data if bias is not None else None,
                         [m.weight.data for m in mp.linears], s, prev_is_norm=mp.prev_is_norm, norm_offset=mp.norm_offset)
+    for m in mp.linears:
+        scaled[m] = scaled[m] * s if m in scaled else s.float()
+
+
+def _input_absmax(step: LayerStep, m: nn.Module) -> torch.Tensor | None:
+    """Per-channel max |input| of Linear ``m`` in the float layer as the algorithms so far scaled it (float
+    calibration only: ``step.input_absmax`` divided by the recorded factors), or None when unknown: sequential
+    calibration, an input the float forward did not see, or one transformed inside the Linear (an online rotation)."""
+    if step.input_absmax is None or m not in step.input_absmax or getattr(m, "input_transform", None) is not None:
+        return None
+    a = step.input_absmax[m]
+    s = step.state.get("input_scale", {}).get(m)
+    return a if s is None else a / s.to(a.device)
 
 
 @torch.no_grad()
-def _smooth(layer, hidden, kw, maps, a: SmoothQuant) -> None:
+def _smooth(step: LayerStep, maps, a: SmoothQuant) -> None:
+    layer, hidden, kw = step.layer, step.hidden, step.kw
     mods = {str(i): mp.linears[0] for i, mp in enumerate(maps)}
+    known = {n: _input_absmax(step, m) for n, m in mods.items()}
     obs = {n: alg.AbsMaxObserver() for n in mods}
     if a.search:
         xs = _collect_samples(layer, hidden, kw, mods, max_rows=1024, observers=obs)
-    else:
+    elif any(v is None for v in known.values()):
         with input_hooks(mods, lambda n, x: obs[n].update(x)):
             run_layer(layer, hidden, kw)
     for n, mp in zip(mods, maps):
         ws = [m.weight.data for m in mp.linears]
+        absmax = obs[n].channel_absmax if obs[n].channel_absmax is not None else known[n]
         if a.search:
             wq = _weight_quantizer(mp.linears[0])
             aq = getattr(mp.linears[0], "input_quantizer", None)
-            s, _ = alg.smoothquant_search(xs[n], obs[n].channel_absmax, ws, wq.fmt if wq else None,
+            s, _ = alg.smoothquant_search(xs[n], absmax, ws, wq.fmt if wq else None,
                                           aq.fmt if aq is not None and aq.enabled else None, grid=a.grid,
                                           weight_method=wq.cfg.method if wq else "max")
         else:
-            s = alg.smoothquant_scales(obs[n].channel_absmax, ws, alpha=a.alpha)
-        _apply_scales(mp, s)
+            s = alg.smoothquant_scales(absmax, ws, alpha=a.alpha)
+        _apply_scales(mp, s, step.state.setdefault("input_scale", {}))
 
 
 @torch.no_grad()
@@ -99,7 +117,7 @@ def _grid_method(m: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
+def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict, scaled: dict) -> None:
     maps = [mp for mp in maps if any(_weight_quantizer(m) for m in mp.linears)]
     mods = {str(i): mp.linears[0] for i, mp in enumerate(maps)}
     xs = _collect_samples(layer, hidden, kw, mods, max_rows=a.samples)
@@ -111,7 +129,7 @@ def _awq(layer, hidden, kw, maps, a: AWQ, clip_amax: dict) -> None:
         s = alg.awq_search(xs[str(i)], [m.weight.data.float() for m in quant], [_weight_quantizer(m).fmt for m in quant],
                            grid=a.grid, n_samples_max=a.samples, scales=a.scales,
                            weight_method="full" if all(g == "full" for g in grids) else "max")
-        _apply_scales(mp, s)
+        _apply_scales(mp, s, scaled)
     if a.clip:
         lins = {n: m for n, m in layer.named_modules() if _weight_quantizer(m) is not None}
         xs = _collect_samples(layer, hidden, kw, lins, max_rows=a.clip_samples)
@@ -277,12 +295,13 @@ def _maps(step: LayerStep) -> list[SharedInput]:
 
 @register("smoothquant")
 def smoothquant_step(step: LayerStep, a: SmoothQuant) -> None:
-    _smooth(step.layer, step.hidden, step.kw, _maps(step), a)
+    _smooth(step, _maps(step), a)
 
 
 @register("awq")
 def awq_step(step: LayerStep, a: AWQ) -> None:
-    _awq(step.layer, step.hidden, step.kw, _maps(step), a, step.state.setdefault("clip_amax", {}))
+    _awq(step.layer, step.hidden, step.kw, _maps(step), a, step.state.setdefault("clip_amax", {}),
+         step.state.setdefault("input_scale", {}))
 
 
 @register("rtn")
@@ -296,10 +315,18 @@ def weights_step(step: LayerStep, gptq: GPTQ | None) -> None:
 
 @register("activation_ranges")
 def activation_ranges_step(step: LayerStep, _=None) -> None:
-    """Static activation / KV ranges of the layer, then its quantized outputs (the next layer's inputs)."""
+    """Static activation / KV ranges of the layer, then (sequential calibration) its quantized outputs, the next
+    layer's inputs. Calibrating on float activations, a Linear input's ``max`` range is the float forward's
+    per-channel maxima divided by the smoothing factors (no forward); other static ranges take a calibration pass."""
     static = _static_act_quantizers(step.layer)
+    if not step.sequential:
+        for m in step.layer.modules():
+            q = getattr(m, "input_quantizer", None)
+            if q is not None and q in static and q.cfg.method == "max" and (a := _input_absmax(step, m)) is not None:
+                q.amax, q.mode = a.amax().float(), "quant"
+        static = [q for q in static if q.amax is None]
     _calibrate_static(static, step.run)
-    if step.out is None or static:
+    if step.sequential and (step.out is None or static):
         with _forward_dtype(None if static else step.state.get("gptq"), step.hidden):
             step.out = [x.to(step.hidden[0].dtype) for x in step.run()]
 
@@ -345,7 +372,8 @@ def calibrate(model: nn.Module, config: QuantConfig, ids: torch.Tensor | None, p
 
             steps.append(("autoround", algos[AutoRound]))
         steps += [("gptq", algos[GPTQ]) if GPTQ in algos else ("rtn", None), ("activation_ranges", None)]
-        stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress, offload=offload).get("gptq_error", {})
+        stats = calibrate_blocks(model, ids, steps, batch=config.calib_batch, progress=progress, offload=offload,
+                                 sequential=config.sequential).get("gptq_error", {})
     # Modules outside the decoder stack (e.g. a quantized lm_head): round-to-nearest weights, and static
     # activation ranges from a forward pass.
     for m in model.modules():
